@@ -1,0 +1,38 @@
+# One-command entry points. `make serve` and `make test` each set up .venv themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= $(if $(PATHGUARD_DATA_DIR),$(PATHGUARD_DATA_DIR),$(if $(wildcard ../shared/data),../shared/data,$(HOME)/.cache/pathguard/data))
+export PATHGUARD_DATA_DIR := $(abspath $(DATA_DIR))
+
+.PHONY: install install-dev serve test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU torch first: a torch range that 2.13.0 satisfies then installs nothing more.
+	$(BIN)/pip install --quiet torch==2.13.0
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,eval]'
+
+serve: install
+	$(BIN)/pathguard serve
+
+test: install-dev
+	scripts/ensure-redis
+	scripts/ensure-tools
+	$(BIN)/ruff check models service tests
+	$(BIN)/mypy
+	$(BIN)/pytest -m "not slow" -q
+
+lint: install-dev
+	$(BIN)/ruff check models service tests
+	$(BIN)/ruff format --check models service tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,236 @@
+"""The artifact bundle: a folder with ``manifest.json`` and the files it lists, each with sha256 and size.
+
+Verification before use: every file is read once into memory, its digest compared with the manifest,
+and only those verified bytes are parsed (no time-of-check/time-of-use gap). Any missing, altered or
+unknown extra file is an error naming the file. The bundle id (``Bundle.sha256``) is the sha256 of
+``manifest.json``, which pins every other file.
+
+Formats cannot execute code (json, safetensors, npz without pickle, onnx); the optional supervised
+detectors are joblib files, unpickled only from bytes whose digest matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "BundleCompatibilityError",
+    "BundleError",
+    "BundleIntegrityError",
+    "VerifiedFiles",
+    "bundle_sha256",
+    "library_versions",
+    "load_bundle",
+    "read_verified",
+    "verify_bundle",
+    "write_bundle",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_PACKAGES = ("pathguard", "torch", "numpy", "scikit-learn", "onnx", "onnxruntime", "safetensors")
+
+
+class BundleError(RuntimeError):
+    """A bundle cannot be used."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle file is missing, altered, or not listed in the manifest.
+
+    Attributes
+    ----------
+    file : str
+        The offending file, relative to the bundle folder.
+    """
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class BundleCompatibilityError(BundleError):
+    """The bundle needs a newer schema, pathguard or ONNX opset than this installation offers."""
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a bundle depends on."""
+    out = {}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def bundle_sha256(path: str | Path) -> str:
+    """The bundle id: sha256 of its ``manifest.json``."""
+    return _sha256((Path(path) / MANIFEST).read_bytes())
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle folder {root} does not exist")
+    if not mpath.is_file():
+        raise BundleIntegrityError(MANIFEST, f"bundle {root}: {MANIFEST} is missing")
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BundleIntegrityError(MANIFEST, f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleIntegrityError(MANIFEST, f"bundle {root}: {MANIFEST} has no 'files' table")
+    return manifest, raw
+
+
+def _check_compatibility(root: Path, manifest: dict[str, Any]) -> None:
+    schema = manifest.get("schema_version")
+    if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+        raise BundleCompatibilityError(
+            f"bundle {root} has schema version {schema!r}; "
+            f"this pathguard reads up to {SCHEMA_VERSION} - upgrade pathguard"
+        )
+    req = manifest.get("requires", {})
+    need = req.get("pathguard")
+    have = library_versions()["pathguard"]
+    if need and have != "not installed" and _version_tuple(have) < _version_tuple(need):
+        raise BundleCompatibilityError(f"bundle {root} needs pathguard >= {need}, installed is {have}")
+    opset = req.get("onnx_opset")
+    if opset is not None:
+        import onnx.defs
+
+        if onnx.defs.onnx_opset_version() < int(opset):
+            raise BundleCompatibilityError(
+                f"bundle {root} needs ONNX opset {opset}; installed onnx supports {onnx.defs.onnx_opset_version()}"
+            )
+
+
+@dataclass
+class VerifiedFiles:
+    """Bytes of every bundle file, each checked against the manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+    sha256: str
+    blobs: dict[str, bytes] = field(repr=False)
+
+    def bytes(self, name: str) -> bytes:
+        try:
+            return self.blobs[name]
+        except KeyError:
+            msg = f"bundle {self.root}: required file {name} is not in the manifest"
+            raise BundleIntegrityError(name, msg) from None
+
+    def json(self, name: str) -> Any:
+        return json.loads(self.bytes(name))
+
+    def npz(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(io.BytesIO(self.bytes(name)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def has(self, name: str) -> bool:
+        return name in self.blobs
+
+
+def _listed_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+
+
+def read_verified(path: str | Path) -> VerifiedFiles:
+    """Read and verify every file of the bundle at ``path``.
+
+    Raises
+    ------
+    BundleIntegrityError
+        A listed file is missing or its size/sha256 differ, or an unlisted file is present.
+    BundleCompatibilityError
+        The bundle needs a newer schema, pathguard or ONNX opset.
+    """
+    root = Path(path)
+    manifest, raw = _read_manifest(root)
+    _check_compatibility(root, manifest)
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    extra = sorted(_listed_files(root) - set(files))
+    if extra:
+        raise BundleIntegrityError(extra[0], f"bundle {root}: unknown file {extra[0]} is not listed in the manifest")
+    blobs = {}
+    for name, entry in sorted(files.items()):
+        fpath = root / name
+        if ".." in Path(name).parts or not fpath.is_file():
+            raise BundleIntegrityError(name, f"bundle {root}: file {name} is missing")
+        data = fpath.read_bytes()
+        if len(data) != entry.get("size") or _sha256(data) != entry.get("sha256"):
+            raise BundleIntegrityError(name, f"bundle {root}: file {name} does not match its sha256 in the manifest")
+        blobs[name] = data
+    return VerifiedFiles(root, manifest, _sha256(raw), blobs)
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Verify the bundle at ``path`` and return its manifest (see :func:`read_verified`)."""
+    return read_verified(path).manifest
+
+
+def load_bundle(path: str | Path, target_fpr: float | None = None) -> Any:
+    """Verify and load the bundle at ``path``: see :func:`models.pipeline.load_bundle`."""
+    from models.pipeline import load_bundle as _load
+
+    return _load(path, target_fpr)
+
+
+def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[str, Any]) -> str:
+    """Write ``files`` and a manifest listing their digests into ``out_dir``; returns the bundle sha256.
+
+    The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves
+    a half-written bundle under the final name. An existing ``out_dir`` is replaced.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    full = {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        **manifest,
+        "files": {n: {"sha256": _sha256(b), "size": len(b)} for n, b in sorted(files.items())},
+    }
+    raw = (json.dumps(full, indent=2, sort_keys=False) + "\n").encode()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (e.g. a container's non-root user)
+    try:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_bytes(raw)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _sha256(raw)

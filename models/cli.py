@@ -1,0 +1,362 @@
+"""The ``pathguard`` command line. Heavy imports happen inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+DEFAULT_CLASSIFIER_DIRS = {
+    "mnist": "artifacts/classifiers/mnist-lenet5",
+    "cifar10": "artifacts/classifiers/cifar10-cnn",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from models.train import DEFAULTS, train_classifier
+
+    cfg = DEFAULTS[args.dataset]
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
+    out = Path(args.out or DEFAULT_CLASSIFIER_DIRS[args.dataset])
+    report = train_classifier(args.dataset, out, cfg)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from models.data import data_dir, download
+
+    written = download(args.dataset)
+    print(f"{args.dataset}: {len(written)} file(s) written to {data_dir()}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a supported classifier (mnist: LeNet-5, cifar10: CNN)")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
+    p.add_argument("--out", help="output folder (default: artifacts/classifiers/<dataset>-<arch>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="download a dataset's canonical files into PATHGUARD_DATA_DIR")
+    p.add_argument("dataset", choices=["mnist", "cifar10"])
+    p.set_defaults(func=_cmd_download)
+
+
+def _cmd_bench_nic(args: argparse.Namespace) -> int:
+    from models.bench_nic import run_benchmark
+
+    report = run_benchmark(
+        repeats=args.repeats,
+        quick=args.quick,
+        cifar_dir=Path(args.cifar_classifier) if args.cifar_classifier else None,
+        mnist_dir=Path(args.mnist_classifier) if args.mnist_classifier else None,
+        randomization=args.randomization,
+        datasets=tuple(args.datasets),
+    )
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-nic", help="NIC fit time, head accuracies and per-image scoring latency (MNIST, CIFAR-10)"
+    )
+    p.add_argument("--repeats", type=int, default=300, help="timed calls per measurement (median reported)")
+    p.add_argument("--quick", action="store_true", help="tiny fit sizes: checks the command, figures meaningless")
+    p.add_argument("--mnist-classifier", help="classifier folder (default artifacts/classifiers/mnist-lenet5)")
+    p.add_argument(
+        "--cifar-classifier",
+        help="classifier folder (default artifacts/classifiers/cifar10-cnn; "
+        "a random-weight CNN of the same architecture when missing)",
+    )
+    p.add_argument(
+        "--randomization",
+        action="store_true",
+        help="also fit 3 randomized members on MNIST and compare clean FPR / FGSM+BIM detection (eval extra)",
+    )
+    p.add_argument("--datasets", nargs="+", choices=["mnist", "cifar10"], default=["mnist", "cifar10"])
+    p.add_argument("--out", help="also write the JSON report here")
+    p.set_defaults(func=_cmd_bench_nic)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from models.build import BuildConfig, build_bundle
+
+    nic = json.loads(args.nic) if args.nic else {}
+    cfg = BuildConfig(
+        name=args.name or Path(args.out).name,
+        version=args.version,
+        theta=args.theta,
+        ep_last_k=args.ep_last_k,
+        n_ep_fit=args.n_ep_fit,
+        n_calib=args.n_calib,
+        target_fpr=args.target_fpr,
+        nic=nic,
+        seed=args.seed,
+    )
+    classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
+    report = build_bundle(args.dataset, classifier, args.out, cfg)
+    print(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build a detection bundle from a trained classifier and its training data")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
+    p.add_argument("--classifier", help="classifier folder (default: artifacts/classifiers/<dataset>-<arch>)")
+    p.add_argument("--out", required=True, help="bundle folder to write, e.g. artifacts/mnist-lenet5")
+    p.add_argument("--name", help="bundle name (default: the --out folder name)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--theta", type=float, default=0.5, help="Effective Path selection threshold")
+    p.add_argument("--ep-last-k", type=int, help="extract only the last k weighted layers (default: all)")
+    p.add_argument("--n-ep-fit", type=int, help="training images aggregated into class paths (default: all)")
+    p.add_argument("--n-calib", type=int, default=5000, help="held-out training images for calibration")
+    p.add_argument("--target-fpr", type=float, default=0.05)
+    p.add_argument("--nic", help="NICDetector parameters as JSON, e.g. '{\"n_fit\": 3000}'")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from models.bundle import BundleError, verify_bundle
+
+    try:
+        manifest = verify_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK: {args.bundle} ({manifest.get('name')} v{manifest.get('version')}, {len(manifest['files'])} files)")
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check every file of a bundle against its manifest")
+    p.add_argument("bundle")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.bundle import load_bundle
+    from models.data import load_dataset
+
+    bundle = load_bundle(args.bundle, target_fpr=args.target_fpr)
+    split = load_dataset(bundle.dataset, args.split)
+    idx = np.arange(min(args.n, len(split)))
+    flagged, correct = 0, 0
+    for s in range(0, len(idx), 500):
+        part = split.subset(idx[s : s + 500])
+        res = bundle.pipeline.detect(part.x)
+        flagged += int(res.adversarial.sum())
+        correct += int((res.predicted == part.y).sum())
+    n = len(idx)
+    out = {
+        "bundle": bundle.name,
+        "split": args.split,
+        "n": n,
+        "accuracy": correct / n,
+        "threshold": bundle.pipeline.threshold,
+        "target_fpr": bundle.pipeline.target_fpr,
+        "flagged_rate": flagged / n,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score clean images of the bundle's dataset: accuracy and flagged rate (FPR)")
+    p.add_argument("bundle")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--target-fpr", type=float)
+    p.set_defaults(func=_cmd_score)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_download,
+    _add_build,
+    _add_verify,
+    _add_score,
+]
+SUBCOMMANDS.append(_add_bench_nic)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from models.bundle import BundleError, verify_bundle
+    from service.app import check_pin, create_app
+    from service.settings import Settings
+
+    cli = {k: getattr(args, k) for k in ("bundle", "host", "port", "engine", "mode") if getattr(args, k) is not None}
+    settings = Settings(**cli)
+    try:
+        verify_bundle(settings.bundle)
+        check_pin(settings)
+    except BundleError as exc:
+        print(f"pathguard serve: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
+    )
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (default artifacts/mnist-lenet5 on 127.0.0.1:8080)",
+        description="Serve a bundle. Every setting is read from PATHGUARD_* environment variables "
+        "(see docs/service.md); the options below override them.",
+    )
+    p.add_argument("--bundle", help="bundle folder (PATHGUARD_BUNDLE, default artifacts/mnist-lenet5)")
+    p.add_argument("--host", help="bind address (PATHGUARD_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (PATHGUARD_PORT, default 8080)")
+    p.add_argument("--engine", choices=["onnx", "torch"], help="classifier runtime (PATHGUARD_ENGINE, default onnx)")
+    p.add_argument("--mode", choices=["enforce", "shadow"], help="PATHGUARD_MODE, default enforce")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from service.bench import BenchConfig, render_markdown, run_bench
+
+    cfg = BenchConfig(
+        bundles=[Path(b) for b in args.bundle or ["artifacts/mnist-lenet5"]],
+        requests=args.requests,
+        concurrency=tuple(args.concurrency),
+        modes=tuple({"parallel": True, "serial": False}[m] for m in args.checks),
+        images=args.images,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        engine=args.engine,
+    )
+    report = run_bench(cfg)
+    command = "pathguard bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathguard bench"
+    text = render_markdown(report, command)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="p50/p99 latency and throughput of /v1/detect against /v1/predict over HTTP")
+    p.add_argument("--bundle", action="append", help="bundle folder (repeatable; default artifacts/mnist-lenet5)")
+    p.add_argument("--requests", type=int, default=2000, help="timed requests per route, concurrency and check mode")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--checks", nargs="+", choices=["parallel", "serial"], default=["parallel", "serial"])
+    p.add_argument("--images", type=int, default=1000, help="distinct test images cycled through")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=4, help="alternating predict/detect rounds per cell")
+    p.add_argument("--engine", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--out", help="write the markdown table here (e.g. docs/bench.md)")
+    p.add_argument("--json", help="write the raw report here")
+    p.set_defaults(func=_cmd_bench)
+
+
+SUBCOMMANDS += [_add_serve, _add_bench]
+
+
+def _cmd_bench_ep(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.bench_ep import markdown_summary, run_benchmarks, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = {"lenet_images": 512, "loop_images": 4, "alexnet_images": 2, "alexnet_batch": 2} if args.quick else {}
+    report = run_benchmarks(Path(args.classifier), memory=not args.no_memory, **quick)  # type: ignore[arg-type]
+    if args.out:
+        write_report(report, Path(args.out))
+    print(markdown_summary(report))
+    return 0
+
+
+def _add_bench_ep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-ep", help="Effective Path extraction benchmark (LeNet-5, loop speed-up, AlexNet)")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER_DIRS["mnist"], help="LeNet-5 classifier folder")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the command (figures meaningless)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
+    p.add_argument("--out", help="write the JSON report here (e.g. docs/figures/ep/bench.json)")
+    p.set_defaults(func=_cmd_bench_ep)
+
+
+def _cmd_ep_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.ep_report import run_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_report(
+        Path(args.out),
+        Path(args.mnist_classifier),
+        Path(args.cifar_classifier),
+        theta_images=args.theta_images,
+        cifar_images=args.cifar_images,
+        skip_mnist=args.skip_mnist,
+        skip_cifar=args.skip_cifar,
+    )
+    for name in ("mnist", "cifar10"):
+        if name in report:
+            keys = ("density", "jaccard_mean_offdiag", "bitmap_bytes")
+            brief = {k: report[name][k] for k in keys if k in report[name]}
+            print(name, json.dumps(brief, indent=2))
+    return 0
+
+
+def _add_ep_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ep-report", help="reproduce the Effective Path paper's profiling figures (densities, Jaccard)")
+    p.add_argument("--out", default="docs/figures/ep", help="folder for report.json and the PNG figures")
+    p.add_argument("--mnist-classifier", default=DEFAULT_CLASSIFIER_DIRS["mnist"])
+    p.add_argument("--cifar-classifier", default=DEFAULT_CLASSIFIER_DIRS["cifar10"])
+    p.add_argument("--theta-images", type=int, default=10000, help="training images per theta in the theta sweep")
+    p.add_argument("--cifar-images", type=int, default=50000, help="CIFAR-10 training images for its class paths")
+    p.add_argument("--skip-mnist", action="store_true", help="keep the MNIST section of an existing report.json")
+    p.add_argument("--skip-cifar", action="store_true", help="keep the CIFAR-10 section of an existing report.json")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=_cmd_ep_report)
+
+
+SUBCOMMANDS += [_add_bench_ep, _add_ep_report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathguard",
+        description="Inference-time adversarial-input detection (Effective Path + NIC) for image classifiers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Dataset loading with checksums. All dataset I/O of the project lives here.
+
+Data directory: ``PATHGUARD_DATA_DIR`` (default ``~/.cache/pathguard/data``), with
+
+- ``mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (the canonical idx files), and
+- ``cifar10/cifar10-jpeg.tar.gz`` (ImageFolder layout ``{train,test}/<class>/NNNN.jpg``), or
+  ``cifar10/cifar-10-binary.tar.gz`` (the canonical binary release, as downloaded).
+
+Arrays come back as float32 NCHW in [0, 1] with uint8 labels. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DatasetError",
+    "Split",
+    "data_dir",
+    "download",
+    "load_dataset",
+]
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+# sha256 of the *decompressed* canonical idx files (identical for any gzip of the same content).
+_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_CIFAR_JPEG = ("cifar10-jpeg.tar.gz", "sha256", "d34c68f61cca57aa9144c8f25bda427abb9921bd642d5857a2fc1a6b4416f965")
+# The canonical binary release (never the pickled "python version"), with its published md5.
+_CIFAR_BIN = ("cifar-10-binary.tar.gz", "md5", "c32a1d4ab5d03f1284b67883e8d87530")
+_CIFAR_BIN_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing or does not match its checksum."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    Attributes
+    ----------
+    x : np.ndarray
+        (N, C, H, W) float32 in [0, 1].
+    y : np.ndarray
+        (N,) uint8 class indices.
+    classes : tuple of str
+        Class labels by index.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(self.x[idx], self.y[idx], self.classes)
+
+
+def data_dir() -> Path:
+    """The data directory: ``$PATHGUARD_DATA_DIR`` or ``~/.cache/pathguard/data``."""
+    env = os.environ.get("PATHGUARD_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pathguard" / "data"
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("PATHGUARD_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pathguard"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_file(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo, usedforsecurity=False) if algo == "md5" else hashlib.new(algo)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hint(dataset: str) -> str:
+    return (
+        f"set PATHGUARD_DATA_DIR to a folder holding {dataset}/ (see README, 'Data'), "
+        f"or run `pathguard download {dataset}` on a machine with internet access"
+    )
+
+
+def _require(path: Path, dataset: str) -> Path:
+    if not path.is_file():
+        raise DatasetError(f"missing dataset file {path}; {_hint(dataset)}")
+    return path
+
+
+def _read_idx(path: Path, expected_sha256: str) -> np.ndarray:
+    raw = gzip.decompress(_require(path, "mnist").read_bytes())
+    if _sha256(raw) != expected_sha256:
+        raise DatasetError(f"corrupt dataset file {path}: sha256 of its content does not match; {_hint('mnist')}")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _load_mnist(split: str) -> Split:
+    prefix = "train" if split == "train" else "t10k"
+    root = data_dir() / "mnist"
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", _MNIST_FILES[f"{prefix}-images-idx3-ubyte.gz"])
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", _MNIST_FILES[f"{prefix}-labels-idx1-ubyte.gz"])
+    x = images.astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
+    return Split(x, labels.astype(np.uint8), MNIST_CLASSES)
+
+
+def _decode_cifar_jpeg(path: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    found: dict[str, list[tuple[str, np.ndarray, int]]] = {"train": [], "test": []}
+    with tarfile.open(path, "r:gz") as tar:
+        for m in tar:  # archive order: a gzip stream cannot seek backwards cheaply
+            if not (m.isfile() and m.name.endswith(".jpg")):
+                continue
+            split, cls, _ = Path(m.name).parts[-3:]
+            f = tar.extractfile(m)
+            assert f is not None
+            img = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"), dtype=np.uint8)
+            found[split].append((m.name, img.transpose(2, 0, 1), CIFAR10_CLASSES.index(cls)))  # (3, 32, 32)
+    arrays: dict[str, np.ndarray] = {}
+    for split, items in found.items():
+        items.sort(key=lambda t: t[0])  # by class folder, then file number: a stable order
+        arrays[f"{split}_x"] = np.stack([t[1] for t in items])
+        arrays[f"{split}_y"] = np.array([t[2] for t in items], dtype=np.uint8)
+    return arrays
+
+
+def _decode_cifar_binary(path: Path) -> dict[str, np.ndarray]:
+    files = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    out: dict[str, np.ndarray] = {}
+    with tarfile.open(path, "r:gz") as tar:
+        by_name = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        for split, names in files.items():
+            recs = []
+            for name in names:
+                f = tar.extractfile(by_name[name])
+                assert f is not None
+                recs.append(np.frombuffer(f.read(), dtype=np.uint8).reshape(-1, 1 + 3072))
+            rec = np.concatenate(recs)
+            out[f"{split}_y"] = rec[:, 0].copy()
+            out[f"{split}_x"] = rec[:, 1:].reshape(-1, 3, 32, 32)
+    return out
+
+
+def _load_cifar10(split: str) -> Split:
+    root = data_dir() / "cifar10"
+    candidates = [(_CIFAR_JPEG, _decode_cifar_jpeg), (_CIFAR_BIN, _decode_cifar_binary)]
+    present = [(spec, decode) for spec, decode in candidates if (root / spec[0]).is_file()]
+    if not present:
+        raise DatasetError(
+            f"missing dataset file {root / _CIFAR_JPEG[0]} (or {root / _CIFAR_BIN[0]}); {_hint('cifar10')}"
+        )
+    (fname, algo, expected), decode = present[0]
+    path = root / fname
+    digest = _hash_file(path, algo)
+    if digest != expected:
+        raise DatasetError(f"corrupt dataset file {path}: {algo} {digest} != expected {expected}; {_hint('cifar10')}")
+    cache = _cache_dir() / f"cifar10-{digest[:16]}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        arrays = decode(path)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(cache)
+    x = arrays[f"{split}_x"].astype(np.float32) / 255.0
+    return Split(x, arrays[f"{split}_y"].astype(np.uint8), CIFAR10_CLASSES)
+
+
+def load_dataset(name: str, split: str) -> Split:
+    """Load ``split`` (``"train"`` or ``"test"``) of dataset ``name`` (``"mnist"`` or ``"cifar10"``)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if name == "mnist":
+        return _load_mnist(split)
+    if name == "cifar10":
+        return _load_cifar10(split)
+    raise ValueError(f"unknown dataset {name!r}; supported: mnist, cifar10")
+
+
+def _fetch(url: str, dest: Path) -> bytes:
+    with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (fixed https URLs only)
+        data: bytes = resp.read()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return data
+
+
+def download(name: str) -> list[Path]:
+    """Download the canonical files of ``name`` into :func:`data_dir`, verifying every checksum.
+
+    Files already present with the right checksum are kept. Nothing is written if a checksum fails.
+    """
+    written: list[Path] = []
+    if name == "mnist":
+        for fname, expected in _MNIST_FILES.items():
+            dest = data_dir() / "mnist" / fname
+            if dest.is_file() and _sha256(gzip.decompress(dest.read_bytes())) == expected:
+                continue
+            data = _fetch(_MNIST_URL + fname, dest)
+            if _sha256(gzip.decompress(data)) != expected:
+                raise DatasetError(f"downloaded {fname} does not match its checksum; not saved")
+            dest.write_bytes(data)
+            written.append(dest)
+        return written
+    if name == "cifar10":
+        fname, algo, expected = _CIFAR_BIN
+        dest = data_dir() / "cifar10" / fname
+        if dest.is_file() and _hash_file(dest, algo) == expected:
+            return written
+        data = _fetch(_CIFAR_BIN_URL, dest)
+        if hashlib.md5(data, usedforsecurity=False).hexdigest() != expected:
+            raise DatasetError(f"downloaded {fname} does not match its checksum; not saved")
+        dest.write_bytes(data)
+        return [dest]
+    raise ValueError(f"unknown dataset {name!r}; supported: mnist, cifar10")

@@ -1,0 +1,86 @@
+"""Classifier persistence: safetensors weights + JSON config, and the ONNX export with named taps.
+
+A classifier folder holds ``classifier.json`` (the :class:`ClassifierConfig` plus training facts),
+``classifier.safetensors`` (weights; cannot execute code) and ``classifier.onnx`` (logits plus every
+tap as a named output, dynamic batch axis).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from models.classifiers import ClassifierConfig, OnnxTapWrapper, TappedSequential, build_classifier
+
+__all__ = ["CLASSIFIER_FILES", "export_onnx", "load_classifier", "save_classifier"]
+
+CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors", "classifier.onnx")
+
+
+class ClassifierLoadError(RuntimeError):
+    """A classifier folder is incomplete or inconsistent."""
+
+
+def save_classifier(model: TappedSequential, out_dir: Path, extra: dict[str, object] | None = None) -> None:
+    """Write weights, config and ONNX export of an eval-mode ``model`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "classifier.safetensors"))
+    meta = {"config": model.config.to_dict(), "taps": model.tap_names, **(extra or {})}
+    (out_dir / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    export_onnx(model, out_dir / "classifier.onnx")
+
+
+def load_classifier(path: str | Path) -> TappedSequential:
+    """Load a classifier (eval mode) from a classifier folder or a bundle folder.
+
+    Input float32 (N, C, H, W) in [0, 1]; output logits (N, num_classes). A bundle folder (one with
+    ``manifest.json``) is verified first and the classifier is read from the verified bytes.
+    """
+    root = Path(path)
+    if (root / "manifest.json").is_file():
+        from models.bundle import read_verified
+
+        files = read_verified(root)
+        return classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
+    meta_path, weights_path = root / "classifier.json", root / "classifier.safetensors"
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise ClassifierLoadError(f"missing classifier file {p}")
+    return classifier_from_bytes(meta_path.read_bytes(), weights_path.read_bytes())
+
+
+def classifier_from_bytes(meta_json: bytes, weights: bytes) -> TappedSequential:
+    """Build the classifier described by ``classifier.json`` bytes and load safetensors ``weights``."""
+    meta = json.loads(meta_json)
+    model = build_classifier(ClassifierConfig.from_dict(meta["config"]))
+    model.load_state_dict(load_safetensors(weights))
+    return model.eval()
+
+
+def export_onnx(model: TappedSequential, path: Path, opset: int = 17) -> None:
+    """Export ``model`` to ONNX with outputs ``logits`` and one per tap, batch axis dynamic."""
+    c, h, w = model.config.input_shape
+    names = ["logits", *model.tap_names]
+    dummy = torch.zeros(2, c, h, w)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(model, dummy, path, names, opset)
+
+
+def _export(model: TappedSequential, dummy: torch.Tensor, path: Path, names: list[str], opset: int) -> None:
+    torch.onnx.export(
+        OnnxTapWrapper(model).eval(),
+        (dummy,),
+        str(path),
+        input_names=["input"],
+        output_names=names,
+        dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
+        opset_version=opset,
+        dynamo=False,
+    )

@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests read the real datasets from PATHGUARD_DATA_DIR (default: ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_SHARED = ROOT.parent / "shared" / "data"
+if "PATHGUARD_DATA_DIR" not in os.environ and _SHARED.is_dir():
+    os.environ["PATHGUARD_DATA_DIR"] = str(_SHARED)
+
+ARTIFACTS = ROOT / "artifacts"
+MNIST_CLASSIFIER = ARTIFACTS / "classifiers" / "mnist-lenet5"
+CIFAR_CLASSIFIER = ARTIFACTS / "classifiers" / "cifar10-cnn"
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    from models.data import load_dataset
+
+    return load_dataset("mnist", "test")
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    from models.data import load_dataset
+
+    return load_dataset("cifar10", "test")
+
+
+@pytest.fixture(scope="session")
+def lenet():
+    from models import load_classifier
+
+    return load_classifier(MNIST_CLASSIFIER)
+
+
+@pytest.fixture(scope="session")
+def cifar_cnn():
+    from models import load_classifier
+
+    return load_classifier(CIFAR_CLASSIFIER)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models.bundle import (
+    SCHEMA_VERSION,
+    BundleCompatibilityError,
+    BundleIntegrityError,
+    bundle_sha256,
+    read_verified,
+    verify_bundle,
+    write_bundle,
+)
+
+
+def _npz_bytes(**arrays):
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def small_bundle(tmp_path):
+    files = {
+        "a.json": b'{"x": 1}\n',
+        "sub/b.npz": _npz_bytes(w=np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "c.bin": bytes(range(256)),
+    }
+    out = tmp_path / "bundle"
+    digest = write_bundle(out, files, {"name": "tiny", "version": "1"})
+    return out, digest, files
+
+
+def test_write_then_verify(small_bundle):
+    out, digest, files = small_bundle
+    manifest = verify_bundle(out)
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["name"] == "tiny"
+    assert set(manifest["files"]) == set(files)
+    assert manifest["files"]["c.bin"]["size"] == 256
+    assert bundle_sha256(out) == digest
+    vf = read_verified(out)
+    assert vf.json("a.json") == {"x": 1}
+    assert vf.npz("sub/b.npz")["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("name", ["a.json", "sub/b.npz", "c.bin"])
+def test_flipped_byte_is_named(small_bundle, name):
+    out, _, files = small_bundle
+    blob = bytearray((out / name).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (out / name).write_bytes(bytes(blob))
+    with pytest.raises(BundleIntegrityError, match=name) as exc:
+        verify_bundle(out)
+    assert exc.value.file == name
+
+
+def test_missing_and_extra_files_are_named(small_bundle):
+    out, _, _ = small_bundle
+    (out / "c.bin").unlink()
+    with pytest.raises(BundleIntegrityError, match="c.bin is missing"):
+        verify_bundle(out)
+
+
+def test_unknown_extra_file(small_bundle):
+    out, _, _ = small_bundle
+    (out / "sub" / "evil.joblib").write_bytes(b"payload")
+    with pytest.raises(BundleIntegrityError, match="sub/evil.joblib"):
+        verify_bundle(out)
+
+
+def test_manifest_tampering(small_bundle):
+    out, _, _ = small_bundle
+    m = json.loads((out / "manifest.json").read_text())
+    m["schema_version"] = SCHEMA_VERSION + 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleCompatibilityError, match="schema version"):
+        verify_bundle(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleIntegrityError, match="manifest.json"):
+        verify_bundle(out)
+
+
+def test_newer_pathguard_required(small_bundle):
+    out, _, _ = small_bundle
+    m = json.loads((out / "manifest.json").read_text())
+    m["requires"] = {"pathguard": "99.0"}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleCompatibilityError, match="pathguard >= 99.0"):
+        verify_bundle(out)
