@@ -1,0 +1,164 @@
+"""The offline builder: classifier + benign training data -> verified artifact bundle.
+
+Splits of the training set (seeded permutation; the test set is never touched):
+
+- *fit* (all but ``n_calib`` images): class-path bitmaps and every NIC component;
+- *calibration* (``n_calib`` held-out images), cut in three disjoint parts:
+  ``ep_fit`` fits the benign-only Effective Path score (training images are inside the class paths,
+  so their similarity would be optimistic), ``A`` calibrates each component (NIC violation
+  probabilities and the component p-values), ``B`` sets the fused threshold for the target FPR.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.bundle import write_bundle
+from models.class_paths import ClassPaths
+from models.classifiers import TappedSequential
+from models.data import Split, load_dataset
+from models.effective_path import EffectivePathExtractor
+from models.ep_detectors import BenignEPScore
+from models.fusion import FusedVerdict
+from models.io import CLASSIFIER_FILES, load_classifier
+from models.nic import NICDetector
+from models.pipeline import DetectionPipeline, npz_bytes
+
+__all__ = ["BuildConfig", "build_bundle"]
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Parameters of one bundle build.
+
+    Parameters
+    ----------
+    name, version : str
+        Bundle name and version recorded in the manifest.
+    theta : float
+        Effective Path selection threshold.
+    ep_last_k : int, optional
+        Extract only the last k weighted layers (``None`` = all).
+    n_ep_fit : int, optional
+        Fit-split images aggregated into class paths (``None`` = all).
+    n_calib : int
+        Held-out calibration images (split as ``ep_fit`` 20%, ``A`` 40%, ``B`` 40%).
+    n_train : int, optional
+        Use only a seeded random subset of this many training images (small test bundles).
+    target_fpr : float
+        Default operating point of the fused verdict.
+    nic : dict
+        :class:`~models.nic.NICDetector` parameters.
+    seed : int
+        Seed of the splits and every fitted component.
+    """
+
+    name: str
+    version: str = "1"
+    theta: float = 0.5
+    ep_last_k: int | None = None
+    n_ep_fit: int | None = None
+    n_calib: int = 5000
+    n_train: int | None = None
+    target_fpr: float = 0.05
+    nic: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+def _splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
+    perm = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.n_train]
+    if len(perm) <= cfg.n_calib:
+        raise ValueError(f"n_calib={cfg.n_calib} leaves no training images to fit on ({len(perm)} available)")
+    n_ep = cfg.n_calib // 5
+    n_a = (cfg.n_calib - n_ep) // 2
+    cut = np.cumsum([n_ep, n_a, cfg.n_calib - n_ep - n_a])
+    return {
+        "ep_fit": train.subset(perm[: cut[0]]),
+        "calib_a": train.subset(perm[cut[0] : cut[1]]),
+        "calib_b": train.subset(perm[cut[1] : cut[2]]),
+        "fit": train.subset(perm[cut[2] :]),
+    }
+
+
+def _ep_features(extractor: EffectivePathExtractor, paths: ClassPaths, x: np.ndarray) -> np.ndarray:
+    sims = paths.similarity(extractor.extract(torch.from_numpy(x), ranks=(1, 2)))
+    return np.concatenate([sims[1], sims[2]], axis=1)  # (N, 2L)
+
+
+def _manifest(model: TappedSequential, dataset: str, classes: tuple[str, ...], cfg: BuildConfig) -> dict[str, Any]:
+    c = model.config
+    return {
+        "name": cfg.name,
+        "version": cfg.version,
+        "dataset": dataset,
+        "architecture": c.arch,
+        "classes": list(classes),
+        "input": {
+            "shape": list(c.input_shape),
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "layout": "NCHW",
+            "normalization": {"mean": list(c.mean), "std": list(c.std), "applied": "inside the model"},
+        },
+        "tapped_layers": model.tap_names,
+        "requires": {"pathguard": "0.1.0", "onnx_opset": OPSET},
+    }
+
+
+def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, cfg: BuildConfig) -> dict[str, Any]:
+    """Run the whole offline pipeline and write the bundle; returns a build report (timings, sizes)."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model = load_classifier(classifier_dir)
+    train = load_dataset(dataset, "train")
+    parts = _splits(train, cfg)
+    fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
+    class_paths = ClassPaths(len(train.classes)).fit(extractor, fit.x, fit.y)
+    ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
+    timings["effective_path"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    nic = NICDetector(**{"seed": cfg.seed, **cfg.nic}).fit(model, parts["fit"].x, parts["fit"].y)
+    nic.calibrate(model, parts["calib_a"].x)
+    timings["nic"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr)
+    raw = {k: pipeline.raw_components(parts[k].x) for k in tqdm(["calib_a", "calib_b"], desc="calibration")}
+    verdict = FusedVerdict.fit(raw["calib_a"], raw["calib_b"], cfg.target_fpr)
+    timings["calibration"] = time.perf_counter() - t
+
+    files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
+    files |= {
+        "class_paths.npz": npz_bytes(class_paths.to_arrays()),
+        "ep_score.npz": npz_bytes(ep_score.to_arrays()),
+        "nic.npz": npz_bytes(nic.to_arrays()),
+        "nic.json": (json.dumps(nic.config(), indent=2) + "\n").encode(),
+        "calibration.npz": npz_bytes(verdict.to_arrays()),
+    }
+    threshold = verdict.threshold_for(cfg.target_fpr)
+    manifest = _manifest(model, dataset, train.classes, cfg) | {
+        "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
+        "ep_layer_count": len(extractor.layers),
+        "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
+        "verdict": {"target_fpr": cfg.target_fpr, "threshold": threshold, "fusion": "fisher(effective_path, nic)"},
+        "calibration": {k: len(v) for k, v in parts.items()},
+        "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
+    }
+    digest = write_bundle(out_dir, files, manifest)
+    sizes = {n: len(b) for n, b in files.items()}
+    return {"bundle": str(out_dir), "sha256": digest, "threshold": threshold, "seconds": timings, "bytes": sizes}

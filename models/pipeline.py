@@ -1,0 +1,310 @@
+"""A loaded bundle and its detection pipeline: activations -> layer checks -> scores -> verdict.
+
+Data flows one way. The classifier's forward pass yields logits and the tapped activations. NIC's
+per-layer work (reduction, value invariant, derived head) only needs that layer's activation, so
+:meth:`DetectionPipeline.layer_check` can run on a worker thread while the forward pass continues.
+:meth:`DetectionPipeline.finish` then does what needs the whole pass: the Effective Path extraction
+(seeded at the logits), the provenance invariants, NIC's final model and the fused verdict.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.bundle import read_verified
+from models.calibration import violation_probability
+from models.class_paths import ClassPaths
+from models.classifiers import TappedSequential
+from models.effective_path import EffectivePathExtractor
+from models.ep_detectors import BenignEPScore
+from models.fusion import FusedVerdict
+from models.io import classifier_from_bytes
+from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
+
+__all__ = ["Bundle", "DetectionPipeline", "DetectionResult", "LayerPartial", "load_bundle"]
+
+EP, NIC = "effective_path", "nic"
+
+
+@dataclass
+class LayerPartial:
+    """NIC's per-layer result for a batch: VI score (N,) and derived-head probabilities (N, K)."""
+
+    value: torch.Tensor
+    probs: torch.Tensor
+
+
+@dataclass
+class DetectionResult:
+    """Detection results for a batch of N inputs (numpy arrays; see PRODUCT.md for the JSON shape)."""
+
+    probabilities: np.ndarray  # (N, K)
+    predicted: np.ndarray  # (N,)
+    confidence: np.ndarray  # (N,)
+    ep_layers: list[str]
+    rank1_similarity: np.ndarray  # (N, L)
+    rank2_similarity: np.ndarray  # (N, L)
+    ep_score: np.ndarray  # (N,) violation probability
+    value_violation: dict[str, np.ndarray]  # layer -> (N,)
+    provenance_violation: dict[str, np.ndarray]  # "a->b" -> (N,)
+    nic_score: np.ndarray  # (N,) violation probability
+    score: np.ndarray  # (N,) fused, in [0, 1]
+    p_value: np.ndarray  # (N,)
+    adversarial: np.ndarray  # (N,) bool
+    threshold: float
+    target_fpr: float
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.predicted)
+
+    def row(self, i: int) -> dict[str, Any]:
+        """The ``effective_path``, ``nic`` and ``verdict`` parts of the /v1/detect response for input ``i``."""
+
+        def r(v: float) -> float:
+            return round(float(v), 6)
+
+        return {
+            "effective_path": {
+                "layers": list(self.ep_layers),
+                "rank1_similarity": [r(v) for v in self.rank1_similarity[i]],
+                "rank2_similarity": [r(v) for v in self.rank2_similarity[i]],
+                "score": r(self.ep_score[i]),
+            },
+            "nic": {
+                "value_violation": {k: r(v[i]) for k, v in self.value_violation.items()},
+                "provenance_violation": {k: r(v[i]) for k, v in self.provenance_violation.items()},
+                "score": r(self.nic_score[i]),
+            },
+            "verdict": {
+                "adversarial": bool(self.adversarial[i]),
+                "score": r(self.score[i]),
+                "threshold": r(self.threshold),
+                "p_value": r(self.p_value[i]),
+                "target_fpr": float(self.target_fpr),
+            },
+        }
+
+
+class DetectionPipeline:
+    """Effective Path + NIC + fused verdict over one classifier (all state fitted; scoring only).
+
+    Parameters
+    ----------
+    classifier : TappedSequential
+    extractor : EffectivePathExtractor
+    class_paths : ClassPaths
+    ep_score : BenignEPScore
+        Attack-agnostic EP score over ``concat(rank1, rank2)`` similarities.
+    nic : NICDetector
+        Fitted and calibrated.
+    verdict : FusedVerdict or None
+        None only while building (before the fused calibration exists).
+    target_fpr : float
+        Operating point; the threshold is read from the calibration for it.
+    """
+
+    def __init__(
+        self,
+        classifier: TappedSequential,
+        extractor: EffectivePathExtractor,
+        class_paths: ClassPaths,
+        ep_score: BenignEPScore,
+        nic: NICDetector,
+        verdict: FusedVerdict | None,
+        target_fpr: float,
+    ) -> None:
+        self.classifier = classifier
+        self.extractor = extractor
+        self.class_paths = class_paths
+        self.ep_score = ep_score
+        self.nic = nic
+        self.verdict = verdict
+        self.target_fpr = float(target_fpr)
+        self.threshold = verdict.threshold_for(self.target_fpr) if verdict is not None else float("nan")
+        self.ep_layers: list[str] = list(extractor.layers)
+        self.nic_value_layers: list[str] = list(nic.layers_)
+        self.nic_provenance_pairs: list[str] = list(nic.pairs_)
+        self.checked_taps = [n for n in self.nic_value_layers if n not in (INPUT, SOFTMAX)]
+
+    @torch.no_grad()
+    def layer_check(self, name: str, activation: torch.Tensor) -> LayerPartial:
+        """NIC work of one checked layer (``"input"``, a tap name or ``"softmax"``); thread-safe."""
+        value, probs = self.nic.check_layer(name, activation)
+        return LayerPartial(value, probs)
+
+    @torch.no_grad()
+    def finish(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+        partials: dict[str, LayerPartial] | None = None,
+    ) -> DetectionResult:
+        """Complete detection for a batch given the forward pass and any per-layer partials already computed."""
+        return self._result(logits, self._raw(x, logits, taps, partials))
+
+    def _raw(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+        partials: dict[str, LayerPartial] | None,
+    ) -> _RawScores:
+        partials = dict(partials or {})
+        t0 = time.perf_counter()
+        for name in self.nic_value_layers:
+            if name not in partials:
+                partials[name] = self.layer_check(name, layer_activation(name, x, logits, taps))
+        value = torch.stack([partials[n].value for n in self.nic_value_layers], dim=1).double()  # (N, L)
+        pairs = zip(self.nic_value_layers, self.nic_value_layers[1:], strict=False)
+        prov = torch.stack(
+            [self.nic.provenance_score(i, partials[a].probs, partials[b].probs) for i, (a, b) in enumerate(pairs)],
+            dim=1,
+        ).double()  # (N, L-1)
+        final = self.nic.final_score(value, prov)
+        t1 = time.perf_counter()
+        paths = self.extractor.extract_from_taps(x, logits, taps, ranks=(1, 2))
+        sims = self.class_paths.similarity(paths)
+        ep_raw = self.ep_score.score(np.concatenate([sims[1], sims[2]], axis=1))
+        t2 = time.perf_counter()
+        return _RawScores(sims, ep_raw, value.numpy(), prov.numpy(), final.numpy(), {NIC: t1 - t0, EP: t2 - t1})
+
+    def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
+        if self.verdict is None:
+            raise RuntimeError("pipeline has no fused-verdict calibration yet")
+        probs = torch.softmax(logits.float(), dim=1).numpy()
+        fused = self.verdict.fuse(raw.components)
+        v_viol = self.nic.value_violation(raw.value)
+        p_viol = self.nic.provenance_violation(raw.provenance)
+        return DetectionResult(
+            probabilities=probs,
+            predicted=probs.argmax(1),
+            confidence=probs.max(1),
+            ep_layers=self.ep_layers,
+            rank1_similarity=raw.sims[1],
+            rank2_similarity=raw.sims[2],
+            ep_score=violation_probability(self.verdict.component_calib[EP], raw.ep),
+            value_violation={n: v_viol[:, j] for j, n in enumerate(self.nic_value_layers)},
+            provenance_violation={n: p_viol[:, j] for j, n in enumerate(self.nic_provenance_pairs)},
+            nic_score=self.nic.final_violation(raw.final),
+            score=fused,
+            p_value=self.verdict.p_values(fused),
+            adversarial=fused > self.threshold,
+            threshold=self.threshold,
+            target_fpr=self.target_fpr,
+            timings_s=raw.timings_s,
+        )
+
+    @torch.no_grad()
+    def detect(
+        self,
+        x: torch.Tensor | np.ndarray,
+        logits: torch.Tensor | None = None,
+        taps: dict[str, torch.Tensor] | None = None,
+    ) -> DetectionResult:
+        """Serial convenience: run the classifier if needed, then every check."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if logits is None or taps is None:
+            logits, taps = self.classifier.forward_with_taps(x)
+        return self.finish(x, logits, taps)
+
+    @torch.no_grad()
+    def raw_components(self, x: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
+        """Raw EP and NIC-final scores (the fusion inputs, higher = more anomalous) of inputs (N, C, H, W)."""
+        out: dict[str, list[np.ndarray]] = {EP: [], NIC: []}
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        for s in range(0, len(xt), batch_size):
+            xb = xt[s : s + batch_size]
+            logits, taps = self.classifier.forward_with_taps(xb)
+            for k, v in self._raw(xb, logits, taps, None).components.items():
+                out[k].append(v)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@dataclass
+class _RawScores:
+    sims: dict[int, np.ndarray]  # rank -> (N, L)
+    ep: np.ndarray  # (N,)
+    value: np.ndarray  # (N, L_nic)
+    provenance: np.ndarray  # (N, L_nic - 1)
+    final: np.ndarray  # (N,)
+    timings_s: dict[str, float]
+
+    @property
+    def components(self) -> dict[str, np.ndarray]:
+        return {EP: self.ep, NIC: self.final}
+
+
+@dataclass
+class Bundle:
+    """A verified, loaded bundle (see PRODUCT.md 'Bundle')."""
+
+    path: Path
+    manifest: dict[str, Any]
+    sha256: str
+    classifier: TappedSequential
+    onnx_bytes: bytes
+    pipeline: DetectionPipeline
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.manifest["dataset"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest["input"]["shape"]
+        return (int(c), int(h), int(w))
+
+    @property
+    def tap_names(self) -> list[str]:
+        return list(self.manifest["tapped_layers"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "classifier.onnx"
+
+
+def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
+    """Verify every file of the bundle at ``path``, then load it from the verified bytes.
+
+    ``target_fpr`` overrides the manifest's operating point (refused below 1/n of the calibration split).
+    """
+    files = read_verified(path)
+    m = files.manifest
+    classifier = classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
+    ep_cfg = m["effective_path"]
+    extractor = EffectivePathExtractor(classifier, theta=ep_cfg["theta"], last_k=ep_cfg.get("last_k"))
+    class_paths = ClassPaths.from_arrays(files.npz("class_paths.npz"))
+    ep_score = BenignEPScore.from_arrays(files.npz("ep_score.npz"))
+    nic = NICDetector.from_arrays(files.npz("nic.npz"), files.json("nic.json"))
+    fpr = float(target_fpr if target_fpr is not None else m["verdict"]["target_fpr"])
+    verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), [EP, NIC], fpr)
+    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)
+    return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialize arrays as a compressed ``.npz`` (no pickled objects)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()

@@ -1,0 +1,111 @@
+"""End-to-end build of a tiny real bundle (MNIST subset, committed LeNet-5), verification and loading."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models import load_classifier
+from models.build import BuildConfig, build_bundle
+from models.bundle import BundleError, BundleIntegrityError, read_verified, verify_bundle
+from models.calibration import threshold_at_fpr
+from models.pipeline import load_bundle
+
+from .conftest import MNIST_CLASSIFIER
+
+TINY_NIC = {"n_fit": 300, "n_final": 200, "n_pca": 300, "n_head": 2000, "head_epochs": 2, "holdout": 300, "pca_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny-mnist"
+    cfg = BuildConfig(name="tiny-mnist", n_train=4000, n_calib=1500, target_fpr=0.1, nic=TINY_NIC)
+    report = build_bundle("mnist", MNIST_CLASSIFIER, out, cfg)
+    return out, report
+
+
+def test_bundle_verifies_and_lists_every_file(tiny_bundle):
+    out, report = tiny_bundle
+    manifest = verify_bundle(out)
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for key in (
+        "schema_version",
+        "name",
+        "version",
+        "created_at",
+        "dataset",
+        "architecture",
+        "classes",
+        "input",
+        "tapped_layers",
+        "effective_path",
+        "ep_layer_count",
+        "verdict",
+        "libraries",
+        "files",
+    ):
+        assert key in manifest, key
+    assert manifest["ep_layer_count"] == 5 and manifest["effective_path"]["theta"] == 0.5
+    assert manifest["calibration"] == {"ep_fit": 300, "calib_a": 600, "calib_b": 600, "fit": 2500}
+    assert report["sha256"] == read_verified(out).sha256
+    cli = subprocess.run([sys.executable, "-m", "models.cli", "verify", str(out)], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+
+
+def test_no_pickle_in_bundle(tiny_bundle):
+    out, _ = tiny_bundle
+    for name in verify_bundle(out)["files"]:
+        assert name.rsplit(".", 1)[-1] in {"json", "npz", "safetensors", "onnx"}, name
+        if name.endswith(".npz"):
+            with np.load(out / name, allow_pickle=False) as z:  # would raise on object arrays
+                assert all(z[k].dtype != object for k in z.files)
+
+
+def test_flipping_any_byte_fails_verify_and_load(tiny_bundle, tmp_path):
+    src, _ = tiny_bundle
+    for name in verify_bundle(src)["files"]:
+        dst = tmp_path / name.replace("/", "_")
+        shutil.copytree(src, dst)
+        blob = bytearray((dst / name).read_bytes())
+        blob[len(blob) // 3] ^= 0x40
+        (dst / name).write_bytes(bytes(blob))
+        with pytest.raises(BundleIntegrityError, match=name):
+            verify_bundle(dst)
+        with pytest.raises(BundleError, match=name):
+            load_bundle(dst)
+        with pytest.raises(BundleError, match=name):
+            load_classifier(dst)
+        cli = subprocess.run([sys.executable, "-m", "models.cli", "verify", str(dst)], capture_output=True, text=True)
+        assert cli.returncode != 0 and name in cli.stderr
+
+
+def test_threshold_gives_target_fpr_on_calibration(tiny_bundle):
+    out, _ = tiny_bundle
+    bundle = load_bundle(out)
+    calib = bundle.pipeline.verdict.fused_calib
+    fpr = float((calib > bundle.pipeline.threshold).mean())
+    assert 0.1 - 1.0 / len(calib) <= fpr <= 0.1
+    assert bundle.pipeline.threshold == threshold_at_fpr(calib, 0.1)
+    with pytest.raises(ValueError, match="below 1/n"):
+        load_bundle(out, target_fpr=1e-4)
+
+
+def test_load_twice_identical_scores_and_noise_scores_higher(tiny_bundle, mnist_test):
+    out, _ = tiny_bundle
+    x = mnist_test.x[:40]
+    a = load_bundle(out).pipeline.detect(x)
+    b = load_bundle(out).pipeline.detect(x)
+    np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(a.rank1_similarity, b.rank1_similarity)
+    assert (a.predicted == mnist_test.y[:40]).mean() > 0.9
+    assert a.rank1_similarity.shape == (40, 5) and a.p_value.min() > 0
+    assert set(a.row(0)) == {"effective_path", "nic", "verdict"}
+    noise = np.random.default_rng(0).random(x.shape, dtype=np.float32)
+    n = load_bundle(out).pipeline.detect(noise)
+    assert np.median(n.score) > np.median(a.score)
+    assert n.adversarial.mean() > 0.9
