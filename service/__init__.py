@@ -1,0 +1,1 @@
+"""pathguard detection service (FastAPI)."""

@@ -1,0 +1,133 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds the app without touching the bundle; its lifespan verifies and loads the bundle,
+creates the classifier engine, warms up, starts the micro-batchers and the Redis link, and only then flips
+readiness. Nothing heavy happens at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.cache import DetectionStore
+from service.errors import install_error_handlers
+from service.inputs import InputSpec
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.routes import health, oip, v1
+from service.routes import metrics as metrics_routes
+from service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+from service.settings import Settings
+from service.state import ServiceState
+
+__all__ = ["check_pin", "create_app"]
+
+log = logging.getLogger("pathguard.service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the detection service for ``settings`` (default: from ``PATHGUARD_*`` environment variables)."""
+    settings = settings if settings is not None else Settings()
+    state = ServiceState(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _start(state)
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="pathguard",
+        version=metadata.version("pathguard"),
+        summary="Online adversarial-input detection (Effective Path + NIC) for image classifiers.",
+        lifespan=lifespan,
+    )
+    app.state.pathguard = state
+    install_error_handlers(app)
+    for router in (health.router, v1.router, oip.router, metrics_routes.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inner
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outer: also counts 413s
+    return app
+
+
+def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
+    if settings.engine == "torch":
+        return TorchEngine(bundle.classifier)
+    return OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, threads=settings.engine_threads)
+
+
+def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
+    """Refuse a bundle whose id differs from ``settings.bundle_sha256`` (when that pin is set)."""
+    from models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256
+
+    if settings.bundle_sha256 is None:
+        return
+    found = loaded_sha256 if loaded_sha256 is not None else bundle_sha256(settings.bundle)
+    if found != settings.bundle_sha256:
+        raise BundleIntegrityError(
+            MANIFEST,
+            f"bundle {settings.bundle}: {MANIFEST} has sha256 {found}, but PATHGUARD_BUNDLE_SHA256 pins "
+            f"{settings.bundle_sha256}",
+        )
+
+
+async def _start(state: ServiceState) -> None:
+    from models.pipeline import load_bundle  # verifies every file, then parses only the verified bytes
+
+    s = state.settings
+    if s.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(s.torch_threads)
+    check_pin(s)
+    bundle = load_bundle(s.bundle, target_fpr=s.target_fpr)
+    check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
+    runtime = DetectionRuntime(_engine(s, bundle), bundle.pipeline, s.worker_threads, s.parallel_checks)
+    c, h, w = (int(v) for v in bundle.input_shape)
+    shape = (c, h, w)
+    runtime.warm_up(shape, [1], s.warmup_rounds)
+    runtime.warm_up(shape, [s.max_batch_size], min(s.warmup_rounds, 1))
+    state.bundle, state.runtime = bundle, runtime
+    state.spec = InputSpec(c, h, w, max_pixels=s.max_image_pixels, policy=s.input_policy)
+    state.store = DetectionStore(s, state.metrics, bundle.sha256)
+    await state.store.start()
+    wait_s = s.max_batch_wait_ms / 1000.0
+    detect_work = runtime.detect if s.mode == "enforce" else runtime.detect_shadow
+    state.predict_batcher = MicroBatcher(
+        "predict", runtime.classify, s.max_batch_size, wait_s, s.queue_size, s.retry_after_s
+    )
+    state.detect_batcher = MicroBatcher("detect", detect_work, s.max_batch_size, wait_s, s.queue_size, s.retry_after_s)
+    state.predict_batcher.start()
+    state.detect_batcher.start()
+    state.metrics.set_bundle(bundle.name, str(bundle.version), bundle.sha256)
+    state.ready = True
+    log.info(
+        "serving bundle %s v%s (%s) with the %s engine, mode %s, parallel checks %s",
+        bundle.name,
+        bundle.version,
+        bundle.sha256[:12],
+        s.engine,
+        s.mode,
+        s.parallel_checks,
+    )
+
+
+async def _stop(state: ServiceState) -> None:
+    state.ready = False
+    for batcher in (state.predict_batcher, state.detect_batcher):
+        if batcher is not None:
+            await batcher.stop()
+    await state.drain()
+    if state.store is not None:
+        await state.store.close()
+    if state.runtime is not None:
+        state.runtime.close()

@@ -1,0 +1,281 @@
+"""``pathguard bench``: latency and throughput of /v1/predict and /v1/detect over real HTTP.
+
+For every bundle and check mode (parallel, serial) a real ``pathguard serve`` process is started on a spare port
+(verdict cache off, no Redis, so every request does the full work), fed distinct PNG-encoded test images of the
+bundle's dataset over keep-alive HTTP/1.1 connections, at concurrency 1 and 16. Predict and detect are measured
+in alternating rounds so slow drifts of the machine hit both alike. The client runs on the same machine: its
+own CPU use is part of the figures (the same for both routes).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BenchConfig", "render_markdown", "run_bench"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure.
+
+    Parameters
+    ----------
+    bundles : sequence of Path
+        Bundle folders to serve, one after the other.
+    requests : int
+        Timed requests per (route, concurrency, check mode), split over ``rounds`` alternating rounds.
+    concurrency : sequence of int
+        Client concurrency levels.
+    modes : sequence of bool
+        Parallel layer checks on (True) and/or off (False).
+    images : int
+        Distinct test images cycled through.
+    warmup : int
+        Untimed requests per route before measuring.
+    engine : str
+        Classifier engine of the served bundle ('onnx' or 'torch').
+    """
+
+    bundles: Sequence[Path]
+    requests: int = 2000
+    concurrency: Sequence[int] = (1, 16)
+    modes: Sequence[bool] = (True, False)
+    images: int = 1000
+    warmup: int = 100
+    rounds: int = 4
+    engine: str = "onnx"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    bundle: str
+    parallel: bool
+    route: str
+    concurrency: int
+    latencies_s: list[float]
+    wall_s: float
+    server_ms: dict[str, float]
+
+    def row(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_s) * 1000.0
+        return {
+            "bundle": self.bundle,
+            "checks": "parallel" if self.parallel else "serial",
+            "route": self.route,
+            "concurrency": self.concurrency,
+            "requests": len(lat),
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "throughput_rps": len(lat) / self.wall_s,
+            "server_ms": self.server_ms,
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _encode_images(dataset: str, n: int) -> list[bytes]:
+    from PIL import Image
+
+    from models.data import load_dataset
+
+    split = load_dataset(dataset, "test")
+    out = []
+    for x in split.x[:n]:
+        arr = np.round(x * 255).astype(np.uint8)  # (C, H, W)
+        img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+class _Server:
+    """A ``pathguard serve`` subprocess."""
+
+    def __init__(self, bundle: Path, parallel: bool, engine: str, extra_env: dict[str, str]) -> None:
+        self.port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_") or k.endswith("_DIR")}
+        env.update(
+            PATHGUARD_BUNDLE=str(bundle),
+            PATHGUARD_PORT=str(self.port),
+            PATHGUARD_PARALLEL_CHECKS=str(parallel).lower(),
+            PATHGUARD_CACHE="false",
+            PATHGUARD_ENGINE=engine,
+            **extra_env,
+        )
+        cmd = [sys.executable, "-m", "models.cli", "serve", "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pathguard serve exited with code {self.proc.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/v2/health/ready")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _worker(port: int, route: str, images: list[bytes], start: int, n: int, out: list[float], srv: list[dict]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "image/png"}
+    for k in range(n):
+        body = images[(start + k) % len(images)]
+        t0 = time.perf_counter()
+        conn.request("POST", route, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        out.append(time.perf_counter() - t0)
+        if resp.status != 200:
+            raise RuntimeError(f"{route}: HTTP {resp.status}: {data[:200]!r}")
+        srv.append(json.loads(data)["timings_ms"])
+    conn.close()
+
+
+Loaded = tuple[list[float], float, list[dict[str, float]]]
+
+
+def _load(port: int, route: str, images: list[bytes], n: int, conc: int, offset: int) -> Loaded:
+    """``n`` requests spread over ``conc`` connections; returns latencies, wall time, server timings."""
+    lats: list[list[float]] = [[] for _ in range(conc)]
+    srv: list[list[dict]] = [[] for _ in range(conc)]
+    per = [n // conc + (1 if i < n % conc else 0) for i in range(conc)]
+    threads = [
+        threading.Thread(target=_worker, args=(port, route, images, offset + i * 7919, per[i], lats[i], srv[i]))
+        for i in range(conc)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for lat in lats for x in lat], time.perf_counter() - t0, [x for s in srv for x in s]
+
+
+def _median_timings(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: round(statistics.median(r[k] for r in rows if k in r), 3) for k in keys}
+
+
+def _measure_server(cfg: BenchConfig, bundle: Path, parallel: bool, images: list[bytes]) -> list[Measurement]:
+    server = _Server(bundle, parallel, cfg.engine, cfg.extra_env)
+    try:
+        server.wait_ready()
+        for route in ("/v1/predict", "/v1/detect"):
+            _load(server.port, route, images, cfg.warmup, 1, 0)
+        out = []
+        for conc in cfg.concurrency:
+            acc: dict[str, Loaded] = {r: ([], 0.0, []) for r in ("predict", "detect")}
+            for rnd in range(cfg.rounds):
+                for route in ("predict", "detect"):
+                    n = cfg.requests // cfg.rounds
+                    lat, wall, srv = _load(server.port, f"/v1/{route}", images, n, conc, rnd * n)
+                    prev = acc[route]
+                    acc[route] = (prev[0] + lat, prev[1] + wall, prev[2] + srv)
+            for route, (lat, wall, srv) in acc.items():
+                out.append(Measurement(bundle.name, parallel, route, conc, lat, wall, _median_timings(srv)))
+        return out
+    finally:
+        server.stop()
+
+
+def _contention() -> str:
+    try:
+        found = subprocess.run(["pgrep", "-af", "pathguard train"], capture_output=True, text=True, check=False)  # noqa: S607
+    except OSError:
+        return "unknown"
+    lines = [ln for ln in found.stdout.splitlines() if "pgrep" not in ln]
+    return "; ".join(lines) if lines else "none"
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every measurement; returns a JSON-able report."""
+    rows = []
+    for bundle in cfg.bundles:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        images = _encode_images(str(manifest["dataset"]), cfg.images)
+        for parallel in cfg.modes:
+            rows += [m.row() for m in _measure_server(cfg, Path(bundle), parallel, images)]
+    return {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "engine": cfg.engine,
+        "requests_per_cell": cfg.requests,
+        "training_running": _contention(),
+        "rows": rows,
+        "ratios": _ratios(rows),
+    }
+
+
+def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """p50(detect) / p50(predict) per bundle, check mode and concurrency."""
+    index = {(r["bundle"], r["checks"], r["route"], r["concurrency"]): r for r in rows}
+    out = []
+    for (b, checks, route, conc), r in index.items():
+        if route != "detect" or (b, checks, "predict", conc) not in index:
+            continue
+        base = index[(b, checks, "predict", conc)]
+        out.append({"bundle": b, "checks": checks, "concurrency": conc, "p50_ratio": r["p50_ms"] / base["p50_ms"]})
+    return out
+
+
+def render_markdown(report: dict[str, Any], command: str) -> str:
+    """The report as the docs/bench.md page."""
+    lines = [
+        "# Detection overhead benchmark",
+        "",
+        f"Measured {report['created_at']} on {report['machine']['cpus']} CPU cores "
+        f"({report['machine']['platform']}, Python {report['machine']['python']}), engine `{report['engine']}`, "
+        f"{report['requests_per_cell']} requests per cell, distinct test images, verdict cache off, no Redis.",
+        f"Other load on the machine (`pathguard train`): {report['training_running']}.",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        "| bundle | checks | route | concurrency | p50 ms | p99 ms | throughput req/s | server median ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        srv = ", ".join(f"{k} {v:.2f}" for k, v in r["server_ms"].items())
+        lines.append(
+            f"| {r['bundle']} | {r['checks']} | /v1/{r['route']} | {r['concurrency']} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['throughput_rps']:.0f} | {srv} |"
+        )
+    lines += ["", "| bundle | checks | concurrency | p50(detect) / p50(predict) |", "|---|---|---|---|"]
+    for q in report["ratios"]:
+        lines.append(f"| {q['bundle']} | {q['checks']} | {q['concurrency']} | {q['p50_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"

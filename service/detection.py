@@ -1,0 +1,337 @@
+"""Request handling shared by the REST and OIP routes: reading images, cache, batching, responses, recording."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.cache import Entry
+from service.errors import BadInput, PayloadTooLarge, ServiceError
+from service.inputs import check_media_type, decode_image
+from service.runtime import BatchSlice, Detected, ShadowStarted
+from service.state import ServiceState
+
+__all__ = [
+    "Upload",
+    "detect_tensor",
+    "detect_uploads",
+    "model_ref",
+    "predict_uploads",
+    "read_uploads",
+]
+
+_INLINE_DECODE_BYTES = 64 * 1024  # smaller images decode on the event loop; larger ones on a thread
+
+
+@dataclass
+class Upload:
+    """One image as sent: bytes, the declared format (or None) and its sha256."""
+
+    data: bytes
+    declared: str | None
+    content_type: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+async def read_uploads(request: Request, state: ServiceState, field: str, many: bool) -> list[Upload]:
+    """Images from a raw PNG/JPEG body or from multipart field ``field`` (all its files when ``many``)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() == "multipart/form-data":
+        uploads = await _read_multipart(request, state, field)
+        if not many and len(uploads) > 1:
+            raise BadInput(f"send one image in field {field!r}; use /v1/detect/batch for several")
+        return uploads
+    declared = check_media_type(ctype)
+    data = await request.body()
+    if not data:
+        raise BadInput("empty request body")
+    return [Upload(data, declared, ctype)]
+
+
+async def _read_multipart(request: Request, state: ServiceState, field: str) -> list[Upload]:
+    limit = state.settings.max_request_images
+    try:
+        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(f"at most {limit} images per request") from None
+        raise BadInput(f"malformed multipart body: {exc.detail}") from None
+    parts = form.getlist(field)
+    if not parts:
+        raise BadInput(f"multipart field {field!r} is missing")
+    if len(parts) > limit:
+        raise PayloadTooLarge(f"at most {limit} images per request, got {len(parts)}")
+    uploads = []
+    for part in parts:
+        if not isinstance(part, UploadFile):
+            raise BadInput(f"multipart field {field!r} must be a file")
+        declared = check_media_type(part.content_type, allow_octet_stream=True)
+        uploads.append(Upload(await part.read(), declared, part.content_type or "application/octet-stream"))
+    await form.close()
+    return uploads
+
+
+async def _decode_all(state: ServiceState, uploads: list[Upload]) -> np.ndarray:
+    """Decode every upload into one float32 (n, C, H, W) array; errors name the image's position."""
+    assert state.spec is not None
+    spec = state.spec
+    arrays = []
+    for i, up in enumerate(uploads):
+        try:
+            if len(up.data) <= _INLINE_DECODE_BYTES:
+                arrays.append(decode_image(up.data, spec, up.declared))
+            else:
+                arrays.append(await run_in_threadpool(decode_image, up.data, spec, up.declared))
+        except ServiceError as exc:
+            if len(uploads) > 1:
+                exc.message = f"image {i}: {exc.message}"
+            raise
+    return np.stack(arrays)  # (n, C, H, W)
+
+
+# --------------------------------------------------------------------------------------------------- responses
+
+
+def model_ref(state: ServiceState) -> dict[str, str]:
+    b = state.bundle
+    return {"name": b.name, "version": str(b.version), "bundle_sha256": b.sha256}
+
+
+def _prediction(state: ServiceState, probs: np.ndarray) -> dict[str, Any]:
+    k = int(np.argmax(probs))
+    return {
+        "class_index": k,
+        "label": state.bundle.classes[k],
+        "confidence": float(probs[k]),
+        "probabilities": [float(p) for p in probs],
+    }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, checks_s: float | None, t0: float) -> dict:
+    out = {"decode": _ms(decode_s), "queue": _ms(sl.queue_s), "classify": _ms(classify_s)}
+    if checks_s is not None:
+        out["checks"] = _ms(checks_s)
+    out["total"] = _ms(time.perf_counter() - t0)
+    return out
+
+
+def _record(state: ServiceState, row: dict[str, Any]) -> None:
+    """Verdict and per-layer metrics of one image's detection row (PRODUCT.md shape)."""
+    ep, nic, verdict = row["effective_path"], row["nic"], row["verdict"]
+    state.metrics.observe_detection(
+        bool(verdict["adversarial"]),
+        float(verdict["score"]),
+        ep["layers"],
+        ep["rank1_similarity"],
+        nic["value_violation"],
+        nic["provenance_violation"],
+    )
+
+
+def _flag_entry(state: ServiceState, rid: str, image_sha: str, payload: bytes, ctype: str, body: dict) -> Entry:
+    verdict, pred = body["verdict"], body["prediction"]
+    entry: Entry = {
+        "id": rid,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "bundle": state.bundle.sha256,
+        "bundle_name": state.bundle.name,
+        "image_sha256": image_sha,
+        "class_index": str(pred["class_index"]),
+        "label": str(pred["label"]),
+        "confidence": repr(pred["confidence"]),
+        "score": repr(verdict["score"]),
+        "threshold": repr(verdict["threshold"]),
+        "p_value": repr(verdict["p_value"]),
+        "effective_path_score": repr(body["effective_path"]["score"]),
+        "nic_score": repr(body["nic"]["score"]),
+        "mode": state.settings.mode,
+        "content_type": ctype,
+        "image_size": str(len(payload)),
+    }
+    if len(payload) <= state.settings.stream_image_max_bytes:
+        entry["image"] = payload
+    else:
+        entry["image_omitted"] = "1"
+    return entry
+
+
+async def _after_detection(state: ServiceState, rid: str, items: list[tuple[Upload, dict]], cache: bool) -> None:
+    """Cache writes and flagged-stream entries, off the response path."""
+    assert state.store is not None
+    for up, body in items:
+        if cache:
+            await state.store.put_verdict(up.sha256, _cacheable(body))
+        if body["verdict"]["adversarial"]:
+            await state.store.flag(_flag_entry(state, rid, up.sha256, up.data, up.content_type, body))
+
+
+def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
+    """A cached verdict is reused only at the current operating point (responses round to 6 decimals)."""
+    value = (cached.get("verdict") or {}).get("threshold")
+    return isinstance(value, float | int) and abs(float(value) - threshold) <= 1e-6
+
+
+def _cacheable(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in ("id", "timings_ms", "cached")}
+
+
+# --------------------------------------------------------------------------------------------------- flows
+
+
+async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> dict[str, Any]:
+    """Classification only: the baseline for the detection overhead."""
+    t0 = time.perf_counter()
+    x = await _decode_all(state, uploads)
+    decode_s = time.perf_counter() - t0
+    sl = await state.predict_batcher.submit(x)
+    probs = sl.batch.probabilities[sl.start]
+    state.metrics.observe_stages({"decode": decode_s, "classify": sl.batch.classify_s})
+    timings = _timings(decode_s, sl, sl.batch.classify_s, None, t0)
+    state.metrics.observe_stages({"total": timings["total"] / 1000.0})
+    return {"id": rid, "model": model_ref(state), "prediction": _prediction(state, probs), "timings_ms": timings}
+
+
+async def detect_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> list[dict[str, Any]]:
+    """Detection for each upload, in order: cache hits answered from the cache, the rest batched together."""
+    t0 = time.perf_counter()
+    use_cache = state.settings.cache and state.settings.mode == "enforce"
+    bodies: list[dict[str, Any] | None] = [None] * len(uploads)
+    if use_cache:
+        for i, up in enumerate(uploads):
+            bodies[i] = await _cached(state, rid, up)
+    todo = [i for i, b in enumerate(bodies) if b is None]
+    if todo:
+        fresh = await _run_detection(state, rid, [uploads[i] for i in todo], t0, use_cache)
+        for i, body in zip(todo, fresh, strict=True):
+            bodies[i] = body
+    total = time.perf_counter() - t0
+    state.metrics.observe_stages({"total": total})
+    return [b for b in bodies if b is not None]
+
+
+async def _cached(state: ServiceState, rid: str, up: Upload) -> dict[str, Any] | None:
+    t0 = time.perf_counter()
+    hit = await state.store.get_verdict(up.sha256)
+    if hit is None or not _same_threshold(hit, state.runtime.pipeline.threshold):
+        return None
+    body = {"id": rid, **hit, "cached": True, "timings_ms": {"cache": _ms(time.perf_counter() - t0)}}
+    _record(state, body)
+    if body["verdict"]["adversarial"]:
+        state.spawn(state.store.flag(_flag_entry(state, rid, up.sha256, up.data, up.content_type, body)))
+    return body
+
+
+async def _run_detection(
+    state: ServiceState, rid: str, uploads: list[Upload], t0: float, use_cache: bool
+) -> list[dict[str, Any]]:
+    x = await _decode_all(state, uploads)
+    decode_s = (time.perf_counter() - t0) / len(uploads)
+    state.metrics.observe_stages({"decode": decode_s})
+    sl = await state.detect_batcher.submit(x)
+    if isinstance(sl.batch, ShadowStarted):
+        return _shadow_bodies(state, rid, uploads, sl, decode_s, t0)
+    det: Detected = sl.batch
+    bodies = []
+    for i in sl.rows:
+        body = {
+            "id": rid,
+            "model": model_ref(state),
+            "prediction": _prediction(state, det.probabilities[i]),
+            **det.result.row(i),
+            "mode": "enforce",
+            "cached": False,
+            "timings_ms": _timings(decode_s, sl, det.classify_s, det.checks_s, t0),
+        }
+        _record(state, body)
+        bodies.append(body)
+    _observe_batch_stages(state, det)
+    state.spawn(_after_detection(state, rid, list(zip(uploads, bodies, strict=True)), use_cache))
+    return bodies
+
+
+def _observe_batch_stages(state: ServiceState, det: Detected) -> None:
+    stages = {"classify": det.classify_s}
+    stages.update({k: v for k, v in dict(det.result.timings_s).items() if k in ("effective_path", "nic")})
+    state.metrics.observe_stages(stages)
+
+
+def _shadow_bodies(
+    state: ServiceState, rid: str, uploads: list[Upload], sl: BatchSlice[Any], decode_s: float, t0: float
+) -> list[dict[str, Any]]:
+    started: ShadowStarted = sl.batch
+    bodies = []
+    for i in sl.rows:
+        bodies.append(
+            {
+                "id": rid,
+                "model": model_ref(state),
+                "prediction": _prediction(state, started.classified.probabilities[i]),
+                "effective_path": None,
+                "nic": None,
+                "verdict": None,
+                "mode": "shadow",
+                "cached": False,
+                "timings_ms": _timings(decode_s, sl, started.classified.classify_s, None, t0),
+            }
+        )
+    state.spawn(_shadow_verdicts(state, rid, uploads, sl, bodies))
+    return bodies
+
+
+async def _shadow_verdicts(
+    state: ServiceState, rid: str, uploads: list[Upload], sl: BatchSlice[Any], bodies: list[dict[str, Any]]
+) -> None:
+    """Shadow mode: wait for the detection, then record it (metrics, flagged stream); the client never sees it."""
+    started: ShadowStarted = sl.batch
+    det = await asyncio.wrap_future(started.detection)
+    items = []
+    for i, body in zip(sl.rows, bodies, strict=True):
+        full = {**body, **det.result.row(i)}
+        _record(state, full)
+        items.append(full)
+    _observe_batch_stages(state, det)
+    await _after_detection(state, rid, list(zip(uploads, items, strict=True)), cache=False)
+
+
+async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[dict[str, Any]]:
+    """Detection of an OIP tensor (N, C, H, W): one body per image with ``prediction`` and, in enforce mode,
+    ``effective_path``, ``nic`` and ``verdict`` (shadow mode: the verdict is recorded later, not returned)."""
+    sl = await state.detect_batcher.submit(x)
+    per_image = x[0].nbytes
+    payload = x.tobytes()
+    ctype = "application/x-pathguard-fp32; shape=" + ",".join(map(str, x.shape[1:]))
+    uploads = [Upload(payload[j * per_image : (j + 1) * per_image], None, ctype) for j in range(x.shape[0])]
+    if isinstance(sl.batch, ShadowStarted):
+        probs = sl.batch.classified.probabilities
+        shadow = [{"prediction": _prediction(state, probs[i]), "mode": "shadow"} for i in sl.rows]
+        state.spawn(_shadow_verdicts(state, rid, uploads, sl, shadow))
+        return shadow
+    det: Detected = sl.batch
+    bodies = []
+    for i in sl.rows:
+        body = {"prediction": _prediction(state, det.probabilities[i]), **det.result.row(i), "mode": "enforce"}
+        _record(state, body)
+        bodies.append(body)
+    _observe_batch_stages(state, det)
+    state.spawn(_after_detection(state, rid, list(zip(uploads, bodies, strict=True)), cache=False))
+    return bodies

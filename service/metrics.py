@@ -1,0 +1,117 @@
+"""Prometheus metrics, defined once per app on a dedicated registry (names fixed by docs/PRODUCT.md).
+
+Labels are low-cardinality by construction: route templates (never raw paths), status codes, stage and layer
+names from the bundle, verdict in {adversarial, benign}. No label ever carries a request id or image hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["LATENCY_BUCKETS", "STAGES", "Metrics"]
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_UNIT_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+STAGES = ("decode", "classify", "effective_path", "nic", "total")
+
+
+class Metrics:
+    """All service metrics on one private :class:`CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("pathguard_requests", "HTTP requests answered.", ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "pathguard_request_duration_seconds",
+            "Time from request start to response start.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "pathguard_stage_duration_seconds",
+            "Time per processing stage (per request; batched stages count once per request in the batch).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.verdicts = Counter("pathguard_verdicts", "Detection verdicts.", ["verdict"], registry=r)
+        self.detection_score = Histogram(
+            "pathguard_detection_score", "Fused detection score in [0, 1].", buckets=_UNIT_BUCKETS, registry=r
+        )
+        self.path_similarity = Histogram(
+            "pathguard_layer_path_similarity",
+            "Rank-1 effective-path similarity per layer.",
+            ["layer"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.violation = Histogram(
+            "pathguard_layer_violation_probability",
+            "NIC invariant violation probability per layer (value) or layer pair (provenance).",
+            ["layer", "invariant"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter("pathguard_cache_hits", "Verdict cache hits.", registry=r)
+        self.cache_misses = Counter("pathguard_cache_misses", "Verdict cache misses.", registry=r)
+        self.redis_errors = Counter("pathguard_redis_errors", "Failed Redis operations.", registry=r)
+        self.inflight = Gauge("pathguard_inflight_requests", "Requests being processed.", registry=r)
+        self.bundle_info = Gauge(
+            "pathguard_bundle_info", "The served bundle (value 1).", ["name", "version", "sha256"], registry=r
+        )
+        for verdict in ("adversarial", "benign"):
+            self.verdicts.labels(verdict=verdict)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+
+    def set_bundle(self, name: str, version: str, sha256: str) -> None:
+        """Publish the served bundle's identity."""
+        self.bundle_info.clear()
+        self.bundle_info.labels(name=name, version=version, sha256=sha256).set(1)
+
+    def observe_stages(self, seconds: Mapping[str, float]) -> None:
+        """Record the stage durations present in ``seconds`` (keys from :data:`STAGES`)."""
+        for stage, value in seconds.items():
+            if stage in STAGES:
+                self.stage_duration.labels(stage=stage).observe(value)
+
+    def observe_detection(
+        self,
+        adversarial: bool,
+        score: float,
+        layers: Sequence[str],
+        similarity: Sequence[float],
+        value_violation: Mapping[str, float],
+        provenance_violation: Mapping[str, float],
+    ) -> None:
+        """Record one image's verdict and per-layer scores."""
+        self.verdicts.labels(verdict="adversarial" if adversarial else "benign").inc()
+        self.detection_score.observe(score)
+        for layer, sim in zip(layers, similarity, strict=True):
+            self.path_similarity.labels(layer=layer).observe(sim)
+        for layer, p in value_violation.items():
+            self.violation.labels(layer=layer, invariant="value").observe(p)
+        for pair, p in provenance_violation.items():
+            self.violation.labels(layer=pair, invariant="provenance").observe(p)

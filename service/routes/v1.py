@@ -1,0 +1,90 @@
+"""The v1 REST API: model summary, classification, detection (single and batch)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.detection import detect_uploads, model_ref, predict_uploads, read_uploads
+from service.schemas import BatchResponse, DetectResponse, ErrorBody, ModelInfo, PredictResponse
+from service.state import ServiceState, ready_state, request_id, require_api_key
+
+router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
+Ready = Annotated[ServiceState, Depends(ready_state)]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _image_body(field: str, many: bool) -> dict[str, Any]:
+    item = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": item} if many else item
+    content: dict[str, Any] = {} if many else {"image/png": _BINARY, "image/jpeg": _BINARY}
+    content["multipart/form-data"] = {"schema": {"type": "object", "properties": {field: prop}, "required": [field]}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503)}
+
+
+@router.get("/model", response_model=ModelInfo)
+async def model(state: Ready) -> dict[str, Any]:
+    """Summary of the served bundle's manifest."""
+    b, p, s = state.bundle, state.runtime.pipeline, state.settings
+    return {
+        **model_ref(state),
+        "dataset": b.dataset,
+        "classes": list(b.classes),
+        "input_shape": list(b.input_shape),
+        "layers": list(p.ep_layers),
+        "value_layers": list(p.nic_value_layers),
+        "provenance_pairs": list(p.nic_provenance_pairs),
+        "target_fpr": float(p.target_fpr),
+        "threshold": float(p.threshold),
+        "mode": s.mode,
+        "engine": s.engine,
+        "parallel_checks": s.parallel_checks,
+    }
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_image_body("image", many=False),
+)
+async def predict(request: Request, state: Ready) -> JSONResponse:
+    """Classify one image (no layer checks): the baseline the detection overhead is measured against."""
+    rid = request_id(request)
+    uploads = await read_uploads(request, state, "image", many=False)
+    body = await predict_uploads(state, rid, uploads)
+    return JSONResponse(body, headers={"X-Request-ID": rid})
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses=_ERRORS,
+    openapi_extra=_image_body("image", many=False),
+)
+async def detect(request: Request, state: Ready) -> JSONResponse:
+    """Classify one image and check it: per-layer path similarity, invariant violations, verdict."""
+    rid = request_id(request)
+    uploads = await read_uploads(request, state, "image", many=False)
+    (body,) = await detect_uploads(state, rid, uploads)
+    return JSONResponse(body, headers={"X-Request-ID": rid})
+
+
+@router.post(
+    "/detect/batch",
+    response_model=BatchResponse,
+    responses=_ERRORS,
+    openapi_extra=_image_body("images", many=True),
+)
+async def detect_batch(request: Request, state: Ready) -> JSONResponse:
+    """Several images (multipart field ``images``, repeated); results in the order sent."""
+    rid = request_id(request)
+    uploads = await read_uploads(request, state, "images", many=True)
+    results = await detect_uploads(state, rid, uploads)
+    return JSONResponse({"results": results}, headers={"X-Request-ID": rid})

@@ -1,0 +1,157 @@
+"""Service configuration: typed settings read from ``PATHGUARD_*`` environment variables.
+
+Every field maps to one variable, e.g. ``bundle`` <- ``PATHGUARD_BUNDLE``, ``redis_url`` <- ``PATHGUARD_REDIS_URL``.
+Build a :class:`Settings` explicitly (``Settings(port=9000)``) or from the environment (``Settings()``);
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of the detection service (environment prefix ``PATHGUARD_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PATHGUARD_", extra="forbid", frozen=True)
+
+    # --- what to serve -------------------------------------------------------------------------------
+    bundle: Path = Field(
+        default=Path("artifacts/mnist-lenet5"),
+        description="Bundle folder to serve; verified against its manifest before anything is loaded.",
+    )
+    bundle_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Pin: the expected bundle id (sha256 of its manifest.json, as in /v1/model and "
+        "pathguard_bundle_info). When set, the server refuses to start on any other bundle.",
+    )
+    engine: Literal["onnx", "torch"] = Field(
+        default="onnx",
+        description="Classifier runtime: 'onnx' (onnxruntime on the bundle's ONNX export, split into stages at the "
+        "checked taps) or 'torch' (the bundle's safetensors weights, stepping through the named layers).",
+    )
+    mode: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="'enforce': /v1/detect answers with the verdict. 'shadow': the prediction is answered at once, "
+        "the verdict is computed afterwards and only recorded (metrics and the flagged stream).",
+    )
+    target_fpr: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Override of the bundle's target false-positive rate (the threshold is re-derived from the "
+        "bundle's calibration scores). Unset: the bundle's own threshold.",
+    )
+
+    # --- network -------------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address `pathguard serve` binds to.")
+    port: int = Field(default=8080, ge=1, le=65535, description="TCP port `pathguard serve` listens on.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "
+        "'X-API-Key: <key>' (compared in constant time); otherwise 401.",
+    )
+
+    # --- input limits --------------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes; larger bodies get 413."
+    )
+    max_image_pixels: int = Field(
+        default=4_000_000,
+        ge=1,
+        description="Largest accepted image (width x height), checked from the header before decoding; else 413.",
+    )
+    input_policy: Literal["convert", "strict"] = Field(
+        default="convert",
+        description="'convert': grayscale/RGB converted to the bundle's channels and images of the same aspect ratio "
+        "resized to the bundle's height x width (other sizes: 422). 'strict': channels and size must match (else 422).",
+    )
+    max_request_images: int = Field(
+        default=64,
+        ge=1,
+        description="Most images in one /v1/detect/batch or Open Inference Protocol request; else 413.",
+    )
+
+    # --- batching and parallelism ------------------------------------------------------------------
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Most images the micro-batcher runs through the model at once."
+    )
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="How long the micro-batcher waits for more requests after the first one arrived. 0 batches "
+        "only what queued up while the previous batch ran (no added latency at low load).",
+    )
+    queue_size: int = Field(
+        default=256,
+        ge=1,
+        description="Requests allowed to wait for the model; when full, new requests get 503 + Retry-After.",
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value (seconds) sent with 503 answers.")
+    worker_threads: int = Field(
+        default=2,
+        ge=1,
+        description="Threads running the per-layer checks (and shadow-mode detection) beside the forward pass.",
+    )
+    parallel_checks: bool = Field(
+        default=True,
+        description="Start each layer's checks as soon as its activation exists, while the forward pass continues. "
+        "False runs the checks serially after the forward pass (for comparison).",
+    )
+    engine_threads: int = Field(
+        default=1, ge=1, description="onnxruntime intra-op threads per stage session (1 is fastest for small models)."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="If set, torch.set_num_threads(value) at startup (torch engine and layer checks).",
+    )
+    warmup_rounds: int = Field(
+        default=3, ge=0, description="Forward + detection passes run at startup before ready flips."
+    )
+
+    # --- Redis, cache and flagged stream ------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL, e.g. redis://127.0.0.1:6379/0. Unset: in-memory verdict cache, and flagged entries "
+        "are only logged and counted.",
+    )
+    redis_timeout_s: float = Field(
+        default=0.25,
+        gt=0.0,
+        description="Socket connect/read timeout of Redis calls: the most a dead Redis adds to one request "
+        "(once per retry interval).",
+    )
+    redis_retry_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="After a Redis error, Redis is skipped for this long; then it is pinged and, once it answers, the "
+        "spool is replayed into the stream.",
+    )
+    cache: bool = Field(
+        default=True, description="Verdict cache on/off (enforce mode; keyed by bundle and image sha256)."
+    )
+    cache_ttl_s: int = Field(
+        default=3600, ge=1, description="Lifetime of a cached verdict (Redis TTL / in-memory expiry)."
+    )
+    cache_max_entries: int = Field(default=10_000, ge=1, description="Capacity of the in-memory verdict cache (LRU).")
+    stream_maxlen: int = Field(
+        default=100_000, ge=1, description="Approximate cap of the flagged stream (XADD MAXLEN ~ value)."
+    )
+    stream_image_max_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="Images up to this size are stored in the flagged entry; larger ones are omitted.",
+    )
+    spool_path: Path = Field(
+        default=Path(".pathguard/flagged-spool.jsonl"),
+        description="File where flagged entries wait (JSON lines) while Redis is unreachable; replayed into the stream "
+        "when Redis answers again.",
+    )

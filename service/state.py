@@ -1,0 +1,89 @@
+"""Per-app state (created by ``create_app``, filled by the lifespan) and the request dependencies on it."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from service.errors import NotReady, Unauthorized
+from service.inputs import InputSpec
+from service.metrics import Metrics
+from service.settings import Settings
+
+__all__ = ["ServiceState", "get_state", "ready_state", "request_id", "require_api_key"]
+
+log = logging.getLogger("pathguard.service")
+
+
+@dataclass
+class ServiceState:
+    """Everything a request handler needs; ``bundle`` and the rest are set once the lifespan has loaded them."""
+
+    settings: Settings
+    metrics: Metrics
+    ready: bool = False
+    bundle: Any = None
+    runtime: Any = None
+    store: Any = None
+    spec: InputSpec | None = None
+    predict_batcher: Any = None
+    detect_batcher: Any = None
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` after the response (cache writes, stream entries, shadow verdicts); errors are logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for every background task (at shutdown, so no flagged entry is dropped)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.pathguard
+    return state
+
+
+def ready_state(request: Request) -> ServiceState:
+    """The state, or 503 + Retry-After while the bundle is not loaded and warmed up."""
+    state = get_state(request)
+    if not state.ready:
+        raise NotReady("bundle is not loaded yet", state.settings.retry_after_s)
+    return state
+
+
+def require_api_key(request: Request) -> None:
+    """When an API key is configured: 'Authorization: Bearer <key>' or 'X-API-Key: <key>', compared in constant time."""
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("missing or invalid API key")
+
+
+def request_id(request: Request, proposed: str | None = None) -> str:
+    """``proposed`` (e.g. an OIP request id) or the client's X-Request-ID when it is a short safe token (up to 64
+    ASCII letters, digits, '-', '_', '.'), else a fresh random id."""
+    for rid in (proposed, request.headers.get("x-request-id")):
+        if rid and len(rid) <= 64 and rid.isascii() and all(c.isalnum() or c in "-_." for c in rid):
+            return rid
+    return uuid.uuid4().hex

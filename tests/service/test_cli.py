@@ -1,0 +1,83 @@
+"""`pathguard serve` and `pathguard bench` as real processes on the committed MNIST bundle."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+from tests.service.conftest import MNIST_BUNDLE, _free_port
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_") or k.endswith("_DIR")}
+    env["PATHGUARD_WARMUP_ROUNDS"] = "1"
+    return env
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "pathguard serve exited early"
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/v2/health/ready")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+def test_serve_answers_over_http(digits, tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    env = {**_env(), "PATHGUARD_SPOOL_PATH": str(tmp_path / "spool.jsonl")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)  # default bundle: artifacts/mnist-lenet5
+    try:
+        _wait_ready(proc, port)
+        png, label = digits[0]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/detect", body=png, headers={"Content-Type": "image/png"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200
+        assert body["prediction"]["class_index"] == label and body["model"]["name"] == "mnist-lenet5"
+        assert isinstance(body["verdict"]["adversarial"], bool)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_tampered_bundle(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(MNIST_BUNDLE, bundle)
+    victim = sorted(p for p in bundle.iterdir() if p.suffix == ".npz")[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    cmd = [sys.executable, "-m", "models.cli", "serve", "--bundle", str(bundle), "--port", str(_free_port())]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert victim.name in done.stderr
+
+
+def test_bench_writes_a_table(tmp_path):
+    out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "models.cli", "bench", "--requests", "16", "--concurrency", "1", "4"]
+    cmd += ["--checks", "parallel", "--images", "16", "--warmup", "4", "--rounds", "2"]
+    cmd += ["--out", str(out), "--json", str(raw)]
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=240, capture_output=True)
+    report = json.loads(raw.read_text())
+    cells = {(r["route"], r["concurrency"]) for r in report["rows"]}
+    assert cells == {("predict", 1), ("detect", 1), ("predict", 4), ("detect", 4)}
+    assert all(r["requests"] == 16 and 0 < r["p50_ms"] <= r["p99_ms"] for r in report["rows"])
+    assert {q["concurrency"] for q in report["ratios"]} == {1, 4}
+    text = out.read_text()
+    assert "| mnist-lenet5 | parallel | /v1/detect | 1 |" in text and "p50(detect) / p50(predict)" in text

@@ -1,0 +1,136 @@
+"""Verdict cache and flagged stream against real redis-servers, including Redis going away mid-run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from service.cache import FLAGGED_STREAM, verdict_key
+from tests.service.conftest import png_bytes
+
+PNG = {"content-type": "image/png"}
+
+
+def _candidates(mnist_test) -> list[bytes]:
+    """Inputs far from benign digits: noise, a checkerboard, inverted and blank digits."""
+    rng = np.random.default_rng(0)
+    out = [png_bytes(rng.random((1, 28, 28))), png_bytes(np.ones((1, 28, 28)))]
+    board = (np.indices((28, 28)).sum(0) % 2).astype(np.float32)[None]
+    out.append(png_bytes(board))
+    out += [png_bytes(1 - mnist_test.x[i]) for i in range(5)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def flagged_png(bundle_dir, mnist_test, tmp_path_factory) -> bytes:
+    """An input the served detector flags (found by asking the service itself)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(bundle=bundle_dir, spool_path=tmp_path_factory.mktemp("s") / "s.jsonl", cache=False)
+    with TestClient(create_app(settings)) as client:
+        for png in _candidates(mnist_test):
+            if client.post("/v1/detect", content=png, headers=PNG).json()["verdict"]["adversarial"]:
+                return png
+    raise AssertionError("none of the out-of-distribution candidates is flagged")
+
+
+def _metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _stream(r: redis.Redis) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in r.xrange(FLAGGED_STREAM)]
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_cache_hit_on_repeated_image(make_client, redis_db, digits):
+    url, r = redis_db
+    client = make_client(redis_url=url, cache_ttl_s=120)
+    png = digits[0][0]
+    first = client.post("/v1/detect", content=png, headers=PNG).json()
+    assert first["cached"] is False
+    key = verdict_key(first["model"]["bundle_sha256"], hashlib.sha256(png).hexdigest())
+    assert _wait(lambda: r.exists(key) == 1)
+    assert 0 < r.ttl(key) <= 120
+    stored = json.loads(r.get(key))
+    assert stored["verdict"] == first["verdict"] and "id" not in stored
+    second = client.post("/v1/detect", content=png, headers=PNG).json()
+    assert second["cached"] is True and second["id"] != first["id"]
+    for part in ("prediction", "effective_path", "nic", "verdict", "model"):
+        assert second[part] == first[part]
+    assert _metric(client, "pathguard_cache_hits_total") == 1
+    assert _metric(client, "pathguard_cache_misses_total") == 1
+    assert _metric(client, "pathguard_redis_errors_total") == 0
+
+
+def test_in_memory_cache_without_redis(make_client, digits):
+    client = make_client(redis_url=None)
+    png = digits[1][0]
+    assert client.post("/v1/detect", content=png, headers=PNG).json()["cached"] is False
+    assert client.post("/v1/detect", content=png, headers=PNG).json()["cached"] is True
+    assert _metric(client, "pathguard_cache_hits_total") == 1
+
+
+def test_flagged_input_lands_in_stream(make_client, redis_db, flagged_png, digits):
+    url, r = redis_db
+    client = make_client(redis_url=url)
+    benign = client.post("/v1/detect", content=digits[0][0], headers=PNG).json()
+    body = client.post("/v1/detect", content=flagged_png, headers=PNG).json()
+    assert body["verdict"]["adversarial"] is True and benign["verdict"]["adversarial"] is False
+    assert _wait(lambda: len(_stream(r)) == 1)
+    entry = _stream(r)[0]
+    assert entry[b"id"].decode() == body["id"]
+    assert entry[b"image"] == flagged_png
+    assert entry[b"image_sha256"].decode() == hashlib.sha256(flagged_png).hexdigest()
+    assert entry[b"bundle"].decode() == body["model"]["bundle_sha256"]
+    assert int(entry[b"class_index"]) == body["prediction"]["class_index"]
+    assert float(entry[b"score"]) == pytest.approx(body["verdict"]["score"])
+    assert float(entry[b"p_value"]) == pytest.approx(body["verdict"]["p_value"])
+
+
+def test_redis_down_spools_and_replays(make_client, private_redis, flagged_png, digits, tmp_path):
+    spool = tmp_path / "flagged.jsonl"
+    client = make_client(redis_url=private_redis.url, redis_retry_s=0.2, redis_timeout_s=0.2, spool_path=spool)
+    r = redis.Redis.from_url(private_redis.url)
+    first = client.post("/v1/detect", content=flagged_png, headers=PNG).json()
+    assert _wait(lambda: len(_stream(r)) == 1)
+
+    private_redis.stop()
+    ids = []
+    for png in (flagged_png, digits[2][0], flagged_png):
+        resp = client.post("/v1/detect", content=png, headers=PNG)
+        assert resp.status_code == 200
+        if resp.json()["verdict"]["adversarial"]:
+            ids.append(resp.json()["id"])
+    assert len(ids) == 2 and first["id"] not in ids
+    assert _wait(lambda: spool.is_file() and len(spool.read_text().splitlines()) == 2)
+    assert _metric(client, "pathguard_redis_errors_total") >= 1
+
+    private_redis.start()  # a fresh, empty server on the same port
+    r = redis.Redis.from_url(private_redis.url)
+    assert _wait(lambda: [e[b"id"].decode() for e in _stream(r)] == ids, timeout=10)
+    assert [e[b"image"] for e in _stream(r)] == [flagged_png, flagged_png]
+    assert _wait(lambda: not spool.exists())
+    # back to normal: a new flagged input goes straight to the stream
+    third = client.post("/v1/detect", content=flagged_png, headers={**PNG, "x-request-id": "after"}).json()
+    assert third["verdict"]["adversarial"] is True
+    assert _wait(lambda: [e[b"id"] for e in _stream(r)][-1] == b"after")

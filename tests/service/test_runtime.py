@@ -1,0 +1,168 @@
+"""Classifier engines, parallel vs serial layer checks and the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from service.errors import Overloaded
+from service.runtime import DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    from models.pipeline import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+def test_engines_agree_and_report_taps_in_forward_order(bundle, mnist_test):
+    x = mnist_test.x[:4]
+    split = bundle.pipeline.checked_taps
+    onnx_engine = OnnxEngine(bundle.onnx_bytes, split)
+    assert len(onnx_engine.stages) >= len(split)  # one stage per cut (+ the tail)
+    torch_engine = TorchEngine(bundle.classifier)
+    with torch.no_grad():
+        ref_logits, ref_taps = bundle.classifier.forward_with_taps(torch.from_numpy(x))
+    for engine in (onnx_engine, torch_engine):
+        seen: list[str] = []
+        logits, taps = engine.forward(x, lambda name, act, seen=seen: seen.append(name))
+        assert seen == list(ref_taps) == list(taps)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        for name in ref_taps:
+            torch.testing.assert_close(taps[name], ref_taps[name], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(engine.logits(x), ref_logits.numpy(), atol=1e-4)
+        serial_logits, _ = engine.forward(x)
+        torch.testing.assert_close(serial_logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_stage_checks_start_before_the_forward_pass_ends(bundle, mnist_test):
+    """Each checked tap is handed out before the next stage runs."""
+    engine = OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps)
+    events: list[str] = []
+
+    class Recorder:
+        def __init__(self, stage):
+            self.stage = stage
+
+        def run(self, outputs, feeds):
+            events.append(f"run:{self.stage.input_name}")
+            return self.stage_session.run(outputs, feeds)
+
+    for stage in engine.stages:
+        rec = Recorder(stage)
+        rec.stage_session = stage.session
+        object.__setattr__(stage, "session", rec)
+    engine.forward(mnist_test.x[:1], lambda name, act: events.append(f"tap:{name}"))
+    first_cut = bundle.pipeline.checked_taps[0]
+    assert events.index(f"tap:{first_cut}") < events.index(f"run:{first_cut}") < len(events) - 1
+
+
+def test_parallel_and_serial_checks_give_identical_results(bundle, mnist_test):
+    x = mnist_test.x[:8]
+    results = {}
+    for parallel in (True, False):
+        for engine in (OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps), TorchEngine(bundle.classifier)):
+            runtime = DetectionRuntime(engine, bundle.pipeline, worker_threads=2, parallel=parallel)
+            try:
+                det = runtime.detect(x)
+            finally:
+                runtime.close()
+            results[(parallel, engine.name)] = det
+    ref = bundle.pipeline.detect(torch.from_numpy(x))
+    for key, det in results.items():
+        for i in range(len(x)):
+            assert _numbers(det.result.row(i)) == pytest.approx(_numbers(ref.row(i)), abs=1e-4), key
+        np.testing.assert_allclose(det.probabilities, ref.probabilities, atol=1e-5)
+        assert det.classify_s > 0 and det.checks_s > 0
+
+
+def _numbers(row: dict) -> list[float]:
+    ep, nic, v = row["effective_path"], row["nic"], row["verdict"]
+    return [
+        *ep["rank1_similarity"],
+        *ep["rank2_similarity"],
+        ep["score"],
+        *nic["value_violation"].values(),
+        *nic["provenance_violation"].values(),
+        nic["score"],
+        v["score"],
+        v["p_value"],
+        float(v["adversarial"]),
+    ]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_micro_batcher_batches_queued_requests_and_splits_results():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def work(x: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        calls.append(len(x))
+        return x[:, 0, 0, 0] * 10
+
+    async def scenario():
+        batcher = MicroBatcher("t", work, max_batch=4, max_wait_s=0.0, queue_size=16)
+        batcher.start()
+        xs = [np.full((1, 1, 1, 1), i, np.float32) for i in range(7)]
+        tasks = [asyncio.create_task(batcher.submit(xs[0]))]
+        await asyncio.sleep(0.05)  # the first request is running (blocked) ...
+        tasks += [asyncio.create_task(batcher.submit(x)) for x in xs[1:]]
+        await asyncio.sleep(0.05)  # ... while the other six wait in the queue
+        gate.set()
+        slices = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return slices
+
+    slices = _run(scenario())
+    assert calls[0] == 1 and calls[1:] == [4, 2]  # never above max_batch, in arrival order
+    for i, sl in enumerate(slices):
+        assert sl.count == 1 and sl.batch[sl.start] == i * 10
+
+
+def test_micro_batcher_rejects_when_queue_is_full():
+    gate = threading.Event()
+
+    async def scenario():
+        batcher = MicroBatcher("t", lambda x: (gate.wait(5), x)[1], 8, 0.0, queue_size=2, retry_after_s=3)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(np.zeros((1, 1, 1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # running
+        queued = [asyncio.create_task(batcher.submit(np.zeros((1, 1, 1, 1), np.float32))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as err:
+            await batcher.submit(np.zeros((1, 1, 1, 1), np.float32))
+        gate.set()
+        await asyncio.gather(first, *queued)
+        await batcher.stop()
+        return err.value
+
+    err = _run(scenario())
+    assert err.status_code == 503 and err.headers() == {"Retry-After": "3"}
+
+
+def test_micro_batcher_waits_for_more_when_asked():
+    sizes: list[int] = []
+
+    async def scenario():
+        batcher = MicroBatcher("t", lambda x: sizes.append(len(x)) or x, 8, max_wait_s=0.2, queue_size=8)
+        batcher.start()
+        t1 = asyncio.create_task(batcher.submit(np.zeros((1, 1, 1, 1), np.float32)))
+        await asyncio.sleep(0.05)
+        t2 = asyncio.create_task(batcher.submit(np.zeros((2, 1, 1, 1), np.float32)))
+        start = time.perf_counter()
+        await asyncio.gather(t1, t2)
+        await batcher.stop()
+        return time.perf_counter() - start
+
+    _run(scenario())
+    assert sizes == [3]
