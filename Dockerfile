@@ -1,0 +1,92 @@
+# syntax=docker/dockerfile:1
+# pathguard serving image: CPU-only torch, the serving dependencies only (no [eval]/[dev] extras),
+# the default bundle artifacts/mnist-lenet5 baked in and verified at build time, non-root user.
+#
+#   docker build -t pathguard:0.1.0 .
+#   docker run --rm -p 8080:8080 pathguard:0.1.0
+#   docker run --rm -p 8080:8080 -e PATHGUARD_MODE=shadow -e PATHGUARD_REDIS_URL=redis://redis:6379/0 pathguard:0.1.0
+#
+# Every setting is a PATHGUARD_* environment variable (service/settings.py, docs/service.md). To serve another
+# bundle, mount it and set PATHGUARD_BUNDLE to its folder.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------------------
+# build: a virtualenv in /opt/venv with CPU torch and the project's runtime dependencies
+# ---------------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# CPU torch first, from the CPU wheel index; the constraint keeps every later install on this exact build
+# (a torch requirement that 2.13.0 satisfies then installs nothing, and no CUDA wheel is ever pulled).
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+    && echo "torch==2.13.0" > /opt/constraints.txt \
+    && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
+ENV PIP_CONSTRAINT=/opt/constraints.txt
+
+WORKDIR /src
+# Dependencies in their own layer: only pyproject.toml decides them ([project].dependencies, no extras).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+
+# The project itself (no extras: the attack libraries of [eval] stay out of the serving image).
+COPY README.md LICENSE ./
+COPY models ./models
+COPY service ./service
+RUN pip install --no-deps . \
+    && pip check \
+    && python -c "import models, service.app"
+
+# ---------------------------------------------------------------------------------------------------------
+# runtime: the virtualenv, the bundle, a health check and an unprivileged user
+# ---------------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="pathguard" \
+      org.opencontainers.image.description="Online adversarial-input detection (Effective Path + NIC) for image classifiers" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN groupadd --system --gid 10001 pathguard \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/pathguard --no-create-home \
+        --shell /usr/sbin/nologin pathguard \
+    && mkdir -p /var/lib/pathguard \
+    && chown 10001:10001 /var/lib/pathguard
+
+COPY --from=build /opt/venv /opt/venv
+# Read-only for the service user (owned by root): the bundle and the health check.
+COPY artifacts/mnist-lenet5 /opt/pathguard/artifacts/mnist-lenet5
+COPY deploy/docker/healthcheck.py /opt/pathguard/healthcheck.py
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/var/lib/pathguard \
+    PATHGUARD_BUNDLE=/opt/pathguard/artifacts/mnist-lenet5 \
+    PATHGUARD_HOST=0.0.0.0 \
+    PATHGUARD_PORT=8080 \
+    PATHGUARD_SPOOL_PATH=/var/lib/pathguard/flagged-spool.jsonl
+
+WORKDIR /opt/pathguard
+# Fail the build, not the first start, when the baked-in bundle does not match its manifest.
+RUN ["pathguard", "verify", "/opt/pathguard/artifacts/mnist-lenet5"]
+
+USER 10001:10001
+# Flagged entries are spooled here while Redis is unreachable: keep it on a volume so none is lost on restart.
+VOLUME ["/var/lib/pathguard"]
+EXPOSE 8080
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "/opt/pathguard/healthcheck.py"]
+
+# uvicorn handles SIGTERM: stops accepting, finishes in-flight requests, drains background work, exits.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["pathguard"]
+CMD ["serve"]
