@@ -32,7 +32,7 @@ from models.io import CLASSIFIER_FILES, load_classifier
 from models.nic import NICDetector
 from models.pipeline import DetectionPipeline, npz_bytes
 
-__all__ = ["BuildConfig", "build_bundle"]
+__all__ = ["BuildConfig", "build_bundle", "build_splits"]
 
 OPSET = 17
 
@@ -75,7 +75,7 @@ class BuildConfig:
     seed: int = 0
 
 
-def _splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
+def build_splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
     perm = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.n_train]
     if len(perm) <= cfg.n_calib:
         raise ValueError(f"n_calib={cfg.n_calib} leaves no training images to fit on ({len(perm)} available)")
@@ -121,7 +121,7 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     t = time.perf_counter()
     model = load_classifier(classifier_dir)
     train = load_dataset(dataset, "train")
-    parts = _splits(train, cfg)
+    parts = build_splits(train, cfg)
     fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
     timings["load"] = time.perf_counter() - t
 

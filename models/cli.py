@@ -187,7 +187,54 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_score)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        from models.attacks import ATTACKS
+        from models.evaluate import evaluate
+    except ImportError as exc:  # the attack libraries live in the `eval` extra
+        print(f"pathguard evaluate needs the eval extra (pip install 'pathguard[eval]'): {exc}", file=sys.stderr)
+        return 2
+    attacks = list(ATTACKS) if args.attacks == "all" else [a for a in args.attacks.split(",") if a]
+    overrides = {}
+    for item in args.n_attack or []:
+        name, _, n = item.partition("=")
+        overrides[name] = int(n)
+    report = evaluate(
+        args.bundle,
+        attacks,
+        args.n,
+        args.out,
+        n_clean=args.n_clean,
+        n_attack_overrides=overrides,
+        cache=args.cache,
+        seed=args.seed,
+    )
+    fused = report["detectors"]["fused"]["per_attack"]
+    print(json.dumps({"clean_fpr": report["clean"]["fpr"], "fused_auc": {a: v["auc"] for a, v in fused.items()}}))
+    print(f"wrote {args.out}/report.json, report.md and figures")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="attack test images and report every detector's AUC / detection rate")
+    p.add_argument("--bundle", default="artifacts/mnist-lenet5")
+    p.add_argument("--attacks", default="all", help="comma-separated attack names, or 'all'")
+    p.add_argument("--n", type=int, default=200, help="test images attacked per attack (default 200)")
+    p.add_argument("--n-clean", type=int, help="clean test images scored (default: --n)")
+    p.add_argument("--n-attack", action="append", metavar="ATTACK=N", help="per-attack image count, repeatable")
+    p.add_argument("--out", required=True, help="report folder, e.g. docs/reports/mnist-lenet5")
+    p.add_argument("--cache", help="folder caching generated adversarial examples between runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_evaluate)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_evaluate,
     _add_train,
     _add_download,
     _add_build,

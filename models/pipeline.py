@@ -217,6 +217,14 @@ class DetectionPipeline:
         return self.finish(x, logits, taps)
 
     @torch.no_grad()
+    def detect_with_components(self, x: torch.Tensor | np.ndarray) -> tuple[DetectionResult, dict[str, np.ndarray]]:
+        """Like :meth:`detect`, also returning the raw EP and NIC-final scores (unsaturated; for ROC analysis)."""
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        logits, taps = self.classifier.forward_with_taps(xt)
+        raw = self._raw(xt, logits, taps, None)
+        return self._result(logits, raw), raw.components
+
+    @torch.no_grad()
     def raw_components(self, x: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
         """Raw EP and NIC-final scores (the fusion inputs, higher = more anomalous) of inputs (N, C, H, W)."""
         out: dict[str, list[np.ndarray]] = {EP: [], NIC: []}

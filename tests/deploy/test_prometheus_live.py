@@ -162,7 +162,8 @@ def _dashboard_queries() -> list[tuple[str, str]]:
 def test_every_dashboard_query_runs_on_live_data(prometheus, traffic):
     # Per-layer series are born with the first detection, so they need two scrapes of their own before rate() exists.
     for metric in ("pathguard_verdicts_total", "pathguard_layer_path_similarity_count"):
-        _wait(lambda m=metric: _query(prometheus, f'rate({m}{{job="pathguard"}}[1m])') != [], 30, f"two scrapes of {metric}")
+        expr = f'rate({metric}{{job="pathguard"}}[1m])'
+        _wait(lambda e=expr: _query(prometheus, e) != [], 30, f"two scrapes of {metric}")
     empty = []
     for title, expr in _dashboard_queries():
         if not _query(prometheus, expr):

@@ -1,0 +1,79 @@
+"""Smoke run of ``pathguard evaluate`` on the committed MNIST bundle with two cheap attacks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from models.cli import main
+from models.evaluate import DETECTORS, SUPERVISED
+from tests.conftest import ARTIFACTS
+
+BUNDLE = ARTIFACTS / "mnist-lenet5"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cache = tmp_path_factory.mktemp("cache")
+    args = ["evaluate", "--bundle", str(BUNDLE), "--attacks", "fgsm,noise", "--n", "40", "--n-clean", "60"]
+    assert main([*args, "--out", str(out), "--cache", str(cache), "--threads", "1"]) == 0
+    return out, cache
+
+
+def _unit(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def test_report_has_the_issue_schema(report_dir):
+    out, _ = report_dir
+    r = json.loads((out / "report.json").read_text())
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    assert r["bundle"]["name"] == manifest["name"] and len(r["bundle"]["sha256"]) == 64
+    assert r["clean"]["n"] == 60 and r["clean"]["accuracy"] >= 0.95
+    assert set(r["clean"]["fpr"]) == set(DETECTORS) and all(_unit(v) for v in r["clean"]["fpr"].values())
+    assert set(r["attacks"]) == {"fgsm", "noise"}
+    for a in r["attacks"].values():
+        assert {"n_attempted", "n_successful", "params"} <= set(a)
+        assert 0 < a["n_successful"] <= a["n_attempted"] <= 40
+    assert r["attacks"]["fgsm"]["params"]["eps"] == 0.3
+    assert set(r["detectors"]) == set(DETECTORS)
+    for d in r["detectors"].values():
+        assert math.isfinite(d["threshold"])
+        for m in d["per_attack"].values():
+            assert {"auc", "dr", "dr_at_fpr_0.01", "dr_at_fpr_0.05"} <= set(m)
+            assert _unit(m["auc"]) and _unit(m["dr"]) and _unit(m["dr_at_fpr_0.05"])
+    assert set(r["leave_one_attack_out"]) == set(SUPERVISED)
+    for per in r["leave_one_attack_out"].values():
+        assert set(per) == {"fgsm", "noise"}
+        assert all({"auc", "dr_at_fpr_0.05"} <= set(v) for v in per.values())
+
+
+def test_detection_is_real_and_thresholds_hold_on_calibration(report_dir):
+    out, _ = report_dir
+    r = json.loads((out / "report.json").read_text())
+    # Uniform noise images are far off the data manifold: every benign-only detector must separate them.
+    for d in ("ep_benign", "nic", "fused"):
+        assert r["detectors"][d]["per_attack"]["noise"]["auc"] > 0.95, d
+    # The fused threshold is the bundle's; on its own calibration split it meets the target FPR.
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    assert r["detectors"]["fused"]["threshold"] == pytest.approx(manifest["verdict"]["threshold"])
+    for d in DETECTORS:
+        assert r["detectors"][d]["calibration_fpr"] <= r["settings"]["target_fpr"] + 1e-9, d
+
+
+def test_figures_markdown_and_attack_cache(report_dir):
+    out, cache = report_dir
+    for d in DETECTORS:
+        assert (out / f"roc_{d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "ep_similarity.png").exists() and (out / "score_distributions.png").exists()
+    md = (out / "report.md").read_text()
+    assert "| `fgsm` |" in md and "NIC paper DR" in md and "Leave-one-attack-out" in md
+    cached = sorted(cache.glob("*.npz"))
+    assert [p.name.split("-")[0] for p in cached] == ["fgsm", "noise"]
+    with np.load(cached[0]) as z:
+        x_adv = z["x_adv"]
+    assert x_adv.dtype == np.float32 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
