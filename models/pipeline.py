@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from models.fusion import FusedVerdict
 from models.io import classifier_from_bytes
 from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 
-__all__ = ["Bundle", "DetectionPipeline", "DetectionResult", "LayerPartial", "load_bundle"]
+__all__ = ["Bundle", "DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial", "load_bundle"]
 
 EP, NIC = "effective_path", "nic"
 
@@ -39,6 +40,15 @@ class LayerPartial:
 
     value: torch.Tensor
     probs: torch.Tensor
+
+
+@dataclass
+class EPPartial:
+    """Effective Path result for a batch: per-rank similarities (N, L) and the raw benign EP score (N,)."""
+
+    sims: dict[int, np.ndarray]
+    raw: np.ndarray
+    seconds: float
 
 
 @dataclass
@@ -141,15 +151,29 @@ class DetectionPipeline:
         return LayerPartial(value, probs)
 
     @torch.no_grad()
+    def ep_check(self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> EPPartial:
+        """Effective Path extraction (seeded at the logits), similarities and raw score; thread-safe.
+
+        Needs the whole forward pass but none of NIC's work, so it can run beside NIC's provenance checks.
+        """
+        t0 = time.perf_counter()
+        paths = self.extractor.extract_from_taps(x, logits, taps, ranks=(1, 2))
+        sims = self.class_paths.similarity(paths)
+        raw = self.ep_score.score(np.concatenate([sims[1], sims[2]], axis=1))
+        return EPPartial(sims, raw, time.perf_counter() - t0)
+
+    @torch.no_grad()
     def finish(
         self,
         x: torch.Tensor,
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None = None,
+        ep: EPPartial | Future[EPPartial] | None = None,
     ) -> DetectionResult:
-        """Complete detection for a batch given the forward pass and any per-layer partials already computed."""
-        return self._result(logits, self._raw(x, logits, taps, partials))
+        """Complete detection for a batch given the forward pass and any partial results already computed
+        (per-layer NIC checks, and the EP check or a future of it, collected after NIC's own work)."""
+        return self._result(logits, self._raw(x, logits, taps, partials, ep))
 
     def _raw(
         self,
@@ -157,6 +181,7 @@ class DetectionPipeline:
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None,
+        ep: EPPartial | Future[EPPartial] | None = None,
     ) -> _RawScores:
         partials = dict(partials or {})
         t0 = time.perf_counter()
@@ -171,11 +196,11 @@ class DetectionPipeline:
         ).double()  # (N, L-1)
         final = self.nic.final_score(value, prov)
         t1 = time.perf_counter()
-        paths = self.extractor.extract_from_taps(x, logits, taps, ranks=(1, 2))
-        sims = self.class_paths.similarity(paths)
-        ep_raw = self.ep_score.score(np.concatenate([sims[1], sims[2]], axis=1))
-        t2 = time.perf_counter()
-        return _RawScores(sims, ep_raw, value.numpy(), prov.numpy(), final.numpy(), {NIC: t1 - t0, EP: t2 - t1})
+        if isinstance(ep, Future):
+            ep = ep.result()
+        if ep is None:
+            ep = self.ep_check(x, logits, taps)
+        return _RawScores(ep.sims, ep.raw, value.numpy(), prov.numpy(), final.numpy(), {NIC: t1 - t0, EP: ep.seconds})
 
     def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
         if self.verdict is None:
