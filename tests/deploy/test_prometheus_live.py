@@ -136,10 +136,11 @@ def test_rules_load_and_evaluate_on_live_data(prometheus, traffic):
     assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
 
     def ratio() -> float:
-        (row,) = _query(prometheus, "pathguard:adversarial_ratio:rate5m")
-        return float(row["value"][1])
+        rows = _query(prometheus, "pathguard:adversarial_ratio:rate5m")
+        # absent until the rule has evaluated over two scrapes that differ, NaN while the rates are zero
+        return float(rows[0]["value"][1]) if rows else float("nan")
 
-    _wait(lambda: 0.0 <= ratio() <= 1.0, 30, "the recorded adversarial ratio")  # NaN until two scrapes differ
+    _wait(lambda: 0.0 <= ratio() <= 1.0, 60, "the recorded adversarial ratio")
     expected = traffic["seen_adversarial"] / traffic["sent"]
     assert ratio() == pytest.approx(expected, abs=0.2), "the recording rule sees the traffic's adversarial share"
     assert rules["PathguardNotReady"]["state"] == "inactive"
