@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,7 @@ class DetectionPipeline:
     def ep_check(self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> EPPartial:
         """Effective Path extraction (seeded at the logits), similarities and raw score; thread-safe.
 
-        Needs the whole forward pass but none of NIC's work, so it can run beside NIC's provenance checks.
+        Needs the whole forward pass but none of NIC's work.
         """
         t0 = time.perf_counter()
         paths = self.extractor.extract_from_taps(x, logits, taps, ranks=(1, 2))
@@ -169,10 +168,10 @@ class DetectionPipeline:
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None = None,
-        ep: EPPartial | Future[EPPartial] | None = None,
+        ep: EPPartial | None = None,
     ) -> DetectionResult:
         """Complete detection for a batch given the forward pass and any partial results already computed
-        (per-layer NIC checks, and the EP check or a future of it, collected after NIC's own work)."""
+        (per-layer NIC checks, and the EP check); whatever is missing is computed here."""
         return self._result(logits, self._raw(x, logits, taps, partials, ep))
 
     def _raw(
@@ -181,7 +180,7 @@ class DetectionPipeline:
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None,
-        ep: EPPartial | Future[EPPartial] | None = None,
+        ep: EPPartial | None = None,
     ) -> _RawScores:
         partials = dict(partials or {})
         t0 = time.perf_counter()
@@ -196,8 +195,6 @@ class DetectionPipeline:
         ).double()  # (N, L-1)
         final = self.nic.final_score(value, prov)
         t1 = time.perf_counter()
-        if isinstance(ep, Future):
-            ep = ep.result()
         if ep is None:
             ep = self.ep_check(x, logits, taps)
         return _RawScores(ep.sims, ep.raw, value.numpy(), prov.numpy(), final.numpy(), {NIC: t1 - t0, EP: ep.seconds})
