@@ -52,7 +52,7 @@ __all__ = ["BENIGN", "DETECTORS", "SUPERVISED", "evaluate", "score_inputs"]
 BENIGN = ("ep_benign", "nic", "nic_vi", "nic_pi", "fused")
 SUPERVISED = ("ep_linear", "ep_random_forest")
 DETECTORS = ("ep_benign", "ep_linear", "ep_random_forest", "nic", "nic_vi", "nic_pi", "fused")
-FPRS = (0.01, 0.05)
+FPRS = (0.01, 0.02, 0.05)  # 2%: the operating point of the MNIST target
 TRAIN_FRACTION = 0.10
 
 # Paper figures placed beside ours in report.md.
@@ -178,7 +178,7 @@ def generate_attack(
 
 
 def _rates(clean: np.ndarray, adv: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC, DR at ``threshold`` and DR at thresholds giving FPR 1% / 5% on ``clean``."""
+    """AUC, DR at ``threshold`` and DR at the thresholds giving each FPR of ``FPRS`` on ``clean``."""
     out: dict[str, float] = {}
     if len(adv) == 0:
         return {"auc": float("nan"), "dr": float("nan"), **{f"dr_at_fpr_{f}": float("nan") for f in FPRS}}
@@ -369,6 +369,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     for title, key, fmt in (
         ("AUC", "auc", _num),
         ("Detection rate at 5% FPR on the clean test images", "dr_at_fpr_0.05", _pct),
+        ("Detection rate at 2% FPR on the clean test images", "dr_at_fpr_0.02", _pct),
         ("Detection rate at 1% FPR on the clean test images", "dr_at_fpr_0.01", _pct),
         (f"Detection rate at the calibrated threshold (target FPR {_pct(tfpr)})", "dr", _pct),
     ):
