@@ -155,7 +155,12 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
         "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
         "ep_layer_count": len(extractor.layers),
         "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
-        "verdict": {"target_fpr": cfg.target_fpr, "threshold": threshold, "fusion": "fisher(effective_path, nic)"},
+        "verdict": {
+            "target_fpr": cfg.target_fpr,
+            "threshold": threshold,
+            "fusion": f"fisher({', '.join(verdict.components)})",
+            "components": verdict.components,
+        },
         "calibration": {k: len(v) for k, v in parts.items()},
         "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
     }

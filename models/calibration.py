@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["empirical_p_values", "threshold_at_fpr", "violation_probability"]
+__all__ = ["empirical_p_values", "threshold_at_fpr", "two_sided_fisher", "violation_probability"]
 
 
 def _as_1d(a: ArrayLike, name: str) -> np.ndarray:
@@ -110,3 +110,21 @@ def threshold_at_fpr(calib_scores: ArrayLike, target_fpr: float) -> float:
     k = int(np.floor(target_fpr * n + 1e-9))  # tolerance: 0.05 * 100 must give 5, not 4
     desc = np.sort(calib)[::-1]
     return float(desc[min(k, n - 1)])
+
+
+def two_sided_fisher(violation: ArrayLike, n_calib: int) -> np.ndarray:
+    """``-sum_l log p_l`` over two-sided per-column p-values; higher = more anomalous.
+
+    ``violation`` (N, L) holds violation probabilities ``1 - u_l`` where ``u_l`` is the upper-tail empirical
+    p-value among ``n_calib`` clean calibration scores (so ``u_l >= 1/(n_calib+1)``). The two-sided p-value is
+    ``min(1, 2 min(u_l, 1 - u_l + 1/(n_calib+1)))``: a score far *below* the clean ones is as suspicious as one
+    far above. NIC's deep-layer value invariants need this: their one-class SVMs find confident adversarial and
+    noise activations *more* typical than clean test images.
+    """
+    floor = 1.0 / (n_calib + 1)
+    upper = np.clip(1.0 - np.asarray(violation, dtype=np.float64), floor, 1.0)
+    if upper.ndim != 2:
+        raise ValueError(f"expected violations (N, L), got shape {upper.shape}")
+    p = np.clip(np.minimum(1.0, 2.0 * np.minimum(upper, 1.0 - upper + floor)), floor, 1.0)
+    return np.asarray(-np.log(p).sum(axis=1))
+

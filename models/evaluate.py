@@ -22,7 +22,7 @@ Detectors:
 ``nic``            NIC's final one-class model over all VI and PI decision values
 ``nic_vi``         value invariants only: Fisher combination of the per-layer two-sided VI p-values
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
-``fused``          the bundle's verdict score (Fisher combination of EP and NIC)
+``fused``          the bundle's verdict score (Fisher combination of EP, NIC final and NIC VI-only)
 =================  ===========================================================================
 """
 
@@ -42,7 +42,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.attacks import ATTACKS, run_attack
 from models.build import BuildConfig, build_splits
-from models.calibration import threshold_at_fpr
+from models.calibration import threshold_at_fpr, two_sided_fisher
 from models.data import load_dataset
 from models.ep_detectors import make_detector
 from models.pipeline import Bundle, load_bundle
@@ -95,33 +95,18 @@ class Scored:
         )
 
 
-def _fisher_stat(violation: dict[str, np.ndarray], n_calib: int) -> np.ndarray:
-    """``-sum_l log p_l`` over two-sided per-layer p-values ``p_l = min(1, 2 min(u_l, 1 - u_l + 1/(n+1)))``.
-
-    ``u_l = 1 - violation_l`` is the upper-tail empirical p-value (floored at 1/(n+1)). Two-sided because the
-    one-class SVMs of deep layers score adversarial and noise inputs as *more* typical than clean test images
-    (near one-hot softmax heads sit at the densest point of the benign data): with the upper tail alone the
-    VI-only and PI-only scores rank most attacks below clean images (MNIST CW-L2: AUC 0.10-0.26 on conv2 and
-    later). NIC's own final model is two-sided by construction (a one-class SVM over the VI/PI vector).
-    """
-    floor = 1.0 / (n_calib + 1)
-    upper = np.clip(1.0 - np.stack(list(violation.values()), axis=1), floor, 1.0)
-    p = np.minimum(1.0, 2.0 * np.minimum(upper, 1.0 - upper + floor))
-    return -np.log(np.clip(p, floor, 1.0)).sum(axis=1)
-
-
 def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored:
     """Run the bundle's pipeline on ``x`` (N, C, H, W) in [0, 1] and collect every benign detector's score."""
     pipe = bundle.pipeline
-    n_calib = len(pipe.verdict.fused_calib) if pipe.verdict is not None else 1
+    n_calib = pipe.nic.calibration_size
     parts = []
     for s in range(0, len(x), batch_size):
         res, raw = pipe.detect_with_components(x[s : s + batch_size])
         scores = {
             "ep_benign": raw["effective_path"],
             "nic": raw["nic"],
-            "nic_vi": _fisher_stat(res.value_violation, n_calib),
-            "nic_pi": _fisher_stat(res.provenance_violation, n_calib),
+            "nic_vi": raw["nic_vi"],  # two-sided per-layer p-values, Fisher-combined (also a fusion component)
+            "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))

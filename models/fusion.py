@@ -1,6 +1,8 @@
 """Fusing the detectors into one calibrated verdict (attack-agnostic: benign data only).
 
-Each component (Effective Path, NIC) yields a raw anomaly score, higher = more anomalous. On a clean
+Each component yields a raw anomaly score, higher = more anomalous. Bundles fuse three (named in the manifest's
+``verdict.components``): the benign Effective Path score, NIC's final one-class model, and NIC's VI-only statistic
+(Fisher combination of two-sided per-layer value-invariant p-values; older bundles fuse only the first two). On a clean
 calibration split *A* every component score becomes an empirical p-value. The p-values are combined
 with Fisher's method, ``T = -2 * sum(log p_k)``, and mapped to [0, 1] by the chi-square CDF with
 ``2k`` degrees of freedom: ``score = chi2.cdf(T, 2k)``. Under independence and exchangeability the

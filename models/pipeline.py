@@ -30,7 +30,9 @@ from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 
 __all__ = ["Bundle", "DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial", "load_bundle"]
 
-EP, NIC = "effective_path", "nic"
+EP, NIC, NIC_VI = "effective_path", "nic", "nic_vi"
+LEGACY_COMPONENTS = [EP, NIC]  # bundles whose manifest names no fusion components
+
 
 
 @dataclass
@@ -197,7 +199,10 @@ class DetectionPipeline:
         t1 = time.perf_counter()
         if ep is None:
             ep = self.ep_check(x, logits, taps)
-        return _RawScores(ep.sims, ep.raw, value.numpy(), prov.numpy(), final.numpy(), {NIC: t1 - t0, EP: ep.seconds})
+        value_np = value.numpy()
+        vi = self.nic.value_statistic(value_np)
+        timings = {NIC: t1 - t0, EP: ep.seconds}
+        return _RawScores(ep.sims, ep.raw, value_np, prov.numpy(), final.numpy(), vi, timings)
 
     def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
         if self.verdict is None:
@@ -240,7 +245,7 @@ class DetectionPipeline:
 
     @torch.no_grad()
     def detect_with_components(self, x: torch.Tensor | np.ndarray) -> tuple[DetectionResult, dict[str, np.ndarray]]:
-        """Like :meth:`detect`, also returning the raw EP and NIC-final scores (unsaturated; for ROC analysis)."""
+        """Like :meth:`detect`, also returning the raw fusion inputs (unsaturated; for ROC analysis)."""
         xt = torch.as_tensor(x, dtype=torch.float32)
         logits, taps = self.classifier.forward_with_taps(xt)
         raw = self._raw(xt, logits, taps, None)
@@ -248,8 +253,8 @@ class DetectionPipeline:
 
     @torch.no_grad()
     def raw_components(self, x: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
-        """Raw EP and NIC-final scores (the fusion inputs, higher = more anomalous) of inputs (N, C, H, W)."""
-        out: dict[str, list[np.ndarray]] = {EP: [], NIC: []}
+        """Raw fusion inputs (EP, NIC final, NIC VI-only; higher = more anomalous) of inputs (N, C, H, W)."""
+        out: dict[str, list[np.ndarray]] = {EP: [], NIC: [], NIC_VI: []}
         xt = torch.as_tensor(x, dtype=torch.float32)
         for s in range(0, len(xt), batch_size):
             xb = xt[s : s + batch_size]
@@ -266,11 +271,12 @@ class _RawScores:
     value: np.ndarray  # (N, L_nic)
     provenance: np.ndarray  # (N, L_nic - 1)
     final: np.ndarray  # (N,)
+    value_stat: np.ndarray  # (N,) two-sided VI-only statistic
     timings_s: dict[str, float]
 
     @property
     def components(self) -> dict[str, np.ndarray]:
-        return {EP: self.ep, NIC: self.final}
+        return {EP: self.ep, NIC: self.final, NIC_VI: self.value_stat}
 
 
 @dataclass
@@ -328,7 +334,12 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     ep_score = BenignEPScore.from_arrays(files.npz("ep_score.npz"))
     nic = NICDetector.from_arrays(files.npz("nic.npz"), files.json("nic.json"))
     fpr = float(target_fpr if target_fpr is not None else m["verdict"]["target_fpr"])
-    verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), [EP, NIC], fpr)
+    components = list(m["verdict"].get("components", LEGACY_COMPONENTS))
+    unknown = sorted(set(components) - {EP, NIC, NIC_VI})
+    if unknown:
+        known = [EP, NIC, NIC_VI]
+        raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
+    verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
     pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.calibration import empirical_p_values, threshold_at_fpr, violation_probability
+from models.calibration import empirical_p_values, threshold_at_fpr, two_sided_fisher, violation_probability
 
 
 def test_p_values_hand_computed():
@@ -71,3 +71,22 @@ def test_presorted_calibration_gives_the_same_p_values():
     np.testing.assert_array_equal(
         empirical_p_values(np.sort(calib), s, assume_sorted=True), empirical_p_values(calib, s)
     )
+
+
+def test_two_sided_fisher_flags_both_tails():
+    calib = np.arange(1.0, 100.0)  # 99 clean scores: p-values in steps of 1/100
+    scores = np.array([[-5.0], [50.0], [500.0]])  # far below, typical, far above the clean scores
+    stat = two_sided_fisher(violation_probability(calib, scores), len(calib))
+    # upper-tail p: 1, 0.5, 0.01 -> two-sided: min(1, 2 min(u, 1 - u + 0.01)) = 0.02, 1, 0.02
+    np.testing.assert_allclose(stat, -np.log([0.02, 1.0, 0.02]))
+    # one-sided, the low score would look perfectly clean; two-sided it is as suspicious as the high one
+    assert stat[0] == pytest.approx(stat[2]) and min(stat[0], stat[2]) > stat[1] == 0.0
+
+
+def test_two_sided_fisher_sums_over_columns_and_checks_shape():
+    v = np.array([[0.99, 0.5], [0.5, 0.5]])
+    stat = two_sided_fisher(v, 99)
+    np.testing.assert_allclose(stat, [-np.log(0.02) - np.log(1.0), 0.0])
+    with pytest.raises(ValueError, match=r"\(N, L\)"):
+        two_sided_fisher(np.array([0.5, 0.5]), 99)
+
