@@ -30,7 +30,7 @@ from models.ep_detectors import BenignEPScore
 from models.fusion import FusedVerdict
 from models.io import CLASSIFIER_FILES, load_classifier
 from models.nic import NICDetector
-from models.pipeline import DetectionPipeline, npz_bytes
+from models.pipeline import FUSION_COMPONENTS, DetectionPipeline, npz_bytes
 
 __all__ = ["BuildConfig", "build_bundle", "build_splits"]
 
@@ -61,6 +61,9 @@ class BuildConfig:
         :class:`~models.nic.NICDetector` parameters.
     seed : int
         Seed of the splits and every fitted component.
+    fusion : list of str
+        Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model) and
+        ``nic_vi`` (NIC's value invariants, two-sided).
     """
 
     name: str
@@ -73,6 +76,12 @@ class BuildConfig:
     target_fpr: float = 0.05
     nic: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    fusion: list[str] = field(default_factory=lambda: list(FUSION_COMPONENTS))
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.fusion if c not in FUSION_COMPONENTS]
+        if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
+            raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
 
 
 def build_splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
@@ -139,7 +148,8 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     t = time.perf_counter()
     pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr)
     raw = {k: pipeline.raw_components(parts[k].x) for k in tqdm(["calib_a", "calib_b"], desc="calibration")}
-    verdict = FusedVerdict.fit(raw["calib_a"], raw["calib_b"], cfg.target_fpr)
+    calib_a, calib_b = ({c: raw[k][c] for c in cfg.fusion} for k in ("calib_a", "calib_b"))
+    verdict = FusedVerdict.fit(calib_a, calib_b, cfg.target_fpr)
     timings["calibration"] = time.perf_counter() - t
 
     files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}

@@ -107,6 +107,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         nic=nic,
         seed=args.seed,
+        fusion=[c.strip() for c in args.fusion.split(",") if c.strip()],
     )
     classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
     report = build_bundle(args.dataset, classifier, args.out, cfg)
@@ -128,6 +129,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-fpr", type=float, default=0.05)
     p.add_argument("--nic", help="NICDetector parameters as JSON, e.g. '{\"n_fit\": 3000}'")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fusion",
+        default="effective_path,nic,nic_vi",
+        help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
+        "invariants, two-sided)",
+    )
     p.set_defaults(func=_cmd_build)
 
 

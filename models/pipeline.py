@@ -28,9 +28,18 @@ from models.fusion import FusedVerdict
 from models.io import classifier_from_bytes
 from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 
-__all__ = ["Bundle", "DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial", "load_bundle"]
+__all__ = [
+    "FUSION_COMPONENTS",
+    "Bundle",
+    "DetectionPipeline",
+    "DetectionResult",
+    "EPPartial",
+    "LayerPartial",
+    "load_bundle",
+]
 
 EP, NIC, NIC_VI = "effective_path", "nic", "nic_vi"
+FUSION_COMPONENTS = (EP, NIC, NIC_VI)  # what a bundle's verdict may fuse (build default: all three)
 LEGACY_COMPONENTS = [EP, NIC]  # bundles whose manifest names no fusion components
 
 
@@ -335,9 +344,9 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     nic = NICDetector.from_arrays(files.npz("nic.npz"), files.json("nic.json"))
     fpr = float(target_fpr if target_fpr is not None else m["verdict"]["target_fpr"])
     components = list(m["verdict"].get("components", LEGACY_COMPONENTS))
-    unknown = sorted(set(components) - {EP, NIC, NIC_VI})
+    unknown = sorted(set(components) - set(FUSION_COMPONENTS))
     if unknown:
-        known = [EP, NIC, NIC_VI]
+        known = list(FUSION_COMPONENTS)
         raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
     verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
     pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)

@@ -109,3 +109,26 @@ def test_load_twice_identical_scores_and_noise_scores_higher(tiny_bundle, mnist_
     n = load_bundle(out).pipeline.detect(noise)
     assert np.median(n.score) > np.median(a.score)
     assert n.adversarial.mean() > 0.9
+
+
+def test_fusion_components_recorded_loaded_and_validated(tiny_bundle, tmp_path):
+    out, _ = tiny_bundle
+    bundle = load_bundle(out)
+    assert bundle.manifest["verdict"]["components"] == ["effective_path", "nic", "nic_vi"]
+    assert bundle.pipeline.verdict.components == ["effective_path", "nic", "nic_vi"]
+    # a two-component build fuses exactly what it names, from the same fitted detectors
+    cfg = BuildConfig(
+        name="tiny-2", n_train=4000, n_calib=1500, target_fpr=0.1, nic=TINY_NIC, fusion=["effective_path", "nic"]
+    )
+    build_bundle("mnist", MNIST_CLASSIFIER, tmp_path / "tiny-2", cfg)
+    two = load_bundle(tmp_path / "tiny-2")
+    assert two.manifest["verdict"]["fusion"] == "fisher(effective_path, nic)"
+    assert two.pipeline.verdict.components == ["effective_path", "nic"]
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    res3, raw3 = bundle.pipeline.detect_with_components(x)
+    res2, raw2 = two.pipeline.detect_with_components(x)
+    np.testing.assert_allclose(raw2["nic"], raw3["nic"])  # same seed, same fit
+    assert not np.allclose(res2.score, res3.score)  # different fusion, different score
+    for bad in (["nic", "bogus"], [], ["nic", "nic"]):
+        with pytest.raises(ValueError, match="fusion must list distinct components"):
+            BuildConfig(name="x", fusion=bad)
