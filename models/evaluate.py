@@ -22,7 +22,7 @@ Detectors:
 ``nic``            NIC's final one-class model over all VI and PI decision values
 ``nic_vi``         value invariants only: Fisher combination of the per-layer two-sided VI p-values
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
-``fused``          the bundle's verdict score (Fisher combination of EP, NIC final and NIC VI-only)
+``fused``          the bundle's verdict score (Fisher combination of the components its manifest names)
 =================  ===========================================================================
 """
 
