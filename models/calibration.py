@@ -127,4 +127,3 @@ def two_sided_fisher(violation: ArrayLike, n_calib: int) -> np.ndarray:
         raise ValueError(f"expected violations (N, L), got shape {upper.shape}")
     p = np.clip(np.minimum(1.0, 2.0 * np.minimum(upper, 1.0 - upper + floor)), floor, 1.0)
     return np.asarray(-np.log(p).sum(axis=1))
-

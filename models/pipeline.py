@@ -43,7 +43,6 @@ FUSION_COMPONENTS = (EP, NIC, NIC_VI)  # what a bundle's verdict may fuse (build
 LEGACY_COMPONENTS = [EP, NIC]  # bundles whose manifest names no fusion components
 
 
-
 @dataclass
 class LayerPartial:
     """NIC's per-layer result for a batch: VI score (N,) and derived-head probabilities (N, K)."""

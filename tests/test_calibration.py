@@ -89,4 +89,3 @@ def test_two_sided_fisher_sums_over_columns_and_checks_shape():
     np.testing.assert_allclose(stat, [-np.log(0.02) - np.log(1.0), 0.0])
     with pytest.raises(ValueError, match=r"\(N, L\)"):
         two_sided_fisher(np.array([0.5, 0.5]), 99)
-
