@@ -94,6 +94,8 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from models.build import BuildConfig, build_bundle
 
     nic = json.loads(args.nic) if args.nic else {}
@@ -107,8 +109,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         nic=nic,
         seed=args.seed,
-        fusion=[c.strip() for c in args.fusion.split(",") if c.strip()],
     )
+    if args.fusion:  # otherwise BuildConfig's default: every component
+        cfg = dataclasses.replace(cfg, fusion=[c.strip() for c in args.fusion.split(",") if c.strip()])
     classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
     report = build_bundle(args.dataset, classifier, args.out, cfg)
     print(json.dumps(report, indent=2, default=float))
@@ -131,9 +134,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--fusion",
-        default="effective_path,nic,nic_vi",
         help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
-        "invariants, two-sided)",
+        "invariants, two-sided); default: all three",
     )
     p.set_defaults(func=_cmd_build)
 

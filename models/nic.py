@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.calibration import two_sided_fisher, violation_probability
+from models.calibration import violation_probability
 from models.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
 
 __all__ = [
@@ -405,14 +405,6 @@ class NICDetector:
     def calibration_size(self) -> int:
         """Number of clean calibration inputs behind the violation probabilities."""
         return len(self._member(0).sorted_calib()[2])
-
-    def value_statistic(self, value: np.ndarray | torch.Tensor, member: int = 0) -> np.ndarray:
-        """VI-only anomaly statistic (N,): Fisher combination of the per-layer two-sided VI p-values.
-
-        Higher = more anomalous; a fusion component of the bundle's verdict (``nic_vi``).
-        """
-        calib = self._member(member).sorted_calib()[0]
-        return two_sided_fisher(self.value_violation(value, member), len(calib))
 
     def provenance_violation(self, provenance: np.ndarray | torch.Tensor, member: int = 0) -> np.ndarray:
         """Per-pair PI violation probabilities (N, L-1) from PI scores (N, L-1)."""

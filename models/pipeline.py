@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.bundle import read_verified
-from models.calibration import violation_probability
+from models.calibration import two_sided_fisher, violation_probability
 from models.class_paths import ClassPaths
 from models.classifiers import TappedSequential
 from models.effective_path import EffectivePathExtractor
@@ -207,17 +207,17 @@ class DetectionPipeline:
         t1 = time.perf_counter()
         if ep is None:
             ep = self.ep_check(x, logits, taps)
-        value_np = value.numpy()
-        vi = self.nic.value_statistic(value_np)
+        v_viol = self.nic.value_violation(value.numpy())  # (N, L), reused by the response
+        vi = two_sided_fisher(v_viol, self.nic.calibration_size)
         timings = {NIC: t1 - t0, EP: ep.seconds}
-        return _RawScores(ep.sims, ep.raw, value_np, prov.numpy(), final.numpy(), vi, timings)
+        return _RawScores(ep.sims, ep.raw, v_viol, prov.numpy(), final.numpy(), vi, timings)
 
     def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
         if self.verdict is None:
             raise RuntimeError("pipeline has no fused-verdict calibration yet")
         probs = torch.softmax(logits.float(), dim=1).numpy()
         fused = self.verdict.fuse(raw.components)
-        v_viol = self.nic.value_violation(raw.value)
+        v_viol = raw.value_violation
         p_viol = self.nic.provenance_violation(raw.provenance)
         return DetectionResult(
             probabilities=probs,
@@ -276,7 +276,7 @@ class DetectionPipeline:
 class _RawScores:
     sims: dict[int, np.ndarray]  # rank -> (N, L)
     ep: np.ndarray  # (N,)
-    value: np.ndarray  # (N, L_nic)
+    value_violation: np.ndarray  # (N, L_nic) VI violation probabilities
     provenance: np.ndarray  # (N, L_nic - 1)
     final: np.ndarray  # (N,)
     value_stat: np.ndarray  # (N,) two-sided VI-only statistic
