@@ -7,6 +7,10 @@ Splits of the training set (seeded permutation; the test set is never touched):
   ``ep_fit`` fits the benign-only Effective Path score (training images are inside the class paths,
   so their similarity would be optimistic), ``A`` calibrates each component (NIC violation
   probabilities and the component p-values), ``B`` sets the fused threshold for the target FPR.
+
+Supervised mode (``supervised_attacks``, optional): the ``ep_fit`` images are also attacked, a supervised EP
+detector learns clean vs adversarial from their similarity features, and ``B`` calibrates it
+(:mod:`models.supervised`). The fused verdict is the same benign-only one either way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from models.fusion import FusedVerdict
 from models.io import CLASSIFIER_FILES, load_classifier
 from models.nic import NICDetector
 from models.pipeline import FUSION_COMPONENTS, DetectionPipeline, npz_bytes
+from models.supervised import SupervisedDetector, check_supervised_config, fit_supervised
 
 __all__ = ["BuildConfig", "build_bundle", "build_splits"]
 
@@ -64,6 +69,14 @@ class BuildConfig:
     fusion : list of str
         Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model) and
         ``nic_vi`` (NIC's value invariants, two-sided).
+    supervised_attacks : list of str
+        Optional supervised mode: attacks run on the ``ep_fit`` split to train a supervised EP detector that
+        the bundle reports beside the (unchanged, benign-only) verdict. Empty = benign only (default).
+    supervised_detector : str
+        ``linear`` (the EP paper's joint similarity, stored as arrays), ``random_forest``, ``adaboost`` or
+        ``gradient_boosting`` (stored pickled, loaded only after its digest matched).
+    supervised_n : int, optional
+        Attack only the first this many ``ep_fit`` images (``None`` = all of them).
     """
 
     name: str
@@ -77,11 +90,18 @@ class BuildConfig:
     nic: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     fusion: list[str] = field(default_factory=lambda: list(FUSION_COMPONENTS))
+    supervised_attacks: list[str] = field(default_factory=list)
+    supervised_detector: str = "linear"
+    supervised_n: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.fusion if c not in FUSION_COMPONENTS]
         if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
             raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
+        if self.supervised_attacks:
+            check_supervised_config(self.supervised_attacks, self.supervised_detector)
+        if self.supervised_n is not None and self.supervised_n < 1:
+            raise ValueError(f"supervised_n must be positive, got {self.supervised_n}")
 
 
 def build_splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
@@ -137,7 +157,8 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     t = time.perf_counter()
     extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
     class_paths = ClassPaths(len(train.classes)).fit(extractor, fit.x, fit.y)
-    ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
+    ep_fit_features = _ep_features(extractor, class_paths, parts["ep_fit"].x)
+    ep_score = BenignEPScore().fit(ep_fit_features)
     timings["effective_path"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -151,6 +172,26 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     calib_a, calib_b = ({c: raw[k][c] for c in cfg.fusion} for k in ("calib_a", "calib_b"))
     verdict = FusedVerdict.fit(calib_a, calib_b, cfg.target_fpr)
     timings["calibration"] = time.perf_counter() - t
+
+    supervised: SupervisedDetector | None = None
+    if cfg.supervised_attacks:
+        t = time.perf_counter()
+        n = len(parts["ep_fit"]) if cfg.supervised_n is None else min(cfg.supervised_n, len(parts["ep_fit"]))
+        supervised = fit_supervised(
+            model,
+            dataset,
+            lambda x: _ep_features(extractor, class_paths, x),
+            parts["ep_fit"].x[:n],
+            parts["ep_fit"].y[:n],
+            parts["calib_b"].x,
+            cfg.supervised_attacks,
+            cfg.supervised_detector,
+            seed=cfg.seed,
+            clean_features=ep_fit_features[:n],
+            progress=lambda msg: tqdm.write(f"supervised {msg}"),
+        )
+        supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
+        timings["supervised"] = time.perf_counter() - t
 
     files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
     files |= {
@@ -172,8 +213,11 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
             "components": verdict.components,
         },
         "calibration": {k: len(v) for k, v in parts.items()},
+        **({"supervised": supervised.manifest()} if supervised is not None else {}),
         "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
     }
+    if supervised is not None:
+        files |= supervised.files()
     digest = write_bundle(out_dir, files, manifest)
     sizes = {n: len(b) for n, b in files.items()}
     return {"bundle": str(out_dir), "sha256": digest, "threshold": threshold, "seconds": timings, "bytes": sizes}

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CLASSIFIER_DIRS = {
     "mnist": "artifacts/classifiers/mnist-lenet5",
@@ -94,28 +95,44 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from models.build import BuildConfig, build_bundle
 
-    nic = json.loads(args.nic) if args.nic else {}
-    cfg = BuildConfig(
-        name=args.name or Path(args.out).name,
-        version=args.version,
-        theta=args.theta,
-        ep_last_k=args.ep_last_k,
-        n_ep_fit=args.n_ep_fit,
-        n_calib=args.n_calib,
-        target_fpr=args.target_fpr,
-        nic=nic,
-        seed=args.seed,
-    )
+    if not args.supervised_attacks and (args.supervised_n is not None or args.supervised_detector != "linear"):
+        print("error: --supervised-detector / --supervised-n need --supervised-attacks", file=sys.stderr)
+        return 2
+    optional: dict[str, Any] = {}
     if args.fusion:  # otherwise BuildConfig's default: every component
-        cfg = dataclasses.replace(cfg, fusion=[c.strip() for c in args.fusion.split(",") if c.strip()])
+        optional["fusion"] = _names(args.fusion)
+    if args.supervised_attacks:
+        optional |= {
+            "supervised_attacks": _names(args.supervised_attacks),
+            "supervised_detector": args.supervised_detector,
+            "supervised_n": args.supervised_n,
+        }
+    try:
+        cfg = BuildConfig(
+            name=args.name or Path(args.out).name,
+            version=args.version,
+            theta=args.theta,
+            ep_last_k=args.ep_last_k,
+            n_ep_fit=args.n_ep_fit,
+            n_calib=args.n_calib,
+            target_fpr=args.target_fpr,
+            nic=json.loads(args.nic) if args.nic else {},
+            seed=args.seed,
+            **optional,
+        )
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
     report = build_bundle(args.dataset, classifier, args.out, cfg)
     print(json.dumps(report, indent=2, default=float))
     return 0
+
+
+def _names(csv: str) -> list[str]:
+    return [c.strip() for c in csv.split(",") if c.strip()]
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -137,6 +154,20 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
         "invariants, two-sided); default: all three",
     )
+    p.add_argument(
+        "--supervised-attacks",
+        help="optional supervised mode (needs the eval extra): comma-separated attacks, e.g. fgsm,bim,deepfool, run "
+        "on held-out training images to train a supervised Effective Path detector reported beside the verdict "
+        "(the verdict stays benign-only)",
+    )
+    p.add_argument(
+        "--supervised-detector",
+        default="linear",
+        choices=["linear", "random_forest", "adaboost", "gradient_boosting"],
+        help="supervised model: the EP paper's linear joint similarity (arrays; default) or an ensemble (joblib, "
+        "loaded only after its sha256 matched)",
+    )
+    p.add_argument("--supervised-n", type=int, help="held-out images to attack (default: all 20%% of --n-calib)")
     p.set_defaults(func=_cmd_build)
 
 
@@ -167,12 +198,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, target_fpr=args.target_fpr)
     split = load_dataset(bundle.dataset, args.split)
     idx = np.arange(min(args.n, len(split)))
-    flagged, correct = 0, 0
+    flagged, correct, sup_flagged = 0, 0, 0
     for s in range(0, len(idx), 500):
         part = split.subset(idx[s : s + 500])
         res = bundle.pipeline.detect(part.x)
         flagged += int(res.adversarial.sum())
         correct += int((res.predicted == part.y).sum())
+        sup_flagged += int(res.supervised.adversarial.sum()) if res.supervised is not None else 0
     n = len(idx)
     out = {
         "bundle": bundle.name,
@@ -183,6 +215,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         "target_fpr": bundle.pipeline.target_fpr,
         "flagged_rate": flagged / n,
     }
+    if bundle.pipeline.supervised is not None:
+        out["supervised_flagged_rate"] = sup_flagged / n
     print(json.dumps(out, indent=2))
     return 0
 

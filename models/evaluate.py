@@ -23,6 +23,9 @@ Detectors:
 ``nic_vi``         value invariants only: Fisher combination of the per-layer two-sided VI p-values
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
 ``fused``          the bundle's verdict score (Fisher combination of the components its manifest names)
+``bundle_supervised`` only for bundles built with ``--supervised-attacks``: the bundle's own supervised
+                   EP detector, trained by the builder on attacks of held-out *training* images, so
+                   it is scored on every clean and adversarial test image (no split needed)
 =================  ===========================================================================
 """
 
@@ -52,6 +55,7 @@ __all__ = ["BENIGN", "DETECTORS", "SUPERVISED", "evaluate", "score_inputs"]
 BENIGN = ("ep_benign", "nic", "nic_vi", "nic_pi", "fused")
 SUPERVISED = ("ep_linear", "ep_random_forest")
 DETECTORS = ("ep_benign", "ep_linear", "ep_random_forest", "nic", "nic_vi", "nic_pi", "fused")
+BUNDLE_SUPERVISED = "bundle_supervised"  # added to the detectors when the bundle has a supervised model
 FPRS = (0.01, 0.02, 0.05)  # 2%: the operating point of the MNIST target
 TRAIN_FRACTION = 0.10
 
@@ -109,6 +113,9 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
             "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
+        if pipe.supervised is not None:
+            feats = np.concatenate([res.rank1_similarity, res.rank2_similarity], axis=1)
+            scores[BUNDLE_SUPERVISED] = pipe.supervised.raw_score(feats)
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))
     if not parts:
         raise ValueError("no inputs to score")
@@ -241,7 +248,8 @@ def evaluate(
     adv_ev = {a: s.take(~is_train[sets[a].source]) for a, s in adv.items()}
 
     eval_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = {}
-    for d in BENIGN:
+    bundle_detectors = [*BENIGN, *([BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in clean.scores else [])]
+    for d in bundle_detectors:
         eval_scores[d] = (clean.scores[d], {a: s.scores[d] for a, s in adv.items()}, calib.scores[d])
     for d in SUPERVISED:
         model = _fit_supervised(d, clean_tr, list(adv_tr.values()))
@@ -262,6 +270,8 @@ def evaluate(
                                             "adversarial": sum(len(s.predicted) for s in adv_tr.values())},
                      "seed": seed, "torch_threads": torch.get_num_threads()},
     }  # fmt: skip
+    if "supervised" in m:
+        report["settings"]["bundle_supervised"] = m["supervised"]
     for name, s in sets.items():
         report["attacks"][name] = {
             "n_attempted": s.n_attempted,
@@ -272,7 +282,7 @@ def evaluate(
             "family": ATTACKS[name].family,
             "params": s.params,
         }
-    for d in DETECTORS:
+    for d in [*DETECTORS, *([BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in eval_scores else [])]:
         c, per, cal = eval_scores[d]
         thr = float(bundle.pipeline.threshold) if d == "fused" else threshold_at_fpr(cal, target_fpr)
         report["clean"]["fpr"][d] = float(np.mean(c > thr))
@@ -324,6 +334,7 @@ def _num(v: float | None) -> str:
 def render_markdown(r: dict[str, Any]) -> str:
     """The report's tables (headline, per detector, paper comparison, leave-one-attack-out) as Markdown."""
     b, clean, dets = r["bundle"], r["clean"], r["detectors"]
+    detectors = list(dets)
     attacks = list(r["attacks"])
     tfpr = r["settings"]["target_fpr"]
     lines = [
@@ -337,11 +348,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{r['settings']['n_supervised_train']['adversarial']} adversarial), scored on the rest. "
         f"Run time {r['seconds']:.0f} s with {r['settings']['torch_threads']} torch thread(s).",
         "",
+    ]
+    sup = r["settings"].get("bundle_supervised")
+    if sup:
+        tr = sup["training"]
+        lines += [
+            f"`{BUNDLE_SUPERVISED}`: the bundle's own supervised detector (`{sup['detector']}`), trained by the "
+            f"builder on {tr['clean']} held-out clean training images and {tr['adversarial']} adversarial examples "
+            f"of them from {', '.join(f'`{a}`' for a in sup['attacks'])}; scored on every test image below. "
+            "Attacks outside that list measure how it transfers to attacks it never saw.",
+            "",
+        ]
+    lines += [
         "## Clean false-positive rate on the test set at the calibrated thresholds",
         "",
-        "| " + " | ".join(DETECTORS) + " |",
-        "|" + "---|" * len(DETECTORS),
-        "| " + " | ".join(_pct(clean["fpr"][d]) for d in DETECTORS) + " |",
+        "| " + " | ".join(detectors) + " |",
+        "|" + "---|" * len(detectors),
+        "| " + " | ".join(_pct(clean["fpr"][d]) for d in detectors) + " |",
         "",
         "## Attacks",
         "",
@@ -362,11 +385,11 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
             f"## {title}",
             "",
-            "| attack | " + " | ".join(DETECTORS) + " |",
-            "|---|" + "---|" * len(DETECTORS),
+            "| attack | " + " | ".join(detectors) + " |",
+            "|---|" + "---|" * len(detectors),
         ]
         for a in attacks:
-            row = [fmt(dets[d]["per_attack"].get(a, {}).get(key)) for d in DETECTORS]
+            row = [fmt(dets[d]["per_attack"].get(a, {}).get(key)) for d in detectors]
             lines.append(f"| `{a}` | " + " | ".join(row) + " |")
     nic_dr, nic_fp, nic_attacks = NIC_PAPER_DR.get(b["dataset"], ("-", "-", ()))
     lines += [
@@ -400,7 +423,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             cells += [_num(v.get("auc")), _pct(v.get("dr_at_fpr_0.05"))]
         lines.append(f"| `{a}` | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""]
-    lines += [f"![ROC {d}](roc_{d}.png)" for d in DETECTORS]
+    lines += [f"![ROC {d}](roc_{d}.png)" for d in detectors]
     lines += ["![Per-layer path similarity](ep_similarity.png)", "![NIC and fused scores](score_distributions.png)", ""]
     lines += ["Attack parameters are recorded in `report.json` (`attacks.<name>.params`).", ""]
     return "\n".join(lines)

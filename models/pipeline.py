@@ -27,6 +27,7 @@ from models.ep_detectors import BenignEPScore
 from models.fusion import FusedVerdict
 from models.io import classifier_from_bytes
 from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
+from models.supervised import SupervisedAssessment, SupervisedDetector
 
 __all__ = [
     "FUSION_COMPONENTS",
@@ -80,17 +81,20 @@ class DetectionResult:
     threshold: float
     target_fpr: float
     timings_s: dict[str, float] = field(default_factory=dict)
+    supervised: SupervisedAssessment | None = None  # bundles built with supervised attacks only
+    supervised_detector: str = ""
 
     def __len__(self) -> int:
         return len(self.predicted)
 
     def row(self, i: int) -> dict[str, Any]:
-        """The ``effective_path``, ``nic`` and ``verdict`` parts of the /v1/detect response for input ``i``."""
+        """The ``effective_path``, ``nic``, ``verdict`` (and, for supervised bundles, ``supervised``) parts of
+        the /v1/detect response for input ``i``."""
 
         def r(v: float) -> float:
             return round(float(v), 6)
 
-        return {
+        out = {
             "effective_path": {
                 "layers": list(self.ep_layers),
                 "rank1_similarity": [r(v) for v in self.rank1_similarity[i]],
@@ -110,6 +114,14 @@ class DetectionResult:
                 "target_fpr": float(self.target_fpr),
             },
         }
+        if self.supervised is not None:
+            out["supervised"] = {
+                "detector": self.supervised_detector,
+                "adversarial": bool(self.supervised.adversarial[i]),
+                "score": r(self.supervised.score[i]),
+                "p_value": r(self.supervised.p_value[i]),
+            }
+        return out
 
 
 class DetectionPipeline:
@@ -127,7 +139,9 @@ class DetectionPipeline:
     verdict : FusedVerdict or None
         None only while building (before the fused calibration exists).
     target_fpr : float
-        Operating point; the threshold is read from the calibration for it.
+        Operating point; the threshold is read from the calibration for it (and the supervised detector's).
+    supervised : SupervisedDetector, optional
+        Reported beside the verdict (bundles built with supervised attacks); never changes the verdict.
     """
 
     def __init__(
@@ -139,6 +153,7 @@ class DetectionPipeline:
         nic: NICDetector,
         verdict: FusedVerdict | None,
         target_fpr: float,
+        supervised: SupervisedDetector | None = None,
     ) -> None:
         self.classifier = classifier
         self.extractor = extractor
@@ -148,6 +163,8 @@ class DetectionPipeline:
         self.verdict = verdict
         self.target_fpr = float(target_fpr)
         self.threshold = verdict.threshold_for(self.target_fpr) if verdict is not None else float("nan")
+        self.supervised = supervised
+        self.supervised_threshold = supervised.threshold_for(self.target_fpr) if supervised is not None else None
         self.ep_layers: list[str] = list(extractor.layers)
         self.nic_value_layers: list[str] = list(nic.layers_)
         self.nic_provenance_pairs: list[str] = list(nic.pairs_)
@@ -219,6 +236,10 @@ class DetectionPipeline:
         fused = self.verdict.fuse(raw.components)
         v_viol = raw.value_violation
         p_viol = self.nic.provenance_violation(raw.provenance)
+        sup = None
+        if self.supervised is not None and self.supervised_threshold is not None:
+            features = np.concatenate([raw.sims[1], raw.sims[2]], axis=1)
+            sup = self.supervised.assess(features, self.supervised_threshold)
         return DetectionResult(
             probabilities=probs,
             predicted=probs.argmax(1),
@@ -236,6 +257,8 @@ class DetectionPipeline:
             threshold=self.threshold,
             target_fpr=self.target_fpr,
             timings_s=raw.timings_s,
+            supervised=sup,
+            supervised_detector=self.supervised.detector if self.supervised is not None else "",
         )
 
     @torch.no_grad()
@@ -348,7 +371,10 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
         known = list(FUSION_COMPONENTS)
         raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
     verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)
+    supervised = None
+    if "supervised" in m:  # optional: bundles built with --supervised-attacks
+        supervised = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
+    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, supervised)
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
 
 

@@ -60,6 +60,13 @@ class Verdict(BaseModel):
     target_fpr: float
 
 
+class Supervised(BaseModel):
+    detector: str = Field(description="Supervised Effective Path model: linear, random_forest, adaboost, ...")
+    adversarial: bool = Field(description="Score above its own threshold for the same target FPR.")
+    score: float = Field(description="Violation probability in [0, 1] against clean calibration inputs.")
+    p_value: float = Field(description="Share of clean calibration inputs scoring at least this high.")
+
+
 class PredictResponse(BaseModel):
     id: str
     model: ModelRef
@@ -71,6 +78,11 @@ class DetectResponse(PredictResponse):
     effective_path: EffectivePath | None = Field(description="null in shadow mode.")
     nic: Nic | None = Field(description="null in shadow mode.")
     verdict: Verdict | None = Field(description="null in shadow mode (the verdict is only recorded).")
+    supervised: Supervised | None = Field(
+        default=None,
+        description="Only for bundles built with --supervised-attacks: a detector also trained on those attacks, "
+        "reported beside the benign-only verdict (which it never changes). Absent otherwise and in shadow mode.",
+    )
     mode: str = Field(description="'enforce' or 'shadow'.")
     cached: bool = Field(description="True when the answer came from the verdict cache.")
 
@@ -94,6 +106,9 @@ class ModelInfo(BaseModel):
     mode: str
     engine: str
     parallel_checks: bool
+    supervised: dict[str, Any] | None = Field(
+        default=None, description="Detector and training attacks of the bundle's supervised model, if it has one."
+    )
 
 
 class InferTensor(BaseModel):

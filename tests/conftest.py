@@ -43,3 +43,25 @@ def cifar_cnn():
     from models import load_classifier
 
     return load_classifier(CIFAR_CLASSIFIER)
+
+
+# NIC parameters small enough for bundles built inside the test run (seconds, not minutes)
+TINY_NIC = {"n_fit": 300, "n_final": 200, "n_pca": 300, "n_head": 2000, "head_epochs": 2, "holdout": 300, "pca_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def supervised_bundle(tmp_path_factory):
+    """A tiny MNIST bundle built in supervised mode (linear EP detector trained on FGSM and BIM)."""
+    from models.build import BuildConfig, build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-supervised"
+    cfg = BuildConfig(
+        name="tiny-supervised",
+        n_train=4000,
+        n_calib=1500,
+        target_fpr=0.1,
+        nic=TINY_NIC,
+        supervised_attacks=["fgsm", "bim"],
+    )
+    build_bundle("mnist", MNIST_CLASSIFIER, out, cfg)
+    return out

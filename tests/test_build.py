@@ -15,9 +15,7 @@ from models.bundle import BundleError, BundleIntegrityError, read_verified, veri
 from models.calibration import threshold_at_fpr
 from models.pipeline import load_bundle
 
-from .conftest import MNIST_CLASSIFIER
-
-TINY_NIC = {"n_fit": 300, "n_final": 200, "n_pca": 300, "n_head": 2000, "head_epochs": 2, "holdout": 300, "pca_dim": 16}
+from .conftest import MNIST_CLASSIFIER, TINY_NIC
 
 
 @pytest.fixture(scope="module")

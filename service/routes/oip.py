@@ -29,6 +29,14 @@ OUTPUTS = {
     "value_violation": ("FP32", True),
     "provenance_violation": ("FP32", True),
 }
+# only for bundles built with supervised attacks (reported beside the verdict, see models.supervised)
+SUPERVISED_OUTPUTS = {"supervised_is_adversarial": ("BOOL", True), "supervised_score": ("FP32", True)}
+_SCALAR = ("predicted_class", "is_adversarial", "instance_score", "p_value", *SUPERVISED_OUTPUTS)
+
+
+def _outputs(state: ServiceState) -> dict[str, tuple[str, bool]]:
+    """Outputs this server can return: the supervised ones only when the bundle has a supervised detector."""
+    return OUTPUTS | SUPERVISED_OUTPUTS if state.runtime.pipeline.supervised is not None else dict(OUTPUTS)
 
 
 def _model(state: ServiceState, name: str) -> Any:
@@ -58,12 +66,14 @@ async def model_metadata(name: str, state: Ready) -> dict[str, Any]:
         "value_violation": [-1, len(p.nic_value_layers)],
         "provenance_violation": [-1, len(p.nic_provenance_pairs)],
     }
+    available = _outputs(state)
+    shapes |= {n: [-1] for n in SUPERVISED_OUTPUTS if n in available}
     return {
         "name": b.name,
         "versions": [str(b.version)],
         "platform": f"pathguard-{state.settings.engine}",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *b.input_shape]}],
-        "outputs": [{"name": n, "datatype": OUTPUTS[n][0], "shape": s} for n, s in shapes.items()],
+        "outputs": [{"name": n, "datatype": available[n][0], "shape": s} for n, s in shapes.items()],
         "parameters": {
             "path_similarity_layers": layers,
             "value_violation_layers": list(p.nic_value_layers),
@@ -98,7 +108,8 @@ async def _infer(name: str, version: str | None, body: InferRequest, request: Re
         raise NotFound(f"model {name!r} has no version {version!r}; served: {b.version}")
     if len(body.inputs) != 1:
         raise BadInput(f"expected exactly one input tensor, got {len(body.inputs)}")
-    wanted = _requested(body)
+    available = _outputs(state)
+    wanted = _requested(body, available)
     tensor = body.inputs[0]
     assert state.spec is not None
     if tensor.shape and tensor.shape[0] > state.settings.max_request_images:
@@ -107,7 +118,7 @@ async def _infer(name: str, version: str | None, body: InferRequest, request: Re
     rid = request_id(request, body.id)
     rows = await detect_tensor(state, rid, x)
     with_verdict = rows[0].get("verdict") is not None
-    outputs = [_output(n, rows) for n in wanted if with_verdict or not OUTPUTS[n][1]]
+    outputs = [_output(n, rows, available[n][0]) for n in wanted if with_verdict or not available[n][1]]
     params = {"mode": state.settings.mode, "bundle_sha256": b.sha256}
     if with_verdict:
         v = rows[0]["verdict"]
@@ -116,13 +127,13 @@ async def _infer(name: str, version: str | None, body: InferRequest, request: Re
     return JSONResponse(resp, headers={"X-Request-ID": rid})
 
 
-def _requested(body: InferRequest) -> list[str]:
+def _requested(body: InferRequest, available: dict[str, tuple[str, bool]]) -> list[str]:
     if not body.outputs:
-        return list(OUTPUTS)
+        return list(available)
     names = [o.name for o in body.outputs]
-    unknown = [n for n in names if n not in OUTPUTS]
+    unknown = [n for n in names if n not in available]
     if unknown:
-        raise BadInput(f"unknown output {unknown[0]!r}; available: {', '.join(OUTPUTS)}")
+        raise BadInput(f"unknown output {unknown[0]!r}; available: {', '.join(available)}")
     return names
 
 
@@ -137,6 +148,10 @@ def _column(name: str, row: dict[str, Any]) -> list[Any]:
         return [row["verdict"]["score"]]
     if name == "p_value":
         return [row["verdict"]["p_value"]]
+    if name == "supervised_is_adversarial":
+        return [bool(row["supervised"]["adversarial"])]
+    if name == "supervised_score":
+        return [row["supervised"]["score"]]
     if name == "path_similarity":
         return list(row["effective_path"]["rank1_similarity"])
     if name == "value_violation":
@@ -144,10 +159,9 @@ def _column(name: str, row: dict[str, Any]) -> list[Any]:
     return list(row["nic"]["provenance_violation"].values())
 
 
-def _output(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _output(name: str, rows: list[dict[str, Any]], datatype: str) -> dict[str, Any]:
     cols = [_column(name, r) for r in rows]
     width = len(cols[0])
-    scalar = name in ("predicted_class", "is_adversarial", "instance_score", "p_value")
-    shape = [len(rows)] if scalar else [len(rows), width]
-    data = [float(v) if OUTPUTS[name][0] == "FP32" else v for c in cols for v in c]
-    return {"name": name, "shape": shape, "datatype": OUTPUTS[name][0], "data": data}
+    shape = [len(rows)] if name in _SCALAR else [len(rows), width]
+    data = [float(v) if datatype == "FP32" else v for c in cols for v in c]
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}

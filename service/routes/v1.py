@@ -45,6 +45,9 @@ async def model(state: Ready) -> dict[str, Any]:
         "mode": s.mode,
         "engine": s.engine,
         "parallel_checks": s.parallel_checks,
+        "supervised": (
+            {"detector": p.supervised.detector, "attacks": list(p.supervised.attacks)} if p.supervised else None
+        ),
     }
 
 
