@@ -8,8 +8,8 @@ Splits of the training set (seeded permutation; the test set is never touched):
   so their similarity would be optimistic), ``A`` calibrates each component (NIC violation
   probabilities and the component p-values), ``B`` sets the fused threshold for the target FPR.
 
-Supervised mode (``supervised_attacks``, optional): the ``ep_fit`` images are also attacked, a supervised EP
-detector learns clean vs adversarial from their similarity features, and ``B`` calibrates it
+Supervised mode (``supervised_attacks``, optional): the ``ep_fit`` images are also attacked, a supervised
+detector learns clean vs adversarial from their features, and ``B`` calibrates it
 (:mod:`models.supervised`). The fused verdict is the same benign-only one either way.
 """
 
@@ -73,8 +73,10 @@ class BuildConfig:
         Optional supervised mode: attacks run on the ``ep_fit`` split to train a supervised EP detector that
         the bundle reports beside the (unchanged, benign-only) verdict. Empty = benign only (default).
     supervised_detector : str
-        ``linear`` (the EP paper's joint similarity, stored as arrays), ``random_forest``, ``adaboost`` or
-        ``gradient_boosting`` (stored pickled, loaded only after its digest matched).
+        ``logistic`` (default) or ``linear`` (the EP paper's joint similarity), both stored as arrays, or
+        ``random_forest``, ``adaboost``, ``gradient_boosting`` (stored pickled, loaded only after its digest matched).
+    supervised_features : str
+        ``all`` (default: EP similarities, NIC violations and the fusion components) or ``effective_path``.
     supervised_n : int, optional
         Attack only the first this many ``ep_fit`` images (``None`` = all of them).
     """
@@ -91,7 +93,8 @@ class BuildConfig:
     seed: int = 0
     fusion: list[str] = field(default_factory=lambda: list(FUSION_COMPONENTS))
     supervised_attacks: list[str] = field(default_factory=list)
-    supervised_detector: str = "linear"
+    supervised_detector: str = "logistic"
+    supervised_features: str = "all"
     supervised_n: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +102,7 @@ class BuildConfig:
         if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
             raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
         if self.supervised_attacks:
-            check_supervised_config(self.supervised_attacks, self.supervised_detector)
+            check_supervised_config(self.supervised_attacks, self.supervised_detector, self.supervised_features)
         if self.supervised_n is not None and self.supervised_n < 1:
             raise ValueError(f"supervised_n must be positive, got {self.supervised_n}")
 
@@ -157,8 +160,7 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     t = time.perf_counter()
     extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
     class_paths = ClassPaths(len(train.classes)).fit(extractor, fit.x, fit.y)
-    ep_fit_features = _ep_features(extractor, class_paths, parts["ep_fit"].x)
-    ep_score = BenignEPScore().fit(ep_fit_features)
+    ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
     timings["effective_path"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -180,14 +182,14 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
         supervised = fit_supervised(
             model,
             dataset,
-            lambda x: _ep_features(extractor, class_paths, x),
+            lambda x: pipeline.supervised_features(x, cfg.supervised_features),
             parts["ep_fit"].x[:n],
             parts["ep_fit"].y[:n],
             parts["calib_b"].x,
             cfg.supervised_attacks,
             cfg.supervised_detector,
+            cfg.supervised_features,
             seed=cfg.seed,
-            clean_features=ep_fit_features[:n],
             progress=lambda msg: tqdm.write(f"supervised {msg}"),
         )
         supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
@@ -213,7 +215,11 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
             "components": verdict.components,
         },
         "calibration": {k: len(v) for k, v in parts.items()},
-        **({"supervised": supervised.manifest()} if supervised is not None else {}),
+        **(
+            {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
+            if supervised is not None
+            else {}
+        ),
         "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
     }
     if supervised is not None:

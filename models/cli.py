@@ -97,18 +97,19 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     from models.build import BuildConfig, build_bundle
 
-    if not args.supervised_attacks and (args.supervised_n is not None or args.supervised_detector != "linear"):
-        print("error: --supervised-detector / --supervised-n need --supervised-attacks", file=sys.stderr)
+    supervised_options = ("supervised_detector", "supervised_features", "supervised_n")
+    if not args.supervised_attacks and any(getattr(args, k) is not None for k in supervised_options):
+        print("error: --supervised-detector / --supervised-features / --supervised-n need --supervised-attacks",
+              file=sys.stderr)  # fmt: skip
         return 2
     optional: dict[str, Any] = {}
     if args.fusion:  # otherwise BuildConfig's default: every component
         optional["fusion"] = _names(args.fusion)
     if args.supervised_attacks:
-        optional |= {
-            "supervised_attacks": _names(args.supervised_attacks),
-            "supervised_detector": args.supervised_detector,
-            "supervised_n": args.supervised_n,
-        }
+        optional["supervised_attacks"] = _names(args.supervised_attacks)
+        for key in supervised_options:
+            if getattr(args, key) is not None:  # otherwise BuildConfig's default
+                optional[key] = getattr(args, key)
     try:
         cfg = BuildConfig(
             name=args.name or Path(args.out).name,
@@ -157,15 +158,20 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--supervised-attacks",
         help="optional supervised mode (needs the eval extra): comma-separated attacks, e.g. fgsm,bim,deepfool, run "
-        "on held-out training images to train a supervised Effective Path detector reported beside the verdict "
-        "(the verdict stays benign-only)",
+        "on held-out training images to train a supervised detector reported beside the verdict (the verdict "
+        "stays benign-only)",
     )
     p.add_argument(
         "--supervised-detector",
-        default="linear",
-        choices=["linear", "random_forest", "adaboost", "gradient_boosting"],
-        help="supervised model: the EP paper's linear joint similarity (arrays; default) or an ensemble (joblib, "
-        "loaded only after its sha256 matched)",
+        choices=["logistic", "linear", "random_forest", "adaboost", "gradient_boosting"],
+        help="supervised model: logistic regression (default) or the EP paper's linear joint similarity (arrays), "
+        "or an ensemble (joblib, unpickled only after its sha256 matched)",
+    )
+    p.add_argument(
+        "--supervised-features",
+        choices=["all", "effective_path"],
+        help="all (default: EP similarities, NIC violations, fusion components) or effective_path (similarities "
+        "only; required by --supervised-detector linear)",
     )
     p.add_argument("--supervised-n", type=int, help="held-out images to attack (default: all 20%% of --n-calib)")
     p.set_defaults(func=_cmd_build)

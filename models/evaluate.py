@@ -24,7 +24,7 @@ Detectors:
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
 ``fused``          the bundle's verdict score (Fisher combination of the components its manifest names)
 ``bundle_supervised`` only for bundles built with ``--supervised-attacks``: the bundle's own supervised
-                   EP detector, trained by the builder on attacks of held-out *training* images, so
+                   detector, trained by the builder on attacks of held-out *training* images, so
                    it is scored on every clean and adversarial test image (no split needed)
 =================  ===========================================================================
 """
@@ -113,9 +113,8 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
             "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
-        if pipe.supervised is not None:
-            feats = np.concatenate([res.rank1_similarity, res.rank2_similarity], axis=1)
-            scores[BUNDLE_SUPERVISED] = pipe.supervised.raw_score(feats)
+        if res.supervised is not None:
+            scores[BUNDLE_SUPERVISED] = res.supervised.raw
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))
     if not parts:
         raise ValueError("no inputs to score")
@@ -353,7 +352,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if sup:
         tr = sup["training"]
         lines += [
-            f"`{BUNDLE_SUPERVISED}`: the bundle's own supervised detector (`{sup['detector']}`), trained by the "
+            f"`{BUNDLE_SUPERVISED}`: the bundle's own supervised detector (`{sup['detector']}` on "
+            f"`{sup.get('features', 'effective_path')}` features), trained by the "
             f"builder on {tr['clean']} held-out clean training images and {tr['adversarial']} adversarial examples "
             f"of them from {', '.join(f'`{a}`' for a in sup['attacks'])}; scored on every test image below. "
             "Attacks outside that list measure how it transfers to attacks it never saw.",

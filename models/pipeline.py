@@ -238,8 +238,7 @@ class DetectionPipeline:
         p_viol = self.nic.provenance_violation(raw.provenance)
         sup = None
         if self.supervised is not None and self.supervised_threshold is not None:
-            features = np.concatenate([raw.sims[1], raw.sims[2]], axis=1)
-            sup = self.supervised.assess(features, self.supervised_threshold)
+            sup = self.supervised.assess(self._features(raw, self.supervised.features), self.supervised_threshold)
         return DetectionResult(
             probabilities=probs,
             predicted=probs.argmax(1),
@@ -281,6 +280,35 @@ class DetectionPipeline:
         logits, taps = self.classifier.forward_with_taps(xt)
         raw = self._raw(xt, logits, taps, None)
         return self._result(logits, raw), raw.components
+
+    def _features(self, raw: _RawScores, feature_set: str) -> np.ndarray:
+        """(N, F) supervised features (see :mod:`models.supervised`) from one batch's raw scores."""
+        ep = [raw.sims[1], raw.sims[2]]
+        if feature_set == "effective_path":
+            return np.concatenate(ep, axis=1)
+        p_viol = self.nic.provenance_violation(raw.provenance)
+        comps = np.stack([raw.ep, raw.final, raw.value_stat], axis=1)
+        return np.concatenate([*ep, raw.value_violation, p_viol, comps], axis=1)
+
+    def feature_names(self, feature_set: str) -> list[str]:
+        """Column names of :meth:`supervised_features`."""
+        names = [f"rank{r}_similarity/{n}" for r in (1, 2) for n in self.ep_layers]
+        if feature_set == "effective_path":
+            return names
+        names += [f"value_violation/{n}" for n in self.nic_value_layers]
+        names += [f"provenance_violation/{n}" for n in self.nic_provenance_pairs]
+        return [*names, f"raw/{EP}", f"raw/{NIC}", f"raw/{NIC_VI}"]
+
+    @torch.no_grad()
+    def supervised_features(self, x: torch.Tensor | np.ndarray, feature_set: str, batch_size: int = 500) -> np.ndarray:
+        """(N, F) supervised features of inputs (N, C, H, W): ``"effective_path"`` or ``"all"``."""
+        out = []
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        for s in range(0, len(xt), batch_size):
+            xb = xt[s : s + batch_size]
+            logits, taps = self.classifier.forward_with_taps(xb)
+            out.append(self._features(self._raw(xb, logits, taps, None), feature_set))
+        return np.concatenate(out)
 
     @torch.no_grad()
     def raw_components(self, x: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
@@ -371,10 +399,13 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
         known = list(FUSION_COMPONENTS)
         raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
     verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
-    supervised = None
+    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)
     if "supervised" in m:  # optional: bundles built with --supervised-attacks
-        supervised = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, supervised)
+        sup = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
+        names = pipeline.feature_names(sup.features)
+        if m["supervised"].get("feature_names", names) != names:
+            raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
+        pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
 
 

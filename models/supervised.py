@@ -1,10 +1,19 @@
 """A bundle's optional supervised detector (``pathguard build --supervised-attacks ...``).
 
 The default verdict is attack-agnostic: every component is fitted on benign data only. A bundle built in
-supervised mode additionally carries one of the Effective Path paper's supervised detectors (Qiu et al., Sec. 4.2:
-the linear joint-similarity model, or a random forest / AdaBoost / gradient boosting ensemble) trained on the
-rank-1 + rank-2 similarity features of clean images and of adversarial examples generated from them. It is
-reported beside the verdict and never replaces it: it can only be as good as the attacks it was shown.
+supervised mode additionally carries a detector trained on clean images *and* adversarial examples generated from
+them. It is reported beside the verdict and never replaces it: it can only be as good as the attacks it was shown.
+
+Features (``features``):
+
+- ``all`` (default): everything the bundle computes per input: rank-1 and rank-2 path similarity per Effective
+  Path layer, NIC's value- and provenance-violation probability per layer (pair), and the three raw fusion
+  components (benign EP score, NIC final model, two-sided VI statistic);
+- ``effective_path``: the rank-1 + rank-2 similarities only, as in the Effective Path paper (Qiu et al., Sec. 4.2).
+
+Detectors (``detector``): ``logistic`` (default; standardized, class-balanced L2 logistic regression, plain
+arrays), ``linear`` (the EP paper's joint similarity with its sign constraints; ``effective_path`` features only),
+or a ``random_forest`` / ``adaboost`` / ``gradient_boosting`` ensemble as in the EP paper.
 
 Data (training set only; the test set is never used):
 
@@ -13,9 +22,9 @@ Data (training set only; the test set is never used):
 - calibration: the clean split ``B`` (disjoint from the training images): its scores give the empirical
   p-values and the threshold for the bundle's target FPR, exactly as for the fused verdict.
 
-Files: ``supervised.npz`` always (calibration scores; the linear model's weights). The ensembles are
-scikit-learn objects and can only be stored pickled, in ``supervised.joblib``; that file is unpickled only from
-bytes whose sha256 matched the manifest (:func:`models.bundle.read_verified`).
+Files: ``supervised.npz`` always (calibration scores; the weights of ``logistic`` and ``linear``). The ensembles
+are scikit-learn objects and can only be stored pickled, in ``supervised.joblib``; that file is unpickled only
+from bytes whose sha256 matched the manifest (:func:`models.bundle.read_verified`).
 """
 
 from __future__ import annotations
@@ -29,11 +38,14 @@ from typing import Any
 import numpy as np
 
 from models.calibration import empirical_p_values, threshold_at_fpr
-from models.ep_detectors import DETECTORS, LinearJointSimilarity, SklearnDetector, make_detector
+from models.ep_detectors import LinearJointSimilarity, SklearnDetector, make_detector
 
 __all__ = [
+    "FEATURE_SETS",
+    "SUPERVISED_DETECTORS",
     "SUPERVISED_JOBLIB",
     "SUPERVISED_NPZ",
+    "LogisticDetector",
     "SupervisedAssessment",
     "SupervisedDetector",
     "check_supervised_config",
@@ -42,11 +54,70 @@ __all__ = [
 
 SUPERVISED_NPZ = "supervised.npz"
 SUPERVISED_JOBLIB = "supervised.joblib"
+SUPERVISED_DETECTORS = ("logistic", "linear", "random_forest", "adaboost", "gradient_boosting")
+FEATURE_SETS = ("all", "effective_path")
 _LIBRARY_ATTACKS = ("gradient", "patch")  # families that run through adversarial-robustness-toolbox
 
 
-def check_supervised_config(attacks: Sequence[str], detector: str) -> None:
-    """Fail early (before any fitting) on an unknown attack or detector, or a missing ``eval`` extra."""
+class LogisticDetector:
+    """Standardized, class-balanced L2 logistic regression (fitted with scikit-learn), kept as plain arrays.
+
+    ``score`` is the logit ``((f - mean) / scale) @ coef + intercept``: higher = more adversarial.
+    """
+
+    def __init__(self, C: float = 1.0) -> None:
+        self.C = C
+
+    def fit(self, features: np.ndarray, is_adv: np.ndarray) -> LogisticDetector:
+        from sklearn.linear_model import LogisticRegression
+
+        f = np.asarray(features, dtype=np.float64)
+        y = np.asarray(is_adv).astype(int)
+        if f.ndim != 2 or len(np.unique(y)) < 2:
+            raise ValueError("fit needs (N, F) features with both benign and adversarial examples")
+        mean, std = f.mean(0), f.std(0)
+        self.mean_, self.scale_ = mean, np.where(std > 1e-12, std, 1.0)
+        lr = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000)
+        lr.fit((f - self.mean_) / self.scale_, y)
+        self.coef_ = np.asarray(lr.coef_[0], dtype=np.float64)
+        self.intercept_ = float(lr.intercept_[0])
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        f = np.asarray(features, dtype=np.float64)
+        return np.asarray((f - self.mean_) / self.scale_ @ self.coef_ + self.intercept_)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": np.array(self.intercept_)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LogisticDetector:
+        self = cls()
+        self.mean_, self.scale_, self.coef_ = (
+            np.asarray(arrays[k], dtype=np.float64) for k in ("mean", "scale", "coef")
+        )
+        self.intercept_ = float(arrays["intercept"])
+        if not (self.mean_.shape == self.scale_.shape == self.coef_.shape):
+            raise ValueError("LogisticDetector arrays have inconsistent shapes")
+        return self
+
+
+Model = LogisticDetector | LinearJointSimilarity | SklearnDetector
+_ARRAY_MODELS: dict[str, type[LogisticDetector] | type[LinearJointSimilarity]] = {
+    "logistic": LogisticDetector,
+    "linear": LinearJointSimilarity,
+}
+
+
+def _make(detector: str, seed: int) -> Model:
+    if detector == "logistic":
+        return LogisticDetector()
+    return make_detector(detector, **({} if detector == "linear" else {"random_state": seed}))
+
+
+def check_supervised_config(attacks: Sequence[str], detector: str, features: str = "all") -> None:
+    """Fail early (before any fitting) on an unknown attack, detector or feature set, a combination that does not
+    exist, or a missing ``eval`` extra."""
     from models.attacks import ATTACKS
 
     unknown = [a for a in attacks if a not in ATTACKS]
@@ -54,8 +125,12 @@ def check_supervised_config(attacks: Sequence[str], detector: str) -> None:
         raise ValueError(f"unknown supervised attack(s) {unknown}; known: {sorted(ATTACKS)}")
     if len(set(attacks)) != len(attacks):
         raise ValueError(f"supervised attacks must be distinct, got {list(attacks)}")
-    if detector not in DETECTORS:
-        raise ValueError(f"unknown supervised detector {detector!r}; choose from {list(DETECTORS)}")
+    if detector not in SUPERVISED_DETECTORS:
+        raise ValueError(f"unknown supervised detector {detector!r}; choose from {list(SUPERVISED_DETECTORS)}")
+    if features not in FEATURE_SETS:
+        raise ValueError(f"unknown supervised feature set {features!r}; choose from {list(FEATURE_SETS)}")
+    if detector == "linear" and features != "effective_path":
+        raise ValueError("the linear joint-similarity detector needs features='effective_path' (its sign constraints)")
     needs_art = [a for a in attacks if ATTACKS[a].family in _LIBRARY_ATTACKS]
     if needs_art and importlib.util.find_spec("art") is None:
         raise ValueError(
@@ -70,6 +145,7 @@ class SupervisedAssessment:
     score: np.ndarray  # (N,) violation probability in [0, 1] against the clean calibration scores
     p_value: np.ndarray  # (N,) empirical p-value among the clean calibration scores
     adversarial: np.ndarray  # (N,) bool: raw score above the threshold for the target FPR
+    raw: np.ndarray  # (N,) the detector's raw score (higher = more adversarial)
 
 
 @dataclass
@@ -79,11 +155,13 @@ class SupervisedDetector:
     Attributes
     ----------
     detector : str
-        One of :data:`models.ep_detectors.DETECTORS`.
+        One of :data:`SUPERVISED_DETECTORS`.
+    features : str
+        One of :data:`FEATURE_SETS` (computed by :meth:`models.pipeline.DetectionPipeline.supervised_features`).
     attacks : list of str
         Attacks whose adversarial examples it was trained on.
-    model : LinearJointSimilarity or SklearnDetector
-        Scores (N, 2L) rank-1 + rank-2 similarity features, higher = more adversarial.
+    model : LogisticDetector, LinearJointSimilarity or SklearnDetector
+        Scores (N, F) features, higher = more adversarial.
     calib : np.ndarray
         Sorted raw scores of the clean calibration split.
     training : dict
@@ -91,13 +169,14 @@ class SupervisedDetector:
     """
 
     detector: str
+    features: str
     attacks: list[str]
-    model: LinearJointSimilarity | SklearnDetector
+    model: Model
     calib: np.ndarray
     training: dict[str, Any] = field(default_factory=dict)
 
     def raw_score(self, features: np.ndarray) -> np.ndarray:
-        """(N,) raw detector score of rank-1 + rank-2 similarity features (N, 2L)."""
+        """(N,) raw detector score of features (N, F)."""
         return np.asarray(self.model.score(features), dtype=np.float64)
 
     def threshold_for(self, target_fpr: float) -> float:
@@ -107,15 +186,15 @@ class SupervisedDetector:
     def assess(self, features: np.ndarray, threshold: float) -> SupervisedAssessment:
         raw = self.raw_score(features)
         p = empirical_p_values(self.calib, raw, assume_sorted=True)
-        return SupervisedAssessment(score=1.0 - p, p_value=p, adversarial=raw > threshold)
+        return SupervisedAssessment(score=1.0 - p, p_value=p, adversarial=raw > threshold, raw=raw)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's ``supervised`` entry."""
-        files = [SUPERVISED_NPZ] + ([] if self.detector == "linear" else [SUPERVISED_JOBLIB])
+        files = [SUPERVISED_NPZ] + ([] if self.detector in _ARRAY_MODELS else [SUPERVISED_JOBLIB])
         return {
             "detector": self.detector,
+            "features": self.features,
             "attacks": list(self.attacks),
-            "features": "effective_path rank-1 + rank-2 similarity",
             "training": self.training,
             "n_calibration": len(self.calib),
             "files": files,
@@ -126,8 +205,8 @@ class SupervisedDetector:
 
         arrays = {"calib": self.calib}
         out = {}
-        if isinstance(self.model, LinearJointSimilarity):
-            arrays |= {f"linear/{k}": v for k, v in self.model.to_arrays().items()}
+        if isinstance(self.model, LogisticDetector | LinearJointSimilarity):
+            arrays |= {f"{self.detector}/{k}": v for k, v in self.model.to_arrays().items()}
         else:
             import joblib
 
@@ -142,20 +221,26 @@ class SupervisedDetector:
         cls, entry: dict[str, Any], npz: Callable[[str], dict[str, np.ndarray]], blob: Callable[[str], bytes]
     ) -> SupervisedDetector:
         """Load from a manifest ``supervised`` entry and *verified* bundle files (``npz(name)``, ``blob(name)``)."""
-        detector = str(entry["detector"])
-        if detector not in DETECTORS:
-            raise ValueError(f"unknown supervised detector {detector!r}; this pathguard knows {list(DETECTORS)}")
+        detector, features = str(entry["detector"]), str(entry.get("features", "effective_path"))
+        if detector not in SUPERVISED_DETECTORS or features not in FEATURE_SETS:
+            raise ValueError(
+                f"unknown supervised detector {detector!r} or feature set {features!r}; this pathguard knows "
+                f"{list(SUPERVISED_DETECTORS)} and {list(FEATURE_SETS)}"
+            )
         arrays = npz(SUPERVISED_NPZ)
-        model: LinearJointSimilarity | SklearnDetector
-        if detector == "linear":
-            model = LinearJointSimilarity.from_arrays({k.split("/", 1)[1]: v for k, v in arrays.items() if "/" in k})
+        model: Model
+        if detector in _ARRAY_MODELS:
+            prefix = f"{detector}/"
+            model = _ARRAY_MODELS[detector].from_arrays(
+                {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+            )
         else:
             import joblib
 
             model = SklearnDetector(detector)
             model.estimator_ = joblib.load(io.BytesIO(blob(SUPERVISED_JOBLIB)))  # digest checked by read_verified
         calib = np.sort(np.asarray(arrays["calib"], dtype=np.float64))
-        return cls(detector, list(entry["attacks"]), model, calib, dict(entry.get("training", {})))
+        return cls(detector, features, list(entry["attacks"]), model, calib, dict(entry.get("training", {})))
 
 
 def fit_supervised(
@@ -166,7 +251,8 @@ def fit_supervised(
     train_y: np.ndarray,
     calib_x: np.ndarray,
     attacks: Sequence[str],
-    detector: str = "linear",
+    detector: str = "logistic",
+    feature_set: str = "all",
     seed: int = 0,
     clean_features: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
@@ -181,7 +267,7 @@ def fit_supervised(
     dataset : str
         Selects the attacks' default parameters.
     features : callable
-        (N, C, H, W) images -> (N, 2L) rank-1 + rank-2 similarity features.
+        (N, C, H, W) images -> (N, F) features of ``feature_set`` (recorded in the manifest).
     train_x, train_y : np.ndarray
         Clean training images and labels (held out from the class paths).
     calib_x : np.ndarray
@@ -191,7 +277,7 @@ def fit_supervised(
     """
     from models.attacks import run_attack
 
-    check_supervised_config(attacks, detector)
+    check_supervised_config(attacks, detector, feature_set)
     clean = features(train_x) if clean_features is None else clean_features
     adv_parts, counts = [], {}
     for name in attacks:
@@ -207,8 +293,7 @@ def fit_supervised(
         raise ValueError(f"the supervised attacks {list(attacks)} produced {n_adv} adversarial examples; need 10")
     x = np.concatenate([clean, *adv_parts])
     y = np.r_[np.zeros(len(clean)), np.ones(n_adv)]
-    kwargs: dict[str, Any] = {} if detector == "linear" else {"random_state": seed}
-    model = make_detector(detector, **kwargs).fit(x, y)
+    model = _make(detector, seed).fit(x, y)
     calib = np.sort(np.asarray(model.score(features(calib_x)), dtype=np.float64))
     training = {"clean": len(clean), "adversarial": n_adv, "attacks": counts}
-    return SupervisedDetector(detector, list(attacks), model, calib, training)
+    return SupervisedDetector(detector, feature_set, list(attacks), model, calib, training)

@@ -107,7 +107,7 @@ class ModelInfo(BaseModel):
     engine: str
     parallel_checks: bool
     supervised: dict[str, Any] | None = Field(
-        default=None, description="Detector and training attacks of the bundle's supervised model, if it has one."
+        default=None, description="Detector, feature set and training attacks of the bundle's supervised model, if any."
     )
 
 

@@ -51,7 +51,7 @@ TINY_NIC = {"n_fit": 300, "n_final": 200, "n_pca": 300, "n_head": 2000, "head_ep
 
 @pytest.fixture(scope="session")
 def supervised_bundle(tmp_path_factory):
-    """A tiny MNIST bundle built in supervised mode (linear EP detector trained on FGSM and BIM)."""
+    """A tiny MNIST bundle built in supervised mode (defaults: logistic regression on all features; FGSM and BIM)."""
     from models.build import BuildConfig, build_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-supervised"

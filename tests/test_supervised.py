@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,10 @@ from .conftest import ARTIFACTS
 def test_manifest_records_training_and_files(supervised_bundle):
     m = verify_bundle(supervised_bundle)
     sup = m["supervised"]
-    assert sup["detector"] == "linear" and sup["attacks"] == ["fgsm", "bim"]
+    assert sup["detector"] == "logistic" and sup["features"] == "all" and sup["attacks"] == ["fgsm", "bim"]
+    n_nic = len(m["nic"]["layers"])
+    assert len(sup["feature_names"]) == 2 * m["ep_layer_count"] + n_nic + (n_nic - 1) + 3
+    assert sup["feature_names"][0] == "rank1_similarity/conv1" and sup["feature_names"][-1] == "raw/nic_vi"
     assert sup["files"] == [SUPERVISED_NPZ] and SUPERVISED_NPZ in m["files"] and SUPERVISED_JOBLIB not in m["files"]
     tr = sup["training"]
     # trained on the held-out ep_fit split (20% of n_calib), calibrated on split B: never the test set
@@ -32,15 +36,17 @@ def test_manifest_records_training_and_files(supervised_bundle):
     assert tr["adversarial"] == sum(tr["attacks"][a]["successful"] for a in ("fgsm", "bim"))
     assert m["build"]["config"]["supervised_attacks"] == ["fgsm", "bim"]
     with np.load(supervised_bundle / SUPERVISED_NPZ, allow_pickle=False) as z:
-        assert set(z.files) == {"calib", "linear/coef", "linear/intercept"}
+        assert set(z.files) == {"calib", "logistic/mean", "logistic/scale", "logistic/coef", "logistic/intercept"}
+        assert z["logistic/coef"].shape == (len(sup["feature_names"]),)
 
 
-def test_linear_model_keeps_the_paper_sign_constraints(supervised_bundle):
-    det = load_bundle(supervised_bundle).pipeline.supervised
-    assert isinstance(det.model, LinearJointSimilarity)
-    half = len(det.model.coef_) // 2
-    assert np.all(det.model.coef_[:half] >= 0) and np.all(det.model.coef_[half:] <= 0)
-    assert np.any(det.model.coef_ != 0)
+def test_features_that_do_not_match_the_pipeline_are_refused(supervised_bundle, tmp_path):
+    vf = read_verified(supervised_bundle)
+    manifest = {k: v for k, v in vf.manifest.items() if k not in ("files", "schema_version", "created_at")}
+    manifest["supervised"] = manifest["supervised"] | {"feature_names": manifest["supervised"]["feature_names"][1:]}
+    write_bundle(tmp_path / "b", vf.blobs, manifest)
+    with pytest.raises(ValueError, match="features do not match"):
+        load_bundle(tmp_path / "b")
 
 
 def test_threshold_gives_target_fpr_on_its_calibration_scores(supervised_bundle):
@@ -108,7 +114,7 @@ def test_ensemble_is_unpickled_only_after_its_digest_matched(tmp_path, monkeypat
     from models.ep_detectors import make_detector
 
     model = make_detector("random_forest", random_state=0).fit(feats, y)
-    det = SupervisedDetector("random_forest", ["fgsm"], model, np.sort(model.score(calib_feats[::2])))
+    det = SupervisedDetector("random_forest", "effective_path", ["fgsm"], model, np.sort(model.score(calib_feats[::2])))
     files = det.files()
     assert set(files) == {SUPERVISED_NPZ, SUPERVISED_JOBLIB}
     write_bundle(tmp_path / "b", files, {"supervised": det.manifest()})
@@ -132,7 +138,7 @@ def test_ensemble_is_unpickled_only_after_its_digest_matched(tmp_path, monkeypat
         read_verified(tmp_path / "b")
 
 
-def test_fit_supervised_on_real_attacks_uses_only_given_images(lenet, mnist_test):
+def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(lenet, mnist_test):
     from models.build import _ep_features
     from models.class_paths import ClassPaths
     from models.effective_path import EffectivePathExtractor
@@ -145,13 +151,19 @@ def test_fit_supervised_on_real_attacks_uses_only_given_images(lenet, mnist_test
         seen.append(len(x))
         return _ep_features(extractor, paths, x)
 
-    det = fit_supervised(
-        lenet, "mnist", features, mnist_test.x[:60], mnist_test.y[:60], mnist_test.x[60:100], ["fgsm"], "adaboost"
-    )
-    assert det.detector == "adaboost" and det.training["clean"] == 60 and len(det.calib) == 40
-    assert seen[0] == 60 and seen[-1] == 40  # clean training features first, calibration last
+    x, y = mnist_test.x, mnist_test.y
+    det = fit_supervised(lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "linear", "effective_path")
+    assert det.detector == "linear" and det.training["clean"] == 80 and len(det.calib) == 40
+    assert seen[0] == 80 and seen[-1] == 40  # clean training features first, calibration last
     assert seen[1] == det.training["attacks"]["fgsm"]["successful"] == det.training["adversarial"]
     assert np.all(np.diff(det.calib) >= 0)
+    assert isinstance(det.model, LinearJointSimilarity)
+    half = len(det.model.coef_) // 2  # >= 0 on rank-1, <= 0 on rank-2 similarities, not all zero
+    assert np.all(det.model.coef_[:half] >= 0) and np.all(det.model.coef_[half:] <= 0)
+    assert np.any(det.model.coef_ != 0)
+    assert det.manifest()["files"] == [SUPERVISED_NPZ]
+    with np.load(io.BytesIO(det.files()[SUPERVISED_NPZ]), allow_pickle=False) as z:
+        assert set(z.files) == {"calib", "linear/coef", "linear/intercept"}
 
 
 @pytest.mark.parametrize(
@@ -160,6 +172,8 @@ def test_fit_supervised_on_real_attacks_uses_only_given_images(lenet, mnist_test
         ({"supervised_attacks": ["fgsm", "nope"]}, "unknown supervised attack"),
         ({"supervised_attacks": ["fgsm", "fgsm"]}, "distinct"),
         ({"supervised_attacks": ["fgsm"], "supervised_detector": "svm"}, "unknown supervised detector"),
+        ({"supervised_attacks": ["fgsm"], "supervised_features": "pixels"}, "unknown supervised feature set"),
+        ({"supervised_attacks": ["fgsm"], "supervised_detector": "linear"}, "needs features='effective_path'"),
         ({"supervised_attacks": ["fgsm"], "supervised_n": 0}, "supervised_n must be positive"),
     ],
 )
@@ -212,5 +226,5 @@ def test_evaluate_scores_the_bundle_supervised_detector(supervised_bundle, tmp_p
     assert d["per_attack"]["fgsm"]["auc"] > 0.9  # an attack it was trained on (on other images)
     assert r["settings"]["bundle_supervised"]["attacks"] == ["fgsm", "bim"]
     md = (tmp_path / "report.md").read_text()
-    assert f"`{BUNDLE_SUPERVISED}`: the bundle's own supervised detector (`linear`)" in md
+    assert f"`{BUNDLE_SUPERVISED}`: the bundle's own supervised detector (`logistic`" in md
     assert (tmp_path / f"roc_{BUNDLE_SUPERVISED}.png").exists()

@@ -28,6 +28,10 @@ def _image_body(field: str, many: bool) -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503)}
 
 
+def _supervised_info(sup: Any) -> dict[str, Any] | None:
+    return None if sup is None else {"detector": sup.detector, "features": sup.features, "attacks": list(sup.attacks)}
+
+
 @router.get("/model", response_model=ModelInfo)
 async def model(state: Ready) -> dict[str, Any]:
     """Summary of the served bundle's manifest."""
@@ -45,9 +49,7 @@ async def model(state: Ready) -> dict[str, Any]:
         "mode": s.mode,
         "engine": s.engine,
         "parallel_checks": s.parallel_checks,
-        "supervised": (
-            {"detector": p.supervised.detector, "attacks": list(p.supervised.attacks)} if p.supervised else None
-        ),
+        "supervised": _supervised_info(p.supervised),
     }
 
 

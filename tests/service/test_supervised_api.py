@@ -22,12 +22,12 @@ def client(supervised_bundle, tmp_path):
 
 def test_detect_reports_supervised_block(client, mnist_test):
     info = client.get("/v1/model").json()
-    assert info["supervised"] == {"detector": "linear", "attacks": ["fgsm", "bim"]}
+    assert info["supervised"] == {"detector": "logistic", "features": "all", "attacks": ["fgsm", "bim"]}
     r = client.post("/v1/detect", content=png_bytes(mnist_test.x[0]), headers=PNG)
     assert r.status_code == 200, r.text
     body = r.json()
     sup = body["supervised"]
-    assert sup["detector"] == "linear" and isinstance(sup["adversarial"], bool)
+    assert sup["detector"] == "logistic" and isinstance(sup["adversarial"], bool)
     assert 0 < sup["p_value"] <= 1 and sup["score"] == pytest.approx(1 - sup["p_value"], abs=1e-5)
     assert body["verdict"] is not None  # the benign-only verdict is still there, unchanged in shape
     batch = client.post(
