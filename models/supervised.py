@@ -150,7 +150,7 @@ class SupervisedAssessment:
 
 @dataclass
 class SupervisedDetector:
-    """A fitted supervised EP detector with its clean calibration scores.
+    """A fitted supervised detector with its clean calibration scores.
 
     Attributes
     ----------

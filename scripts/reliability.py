@@ -441,6 +441,9 @@ async def _poll_ready(url: str, stop: asyncio.Event, out: list[tuple[float, str]
             await asyncio.sleep(0.02)
 
 
+SALVO_LEAD_S = 0.1  # the batch salvo goes out this long before SIGTERM
+
+
 async def _sigterm_run(server: Server, args: argparse.Namespace, bodies: list[bytes]) -> dict[str, Any]:
     assert server.proc is not None
     proc = server.proc
@@ -465,7 +468,7 @@ async def _sigterm_run(server: Server, args: argparse.Namespace, bodies: list[by
     polls: list[tuple[float, str]] = []
     stop = asyncio.Event()
     poller = asyncio.create_task(_poll_ready(server.url, stop, polls))
-    events = {args.term_at - 0.1: fire_salvo, args.term_at: term}
+    events = {args.term_at - SALVO_LEAD_S: fire_salvo, args.term_at: term}
     results = await fixed_rate(server.url + "/v1/detect", bodies, args.rate, args.term_at + 2.0, events)
     batches = list(await asyncio.gather(*salvo))
     await salvo_client.aclose()
@@ -497,6 +500,8 @@ def _sigterm_figures(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     before = [r for r in results if r.sent_s < args.term_at]
+    before_salvo = [r for r in before if r.sent_s < args.term_at - SALVO_LEAD_S]
+    late = [r for r in before if r.sent_s >= args.term_at - SALVO_LEAD_S]
     in_flight = [r for r in before if r.sent_s + r.latency_s > args.term_at]
     after = [r for r in results if r.sent_s >= args.term_at]
     batch_in_flight = [s for t, done, s in batches if t < t_sig < done]
@@ -505,8 +510,13 @@ def _sigterm_figures(
     return {
         "config": {"rate_rps": args.rate, "term_at_s": args.term_at, "grace_s": args.grace},
         "requests_sent_before_sigterm": summarize(before),
+        "requests_sent_before_salvo": summarize(before_salvo),
+        # sent while the salvo kept the event loop busy: a keep-alive connection whose request bytes the server had
+        # not read yet when SIGTERM came is closed by uvicorn's shutdown (the client sees a ReadError)
+        "requests_sent_after_salvo_before_sigterm": summarize(late),
         "in_flight_at_sigterm": len(in_flight),
         "in_flight_completed_200": sum(1 for r in in_flight if r.status == 200),
+        "in_flight_answered_not_200": sum(1 for r in in_flight if r.status is not None and r.status != 200),
         "batch_requests_sent_before_sigterm": sum(1 for t, _, _ in batches if t < t_sig),
         "batch_in_flight_at_sigterm": len(batch_in_flight),
         "batch_in_flight_completed_200": sum(1 for s in batch_in_flight if s == 200),

@@ -60,10 +60,14 @@ def test_redis_stopped_and_restarted_during_load_loses_nothing(tmp_path):
 
 def test_sigterm_during_load_drains_in_flight_and_exits(tmp_path):
     figures = run_reliability("sigterm", tmp_path, "--rate", "15", "--term-at", "3", "--images", "64")
-    before = figures["requests_sent_before_sigterm"]
-    assert before["failed"] == 0, before
+    before = figures["requests_sent_before_salvo"]
+    assert before["requests"] >= 40 and before["failed"] == 0, before
+    # the last 0.1 s before SIGTERM: answered 200, or (keep-alive race, docs/reliability.md) a closed connection;
+    # never an error status
+    late = figures["requests_sent_after_salvo_before_sigterm"]["statuses"]
+    assert set(late) <= {"200", "error:ReadError", "error:RemoteProtocolError"}, late
     assert figures["batch_in_flight_at_sigterm"] >= 1, "long requests were in flight at SIGTERM"
-    assert figures["in_flight_completed_200"] == figures["in_flight_at_sigterm"]
+    assert figures["in_flight_answered_not_200"] == 0
     assert figures["batch_in_flight_completed_200"] == figures["batch_in_flight_at_sigterm"]
     assert figures["readiness_polls_before_sigterm_200"] > 0
     assert figures["readiness_first_not_ready_ms"] is not None and figures["readiness_first_not_ready_ms"] < 2000
