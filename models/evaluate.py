@@ -247,8 +247,8 @@ def evaluate(
     adv_ev = {a: s.take(~is_train[sets[a].source]) for a, s in adv.items()}
 
     eval_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = {}
-    bundle_detectors = [*BENIGN, *([BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in clean.scores else [])]
-    for d in bundle_detectors:
+    extra = [BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in clean.scores else []  # the bundle's supervised model
+    for d in [*BENIGN, *extra]:
         eval_scores[d] = (clean.scores[d], {a: s.scores[d] for a, s in adv.items()}, calib.scores[d])
     for d in SUPERVISED:
         model = _fit_supervised(d, clean_tr, list(adv_tr.values()))
@@ -281,7 +281,7 @@ def evaluate(
             "family": ATTACKS[name].family,
             "params": s.params,
         }
-    for d in [*DETECTORS, *([BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in eval_scores else [])]:
+    for d in [*DETECTORS, *extra]:
         c, per, cal = eval_scores[d]
         thr = float(bundle.pipeline.threshold) if d == "fused" else threshold_at_fpr(cal, target_fpr)
         report["clean"]["fpr"][d] = float(np.mean(c > thr))

@@ -82,7 +82,6 @@ class DetectionResult:
     target_fpr: float
     timings_s: dict[str, float] = field(default_factory=dict)
     supervised: SupervisedAssessment | None = None  # bundles built with supervised attacks only
-    supervised_detector: str = ""
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -116,7 +115,7 @@ class DetectionResult:
         }
         if self.supervised is not None:
             out["supervised"] = {
-                "detector": self.supervised_detector,
+                "detector": self.supervised.detector,
                 "adversarial": bool(self.supervised.adversarial[i]),
                 "score": r(self.supervised.score[i]),
                 "p_value": r(self.supervised.p_value[i]),
@@ -225,17 +224,17 @@ class DetectionPipeline:
         if ep is None:
             ep = self.ep_check(x, logits, taps)
         v_viol = self.nic.value_violation(value.numpy())  # (N, L), reused by the response
+        p_viol = self.nic.provenance_violation(prov.numpy())  # (N, L-1)
         vi = two_sided_fisher(v_viol, self.nic.calibration_size)
         timings = {NIC: t1 - t0, EP: ep.seconds}
-        return _RawScores(ep.sims, ep.raw, v_viol, prov.numpy(), final.numpy(), vi, timings)
+        return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings)
 
     def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
         if self.verdict is None:
             raise RuntimeError("pipeline has no fused-verdict calibration yet")
         probs = torch.softmax(logits.float(), dim=1).numpy()
         fused = self.verdict.fuse(raw.components)
-        v_viol = raw.value_violation
-        p_viol = self.nic.provenance_violation(raw.provenance)
+        v_viol, p_viol = raw.value_violation, raw.provenance_violation
         sup = None
         if self.supervised is not None and self.supervised_threshold is not None:
             sup = self.supervised.assess(self._features(raw, self.supervised.features), self.supervised_threshold)
@@ -257,7 +256,6 @@ class DetectionPipeline:
             target_fpr=self.target_fpr,
             timings_s=raw.timings_s,
             supervised=sup,
-            supervised_detector=self.supervised.detector if self.supervised is not None else "",
         )
 
     @torch.no_grad()
@@ -286,9 +284,8 @@ class DetectionPipeline:
         ep = [raw.sims[1], raw.sims[2]]
         if feature_set == "effective_path":
             return np.concatenate(ep, axis=1)
-        p_viol = self.nic.provenance_violation(raw.provenance)
         comps = np.stack([raw.ep, raw.final, raw.value_stat], axis=1)
-        return np.concatenate([*ep, raw.value_violation, p_viol, comps], axis=1)
+        return np.concatenate([*ep, raw.value_violation, raw.provenance_violation, comps], axis=1)
 
     def feature_names(self, feature_set: str) -> list[str]:
         """Column names of :meth:`supervised_features`."""
@@ -328,7 +325,7 @@ class _RawScores:
     sims: dict[int, np.ndarray]  # rank -> (N, L)
     ep: np.ndarray  # (N,)
     value_violation: np.ndarray  # (N, L_nic) VI violation probabilities
-    provenance: np.ndarray  # (N, L_nic - 1)
+    provenance_violation: np.ndarray  # (N, L_nic - 1) PI violation probabilities
     final: np.ndarray  # (N,)
     value_stat: np.ndarray  # (N,) two-sided VI-only statistic
     timings_s: dict[str, float]
@@ -399,13 +396,14 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
         known = list(FUSION_COMPONENTS)
         raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
     verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr)
+    sup = None
     if "supervised" in m:  # optional: bundles built with --supervised-attacks
         sup = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
+    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
+    if sup is not None:
         names = pipeline.feature_names(sup.features)
         if m["supervised"].get("feature_names", names) != names:
             raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
-        pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
 
 

@@ -142,6 +142,7 @@ def check_supervised_config(attacks: Sequence[str], detector: str, features: str
 class SupervisedAssessment:
     """Per-input supervised results for a batch of N inputs."""
 
+    detector: str  # the model's name (one of SUPERVISED_DETECTORS)
     score: np.ndarray  # (N,) violation probability in [0, 1] against the clean calibration scores
     p_value: np.ndarray  # (N,) empirical p-value among the clean calibration scores
     adversarial: np.ndarray  # (N,) bool: raw score above the threshold for the target FPR
@@ -186,7 +187,7 @@ class SupervisedDetector:
     def assess(self, features: np.ndarray, threshold: float) -> SupervisedAssessment:
         raw = self.raw_score(features)
         p = empirical_p_values(self.calib, raw, assume_sorted=True)
-        return SupervisedAssessment(score=1.0 - p, p_value=p, adversarial=raw > threshold, raw=raw)
+        return SupervisedAssessment(self.detector, score=1.0 - p, p_value=p, adversarial=raw > threshold, raw=raw)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's ``supervised`` entry."""
@@ -254,7 +255,6 @@ def fit_supervised(
     detector: str = "logistic",
     feature_set: str = "all",
     seed: int = 0,
-    clean_features: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SupervisedDetector:
     """Attack ``train_x`` with every attack, fit ``detector`` on clean vs successful adversarial features,
@@ -272,13 +272,11 @@ def fit_supervised(
         Clean training images and labels (held out from the class paths).
     calib_x : np.ndarray
         Clean calibration images, disjoint from ``train_x``.
-    clean_features : np.ndarray, optional
-        ``features(train_x)`` if already computed.
     """
     from models.attacks import run_attack
 
     check_supervised_config(attacks, detector, feature_set)
-    clean = features(train_x) if clean_features is None else clean_features
+    clean = features(train_x)
     adv_parts, counts = [], {}
     for name in attacks:
         r = run_attack(classifier, name, dataset, train_x, train_y)
