@@ -43,7 +43,7 @@ COPY models ./models
 COPY service ./service
 RUN pip install --no-deps . \
     && pip check \
-    && python -c "import models, service.app"
+    && python -c "import pathguard.models, pathguard.service.app"
 
 # ---------------------------------------------------------------------------------------------------------
 # runtime: the virtualenv, the bundle, a health check and an unprivileged user

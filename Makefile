@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(if $(PATHGUARD_DATA_DIR),$(PATHGUARD_DATA_DIR),$(if $(wildcard ../shared/data),../shared/data,$(HOME)/.cache/pathguard/data))
 export PATHGUARD_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: install install-dev serve test lint clean
+.PHONY: install install-dev serve test lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,20 @@ test: install-dev
 	scripts/ensure-redis
 	scripts/ensure-tools
 	$(BIN)/ruff check models service tests
-	$(BIN)/mypy
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -m "not slow" -q
 
 lint: install-dev
 	$(BIN)/ruff check models service tests
 	$(BIN)/ruff format --check models service tests
+	$(MAKE) --no-print-directory typecheck
+
+# mypy sees the folders under their installed names through links in .typecheck/pathguard/.
+typecheck:
+	mkdir -p .typecheck/pathguard
+	ln -sfn ../../models .typecheck/pathguard/models
+	ln -sfn ../../service .typecheck/pathguard/service
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .typecheck

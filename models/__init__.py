@@ -1,5 +1,5 @@
 """pathguard detector math, classifiers and offline tooling (no serving dependencies)."""
 
-from models.io import load_classifier
+from pathguard.models.bundle import load_classifier
 
 __all__ = ["load_classifier"]

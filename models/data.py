@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pathguard.models.errors import DatasetError
+
 __all__ = [
     "CIFAR10_CLASSES",
     "DatasetError",
@@ -57,10 +59,6 @@ _CIFAR_JPEG = ("cifar10-jpeg.tar.gz", "sha256", "d34c68f61cca57aa9144c8f25bda427
 # The canonical binary release (never the pickled "python version"), with its published md5.
 _CIFAR_BIN = ("cifar-10-binary.tar.gz", "md5", "c32a1d4ab5d03f1284b67883e8d87530")
 _CIFAR_BIN_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-
-
-class DatasetError(RuntimeError):
-    """A dataset file is missing or does not match its checksum."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from pathguard.models.data import load_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "artifacts" / "mnist-lenet5"
 FLAGGED_STREAM = "pathguard:flagged"
@@ -65,7 +67,7 @@ def free_port() -> int:
 def pathguard_command() -> list[str]:
     """The `pathguard` console script next to this interpreter, else the module entry point."""
     exe = Path(sys.executable).parent / "pathguard"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "models.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "pathguard.service.cli"]
 
 
 class Server:
@@ -172,7 +174,6 @@ def png(pixels: np.ndarray) -> bytes:
 
 def mnist_images(n: int, noise_every: int = 0, seed: int = 0) -> list[bytes]:
     """``n`` MNIST test digits as PNG; with ``noise_every`` = k, every k-th image is uniform noise instead."""
-    from models.data import load_dataset
 
     split = load_dataset("mnist", "test")
     rng = np.random.default_rng(seed)

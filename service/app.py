@@ -15,16 +15,17 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from service.cache import DetectionStore
-from service.errors import install_error_handlers
-from service.inputs import InputSpec
-from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from service.routes import health, oip, v1
-from service.routes import metrics as metrics_routes
-from service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
-from service.settings import Settings
-from service.state import ServiceState
+from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
+from pathguard.service.cache import DetectionStore
+from pathguard.service.errors import install_error_handlers
+from pathguard.service.inputs import InputSpec
+from pathguard.service.metrics import Metrics
+from pathguard.service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from pathguard.service.routes import health, oip, v1
+from pathguard.service.routes import metrics as metrics_routes
+from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+from pathguard.service.settings import Settings
+from pathguard.service.state import ServiceState
 
 __all__ = ["check_pin", "create_app"]
 
@@ -67,7 +68,6 @@ def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
 
 def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
     """Refuse a bundle whose id differs from ``settings.bundle_sha256`` (when that pin is set)."""
-    from models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256
 
     if settings.bundle_sha256 is None:
         return
@@ -81,7 +81,6 @@ def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
 
 
 async def _start(state: ServiceState) -> None:
-    from models.pipeline import load_bundle  # verifies every file, then parses only the verified bytes
 
     s = state.settings
     if s.torch_threads is not None:

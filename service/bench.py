@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pathguard.models.data import load_dataset
+
 __all__ = ["BenchConfig", "render_markdown", "run_bench"]
 
 
@@ -98,8 +100,6 @@ def _free_port() -> int:
 def _encode_images(dataset: str, n: int) -> list[bytes]:
     from PIL import Image
 
-    from models.data import load_dataset
-
     split = load_dataset(dataset, "test")
     out = []
     for x in split.x[:n]:
@@ -125,7 +125,7 @@ class _Server:
             PATHGUARD_ENGINE=engine,
             **extra_env,
         )
-        cmd = [sys.executable, "-m", "models.cli", "serve", "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "pathguard.service.cli", "serve", "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
 
     def wait_ready(self, timeout: float = 120.0) -> None:

@@ -31,8 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.metrics import Metrics
-from service.settings import Settings
+from pathguard.service.metrics import Metrics
+from pathguard.service.settings import Settings
 
 __all__ = [
     "FLAGGED_STREAM",

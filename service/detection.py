@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.cache import Entry
-from service.errors import BadInput, PayloadTooLarge, ServiceError
-from service.inputs import check_media_type, decode_image
-from service.runtime import BatchSlice, Detected, ShadowStarted
-from service.state import ServiceState
+from pathguard.service.cache import Entry
+from pathguard.service.errors import BadInput, PayloadTooLarge, ServiceError
+from pathguard.service.inputs import check_media_type, decode_image
+from pathguard.service.runtime import BatchSlice, Detected, ShadowStarted
+from pathguard.service.state import ServiceState
 
 __all__ = [
     "Upload",

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
+from pathguard.service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
 
 __all__ = ["IMAGE_TYPES", "InputSpec", "check_media_type", "decode_image", "tensor_from_oip"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
-from service.metrics import Metrics
+from pathguard.service.errors import PayloadTooLarge
+from pathguard.service.metrics import Metrics
 
 __all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
 

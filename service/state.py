@@ -12,10 +12,10 @@ from typing import Any
 
 from fastapi import Request
 
-from service.errors import NotReady, Unauthorized
-from service.inputs import InputSpec
-from service.metrics import Metrics
-from service.settings import Settings
+from pathguard.service.errors import NotReady, Unauthorized
+from pathguard.service.inputs import InputSpec
+from pathguard.service.metrics import Metrics
+from pathguard.service.settings import Settings
 
 __all__ = ["ServiceState", "get_state", "ready_state", "request_id", "require_api_key"]
 

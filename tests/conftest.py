@@ -19,28 +19,28 @@ CIFAR_CLASSIFIER = ARTIFACTS / "classifiers" / "cifar10-cnn"
 
 @pytest.fixture(scope="session")
 def mnist_test():
-    from models.data import load_dataset
+    from pathguard.models.data import load_dataset
 
     return load_dataset("mnist", "test")
 
 
 @pytest.fixture(scope="session")
 def cifar_test():
-    from models.data import load_dataset
+    from pathguard.models.data import load_dataset
 
     return load_dataset("cifar10", "test")
 
 
 @pytest.fixture(scope="session")
 def lenet():
-    from models import load_classifier
+    from pathguard.models import load_classifier
 
     return load_classifier(MNIST_CLASSIFIER)
 
 
 @pytest.fixture(scope="session")
 def cifar_cnn():
-    from models import load_classifier
+    from pathguard.models import load_classifier
 
     return load_classifier(CIFAR_CLASSIFIER)
 
@@ -52,7 +52,7 @@ TINY_NIC = {"n_fit": 300, "n_final": 200, "n_pca": 300, "n_head": 2000, "head_ep
 @pytest.fixture(scope="session")
 def supervised_bundle(tmp_path_factory):
     """A tiny MNIST bundle built in supervised mode (defaults: logistic regression on all features; FGSM and BIM)."""
-    from models.build import BuildConfig, build_bundle
+    from pathguard.models.builder import BuildConfig, build_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-supervised"
     cfg = BuildConfig(

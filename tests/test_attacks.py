@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attacks import ATTACKS, DATASETS, get_attack, predict_labels, run_attack
+from pathguard.models.evaluation.attacks import ATTACKS, DATASETS, get_attack, predict_labels, run_attack
 
 EXPECTED = {
     "fgsm", "bim", "deepfool", "jsma_next", "jsma_ll", "cw_l2_next", "cw_l2_ll", "cw_linf_next",

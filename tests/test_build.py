@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from models import load_classifier
-from models.build import BuildConfig, build_bundle
-from models.bundle import BundleError, BundleIntegrityError, read_verified, verify_bundle
-from models.calibration import threshold_at_fpr
-from models.pipeline import load_bundle
+from pathguard.models import load_classifier
+from pathguard.models.builder import BuildConfig, build_bundle
+from pathguard.models.bundle import BundleError, BundleIntegrityError, load_bundle, read_verified, verify_bundle
+from pathguard.models.verdict import threshold_at_fpr
 
 from .conftest import MNIST_CLASSIFIER, TINY_NIC
 
@@ -51,7 +50,9 @@ def test_bundle_verifies_and_lists_every_file(tiny_bundle):
     assert manifest["ep_layer_count"] == 5 and manifest["effective_path"]["theta"] == 0.5
     assert manifest["calibration"] == {"ep_fit": 300, "calib_a": 600, "calib_b": 600, "fit": 2500}
     assert report["sha256"] == read_verified(out).sha256
-    cli = subprocess.run([sys.executable, "-m", "models.cli", "verify", str(out)], capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "pathguard.service.cli", "verify", str(out)], capture_output=True, text=True
+    )
     assert cli.returncode == 0, cli.stderr
 
 
@@ -78,7 +79,9 @@ def test_flipping_any_byte_fails_verify_and_load(tiny_bundle, tmp_path):
             load_bundle(dst)
         with pytest.raises(BundleError, match=name):
             load_classifier(dst)
-        cli = subprocess.run([sys.executable, "-m", "models.cli", "verify", str(dst)], capture_output=True, text=True)
+        cli = subprocess.run(
+            [sys.executable, "-m", "pathguard.service.cli", "verify", str(dst)], capture_output=True, text=True
+        )
         assert cli.returncode != 0 and name in cli.stderr
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from models.bundle import (
+from pathguard.models.bundle import (
     SCHEMA_VERSION,
     BundleCompatibilityError,
     BundleIntegrityError,

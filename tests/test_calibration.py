@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.calibration import empirical_p_values, threshold_at_fpr, two_sided_fisher, violation_probability
+from pathguard.models.verdict import empirical_p_values, threshold_at_fpr, two_sided_fisher, violation_probability
 
 
 def test_p_values_hand_computed():

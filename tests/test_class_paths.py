@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.class_paths import ClassPaths, NotFittedError
-from models.effective_path import EffectivePathExtractor, extract_effective_paths
+from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor, extract_effective_paths
+from pathguard.models.errors import NotFittedError
 
 N_FIT = 2000
 
 
 @pytest.fixture(scope="module")
 def mnist_train():
-    from models.data import load_dataset
+    from pathguard.models.data import load_dataset
 
     return load_dataset("mnist", "train")
 
@@ -138,7 +138,7 @@ def test_unfitted_raises():
 def test_ep_report_small_run(tmp_path):
     import json
 
-    from models.ep_report import THETAS, run_report
+    from pathguard.models.evaluation.ep_report import THETAS, run_report
     from tests.conftest import CIFAR_CLASSIFIER, MNIST_CLASSIFIER
 
     logs = []

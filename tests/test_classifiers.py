@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.classifiers import CONFIGS, build_classifier, fold_batchnorm
-from models.io import load_classifier, save_classifier
+from pathguard.models.bundle import load_classifier
+from pathguard.models.networks import CONFIGS, build_classifier, fold_batchnorm, save_classifier
 
 from .conftest import CIFAR_CLASSIFIER, MNIST_CLASSIFIER
 
@@ -111,7 +111,9 @@ def test_onnx_parity_on_real_images(folder, fixture, request):
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "models.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pathguard.service.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "train" in out.stdout and "pathguard" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "models.cli", "frobnicate"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "pathguard.service.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2

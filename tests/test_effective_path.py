@@ -1,6 +1,6 @@
 """Effective Path extraction: the vectorized extractor against a per-neuron loop reference (paper Eq. 1-3).
 
-The reference below is written independently of models/effective_path.py: one image at a time, one selected
+The reference below is written independently of models/effective_path/: one image at a time, one selected
 neuron at a time, plain Python loops over receptive fields, padding skipped explicitly.
 """
 
@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.classifiers import Normalize
-from models.effective_path import (
+from pathguard.models.effective_path import (
     EffectivePathExtractor,
     PathBatch,
-    Residual,
     extract_effective_paths,
     select_synapses,
 )
+from pathguard.models.networks import Normalize, Residual
 
 # --------------------------------------------------------------------------------------------------
 # Loop reference
@@ -546,7 +545,7 @@ def test_deterministic_ids_numpy_input(lenet, mnist_test):
 
 
 def test_bench_loop_baseline_agrees_with_extractor(lenet, mnist_test):
-    from models.bench_ep import loop_reference_paths
+    from pathguard.models.evaluation.bench_ep import loop_reference_paths
 
     x = torch.from_numpy(mnist_test.x[10:13])
     for rank in (1, 2):
@@ -558,7 +557,7 @@ def test_bench_loop_baseline_agrees_with_extractor(lenet, mnist_test):
 
 
 def test_alexnet_partial_extraction():
-    from models.bench_ep import alexnet
+    from pathguard.models.evaluation.bench_ep import alexnet
 
     torch.manual_seed(0)
     model = alexnet()
@@ -573,7 +572,7 @@ def test_alexnet_partial_extraction():
 
 
 def test_cifar_layout_bn_unfolded_equals_folded_and_taps():
-    from models.classifiers import CONFIGS, build_classifier, fold_batchnorm
+    from pathguard.models.networks import CONFIGS, build_classifier, fold_batchnorm
 
     torch.manual_seed(0)
     model = _randomize_bn(build_classifier(CONFIGS["cifar10"]), torch.Generator().manual_seed(1))

@@ -7,16 +7,16 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.class_paths import ClassPaths
-from models.effective_path import EffectivePathExtractor
-from models.ep_detectors import (
+from pathguard.models.effective_path import (
     DETECTORS,
     BenignEPScore,
+    ClassPaths,
+    EffectivePathExtractor,
     LinearJointSimilarity,
-    NotFittedError,
     ep_features,
     make_detector,
 )
+from pathguard.models.errors import NotFittedError
 
 L = 4
 
@@ -98,7 +98,7 @@ def test_benign_score_orientation_on_synthetic():
 
 @pytest.fixture(scope="module")
 def lenet_features(lenet):
-    from models.data import load_dataset
+    from pathguard.models.data import load_dataset
 
     train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
     ext = EffectivePathExtractor(lenet)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from models.cli import main
-from models.evaluate import DETECTORS, SUPERVISED
+from pathguard.models.evaluation.evaluate import DETECTORS, SUPERVISED
+from pathguard.service.cli import main
 from tests.conftest import ARTIFACTS
 
 BUNDLE = ARTIFACTS / "mnist-lenet5"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.nic import NICDetector, NotCalibratedError, NotFittedError, default_layers
+from pathguard.models.errors import NotCalibratedError, NotFittedError
+from pathguard.models.nic import NICDetector, default_layers
 
 from .conftest import MNIST_CLASSIFIER, ROOT
 
@@ -30,7 +31,7 @@ def _auc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def mnist_train():
-    from models.data import load_dataset
+    from pathguard.models.data import load_dataset
 
     return load_dataset("mnist", "train")
 
@@ -124,8 +125,8 @@ def test_scoring_from_arrays_does_not_import_sklearn(fitted, tmp_path):
         f"""
         import json, sys
         import numpy as np, torch
-        from models import load_classifier
-        from models.nic import NICDetector
+        from pathguard.models import load_classifier
+        from pathguard.models.nic import NICDetector
         with np.load({str(tmp_path / "nic.npz")!r}, allow_pickle=False) as z:
             det = NICDetector.from_arrays(dict(z), json.load(open({str(tmp_path / "nic.json")!r})))
         s = det.score(load_classifier({str(MNIST_CLASSIFIER)!r}), torch.rand(2, 1, 28, 28))

@@ -10,12 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from models.attacks import run_attack
-from models.bundle import BundleIntegrityError, read_verified, verify_bundle, write_bundle
-from models.calibration import threshold_at_fpr
-from models.ep_detectors import LinearJointSimilarity
-from models.pipeline import DetectionPipeline, load_bundle
-from models.supervised import SUPERVISED_JOBLIB, SUPERVISED_NPZ, SupervisedDetector, fit_supervised
+from pathguard.models.builder.supervised import fit_supervised, supervised_files
+from pathguard.models.bundle import (
+    BundleIntegrityError,
+    DetectionPipeline,
+    load_bundle,
+    read_verified,
+    verify_bundle,
+    write_bundle,
+)
+from pathguard.models.effective_path import LinearJointSimilarity
+from pathguard.models.evaluation.attacks import run_attack
+from pathguard.models.verdict import threshold_at_fpr
+from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, SUPERVISED_NPZ, SupervisedDetector
 
 from .conftest import ARTIFACTS
 
@@ -111,11 +118,11 @@ def _toy_features(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_ensemble_is_unpickled_only_after_its_digest_matched(tmp_path, monkeypatch):
     feats, y = _toy_features(200, 0)
     calib_feats, _ = _toy_features(100, 1)
-    from models.ep_detectors import make_detector
+    from pathguard.models.effective_path import make_detector
 
     model = make_detector("random_forest", random_state=0).fit(feats, y)
     det = SupervisedDetector("random_forest", "effective_path", ["fgsm"], model, np.sort(model.score(calib_feats[::2])))
-    files = det.files()
+    files = supervised_files(det)
     assert set(files) == {SUPERVISED_NPZ, SUPERVISED_JOBLIB}
     write_bundle(tmp_path / "b", files, {"supervised": det.manifest()})
     vf = read_verified(tmp_path / "b")
@@ -139,9 +146,8 @@ def test_ensemble_is_unpickled_only_after_its_digest_matched(tmp_path, monkeypat
 
 
 def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(lenet, mnist_test):
-    from models.build import _ep_features
-    from models.class_paths import ClassPaths
-    from models.effective_path import EffectivePathExtractor
+    from pathguard.models.builder.builder import _ep_features
+    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
 
     extractor = EffectivePathExtractor(lenet, theta=0.5)
     paths = ClassPaths(10).fit(extractor, mnist_test.x[1000:2000], mnist_test.y[1000:2000])
@@ -162,7 +168,7 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
     assert np.all(det.model.coef_[:half] >= 0) and np.all(det.model.coef_[half:] <= 0)
     assert np.any(det.model.coef_ != 0)
     assert det.manifest()["files"] == [SUPERVISED_NPZ]
-    with np.load(io.BytesIO(det.files()[SUPERVISED_NPZ]), allow_pickle=False) as z:
+    with np.load(io.BytesIO(supervised_files(det)[SUPERVISED_NPZ]), allow_pickle=False) as z:
         assert set(z.files) == {"calib", "linear/coef", "linear/intercept"}
 
 
@@ -178,7 +184,7 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
     ],
 )
 def test_config_validation(kwargs, match):
-    from models.build import BuildConfig
+    from pathguard.models.builder import BuildConfig
 
     with pytest.raises(ValueError, match=match):
         BuildConfig(name="x", **kwargs)
@@ -193,7 +199,17 @@ def test_config_validation(kwargs, match):
     ],
 )
 def test_build_cli_rejects_bad_options_before_work(tmp_path, args, message):
-    cmd = [sys.executable, "-m", "models.cli", "build", "--dataset", "mnist", "--out", str(tmp_path / "b"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathguard.service.cli",
+        "build",
+        "--dataset",
+        "mnist",
+        "--out",
+        str(tmp_path / "b"),
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "b").exists()
@@ -202,7 +218,7 @@ def test_build_cli_rejects_bad_options_before_work(tmp_path, args, message):
 def test_score_cli_reports_supervised_clean_flagged_rate(supervised_bundle):
     import json
 
-    cmd = [sys.executable, "-m", "models.cli", "score", str(supervised_bundle), "--n", "300"]
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "score", str(supervised_bundle), "--n", "300"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -212,8 +228,8 @@ def test_score_cli_reports_supervised_clean_flagged_rate(supervised_bundle):
 def test_evaluate_scores_the_bundle_supervised_detector(supervised_bundle, tmp_path):
     import json
 
-    from models.cli import main
-    from models.evaluate import BUNDLE_SUPERVISED, DETECTORS
+    from pathguard.models.evaluation.evaluate import BUNDLE_SUPERVISED, DETECTORS
+    from pathguard.service.cli import main
 
     args = ["evaluate", "--bundle", str(supervised_bundle), "--attacks", "fgsm,noise", "--n", "40", "--n-clean", "60"]
     assert main([*args, "--out", str(tmp_path), "--threads", "1"]) == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
+from pathguard.models.nic import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
 
 
 @pytest.fixture(scope="module")

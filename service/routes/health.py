@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.errors import NotReady
-from service.state import get_state
+from pathguard.service.errors import NotReady
+from pathguard.service.state import get_state
 
 router = APIRouter(tags=["health"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.state import get_state, require_api_key
+from pathguard.service.state import get_state, require_api_key
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_api_key)])
 

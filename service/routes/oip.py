@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.detection import detect_tensor
-from service.errors import BadInput, NotFound, PayloadTooLarge
-from service.inputs import tensor_from_oip
-from service.schemas import ErrorBody, InferRequest, InferResponse
-from service.state import ServiceState, ready_state, request_id, require_api_key
+from pathguard.service.detection import detect_tensor
+from pathguard.service.errors import BadInput, NotFound, PayloadTooLarge
+from pathguard.service.inputs import tensor_from_oip
+from pathguard.service.schemas import ErrorBody, InferRequest, InferResponse
+from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], dependencies=[Depends(require_api_key)])
 Ready = Annotated[ServiceState, Depends(ready_state)]
@@ -29,7 +29,7 @@ OUTPUTS = {
     "value_violation": ("FP32", True),
     "provenance_violation": ("FP32", True),
 }
-# only for bundles built with supervised attacks (reported beside the verdict, see models.supervised)
+# only for bundles built with supervised attacks (reported beside the verdict, see pathguard.models.verdict.supervised)
 SUPERVISED_OUTPUTS = {"supervised_is_adversarial": ("BOOL", True), "supervised_score": ("FP32", True)}
 _SCALAR = ("predicted_class", "is_adversarial", "instance_score", "p_value", *SUPERVISED_OUTPUTS)
 

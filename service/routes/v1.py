@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.detection import detect_uploads, model_ref, predict_uploads, read_uploads
-from service.schemas import BatchResponse, DetectResponse, ErrorBody, ModelInfo, PredictResponse
-from service.state import ServiceState, ready_state, request_id, require_api_key
+from pathguard.service.detection import detect_uploads, model_ref, predict_uploads, read_uploads
+from pathguard.service.schemas import BatchResponse, DetectResponse, ErrorBody, ModelInfo, PredictResponse
+from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
 Ready = Annotated[ServiceState, Depends(ready_state)]

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from service.settings import Settings
+from pathguard.service.settings import Settings
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from service.settings import Settings
+from pathguard.service.settings import Settings
 from tests.conftest import ROOT
 from tests.deploy.manifests import (
     SETTING_ENV_NAMES,
@@ -99,9 +99,10 @@ def test_project_sources_are_copied_before_the_install(stages):
             copied.update(copy_parts(inst)[1])
         if inst.keyword == "RUN" and "pip install --no-deps ." in inst.args:
             break
-    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pattern in packages:
-        assert pattern.rstrip("*") in copied, f"package {pattern} is copied"
+    folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    assert folders == {"models", "service"}
+    for folder in folders:
+        assert folder in copied, f"package folder {folder} is copied"
     assert {"pyproject.toml", "README.md", "LICENSE"} <= copied  # readme and license files of the metadata
 
 
@@ -196,7 +197,7 @@ def test_dockerignore_sends_exactly_what_the_dockerfile_copies(stages):
 def test_dockerignore_matcher_semantics():
     assert in_build_context("anything", [])
     rules = [(False, ignore_regex("*")), (True, ignore_regex("models")), (False, ignore_regex("**/__pycache__"))]
-    assert in_build_context("models/cli.py", rules)
+    assert in_build_context("models/nic/detector.py", rules)
     assert not in_build_context("models/__pycache__/cli.cpython-311.pyc", rules)
     assert not in_build_context("service/app.py", rules)
     assert not in_build_context("modelsx/a.py", rules)

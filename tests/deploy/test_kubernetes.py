@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.settings import Settings
+from pathguard.service.settings import Settings
 from tests.conftest import ARTIFACTS
 from tests.deploy.manifests import (
     DEPLOY,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.metrics import Metrics
+from pathguard.service.metrics import Metrics
 from tests.deploy.manifests import PROMETHEUS_DIR, RULES
 
 ROUTES = ("/v1/detect", "/v1/detect/batch", "/v1/predict", "/v2/models/{name}/infer")

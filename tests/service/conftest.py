@@ -16,8 +16,8 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.settings import Settings
+from pathguard.service.app import create_app
+from pathguard.service.settings import Settings
 from tests.conftest import ARTIFACTS
 
 MNIST_BUNDLE = ARTIFACTS / "mnist-lenet5"

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.settings import Settings
+from pathguard.service.app import create_app
+from pathguard.service.settings import Settings
 from tests.service.conftest import png_bytes
 
 PNG = {"content-type": "image/png"}
@@ -360,7 +360,7 @@ def test_full_queue_answers_503_with_retry_after(make_client, digits):
 
 
 def test_bundle_pin(make_client, bundle_dir, tmp_path):
-    from models.bundle import BundleIntegrityError, bundle_sha256
+    from pathguard.models.bundle import BundleIntegrityError, bundle_sha256
 
     good = bundle_sha256(bundle_dir)
     assert make_client(bundle_sha256=good).get("/v1/model").json()["bundle_sha256"] == good

@@ -37,7 +37,7 @@ def _wait_ready(proc: subprocess.Popen, port: int, timeout: float = 90) -> None:
 
 def test_serve_answers_over_http(digits, tmp_path):
     port = _free_port()
-    cmd = [sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "serve", "--port", str(port), "--log-level", "warning"]
     env = {**_env(), "PATHGUARD_SPOOL_PATH": str(tmp_path / "spool.jsonl")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)  # default bundle: artifacts/mnist-lenet5
     try:
@@ -62,7 +62,7 @@ def test_serve_refuses_a_tampered_bundle(tmp_path):
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    cmd = [sys.executable, "-m", "models.cli", "serve", "--bundle", str(bundle), "--port", str(_free_port())]
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "serve", "--bundle", str(bundle), "--port", str(_free_port())]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert victim.name in done.stderr
@@ -70,7 +70,7 @@ def test_serve_refuses_a_tampered_bundle(tmp_path):
 
 def test_bench_writes_a_table(tmp_path):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "models.cli", "bench", "--requests", "16", "--concurrency", "1", "4"]
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "bench", "--requests", "16", "--concurrency", "1", "4"]
     cmd += ["--checks", "parallel", "--images", "16", "--warmup", "4", "--rounds", "2"]
     cmd += ["--out", str(out), "--json", str(raw)]
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=240, capture_output=True)

@@ -1,4 +1,4 @@
-"""Input decoding and safety policy (service.inputs) on real MNIST digits and crafted images."""
+"""Input decoding and safety policy (pathguard.service.inputs) on real MNIST digits and crafted images."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
-from service.inputs import InputSpec, check_media_type, decode_image, tensor_from_oip
+from pathguard.service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
+from pathguard.service.inputs import InputSpec, check_media_type, decode_image, tensor_from_oip
 from tests.service.conftest import png_bytes
 
 GRAY = InputSpec(1, 28, 28, max_pixels=1_000_000)

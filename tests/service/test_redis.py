@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.cache import FLAGGED_STREAM, verdict_key
+from pathguard.service.cache import FLAGGED_STREAM, verdict_key
 from tests.service.conftest import png_bytes
 
 PNG = {"content-type": "image/png"}
@@ -31,8 +31,8 @@ def flagged_png(bundle_dir, mnist_test, tmp_path_factory) -> bytes:
     """An input the served detector flags (found by asking the service itself)."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from pathguard.service.app import create_app
+    from pathguard.service.settings import Settings
 
     settings = Settings(bundle=bundle_dir, spool_path=tmp_path_factory.mktemp("s") / "s.jsonl", cache=False)
     with TestClient(create_app(settings)) as client:

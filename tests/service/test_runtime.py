@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from service.errors import Overloaded
-from service.runtime import DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+from pathguard.service.errors import Overloaded
+from pathguard.service.runtime import DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 
 
 @pytest.fixture(scope="module")
 def bundle(bundle_dir):
-    from models.pipeline import load_bundle
+    from pathguard.models.bundle import load_bundle
 
     return load_bundle(bundle_dir)
 

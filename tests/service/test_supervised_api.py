@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from pathguard.service.app import create_app
+from pathguard.service.settings import Settings
 
 from .conftest import png_bytes
 from .test_api import PNG, _oip

@@ -14,7 +14,7 @@ the flatten output when it is not a mere reshape of the pool before it, and the 
 Sign convention: every score exposed here is ``-decision_function``, so **higher = more anomalous**.
 Violation probabilities are ``1 - p`` with the empirical p-value
 ``p = (1 + #{calibration scores >= s}) / (n + 1)`` against a held-out clean calibration split
-(:mod:`models.calibration`); ``NICScores.score`` is the final detector's violation probability.
+(:mod:`pathguard.models.verdict.calibration`); ``NICScores.score`` is the final detector's violation probability.
 
 Randomization (paper III-D): with ``n_random = R > 0`` the detector holds ``R`` extra members, each fitted
 on ``g(f_l(x)) = round(f_l(x) * c_l) / c_l`` where ``round`` is floor or ceil (drawn per layer) and the
@@ -40,30 +40,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.calibration import violation_probability
-from models.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
+from pathguard.models.errors import NotCalibratedError, NotFittedError
+from pathguard.models.nic.layers import INPUT, SOFTMAX, default_layers, layer_activation
+from pathguard.models.nic.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
+from pathguard.models.verdict import threshold_at_fpr, violation_probability
 
 __all__ = [
-    "INPUT",
-    "SOFTMAX",
     "NICDetector",
     "NICScores",
-    "NotCalibratedError",
-    "NotFittedError",
-    "default_layers",
-    "layer_activation",
 ]
 
-INPUT, SOFTMAX = "input", "softmax"
 _FORMAT = "pathguard-nic-1"
-
-
-class NotFittedError(RuntimeError):
-    """The detector (or its calibration) is used before ``fit`` (or ``calibrate``)."""
-
-
-class NotCalibratedError(NotFittedError):
-    """Violation probabilities or thresholds are requested before :meth:`NICDetector.calibrate`."""
 
 
 @dataclass
@@ -99,26 +86,6 @@ class NICScores:
     provenance_violation: np.ndarray
     score: np.ndarray
     members: list[int] = field(default_factory=lambda: [0])
-
-
-def default_layers(model: Any) -> list[str]:
-    """Default checked layers of a :class:`~models.classifiers.TappedSequential`: ``input``, its taps
-    except the logits, minus a ``flatten`` that directly follows a pooling tap (the same numbers), and
-    ``softmax``."""
-    taps = list(model.tap_names)
-    if taps and model.weighted_layer_names and taps[-1] == model.weighted_layer_names[-1]:
-        taps = taps[:-1]  # the last Linear has no ReLU: its tap is the logits, checked as the softmax
-    keep = [t for i, t in enumerate(taps) if not (t == "flatten" and i > 0 and taps[i - 1].startswith("pool"))]
-    return [INPUT, *keep, SOFTMAX]
-
-
-def layer_activation(layer: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The activation NIC checks for ``layer``: the input ``x``, ``softmax(logits)`` or a tap."""
-    if layer == INPUT:
-        return x
-    if layer == SOFTMAX:
-        return torch.softmax(logits, dim=-1)
-    return taps[layer]
 
 
 @dataclass
@@ -421,7 +388,6 @@ class NICDetector:
 
         Raises ``ValueError`` for a target below ``1 / n_calibration``.
         """
-        from models.calibration import threshold_at_fpr
 
         calib = self._member(member).sorted_calib()[2]
         return threshold_at_fpr(violation_probability(calib, calib, assume_sorted=True), target_fpr)

@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from models.attacks import ATTACKS, run_attack
-from models.build import BuildConfig, build_splits
-from models.calibration import threshold_at_fpr, two_sided_fisher
-from models.data import load_dataset
-from models.ep_detectors import make_detector
-from models.pipeline import Bundle, load_bundle
+from pathguard.models.bundle import Bundle, load_bundle
+from pathguard.models.bundle.splits import training_splits
+from pathguard.models.data import load_dataset
+from pathguard.models.effective_path import make_detector
+from pathguard.models.evaluation.attacks import ATTACKS, run_attack
+from pathguard.models.verdict import threshold_at_fpr, two_sided_fisher
 
 __all__ = ["BENIGN", "DETECTORS", "SUPERVISED", "evaluate", "score_inputs"]
 
@@ -219,7 +219,8 @@ def evaluate(
 
     # 1. thresholds of every detector on the clean calibration split B (held-out training images)
     train = load_dataset(bundle.dataset, "train")
-    calib_b = build_splits(train, BuildConfig(**m["build"]["config"]))["calib_b"]
+    cfg = m["build"]["config"]
+    calib_b = training_splits(train, cfg["n_calib"], cfg["seed"], cfg.get("n_train"))["calib_b"]
     calib = score_inputs(bundle, calib_b.x)
 
     # 2. clean test images; 3. attacks

@@ -18,7 +18,7 @@ DEFAULT_CLASSIFIER_DIRS = {
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from models.train import DEFAULTS, train_classifier
+    from pathguard.models.evaluation.train import DEFAULTS, train_classifier
 
     cfg = DEFAULTS[args.dataset]
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(args, k) is not None}
@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from models.data import data_dir, download
+    from pathguard.models.data import data_dir, download
 
     written = download(args.dataset)
     print(f"{args.dataset}: {len(written)} file(s) written to {data_dir()}")
@@ -55,7 +55,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_nic(args: argparse.Namespace) -> int:
-    from models.bench_nic import run_benchmark
+    from pathguard.models.evaluation.bench_nic import run_benchmark
 
     report = run_benchmark(
         repeats=args.repeats,
@@ -95,7 +95,7 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from models.build import BuildConfig, build_bundle
+    from pathguard.models.builder import BuildConfig, build_bundle
 
     supervised_options = ("supervised_detector", "supervised_features", "supervised_n")
     if not args.supervised_attacks and any(getattr(args, k) is not None for k in supervised_options):
@@ -178,7 +178,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from models.bundle import BundleError, verify_bundle
+    from pathguard.models.bundle import BundleError, verify_bundle
 
     try:
         manifest = verify_bundle(args.bundle)
@@ -198,8 +198,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.bundle import load_bundle
-    from models.data import load_dataset
+    from pathguard.models.bundle import load_bundle
+    from pathguard.models.data import load_dataset
 
     bundle = load_bundle(args.bundle, target_fpr=args.target_fpr)
     split = load_dataset(bundle.dataset, args.split)
@@ -242,8 +242,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        from models.attacks import ATTACKS
-        from models.evaluate import evaluate
+        from pathguard.models.evaluation.attacks import ATTACKS
+        from pathguard.models.evaluation.evaluate import evaluate
     except ImportError as exc:  # the attack libraries live in the `eval` extra
         print(f"pathguard evaluate needs the eval extra (pip install 'pathguard[eval]'): {exc}", file=sys.stderr)
         return 2
@@ -296,9 +296,9 @@ SUBCOMMANDS.append(_add_bench_nic)
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from models.bundle import BundleError, verify_bundle
-    from service.app import check_pin, create_app
-    from service.settings import Settings
+    from pathguard.models.bundle import BundleError, verify_bundle
+    from pathguard.service.app import check_pin, create_app
+    from pathguard.service.settings import Settings
 
     cli = {k: getattr(args, k) for k in ("bundle", "host", "port", "engine", "mode") if getattr(args, k) is not None}
     settings = Settings(**cli)
@@ -331,7 +331,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from service.bench import BenchConfig, render_markdown, run_bench
+    from pathguard.service.bench import BenchConfig, render_markdown, run_bench
 
     cfg = BenchConfig(
         bundles=[Path(b) for b in args.bundle or ["artifacts/mnist-lenet5"]],
@@ -375,7 +375,7 @@ SUBCOMMANDS += [_add_serve, _add_bench]
 def _cmd_bench_ep(args: argparse.Namespace) -> int:
     import torch
 
-    from models.bench_ep import markdown_summary, run_benchmarks, write_report
+    from pathguard.models.evaluation.bench_ep import markdown_summary, run_benchmarks, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -400,7 +400,7 @@ def _add_bench_ep(sub: argparse._SubParsersAction) -> None:
 def _cmd_ep_report(args: argparse.Namespace) -> int:
     import torch
 
-    from models.ep_report import run_report
+    from pathguard.models.evaluation.ep_report import run_report
 
     if args.threads:
         torch.set_num_threads(args.threads)

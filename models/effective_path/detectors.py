@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from pathguard.models.errors import NotFittedError
+
 __all__ = [
     "DETECTORS",
     "BenignEPScore",
@@ -30,10 +32,6 @@ __all__ = [
     "ep_features",
     "make_detector",
 ]
-
-
-class NotFittedError(ValueError, AttributeError):
-    """A detector was used before ``fit``."""
 
 
 def ep_features(similarities: Mapping[int, np.ndarray]) -> np.ndarray:

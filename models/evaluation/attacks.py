@@ -31,7 +31,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pathguard.models.bundle import load_classifier
+from pathguard.models.data import load_dataset
 
 __all__ = [
     "ATTACKS",
@@ -366,20 +369,18 @@ def _run_jsma(model: nn.Module, x: np.ndarray, y: np.ndarray, p: Mapping[str, An
     return attack.generate(x=x, y=targets)
 
 
+def _pick(p: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The attack parameters named by ``keys`` (library keyword arguments of the same names)."""
+    return {k: p[k] for k in keys}
+
+
 def _run_cw_l2(model: nn.Module, x: np.ndarray, y: np.ndarray, p: Mapping[str, Any], bs: int) -> np.ndarray:
     from art.attacks.evasion import CarliniL2Method
 
     targets = _targets(model, x, y, p["target"], bs)
+    keys = ("confidence", "learning_rate", "binary_search_steps", "max_iter", "initial_const")
     attack = CarliniL2Method(
-        _estimator(model, x, pad=p["pad"]),
-        confidence=p["confidence"],
-        targeted=True,
-        learning_rate=p["learning_rate"],
-        binary_search_steps=p["binary_search_steps"],
-        max_iter=p["max_iter"],
-        initial_const=p["initial_const"],
-        batch_size=bs,
-        verbose=False,
+        _estimator(model, x, pad=p["pad"]), targeted=True, batch_size=bs, verbose=False, **_pick(p, keys)
     )
     return attack.generate(x=x, y=targets)
 
@@ -464,17 +465,9 @@ def _cw_linf_class() -> type:
 
 def _run_cw_linf(model: nn.Module, x: np.ndarray, y: np.ndarray, p: Mapping[str, Any], bs: int) -> np.ndarray:
     targets = _targets(model, x, y, p["target"], bs)
+    keys = ("confidence", "learning_rate", "max_iter", "decrease_factor", "initial_const", "largest_const")
     attack = _cw_linf_class()(
-        _estimator(model, x, pad=p["pad"]),
-        confidence=p["confidence"],
-        targeted=True,
-        learning_rate=p["learning_rate"],
-        max_iter=p["max_iter"],
-        decrease_factor=p["decrease_factor"],
-        initial_const=p["initial_const"],
-        largest_const=p["largest_const"],
-        const_factor=p["const_factor"],
-        verbose=False,
+        _estimator(model, x, pad=p["pad"]), targeted=True, verbose=False, **_pick(p, (*keys, "const_factor"))
     )
     return attack.generate(x=x.astype(np.float32), y=targets)
 
@@ -648,7 +641,7 @@ ATTACKS: dict[str, AttackSpec] = _build_registry()
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmark: ``python -m models.attacks --dataset mnist --n 100``
+# benchmark: ``python -m pathguard.models.evaluation.attacks --dataset mnist --n 100``
 
 
 def benchmark(model: nn.Module, dataset: str, x: np.ndarray, y: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
@@ -681,9 +674,6 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     import os
     from pathlib import Path
-
-    from models.data import load_dataset
-    from models.io import load_classifier
 
     ap = argparse.ArgumentParser(description="time and score every registered attack on the first N test images")
     ap.add_argument("--dataset", choices=DATASETS, default="mnist")

@@ -15,15 +15,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from models.classifiers import ClassifierConfig, OnnxTapWrapper, TappedSequential, build_classifier
+from pathguard.models.networks.architectures import build_classifier
+from pathguard.models.networks.config import ClassifierConfig
+from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential
 
-__all__ = ["CLASSIFIER_FILES", "export_onnx", "load_classifier", "save_classifier"]
+__all__ = ["CLASSIFIER_FILES", "classifier_from_bytes", "export_onnx", "save_classifier"]
 
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors", "classifier.onnx")
-
-
-class ClassifierLoadError(RuntimeError):
-    """A classifier folder is incomplete or inconsistent."""
 
 
 def save_classifier(model: TappedSequential, out_dir: Path, extra: dict[str, object] | None = None) -> None:
@@ -34,25 +32,6 @@ def save_classifier(model: TappedSequential, out_dir: Path, extra: dict[str, obj
     meta = {"config": model.config.to_dict(), "taps": model.tap_names, **(extra or {})}
     (out_dir / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
     export_onnx(model, out_dir / "classifier.onnx")
-
-
-def load_classifier(path: str | Path) -> TappedSequential:
-    """Load a classifier (eval mode) from a classifier folder or a bundle folder.
-
-    Input float32 (N, C, H, W) in [0, 1]; output logits (N, num_classes). A bundle folder (one with
-    ``manifest.json``) is verified first and the classifier is read from the verified bytes.
-    """
-    root = Path(path)
-    if (root / "manifest.json").is_file():
-        from models.bundle import read_verified
-
-        files = read_verified(root)
-        return classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
-    meta_path, weights_path = root / "classifier.json", root / "classifier.safetensors"
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise ClassifierLoadError(f"missing classifier file {p}")
-    return classifier_from_bytes(meta_path.read_bytes(), weights_path.read_bytes())
 
 
 def classifier_from_bytes(meta_json: bytes, weights: bytes) -> TappedSequential:

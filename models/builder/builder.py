@@ -10,14 +10,14 @@ Splits of the training set (seeded permutation; the test set is never touched):
 
 Supervised mode (``supervised_attacks``, optional): the ``ep_fit`` images are also attacked, a supervised
 detector learns clean vs adversarial from their features, and ``B`` calibrates it
-(:mod:`models.supervised`). The fused verdict is the same benign-only one either way.
+(:mod:`pathguard.models.verdict.supervised`). The fused verdict is the same benign-only one either way.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,101 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.bundle import write_bundle
-from models.class_paths import ClassPaths
-from models.classifiers import TappedSequential
-from models.data import Split, load_dataset
-from models.effective_path import EffectivePathExtractor
-from models.ep_detectors import BenignEPScore
-from models.fusion import FusedVerdict
-from models.io import CLASSIFIER_FILES, load_classifier
-from models.nic import NICDetector
-from models.pipeline import FUSION_COMPONENTS, DetectionPipeline, npz_bytes
-from models.supervised import SupervisedDetector, check_supervised_config, fit_supervised
+from pathguard.models.builder.config import BuildConfig
+from pathguard.models.builder.supervised import fit_supervised, supervised_files
+from pathguard.models.bundle import DetectionPipeline, load_classifier, npz_bytes, write_bundle
+from pathguard.models.bundle.splits import training_splits
+from pathguard.models.data import load_dataset
+from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
+from pathguard.models.networks import CLASSIFIER_FILES, TappedSequential
+from pathguard.models.nic import NICDetector
+from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
-__all__ = ["BuildConfig", "build_bundle", "build_splits"]
+__all__ = ["build_bundle"]
 
 OPSET = 17
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Parameters of one bundle build.
-
-    Parameters
-    ----------
-    name, version : str
-        Bundle name and version recorded in the manifest.
-    theta : float
-        Effective Path selection threshold.
-    ep_last_k : int, optional
-        Extract only the last k weighted layers (``None`` = all).
-    n_ep_fit : int, optional
-        Fit-split images aggregated into class paths (``None`` = all).
-    n_calib : int
-        Held-out calibration images (split as ``ep_fit`` 20%, ``A`` 40%, ``B`` 40%).
-    n_train : int, optional
-        Use only a seeded random subset of this many training images (small test bundles).
-    target_fpr : float
-        Default operating point of the fused verdict.
-    nic : dict
-        :class:`~models.nic.NICDetector` parameters.
-    seed : int
-        Seed of the splits and every fitted component.
-    fusion : list of str
-        Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model) and
-        ``nic_vi`` (NIC's value invariants, two-sided).
-    supervised_attacks : list of str
-        Optional supervised mode: attacks run on the ``ep_fit`` split to train a supervised EP detector that
-        the bundle reports beside the (unchanged, benign-only) verdict. Empty = benign only (default).
-    supervised_detector : str
-        ``logistic`` (default) or ``linear`` (the EP paper's joint similarity), both stored as arrays, or
-        ``random_forest``, ``adaboost``, ``gradient_boosting`` (stored pickled, loaded only after its digest matched).
-    supervised_features : str
-        ``all`` (default: EP similarities, NIC violations and the fusion components) or ``effective_path``.
-    supervised_n : int, optional
-        Attack only the first this many ``ep_fit`` images (``None`` = all of them).
-    """
-
-    name: str
-    version: str = "1"
-    theta: float = 0.5
-    ep_last_k: int | None = None
-    n_ep_fit: int | None = None
-    n_calib: int = 5000
-    n_train: int | None = None
-    target_fpr: float = 0.05
-    nic: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    fusion: list[str] = field(default_factory=lambda: list(FUSION_COMPONENTS))
-    supervised_attacks: list[str] = field(default_factory=list)
-    supervised_detector: str = "logistic"
-    supervised_features: str = "all"
-    supervised_n: int | None = None
-
-    def __post_init__(self) -> None:
-        unknown = [c for c in self.fusion if c not in FUSION_COMPONENTS]
-        if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
-            raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
-        if self.supervised_attacks:
-            check_supervised_config(self.supervised_attacks, self.supervised_detector, self.supervised_features)
-        if self.supervised_n is not None and self.supervised_n < 1:
-            raise ValueError(f"supervised_n must be positive, got {self.supervised_n}")
-
-
-def build_splits(train: Split, cfg: BuildConfig) -> dict[str, Split]:
-    perm = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.n_train]
-    if len(perm) <= cfg.n_calib:
-        raise ValueError(f"n_calib={cfg.n_calib} leaves no training images to fit on ({len(perm)} available)")
-    n_ep = cfg.n_calib // 5
-    n_a = (cfg.n_calib - n_ep) // 2
-    cut = np.cumsum([n_ep, n_a, cfg.n_calib - n_ep - n_a])
-    return {
-        "ep_fit": train.subset(perm[: cut[0]]),
-        "calib_a": train.subset(perm[cut[0] : cut[1]]),
-        "calib_b": train.subset(perm[cut[1] : cut[2]]),
-        "fit": train.subset(perm[cut[2] :]),
-    }
 
 
 def _ep_features(extractor: EffectivePathExtractor, paths: ClassPaths, x: np.ndarray) -> np.ndarray:
@@ -153,7 +71,7 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
     t = time.perf_counter()
     model = load_classifier(classifier_dir)
     train = load_dataset(dataset, "train")
-    parts = build_splits(train, cfg)
+    parts = training_splits(train, cfg.n_calib, cfg.seed, cfg.n_train)
     fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
     timings["load"] = time.perf_counter() - t
 
@@ -223,7 +141,7 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
         "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
     }
     if supervised is not None:
-        files |= supervised.files()
+        files |= supervised_files(supervised)
     digest = write_bundle(out_dir, files, manifest)
     sizes = {n: len(b) for n, b in files.items()}
     return {"bundle": str(out_dir), "sha256": digest, "threshold": threshold, "seconds": timings, "bytes": sizes}

@@ -6,7 +6,8 @@ unknown extra file is an error naming the file. The bundle id (``Bundle.sha256``
 ``manifest.json``, which pins every other file.
 
 Formats cannot execute code (json, safetensors, npz without pickle, onnx); the optional supervised ensemble
-(``supervised.joblib``, see :mod:`models.supervised`) is unpickled only from bytes whose digest matched.
+(``supervised.joblib``, see :mod:`pathguard.models.verdict.supervised`) is unpickled only from bytes whose
+digest matched.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
+
 __all__ = [
     "MANIFEST",
     "SCHEMA_VERSION",
@@ -33,7 +36,7 @@ __all__ = [
     "VerifiedFiles",
     "bundle_sha256",
     "library_versions",
-    "load_bundle",
+    "npz_bytes",
     "read_verified",
     "verify_bundle",
     "write_bundle",
@@ -42,28 +45,6 @@ __all__ = [
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _PACKAGES = ("pathguard", "torch", "numpy", "scikit-learn", "onnx", "onnxruntime", "safetensors")
-
-
-class BundleError(RuntimeError):
-    """A bundle cannot be used."""
-
-
-class BundleIntegrityError(BundleError):
-    """A bundle file is missing, altered, or not listed in the manifest.
-
-    Attributes
-    ----------
-    file : str
-        The offending file, relative to the bundle folder.
-    """
-
-    def __init__(self, file: str, message: str) -> None:
-        super().__init__(message)
-        self.file = file
-
-
-class BundleCompatibilityError(BundleError):
-    """The bundle needs a newer schema, pathguard or ONNX opset than this installation offers."""
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -197,13 +178,6 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return read_verified(path).manifest
 
 
-def load_bundle(path: str | Path, target_fpr: float | None = None) -> Any:
-    """Verify and load the bundle at ``path``: see :func:`models.pipeline.load_bundle`."""
-    from models.pipeline import load_bundle as _load
-
-    return _load(path, target_fpr)
-
-
 def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[str, Any]) -> str:
     """Write ``files`` and a manifest listing their digests into ``out_dir``; returns the bundle sha256.
 
@@ -234,3 +208,10 @@ def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _sha256(raw)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Compressed ``.npz`` bytes of plain arrays (loadable with ``allow_pickle=False``)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()

@@ -24,21 +24,20 @@ Data (training set only; the test set is never used):
 
 Files: ``supervised.npz`` always (calibration scores; the weights of ``logistic`` and ``linear``). The ensembles
 are scikit-learn objects and can only be stored pickled, in ``supervised.joblib``; that file is unpickled only
-from bytes whose sha256 matched the manifest (:func:`models.bundle.read_verified`).
+from bytes whose sha256 matched the manifest (:func:`pathguard.models.bundle.read_verified`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from models.calibration import empirical_p_values, threshold_at_fpr
-from models.ep_detectors import LinearJointSimilarity, SklearnDetector, make_detector
+from pathguard.models.effective_path import LinearJointSimilarity, SklearnDetector
+from pathguard.models.verdict.calibration import empirical_p_values, threshold_at_fpr
 
 __all__ = [
     "FEATURE_SETS",
@@ -46,17 +45,15 @@ __all__ = [
     "SUPERVISED_JOBLIB",
     "SUPERVISED_NPZ",
     "LogisticDetector",
+    "Model",
     "SupervisedAssessment",
     "SupervisedDetector",
-    "check_supervised_config",
-    "fit_supervised",
 ]
 
 SUPERVISED_NPZ = "supervised.npz"
 SUPERVISED_JOBLIB = "supervised.joblib"
 SUPERVISED_DETECTORS = ("logistic", "linear", "random_forest", "adaboost", "gradient_boosting")
 FEATURE_SETS = ("all", "effective_path")
-_LIBRARY_ATTACKS = ("gradient", "patch")  # families that run through adversarial-robustness-toolbox
 
 
 class LogisticDetector:
@@ -109,35 +106,6 @@ _ARRAY_MODELS: dict[str, type[LogisticDetector] | type[LinearJointSimilarity]] =
 }
 
 
-def _make(detector: str, seed: int) -> Model:
-    if detector == "logistic":
-        return LogisticDetector()
-    return make_detector(detector, **({} if detector == "linear" else {"random_state": seed}))
-
-
-def check_supervised_config(attacks: Sequence[str], detector: str, features: str = "all") -> None:
-    """Fail early (before any fitting) on an unknown attack, detector or feature set, a combination that does not
-    exist, or a missing ``eval`` extra."""
-    from models.attacks import ATTACKS
-
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"unknown supervised attack(s) {unknown}; known: {sorted(ATTACKS)}")
-    if len(set(attacks)) != len(attacks):
-        raise ValueError(f"supervised attacks must be distinct, got {list(attacks)}")
-    if detector not in SUPERVISED_DETECTORS:
-        raise ValueError(f"unknown supervised detector {detector!r}; choose from {list(SUPERVISED_DETECTORS)}")
-    if features not in FEATURE_SETS:
-        raise ValueError(f"unknown supervised feature set {features!r}; choose from {list(FEATURE_SETS)}")
-    if detector == "linear" and features != "effective_path":
-        raise ValueError("the linear joint-similarity detector needs features='effective_path' (its sign constraints)")
-    needs_art = [a for a in attacks if ATTACKS[a].family in _LIBRARY_ATTACKS]
-    if needs_art and importlib.util.find_spec("art") is None:
-        raise ValueError(
-            f"supervised attack(s) {needs_art} need adversarial-robustness-toolbox: pip install 'pathguard[eval]'"
-        )
-
-
 @dataclass
 class SupervisedAssessment:
     """Per-input supervised results for a batch of N inputs."""
@@ -158,7 +126,8 @@ class SupervisedDetector:
     detector : str
         One of :data:`SUPERVISED_DETECTORS`.
     features : str
-        One of :data:`FEATURE_SETS` (computed by :meth:`models.pipeline.DetectionPipeline.supervised_features`).
+        One of :data:`FEATURE_SETS`, computed by
+        :meth:`~pathguard.models.bundle.DetectionPipeline.supervised_features`.
     attacks : list of str
         Attacks whose adversarial examples it was trained on.
     model : LogisticDetector, LinearJointSimilarity or SklearnDetector
@@ -201,22 +170,6 @@ class SupervisedDetector:
             "files": files,
         }
 
-    def files(self) -> dict[str, bytes]:
-        from models.pipeline import npz_bytes
-
-        arrays = {"calib": self.calib}
-        out = {}
-        if isinstance(self.model, LogisticDetector | LinearJointSimilarity):
-            arrays |= {f"{self.detector}/{k}": v for k, v in self.model.to_arrays().items()}
-        else:
-            import joblib
-
-            buf = io.BytesIO()
-            joblib.dump(self.model.estimator_, buf)
-            out[SUPERVISED_JOBLIB] = buf.getvalue()
-        out[SUPERVISED_NPZ] = npz_bytes(arrays)
-        return out
-
     @classmethod
     def from_verified(
         cls, entry: dict[str, Any], npz: Callable[[str], dict[str, np.ndarray]], blob: Callable[[str], bytes]
@@ -242,56 +195,3 @@ class SupervisedDetector:
             model.estimator_ = joblib.load(io.BytesIO(blob(SUPERVISED_JOBLIB)))  # digest checked by read_verified
         calib = np.sort(np.asarray(arrays["calib"], dtype=np.float64))
         return cls(detector, features, list(entry["attacks"]), model, calib, dict(entry.get("training", {})))
-
-
-def fit_supervised(
-    classifier: Any,
-    dataset: str,
-    features: Callable[[np.ndarray], np.ndarray],
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    calib_x: np.ndarray,
-    attacks: Sequence[str],
-    detector: str = "logistic",
-    feature_set: str = "all",
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> SupervisedDetector:
-    """Attack ``train_x`` with every attack, fit ``detector`` on clean vs successful adversarial features,
-    and calibrate it on the clean ``calib_x``.
-
-    Parameters
-    ----------
-    classifier : nn.Module
-        The bundle's classifier (inputs in [0, 1], logits out).
-    dataset : str
-        Selects the attacks' default parameters.
-    features : callable
-        (N, C, H, W) images -> (N, F) features of ``feature_set`` (recorded in the manifest).
-    train_x, train_y : np.ndarray
-        Clean training images and labels (held out from the class paths).
-    calib_x : np.ndarray
-        Clean calibration images, disjoint from ``train_x``.
-    """
-    from models.attacks import run_attack
-
-    check_supervised_config(attacks, detector, feature_set)
-    clean = features(train_x)
-    adv_parts, counts = [], {}
-    for name in attacks:
-        r = run_attack(classifier, name, dataset, train_x, train_y)
-        ok = np.flatnonzero(r.success)
-        if len(ok):
-            adv_parts.append(features(r.x_adv[ok]))
-        counts[name] = {"attempted": r.n_attempted, "successful": len(ok), "seconds": round(r.seconds, 1)}
-        if progress is not None:
-            progress(f"{name}: {len(ok)}/{r.n_attempted} successful ({r.seconds:.0f} s)")
-    n_adv = sum(len(a) for a in adv_parts)
-    if n_adv < 10:
-        raise ValueError(f"the supervised attacks {list(attacks)} produced {n_adv} adversarial examples; need 10")
-    x = np.concatenate([clean, *adv_parts])
-    y = np.r_[np.zeros(len(clean)), np.ones(n_adv)]
-    model = _make(detector, seed).fit(x, y)
-    calib = np.sort(np.asarray(model.score(features(calib_x)), dtype=np.float64))
-    training = {"clean": len(clean), "adversarial": n_adv, "attacks": counts}
-    return SupervisedDetector(detector, feature_set, list(attacks), model, calib, training)

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.classifiers import CONFIGS, TappedSequential, build_classifier, fold_batchnorm
-from models.data import Split, load_dataset
-from models.io import save_classifier
+from pathguard.models.data import Split, load_dataset
+from pathguard.models.networks import CONFIGS, TappedSequential, build_classifier, fold_batchnorm, save_classifier
 
 __all__ = ["TrainConfig", "accuracy", "train_classifier"]
 

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.class_paths import ClassPaths
-from models.effective_path import EffectivePathExtractor
+from pathguard.models.bundle import load_classifier
+from pathguard.models.data import load_dataset
+from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
+from pathguard.models.networks import CONFIGS, build_classifier, fold_batchnorm
 
 __all__ = ["run_report"]
 
@@ -182,8 +184,6 @@ def mnist_report(
     train_images: int | None = None,
     test_images: int | None = None,
 ) -> dict[str, Any]:
-    from models.data import load_dataset
-    from models.io import load_classifier
 
     model = load_classifier(classifier_dir)
     train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
@@ -211,7 +211,6 @@ def mnist_report(
 def cifar_report(
     classifier_dir: Path, out: Path, images: int, log: Callable[[str], None], progress: bool
 ) -> dict[str, Any]:
-    from models.classifiers import CONFIGS, build_classifier, fold_batchnorm
 
     if not (classifier_dir / "classifier.safetensors").is_file():
         log(f"no trained CIFAR-10 model in {classifier_dir}: geometry and bitmap sizes only")
@@ -224,8 +223,6 @@ def cifar_report(
             "weight": sum(10 * ((info[n].n_weights + 7) // 8) for n in ext.layers),
         }
         return {"trained_model": False, "synapses_per_layer": sizes, "bitmap_bytes": nbytes}
-    from models.data import load_dataset
-    from models.io import load_classifier
 
     model = load_classifier(classifier_dir)
     train = load_dataset("cifar10", "train")

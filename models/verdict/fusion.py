@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import chi2
 
-from models.calibration import empirical_p_values, threshold_at_fpr
+from pathguard.models.verdict.calibration import empirical_p_values, threshold_at_fpr
 
 __all__ = ["FusedVerdict", "fisher_score"]
 

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.classifiers import CONFIGS, build_classifier, fold_batchnorm
-from models.data import load_dataset
-from models.io import load_classifier
-from models.nic import NICDetector
+from pathguard.models.bundle import load_classifier
+from pathguard.models.data import load_dataset
+from pathguard.models.evaluation.attacks import run_attack
+from pathguard.models.networks import CONFIGS, build_classifier, fold_batchnorm
+from pathguard.models.nic import NICDetector
 
 __all__ = ["bench_randomization", "bench_scoring", "fit_for_bench", "load_bench_classifier", "run_benchmark", "time_ms"]
 
@@ -196,7 +197,6 @@ def bench_randomization(
 ) -> dict[str, Any]:
     """Clean FPR and detection rate at ``target_fpr`` (threshold from the calibration split) of the plain
     detector vs one / majority-of-three randomized members picked per input. Needs the ``eval`` extra."""
-    from models.attacks import run_attack
 
     det, facts = fit_for_bench(model, dataset, {**(params or {}), "n_random": n_random})
     test = load_dataset(dataset, "test")

@@ -9,34 +9,25 @@ per-layer work (reduction, value invariant, derived head) only needs that layer'
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.bundle import read_verified
-from models.calibration import two_sided_fisher, violation_probability
-from models.class_paths import ClassPaths
-from models.classifiers import TappedSequential
-from models.effective_path import EffectivePathExtractor
-from models.ep_detectors import BenignEPScore
-from models.fusion import FusedVerdict
-from models.io import classifier_from_bytes
-from models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
-from models.supervised import SupervisedAssessment, SupervisedDetector
+from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
+from pathguard.models.networks import TappedSequential
+from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
+from pathguard.models.verdict import FusedVerdict, two_sided_fisher, violation_probability
+from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
 
 __all__ = [
     "FUSION_COMPONENTS",
-    "Bundle",
     "DetectionPipeline",
     "DetectionResult",
     "EPPartial",
     "LayerPartial",
-    "load_bundle",
 ]
 
 EP, NIC, NIC_VI = "effective_path", "nic", "nic_vi"
@@ -280,7 +271,7 @@ class DetectionPipeline:
         return self._result(logits, raw), raw.components
 
     def _features(self, raw: _RawScores, feature_set: str) -> np.ndarray:
-        """(N, F) supervised features (see :mod:`models.supervised`) from one batch's raw scores."""
+        """(N, F) supervised features (see :mod:`pathguard.models.verdict.supervised`) from one batch's raw scores."""
         ep = [raw.sims[1], raw.sims[2]]
         if feature_set == "effective_path":
             return np.concatenate(ep, axis=1)
@@ -333,82 +324,3 @@ class _RawScores:
     @property
     def components(self) -> dict[str, np.ndarray]:
         return {EP: self.ep, NIC: self.final, NIC_VI: self.value_stat}
-
-
-@dataclass
-class Bundle:
-    """A verified, loaded bundle (see PRODUCT.md 'Bundle')."""
-
-    path: Path
-    manifest: dict[str, Any]
-    sha256: str
-    classifier: TappedSequential
-    onnx_bytes: bytes
-    pipeline: DetectionPipeline
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["name"])
-
-    @property
-    def version(self) -> str:
-        return str(self.manifest["version"])
-
-    @property
-    def dataset(self) -> str:
-        return str(self.manifest["dataset"])
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.manifest["input"]["shape"]
-        return (int(c), int(h), int(w))
-
-    @property
-    def tap_names(self) -> list[str]:
-        return list(self.manifest["tapped_layers"])
-
-    @property
-    def onnx_path(self) -> Path:
-        return self.path / "classifier.onnx"
-
-
-def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
-    """Verify every file of the bundle at ``path``, then load it from the verified bytes.
-
-    ``target_fpr`` overrides the manifest's operating point (refused below 1/n of the calibration split).
-    """
-    files = read_verified(path)
-    m = files.manifest
-    classifier = classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
-    ep_cfg = m["effective_path"]
-    extractor = EffectivePathExtractor(classifier, theta=ep_cfg["theta"], last_k=ep_cfg.get("last_k"))
-    class_paths = ClassPaths.from_arrays(files.npz("class_paths.npz"))
-    ep_score = BenignEPScore.from_arrays(files.npz("ep_score.npz"))
-    nic = NICDetector.from_arrays(files.npz("nic.npz"), files.json("nic.json"))
-    fpr = float(target_fpr if target_fpr is not None else m["verdict"]["target_fpr"])
-    components = list(m["verdict"].get("components", LEGACY_COMPONENTS))
-    unknown = sorted(set(components) - set(FUSION_COMPONENTS))
-    if unknown:
-        known = list(FUSION_COMPONENTS)
-        raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
-    verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
-    sup = None
-    if "supervised" in m:  # optional: bundles built with --supervised-attacks
-        sup = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
-    if sup is not None:
-        names = pipeline.feature_names(sup.features)
-        if m["supervised"].get("feature_names", names) != names:
-            raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
-    return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """Serialize arrays as a compressed ``.npz`` (no pickled objects)."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()

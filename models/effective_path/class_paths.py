@@ -2,7 +2,7 @@
 
 The class path of class ``c`` (Qiu et al., CVPR 2019, Sec. 2.2) is the union of the rank-1 effective paths
 of the training images labelled ``c`` *and* predicted ``c``. Per layer it is stored as a bitmap over that
-layer's synapse ids (see :mod:`models.effective_path`), packed with :func:`numpy.packbits` bit order
+layer's synapse ids (see :mod:`pathguard.models.effective_path`), packed with :func:`numpy.packbits` bit order
 (bit ``i`` of a class row is ``row[i >> 3] >> (7 - (i & 7)) & 1``): shape ``(num_classes, ceil(n/8))`` uint8.
 
 - densities (paper Eq. 4): selected synapses (or weights) of the union of all class paths over all
@@ -22,18 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.effective_path import LayerInfo, PathBatch
+from pathguard.models.effective_path.paths import LayerInfo, PathBatch
+from pathguard.models.errors import NotFittedError
 
 if TYPE_CHECKING:
-    from models.effective_path import EffectivePathExtractor
+    from pathguard.models.effective_path.extractor import EffectivePathExtractor
 
 __all__ = ["ClassPaths", "NotFittedError"]
 
 _SCHEMA = 1
-
-
-class NotFittedError(ValueError, AttributeError):
-    """A fitted attribute was used before :meth:`ClassPaths.fit` (or :meth:`ClassPaths.from_arrays`)."""
 
 
 def _set_bits(packed: np.ndarray, bits: torch.Tensor) -> None:

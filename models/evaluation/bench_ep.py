@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.classifiers import tap_points
-from models.effective_path import DEFAULT_THETA, EffectivePathExtractor
+from pathguard.models.bundle import load_classifier
+from pathguard.models.data import load_dataset
+from pathguard.models.effective_path import DEFAULT_THETA, EffectivePathExtractor
+from pathguard.models.networks import tap_points
 
 __all__ = ["PAPER_TABLE1", "alexnet", "loop_reference_paths", "run_benchmarks"]
 
@@ -144,7 +146,7 @@ def loop_reference_paths(
     """Effective paths one image and one selected neuron at a time (Eq. 1-3), for plain sequential nets
     of Conv2d, Linear, ReLU, MaxPool2d, Flatten, Dropout (and input-side modules before the first layer).
 
-    Same output format as :func:`models.effective_path.extract_effective_paths`.
+    Same output format as :func:`pathguard.models.effective_path.extract_effective_paths`.
     """
     out = []
     for i in range(x.shape[0]):
@@ -217,7 +219,7 @@ def bench_lenet(
 
 @torch.inference_mode()
 def forward_taps(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and the tapped activations (:func:`models.classifiers.tap_points`) of a plain Sequential."""
+    """Logits and the tapped activations (:func:`~pathguard.models.networks.tap_points`) of a plain Sequential."""
     points, taps = tap_points(model), {}
     for i, module in enumerate(model):
         x = module(x)
@@ -333,9 +335,6 @@ def bench_alexnet(batch_size: int = 8, images: int = 16, repeats: int = 2, seed:
 def _memory_case(case: str, batch_size: int, threads: int, queue: Any) -> None:
     torch.set_num_threads(threads)
     if case == "lenet":
-        from models.data import load_dataset
-        from models.io import load_classifier
-
         model: nn.Module = load_classifier(Path("artifacts/classifiers/mnist-lenet5"))
         x = torch.from_numpy(load_dataset("mnist", "test").x[: 4 * batch_size])
         ext = EffectivePathExtractor(model, batch_size=batch_size)
@@ -382,8 +381,6 @@ def run_benchmarks(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every benchmark and return a JSON-able report."""
-    from models.data import load_dataset
-    from models.io import load_classifier
 
     threads = torch.get_num_threads()
     report: dict[str, Any] = {"torch": torch.__version__, "threads": threads}

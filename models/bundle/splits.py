@@ -1,0 +1,35 @@
+"""How a bundle's training images are split (recorded in its manifest; the test set is never used).
+
+- ``fit`` (all but ``n_calib`` images): class-path bitmaps and every NIC component;
+- the ``n_calib`` held-out images, in three disjoint parts: ``ep_fit`` (20%) fits the benign Effective Path
+  score, ``calib_a`` (40%) calibrates each component, ``calib_b`` (40%) sets the fused threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pathguard.models.data import Split
+
+__all__ = ["training_splits"]
+
+
+def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | None = None) -> dict[str, Split]:
+    """Cut the training set into ``fit``, ``ep_fit``, ``calib_a`` and ``calib_b`` (seeded permutation).
+
+    ``n_train`` keeps only a seeded random subset of that many images (small test bundles). The builder and the
+    evaluation both call this with the manifest's ``build.config`` values, so they agree on which training images
+    a bundle has seen.
+    """
+    perm = np.random.default_rng(seed).permutation(len(train))[:n_train]
+    if len(perm) <= n_calib:
+        raise ValueError(f"n_calib={n_calib} leaves no training images to fit on ({len(perm)} available)")
+    n_ep = n_calib // 5
+    n_a = (n_calib - n_ep) // 2
+    cut = np.cumsum([n_ep, n_a, n_calib - n_ep - n_a])
+    return {
+        "ep_fit": train.subset(perm[: cut[0]]),
+        "calib_a": train.subset(perm[cut[0] : cut[1]]),
+        "calib_b": train.subset(perm[cut[1] : cut[2]]),
+        "fit": train.subset(perm[cut[2] :]),
+    }

@@ -1,0 +1,30 @@
+"""What a classifier is to the detectors: its configuration, the bundled architectures, the named taps both
+detectors read, batch-norm folding, and persistence (safetensors + JSON, ONNX with tap outputs)."""
+
+from pathguard.models.networks.architectures import CONFIGS, Normalize, Residual, build_classifier
+from pathguard.models.networks.config import ClassifierConfig
+from pathguard.models.networks.folding import fold_batchnorm, folded_parameters
+from pathguard.models.networks.persistence import (
+    CLASSIFIER_FILES,
+    classifier_from_bytes,
+    export_onnx,
+    save_classifier,
+)
+from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential, tap_points
+
+__all__ = [
+    "CLASSIFIER_FILES",
+    "CONFIGS",
+    "ClassifierConfig",
+    "Normalize",
+    "OnnxTapWrapper",
+    "Residual",
+    "TappedSequential",
+    "build_classifier",
+    "classifier_from_bytes",
+    "export_onnx",
+    "fold_batchnorm",
+    "folded_parameters",
+    "save_classifier",
+    "tap_points",
+]

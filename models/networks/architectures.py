@@ -1,0 +1,113 @@
+"""The bundled architectures: LeNet-5 (MNIST, the Effective Path paper's network) and a CIFAR-10 CNN after the
+Carlini/Wagner model, plus the building blocks they share (in-model normalization, the residual block)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from pathguard.models.networks.config import ClassifierConfig
+from pathguard.models.networks.taps import TappedSequential
+
+__all__ = ["CIFAR_CNN", "CONFIGS", "LENET5", "Normalize", "Residual", "build_classifier"]
+
+LENET5 = ClassifierConfig("lenet5", 1, 28, 28, mean=(0.1307,), std=(0.3081,))
+CIFAR_CNN = ClassifierConfig(
+    "cifar_cnn", 3, 32, 32, batchnorm=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
+)
+CONFIGS = {"mnist": LENET5, "cifar10": CIFAR_CNN}
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; an affine map the detectors treat as part of the input."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Residual(nn.Module):
+    """``y = shortcut(x) + body(x)`` (``shortcut`` defaults to the identity).
+
+    Parameters
+    ----------
+    body : nn.Module
+        Usually an ``nn.Sequential`` of supported modules; its output shape equals the shortcut's.
+    shortcut : nn.Module, optional
+        Projection for the skip branch (e.g. a 1x1 strided Conv2d); ``None`` means identity.
+    """
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return skip + self.body(x)
+
+
+def _lenet5(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:
+    return OrderedDict(
+        [
+            ("normalize", Normalize(cfg.mean, cfg.std)),
+            ("conv1", nn.Conv2d(cfg.in_channels, 6, 5, padding=2)),
+            ("relu1", nn.ReLU()),
+            ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(6, 16, 5)),
+            ("relu2", nn.ReLU()),
+            ("pool2", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(16 * 5 * 5, 120)),
+            ("relu3", nn.ReLU()),
+            ("fc2", nn.Linear(120, 84)),
+            ("relu4", nn.ReLU()),
+            ("fc3", nn.Linear(84, cfg.num_classes)),
+        ]
+    )
+
+
+def _cifar_cnn(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:
+    """Carlini/Wagner CIFAR layout (conv64-conv64-pool-conv128-conv128-pool-fc256-fc256-fc10), 'same'
+    padding; batch norm after each conv while training (folded away for serving)."""
+    layers: list[tuple[str, nn.Module]] = [("normalize", Normalize(cfg.mean, cfg.std))]
+    chans = [(cfg.in_channels, 64), (64, 64), (64, 128), (128, 128)]
+    for k, (cin, cout) in enumerate(chans, start=1):
+        layers.append((f"conv{k}", nn.Conv2d(cin, cout, 3, padding=1)))
+        if cfg.batchnorm:
+            layers.append((f"bn{k}", nn.BatchNorm2d(cout)))
+        layers.append((f"relu{k}", nn.ReLU()))
+        if k % 2 == 0:
+            layers.append((f"pool{k // 2}", nn.MaxPool2d(2)))
+    layers += [
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(128 * (cfg.height // 4) * (cfg.width // 4), 256)),
+        ("relu5", nn.ReLU()),
+        ("drop1", nn.Dropout(0.5)),
+        ("fc2", nn.Linear(256, 256)),
+        ("relu6", nn.ReLU()),
+        ("drop2", nn.Dropout(0.5)),
+        ("fc3", nn.Linear(256, cfg.num_classes)),
+    ]
+    return OrderedDict(layers)
+
+
+_BUILDERS = {"lenet5": _lenet5, "cifar_cnn": _cifar_cnn}
+
+
+def build_classifier(config: ClassifierConfig) -> TappedSequential:
+    """Instantiate an untrained classifier for ``config``."""
+    try:
+        builder = _BUILDERS[config.arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {config.arch!r}; supported: {sorted(_BUILDERS)}") from None
+    return TappedSequential(builder(config), config)

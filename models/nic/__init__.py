@@ -1,0 +1,18 @@
+"""NIC (Ma et al., NDSS 2019): value invariants over layer activations, provenance invariants over consecutive
+layers' derived softmax heads, a final one-class model over both, and one-class SVMs exported to plain arrays."""
+
+from pathguard.models.nic.detector import NICDetector, NICScores
+from pathguard.models.nic.layers import INPUT, SOFTMAX, default_layers, layer_activation
+from pathguard.models.nic.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
+
+__all__ = [
+    "INPUT",
+    "SOFTMAX",
+    "BatchedOCSVM",
+    "ExportedOCSVM",
+    "NICDetector",
+    "NICScores",
+    "default_layers",
+    "fit_ocsvm",
+    "layer_activation",
+]

@@ -1,0 +1,160 @@
+"""Classifier engines: the torch module or an onnxruntime session, logits only or logits plus every tap (reported
+in forward order, so the layer checks of earlier taps can start while the forward pass goes on)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from pathguard.models.networks import TappedSequential, tap_points
+
+__all__ = ["ClassifierEngine", "OnnxEngine", "TapCallback", "TorchEngine", "softmax"]
+
+log = logging.getLogger("pathguard.service")
+
+TapCallback = Callable[[str, torch.Tensor], None]
+
+
+class ClassifierEngine(Protocol):
+    """A classifier runtime: logits only, or logits plus every tap (reported in forward order)."""
+
+    name: str
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+    def forward(
+        self, x: np.ndarray, on_tap: TapCallback | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits, float32."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class TorchEngine:
+    """The bundle's TappedSequential in torch, stepping through its named children to report taps."""
+
+    name = "torch"
+
+    def __init__(self, model: TappedSequential) -> None:
+        self.model = model.eval()
+        self._points = tap_points(model)
+        self._children: list[nn.Module] = list(model.children())
+
+    @torch.no_grad()
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.model(torch.from_numpy(x)).numpy()
+        return out
+
+    @torch.no_grad()
+    def forward(self, x: np.ndarray, on_tap: TapCallback | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = torch.from_numpy(x)
+        taps: dict[str, torch.Tensor] = {}
+        for i, module in enumerate(self._children):
+            t = module(t)
+            name = self._points.get(i)
+            if name is not None:
+                taps[name] = t
+                if on_tap is not None:
+                    on_tap(name, t)
+        return t, taps
+
+
+@dataclass(frozen=True)
+class _Stage:
+    input_name: str
+    outputs: list[str]
+    session: ort.InferenceSession
+
+
+class OnnxEngine:
+    """onnxruntime on the classifier's ONNX export (outputs ``["logits", *taps]``, input ``"input"``).
+
+    For tap-by-tap execution the graph is cut into stages at ``split_at`` (the taps whose checks may start early):
+    stage k reads the previous cut tensor and yields the taps up to the next cut. Models that cannot be cut into
+    a chain of single-input stages run as one stage (taps then arrive together at the end).
+    """
+
+    name = "onnx"
+
+    def __init__(self, model_bytes: bytes, split_at: Sequence[str], threads: int = 1) -> None:
+        model = onnx.load_from_string(model_bytes)
+        self.input_name = model.graph.input[0].name
+        self.tap_names = [o.name for o in model.graph.output if o.name != "logits"]
+        self._options = ort.SessionOptions()
+        self._options.intra_op_num_threads = threads
+        self._options.inter_op_num_threads = 1
+        self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._full = self._session(model_bytes)
+        self.stages = self._split(model, [t for t in self.tap_names if t in set(split_at)])
+
+    def _session(self, model_bytes: bytes) -> ort.InferenceSession:
+        return ort.InferenceSession(model_bytes, self._options, providers=["CPUExecutionProvider"])
+
+    def _split(self, model: onnx.ModelProto, cuts: list[str]) -> list[_Stage]:
+        whole = [_Stage(self.input_name, ["logits", *self.tap_names], self._full)]
+        if not cuts:
+            return whole
+        ancestors = _ancestors(model.graph)
+        outputs = ["logits", *self.tap_names]
+        groups: list[list[str]] = [[] for _ in range(len(cuts) + 1)]
+        for out in outputs:  # stage index = number of cuts strictly upstream of the output
+            groups[sum(c in ancestors[out] for c in cuts)].append(out)
+        inputs = [self.input_name, *cuts]
+        extractor = onnx.utils.Extractor(model)
+        stages = []
+        try:
+            for inp, outs in zip(inputs, groups, strict=True):
+                if not outs:
+                    continue
+                sub = extractor.extract_model([inp], [o for o in outputs if o in outs])
+                stages.append(_Stage(inp, [o for o in outputs if o in outs], self._session(sub.SerializeToString())))
+        except Exception as exc:  # any graph that is not a chain of single-input stages
+            log.warning("ONNX graph cannot be split at %s (%s); taps will arrive after the full pass", cuts, exc)
+            return whole
+        return stages
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._full.run(["logits"], {self.input_name: x})[0]
+        return out
+
+    def forward(self, x: np.ndarray, on_tap: TapCallback | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values: dict[str, np.ndarray] = {self.input_name: x}
+        if on_tap is None:  # serial: one run of the full graph is cheapest
+            outs = self._full.run(["logits", *self.tap_names], {self.input_name: x})
+            values.update(zip(["logits", *self.tap_names], outs, strict=True))
+        else:
+            for stage in self.stages:
+                outs = stage.session.run(stage.outputs, {stage.input_name: values[stage.input_name]})
+                for name, value in zip(stage.outputs, outs, strict=True):
+                    values[name] = value
+                    if name != "logits":
+                        on_tap(name, torch.from_numpy(value))
+        taps = {n: torch.from_numpy(values[n]) for n in self.tap_names}
+        return torch.from_numpy(values["logits"]), taps
+
+
+def _ancestors(graph: onnx.GraphProto) -> dict[str, set[str]]:
+    """Tensor name -> every tensor it (transitively) depends on; nodes are topologically sorted in ONNX."""
+    anc: dict[str, set[str]] = {i.name: set() for i in graph.input}
+    for node in graph.node:
+        deps: set[str] = set()
+        for inp in node.input:
+            if inp:
+                deps |= {inp} | anc.get(inp, set())
+        for out in node.output:
+            anc[out] = deps
+    return anc
