@@ -72,6 +72,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PATHGUARD_BUNDLE=/opt/pathguard/artifacts/mnist-lenet5 \
     PATHGUARD_HOST=0.0.0.0 \
     PATHGUARD_PORT=8080 \
+    PATHGUARD_GRPC_PORT=8081 \
     PATHGUARD_SPOOL_PATH=/var/lib/pathguard/flagged-spool.jsonl
 
 WORKDIR /opt/pathguard
@@ -81,7 +82,8 @@ RUN ["pathguard", "verify", "/opt/pathguard/artifacts/mnist-lenet5"]
 USER 10001:10001
 # Flagged entries are spooled here while Redis is unreachable: keep it on a volume so none is lost on restart.
 VOLUME ["/var/lib/pathguard"]
-EXPOSE 8080
+# 8080: HTTP (REST + Open Inference Protocol); 8081: the Open Inference Protocol over gRPC
+EXPOSE 8080 8081
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "/opt/pathguard/healthcheck.py"]

@@ -78,7 +78,12 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"pathguard-{self.port}.log"
-        self.env = {"PATHGUARD_SPOOL_PATH": str(workdir / "spool.jsonl"), **(env or {})}
+        self.grpc_port = free_port()
+        self.env = {
+            "PATHGUARD_SPOOL_PATH": str(workdir / "spool.jsonl"),
+            "PATHGUARD_GRPC_PORT": str(self.grpc_port),
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def launch(self) -> subprocess.Popen[bytes]:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
 from pathguard.service.cache import DetectionStore
 from pathguard.service.errors import install_error_handlers
+from pathguard.service.grpc_server import GrpcServer
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -108,6 +109,9 @@ async def _start(state: ServiceState) -> None:
     state.predict_batcher.start()
     state.detect_batcher.start()
     state.metrics.set_bundle(bundle.name, str(bundle.version), bundle.sha256)
+    if s.grpc_port:
+        state.grpc = GrpcServer(state, s.host, s.grpc_port)
+        await state.grpc.start()
     state.ready = True
     log.info(
         "serving bundle %s v%s (%s) with the %s engine, mode %s, parallel checks %s",
@@ -122,6 +126,8 @@ async def _start(state: ServiceState) -> None:
 
 async def _stop(state: ServiceState) -> None:
     state.ready = False
+    if state.grpc is not None:
+        await state.grpc.stop()
     for batcher in (state.predict_batcher, state.detect_batcher):
         if batcher is not None:
             await batcher.stop()

@@ -17,9 +17,7 @@ Policy (documented in docs/service.md):
 from __future__ import annotations
 
 import io
-import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pathguard.service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
 
-__all__ = ["IMAGE_TYPES", "InputSpec", "check_media_type", "decode_image", "tensor_from_oip"]
+__all__ = ["IMAGE_TYPES", "InputSpec", "check_media_type", "decode_image"]
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
@@ -155,45 +153,3 @@ def decode_image(data: bytes, spec: InputSpec, declared: str | None = None) -> n
     img = _fit_size(_open(data, spec), spec)
     arr = _to_array(img, spec.channels, spec.policy)  # (H, W, C)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, H, W)
-
-
-def tensor_from_oip(shape: Sequence[int], datatype: str, data: Sequence[object], spec: InputSpec) -> np.ndarray:
-    """Validate an Open Inference Protocol input tensor and return it as float32 (N, C, H, W).
-
-    Raises
-    ------
-    BadInput
-        Wrong datatype, shape, element count, non-numeric, non-finite or out-of-range values.
-    """
-    if datatype.upper() != "FP32":
-        raise BadInput(f"input datatype must be FP32, got {datatype!r}")
-    if len(shape) != 4 or tuple(shape[1:]) != spec.shape or shape[0] < 1:
-        raise BadInput(f"input shape must be [N, {', '.join(map(str, spec.shape))}] with N >= 1, got {list(shape)}")
-    expected = math.prod(shape)
-    flat = _flatten(data)
-    if len(flat) != expected:
-        raise BadInput(f"input data has {len(flat)} values; shape {list(shape)} needs {expected}")
-    try:
-        arr = np.asarray(flat, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise BadInput("input data must be finite numbers") from None
-    if not np.isfinite(arr).all():
-        raise BadInput("input data contains NaN or infinity")
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise BadInput("input values must lie in [0, 1]")
-    return arr.astype(np.float32).reshape(tuple(shape))  # (N, C, H, W)
-
-
-def _flatten(data: Sequence[object]) -> list[object]:
-    """Row-major flattening of OIP ``data`` (flat or nested lists); booleans and strings are rejected."""
-    out: list[object] = []
-    stack: list[object] = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list | tuple):
-            stack.extend(reversed(item))
-        elif isinstance(item, bool) or not isinstance(item, int | float):
-            raise BadInput("input data must be numbers")
-        else:
-            out.append(item)
-    return out

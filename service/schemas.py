@@ -112,12 +112,13 @@ class ModelInfo(BaseModel):
 
 
 class InferTensor(BaseModel):
-    """An Open Inference Protocol tensor: row-major ``data`` (flat or nested) of the given shape."""
+    """An Open Inference Protocol tensor: row-major ``data`` (flat or nested) of the given shape, or (binary tensor
+    data extension) no ``data`` and ``parameters.binary_data_size`` bytes after the JSON header."""
 
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 

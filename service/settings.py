@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     # --- network -------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address `pathguard serve` binds to.")
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port `pathguard serve` listens on.")
+    grpc_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        description="TCP port of the Open Inference Protocol's gRPC service (GRPCInferenceService) on the same host; "
+        "0 turns it off.",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "

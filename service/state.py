@@ -17,7 +17,15 @@ from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.settings import Settings
 
-__all__ = ["ServiceState", "get_state", "ready_state", "request_id", "require_api_key"]
+__all__ = [
+    "ServiceState",
+    "check_api_key",
+    "get_state",
+    "ready_state",
+    "request_id",
+    "require_api_key",
+    "safe_request_id",
+]
 
 log = logging.getLogger("pathguard.service")
 
@@ -35,6 +43,7 @@ class ServiceState:
     spec: InputSpec | None = None
     predict_batcher: Any = None
     detect_batcher: Any = None
+    grpc: Any = None  # the gRPC server, when PATHGUARD_GRPC_PORT is not 0
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -69,11 +78,15 @@ def ready_state(request: Request) -> ServiceState:
 
 def require_api_key(request: Request) -> None:
     """When an API key is configured: 'Authorization: Bearer <key>' or 'X-API-Key: <key>', compared in constant time."""
-    key = get_state(request).settings.api_key
+    check_api_key(get_state(request).settings, request.headers.get("x-api-key"), request.headers.get("authorization"))
+
+
+def check_api_key(settings: Settings, x_api_key: str | None, authorization: str | None) -> None:
+    """Raise :class:`Unauthorized` unless no key is configured or one of the two headers carries it."""
+    key = settings.api_key
     if key is None:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
+    given, auth = x_api_key, authorization or ""
     if given is None and auth[:7].lower() == "bearer ":
         given = auth[7:].strip()
     if given is None or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
@@ -83,7 +96,12 @@ def require_api_key(request: Request) -> None:
 def request_id(request: Request, proposed: str | None = None) -> str:
     """``proposed`` (e.g. an OIP request id) or the client's X-Request-ID when it is a short safe token (up to 64
     ASCII letters, digits, '-', '_', '.'), else a fresh random id."""
-    for rid in (proposed, request.headers.get("x-request-id")):
+    return safe_request_id(proposed, request.headers.get("x-request-id"))
+
+
+def safe_request_id(*candidates: str | None) -> str:
+    """The first candidate that is a short safe token, else a fresh random id."""
+    for rid in candidates:
         if rid and len(rid) <= 64 and rid.isascii() and all(c.isalnum() or c in "-_." for c in rid):
             return rid
     return uuid.uuid4().hex

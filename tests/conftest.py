@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _SHARED = ROOT.parent / "shared" / "data"
 if "PATHGUARD_DATA_DIR" not in os.environ and _SHARED.is_dir():
     os.environ["PATHGUARD_DATA_DIR"] = str(_SHARED)
+# In-process apps serve no gRPC unless a test asks for it (the default port 8081 would clash between apps).
+os.environ.setdefault("PATHGUARD_GRPC_PORT", "0")
 
 ARTIFACTS = ROOT / "artifacts"
 MNIST_CLASSIFIER = ARTIFACTS / "classifiers" / "mnist-lenet5"

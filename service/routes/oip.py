@@ -5,12 +5,19 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from pathguard.service.detection import detect_tensor
-from pathguard.service.errors import BadInput, NotFound, PayloadTooLarge
-from pathguard.service.inputs import tensor_from_oip
+from pathguard.service.errors import NotFound
+from pathguard.service.protocol import (
+    SUPERVISED_OUTPUTS,
+    available_outputs,
+    encode_http,
+    output_tensors,
+    parse_http,
+    requested_outputs,
+)
 from pathguard.service.schemas import ErrorBody, InferRequest, InferResponse
 from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
 
@@ -18,25 +25,9 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol"], dependencies=
 Ready = Annotated[ServiceState, Depends(ready_state)]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}
 
-# name -> (datatype, whether it needs the verdict)
-OUTPUTS = {
-    "predicted_class": ("INT64", False),
-    "probabilities": ("FP32", False),
-    "is_adversarial": ("BOOL", True),
-    "instance_score": ("FP32", True),
-    "p_value": ("FP32", True),
-    "path_similarity": ("FP32", True),
-    "value_violation": ("FP32", True),
-    "provenance_violation": ("FP32", True),
-}
-# only for bundles built with supervised attacks (reported beside the verdict, see pathguard.models.verdict.supervised)
-SUPERVISED_OUTPUTS = {"supervised_is_adversarial": ("BOOL", True), "supervised_score": ("FP32", True)}
-_SCALAR = ("predicted_class", "is_adversarial", "instance_score", "p_value", *SUPERVISED_OUTPUTS)
-
 
 def _outputs(state: ServiceState) -> dict[str, tuple[str, bool]]:
-    """Outputs this server can return: the supervised ones only when the bundle has a supervised detector."""
-    return OUTPUTS | SUPERVISED_OUTPUTS if state.runtime.pipeline.supervised is not None else dict(OUTPUTS)
+    return available_outputs(state.runtime.pipeline.supervised is not None)
 
 
 def _model(state: ServiceState, name: str) -> Any:
@@ -83,6 +74,13 @@ async def model_metadata(name: str, state: Ready) -> dict[str, Any]:
     }
 
 
+@router.get("/models/{name}/versions/{version}", responses=_ERRORS)
+async def model_version_metadata(name: str, version: str, state: Ready) -> dict[str, Any]:
+    """Model metadata of a named version (only the served one exists)."""
+    _version(state, name, version)
+    return await model_metadata(name, state)
+
+
 @router.get("/models/{name}/ready", responses=_ERRORS)
 async def model_ready(name: str, request: Request) -> dict[str, Any]:
     """200 once the model is loaded and warmed up; 503 before."""
@@ -90,78 +88,82 @@ async def model_ready(name: str, request: Request) -> dict[str, Any]:
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}/infer", response_model=InferResponse, responses=_ERRORS)
-async def infer(name: str, body: InferRequest, request: Request, state: Ready) -> JSONResponse:
-    """Inference on an FP32 tensor (N, C, H, W) in [0, 1]."""
-    return await _infer(name, None, body, request, state)
+@router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS)
+async def model_version_ready(name: str, version: str, request: Request) -> dict[str, Any]:
+    """Readiness of a named version."""
+    _version(ready_state(request), name, version)
+    return {"name": name, "version": version, "ready": True}
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, responses=_ERRORS)
-async def infer_version(name: str, version: str, body: InferRequest, request: Request, state: Ready) -> JSONResponse:
-    """Inference on a named version (only the served one exists)."""
-    return await _infer(name, version, body, request, state)
-
-
-async def _infer(name: str, version: str | None, body: InferRequest, request: Request, state: Ready) -> JSONResponse:
+def _version(state: ServiceState, name: str, version: str) -> Any:
     b = _model(state, name)
-    if version is not None and version != str(b.version):
+    if version != str(b.version):
         raise NotFound(f"model {name!r} has no version {version!r}; served: {b.version}")
-    if len(body.inputs) != 1:
-        raise BadInput(f"expected exactly one input tensor, got {len(body.inputs)}")
-    available = _outputs(state)
-    wanted = _requested(body, available)
-    tensor = body.inputs[0]
+    return b
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (OpenAPI resolves refs from the document root)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    inlined: dict[str, Any] = walk(schema)
+    return inlined
+
+
+# The body is read raw (JSON with or without Content-Type, or the binary tensor data extension) and parsed on a
+# worker thread; the schema below documents the JSON form.
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _inline_refs(InferRequest.model_json_schema())}},
+    }
+}
+
+
+@router.post("/models/{name}/infer", response_model=InferResponse, responses=_ERRORS, openapi_extra=_INFER_BODY)
+async def infer(name: str, request: Request, state: Ready) -> Response:
+    """Inference on a tensor (N, C, H, W): FP32 in [0, 1] or UINT8 in [0, 255], JSON or binary."""
+    return await _infer(name, None, request, state)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=InferResponse,
+    responses=_ERRORS,
+    openapi_extra=_INFER_BODY,
+)
+async def infer_version(name: str, version: str, request: Request, state: Ready) -> Response:
+    """Inference on a named version (only the served one exists)."""
+    return await _infer(name, version, request, state)
+
+
+async def _infer(name: str, version: str | None, request: Request, state: Ready) -> Response:
+    b = _model(state, name) if version is None else _version(state, name, version)
     assert state.spec is not None
-    if tensor.shape and tensor.shape[0] > state.settings.max_request_images:
-        raise PayloadTooLarge(f"at most {state.settings.max_request_images} images per request")
-    x = tensor_from_oip(tensor.shape, tensor.datatype, tensor.data, state.spec)
-    rid = request_id(request, body.id)
-    rows = await detect_tensor(state, rid, x)
-    with_verdict = rows[0].get("verdict") is not None
-    outputs = [_output(n, rows, available[n][0]) for n in wanted if with_verdict or not available[n][1]]
-    params = {"mode": state.settings.mode, "bundle_sha256": b.sha256}
-    if with_verdict:
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    max_images = state.settings.max_request_images
+    call = await run_in_threadpool(parse_http, body, header_length, state.spec, max_images)
+    available = _outputs(state)
+    wanted = requested_outputs(call.outputs, available)
+    rid = request_id(request, call.request_id)
+    rows = await detect_tensor(state, rid, call.x)
+    params = {**call.parameters, "mode": state.settings.mode, "bundle_sha256": b.sha256}
+    if rows[0].get("verdict") is not None:
         v = rows[0]["verdict"]
         params.update(threshold=v["threshold"], target_fpr=v["target_fpr"])
-    resp = {"model_name": b.name, "model_version": str(b.version), "id": rid, "outputs": outputs, "parameters": params}
-    return JSONResponse(resp, headers={"X-Request-ID": rid})
-
-
-def _requested(body: InferRequest, available: dict[str, tuple[str, bool]]) -> list[str]:
-    if not body.outputs:
-        return list(available)
-    names = [o.name for o in body.outputs]
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise BadInput(f"unknown output {unknown[0]!r}; available: {', '.join(available)}")
-    return names
-
-
-def _column(name: str, row: dict[str, Any]) -> list[Any]:
-    if name == "predicted_class":
-        return [row["prediction"]["class_index"]]
-    if name == "probabilities":
-        return list(row["prediction"]["probabilities"])
-    if name == "is_adversarial":
-        return [bool(row["verdict"]["adversarial"])]
-    if name == "instance_score":
-        return [row["verdict"]["score"]]
-    if name == "p_value":
-        return [row["verdict"]["p_value"]]
-    if name == "supervised_is_adversarial":
-        return [bool(row["supervised"]["adversarial"])]
-    if name == "supervised_score":
-        return [row["supervised"]["score"]]
-    if name == "path_similarity":
-        return list(row["effective_path"]["rank1_similarity"])
-    if name == "value_violation":
-        return list(row["nic"]["value_violation"].values())
-    return list(row["nic"]["provenance_violation"].values())
-
-
-def _output(name: str, rows: list[dict[str, Any]], datatype: str) -> dict[str, Any]:
-    cols = [_column(name, r) for r in rows]
-    width = len(cols[0])
-    shape = [len(rows)] if name in _SCALAR else [len(rows), width]
-    data = [float(v) if datatype == "FP32" else v for c in cols for v in c]
-    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+    resp = {"model_name": b.name, "model_version": str(b.version), "id": rid, "parameters": params}
+    content, json_length = encode_http(resp, output_tensors(rows, wanted, available), call.binary_outputs)
+    headers = {"X-Request-ID": rid}
+    if json_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(json_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)

@@ -92,7 +92,7 @@ def test_pathguard_service_matches_the_dockerfile_and_settings(services, image, 
     )
     assert settings.host in WILDCARD_HOSTS
     exposed = [int(p) for i in image.all("EXPOSE") for p in i.args.split()]
-    assert [c for _, _, c in _published(svc)] == [settings.port] == exposed
+    assert [c for _, _, c in _published(svc)] == [settings.port, settings.grpc_port] == exposed
     assert str(settings.bundle) == image.env()["PATHGUARD_BUNDLE"], "serves the bundle baked into the image"
     # the spool lives on the named volume mounted where the image declares its VOLUME
     (volume,) = svc["volumes"]

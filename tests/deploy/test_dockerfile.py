@@ -139,7 +139,7 @@ def test_environment_is_valid_pathguard_settings(final, monkeypatch):
     assert set(pathguard) <= SETTING_ENV_NAMES, set(pathguard) - SETTING_ENV_NAMES
     settings = settings_from_env(pathguard, monkeypatch)
     assert settings.host in WILDCARD_HOSTS, "reachable from outside the container"
-    assert [int(p) for i in final.all("EXPOSE") for p in i.args.split()] == [settings.port]
+    assert [int(p) for i in final.all("EXPOSE") for p in i.args.split()] == [settings.port, settings.grpc_port]
     assert env["PATH"].startswith("/opt/venv/bin:")
 
 

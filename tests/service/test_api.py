@@ -298,8 +298,10 @@ def test_open_inference_protocol(make_client, mnist_test):
         ("NAN_FULL", 400),
         ("WRONG_SHAPE", 400),
         ("{not json", 400),
-        ('{"inputs": []}', 422),
-        ('{"inputs": [{"name": "input", "shape": "x", "datatype": "FP32", "data": []}]}', 422),
+        ('{"inputs": []}', 400),
+        ('{"inputs": [{"name": "input", "shape": "x", "datatype": "FP32", "data": []}]}', 400),
+        ("[1, 2]", 400),
+        ('{"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": [300]}]}', 400),
         ("UNKNOWN_OUTPUT", 400),
     ],
 )
