@@ -16,6 +16,7 @@ __all__ = [
     "NotCalibratedError",
     "NotFittedError",
     "PathguardError",
+    "UnsupportedModelError",
 ]
 
 
@@ -40,6 +41,10 @@ class DatasetError(PathguardError, RuntimeError):
 
 class ClassifierLoadError(PathguardError, RuntimeError):
     """A classifier folder is incomplete or inconsistent."""
+
+
+class UnsupportedModelError(PathguardError, ValueError):
+    """A classifier file cannot be imported: malformed, or an operator or pattern pathguard does not support."""
 
 
 class BundleError(PathguardError, RuntimeError):

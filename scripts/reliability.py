@@ -361,6 +361,65 @@ def scenario_load(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"config": config, **figures, "exit_code": code}
 
 
+async def _probe(client: httpx.AsyncClient, url: str, stop: asyncio.Event, every_s: float) -> list[Result]:
+    """GET ``url`` every ``every_s`` seconds until ``stop``."""
+    out: list[Result] = []
+    t_run = time.perf_counter()
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            out.append(_record(len(out), t_run, t0, await client.get(url), None))
+        except httpx.HTTPError as exc:
+            out.append(_record(len(out), t_run, t0, None, exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+    return out
+
+
+def malformed_oip_body(n_bytes: int) -> bytes:
+    """A JSON inference request of about ``n_bytes`` whose data cannot match its declared shape."""
+    n = n_bytes // 4
+    head = b'{"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": ['
+    return head + b",".join([b"0.5"] * n)[: n_bytes - len(head) - 4] + b"]}]}"
+
+
+async def _malformed(server: Server, args: argparse.Namespace, bodies: list[bytes]) -> dict[str, Any]:
+    stop = asyncio.Event()
+    bad = malformed_oip_body(args.body_mb * 1024 * 1024 - 1024)
+    infer = f"{server.url}/v2/models/{args.model}/infer"
+    bad_results: list[Result] = []
+
+    async def hammer(client: httpx.AsyncClient) -> None:
+        t_run = time.perf_counter()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                bad_results.append(_record(len(bad_results), t_run, t0, await client.post(infer, content=bad), None))
+            except httpx.HTTPError as exc:
+                bad_results.append(_record(len(bad_results), t_run, t0, None, exc))
+
+    async with new_client(64) as client:
+        await fixed_rate(server.url + "/v1/detect", bodies, args.rate, 3.0, id_prefix="w")  # warm up
+        tasks = [asyncio.create_task(hammer(client)) for _ in range(args.streams)]
+        health = asyncio.create_task(_probe(client, server.url + "/v2/health/live", stop, 0.05))
+        detect = await fixed_rate(server.url + "/v1/detect", bodies, args.rate, args.duration)
+        stop.set()
+        live = await health
+        await asyncio.gather(*tasks)
+    return {"malformed": summarize(bad_results) | {"statuses_only": True}, "health_live": summarize(live),
+            "detect": summarize(detect)}  # fmt: skip
+
+
+def scenario_malformed_oip(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    server = Server(args.bundle, workdir, {"PATHGUARD_CACHE": "false"}).start()
+    try:
+        figures = asyncio.run(_malformed(server, args, mnist_images(args.images)))
+    finally:
+        code = server.stop()
+    config = {"body_mib": args.body_mb, "streams": args.streams, "detect_rps": args.rate, "duration_s": args.duration}
+    return {"config": config, **figures, "exit_code": code}
+
+
 def _stream_ids(redis: RedisServer) -> list[str]:
     client = redis.client()
     entries = client.xrange(FLAGGED_STREAM, "-", "+")
@@ -674,6 +733,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "redis-outage": scenario_redis_outage,
     "sigterm": scenario_sigterm,
     "tampered": scenario_tampered,
+    "malformed-oip": scenario_malformed_oip,
 }
 
 
@@ -698,6 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30.0, help="sigterm: grace period (Kubernetes default 30 s)")
     p.add_argument("--case", action="append", choices=TAMPER_CASES, help="tampered: only these cases (repeatable)")
     p.add_argument("--max-examples", type=int, default=20, help="schemathesis: cases per operation and phase")
+    p.add_argument("--body-mb", type=int, default=4, help="malformed-oip: size of each malformed OIP body (MiB)")
+    p.add_argument(
+        "--streams", type=int, default=2, help="malformed-oip: clients sending malformed bodies back to back"
+    )
+    p.add_argument("--model", default="mnist-lenet5", help="malformed-oip: the served model's name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="schemathesis: whole-run timeout")
     return p

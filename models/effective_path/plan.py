@@ -22,7 +22,7 @@ from pathguard.models.networks import Residual, folded_parameters
 
 __all__ = ["Compiler", "Plan"]
 
-_PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten)
+_PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Dropout, nn.Identity, nn.Flatten)
 _PREFIX_OK = "only before the first Conv2d/Linear layer"
 
 

@@ -1,9 +1,11 @@
 """What a classifier is to the detectors: its configuration, the bundled architectures, the named taps both
 detectors read, batch-norm folding, and persistence (safetensors + JSON, ONNX with tap outputs)."""
 
-from pathguard.models.networks.architectures import CONFIGS, Normalize, Residual, build_classifier
+from pathguard.models.networks.architectures import CONFIGS, build_classifier
+from pathguard.models.networks.blocks import Normalize, Residual
 from pathguard.models.networks.config import ClassifierConfig
 from pathguard.models.networks.folding import fold_batchnorm, folded_parameters
+from pathguard.models.networks.onnx_import import SUPPORTED_OPS, import_onnx
 from pathguard.models.networks.persistence import (
     CLASSIFIER_FILES,
     classifier_from_bytes,
@@ -15,6 +17,7 @@ from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential, tap
 __all__ = [
     "CLASSIFIER_FILES",
     "CONFIGS",
+    "SUPPORTED_OPS",
     "ClassifierConfig",
     "Normalize",
     "OnnxTapWrapper",
@@ -25,6 +28,7 @@ __all__ = [
     "export_onnx",
     "fold_batchnorm",
     "folded_parameters",
+    "import_onnx",
     "save_classifier",
     "tap_points",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
+from pathguard.models.networks.blocks import Normalize, Residual
 from pathguard.models.networks.config import ClassifierConfig
 from pathguard.models.networks.taps import TappedSequential
 
@@ -18,42 +18,6 @@ CIFAR_CNN = ClassifierConfig(
     "cifar_cnn", 3, 32, 32, batchnorm=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
 )
 CONFIGS = {"mnist": LENET5, "cifar10": CIFAR_CNN}
-
-
-class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std``; an affine map the detectors treat as part of the input."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class Residual(nn.Module):
-    """``y = shortcut(x) + body(x)`` (``shortcut`` defaults to the identity).
-
-    Parameters
-    ----------
-    body : nn.Module
-        Usually an ``nn.Sequential`` of supported modules; its output shape equals the shortcut's.
-    shortcut : nn.Module, optional
-        Projection for the skip branch (e.g. a 1x1 strided Conv2d); ``None`` means identity.
-    """
-
-    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None) -> None:
-        super().__init__()
-        self.body = body
-        self.shortcut = shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x if self.shortcut is None else self.shortcut(x)
-        return skip + self.body(x)
 
 
 def _lenet5(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:

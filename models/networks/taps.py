@@ -19,20 +19,22 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from pathguard.models.networks.blocks import Residual
 from pathguard.models.networks.config import ClassifierConfig
 
 __all__ = ["OnnxTapWrapper", "TappedSequential", "tap_points"]
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _WEIGHTED = (nn.Conv2d, nn.Linear)
-_PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.BatchNorm2d, nn.BatchNorm1d)
+_PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Dropout, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
 def tap_points(seq: nn.Sequential) -> dict[int, str]:
     """Map child index -> tap name for the children whose *output* is a tap.
 
-    A Conv2d/Linear is tapped at the output of the last pass-through module (BatchNorm, ReLU,
-    Dropout) that directly follows it, so the tap is its post-ReLU activation.
+    A Conv2d/Linear or a :class:`~pathguard.models.networks.Residual` block is tapped at the output of the last
+    pass-through module (BatchNorm, ReLU, ReLU6, Dropout) that directly follows it, so the tap is its post-ReLU
+    activation.
     """
     names = list(seq._modules.keys())
     mods = list(seq._modules.values())
@@ -40,7 +42,7 @@ def tap_points(seq: nn.Sequential) -> dict[int, str]:
     i = 0
     while i < len(mods):
         m = mods[i]
-        if isinstance(m, _WEIGHTED):
+        if isinstance(m, (*_WEIGHTED, Residual)):
             j = i
             while j + 1 < len(mods) and isinstance(mods[j + 1], _PASS_THROUGH):
                 j += 1
