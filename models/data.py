@@ -26,7 +26,9 @@ from pathguard.models.errors import DatasetError
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "IMAGE_SUFFIXES",
     "DatasetError",
+    "ImageFolder",
     "Split",
     "data_dir",
     "download",
@@ -70,7 +72,7 @@ class Split:
     x : np.ndarray
         (N, C, H, W) float32 in [0, 1].
     y : np.ndarray
-        (N,) uint8 class indices.
+        (N,) integer class indices (uint8 for the bundled datasets).
     classes : tuple of str
         Class labels by index.
     """
@@ -251,3 +253,89 @@ def download(name: str) -> list[Path]:
         dest.write_bytes(data)
         return [dest]
     raise ValueError(f"unknown dataset {name!r}; supported: mnist, cifar10")
+
+
+# --------------------------------------------------------------------------------------------------------- folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LABELS_FILE = "classes.txt"
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An image-folder dataset ``root/<class>/*.png|jpg|jpeg``, indexed without reading the images.
+
+    Classes are the sub-folder names in sorted order, or the order of ``root/classes.txt`` (one folder name a
+    line) when that file exists: class ``k`` is the classifier's output ``k``. Images are read in batches by
+    :meth:`load`, converted to the classifier's channels (L or RGB) and resized (bilinear) to its input size.
+    Unreadable files are skipped and counted, never silently relabelled.
+    """
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: np.ndarray  # (N,) int64 class index per file
+    classes: tuple[str, ...]
+
+    @classmethod
+    def scan(cls, root: str | Path) -> ImageFolder:
+        """Index ``root``; :class:`DatasetError` for a missing folder, no classes or an empty class."""
+        base = Path(root)
+        if not base.is_dir():
+            raise DatasetError(f"image folder {base} does not exist; expected {base}/<class>/*.png|jpg")
+        folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = cls._classes(base, folders)
+        files: list[Path] = []
+        labels: list[int] = []
+        for k, name in enumerate(classes):
+            found = sorted(p for p in (base / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise DatasetError(f"class folder {base / name} holds no .png/.jpg images")
+            files += found
+            labels += [k] * len(found)
+        return cls(base, tuple(files), np.asarray(labels, dtype=np.int64), tuple(classes))
+
+    @staticmethod
+    def _classes(base: Path, folders: list[str]) -> list[str]:
+        labels_file = base / LABELS_FILE
+        if labels_file.is_file():
+            names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+            missing = [n for n in names if n not in folders]
+            if missing or len(set(names)) != len(names):
+                raise DatasetError(f"{labels_file}: every line must name a distinct class folder; missing {missing}")
+            return names
+        if not folders:
+            raise DatasetError(f"image folder {base} has no class sub-folders; expected {base}/<class>/*.png|jpg")
+        return folders
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, shape: tuple[int, int, int], idx: np.ndarray | None = None) -> tuple[Split, list[Path]]:
+        """Read the images ``idx`` (default: all) as a :class:`Split` of float32 (N, C, H, W) in [0, 1].
+
+        Returns the split and the files that could not be read (skipped).
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = shape
+        if c not in (1, 3):
+            raise DatasetError(f"image folders feed 1- or 3-channel classifiers, this one takes {c} channels")
+        order = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
+        x = np.empty((len(order), c, h, w), dtype=np.float32)
+        keep = np.ones(len(order), dtype=bool)
+        skipped: list[Path] = []
+        for j, i in enumerate(order):
+            try:
+                with Image.open(self.files[i]) as raw:
+                    img = raw.convert("L" if c == 1 else "RGB")
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+            except (OSError, UnidentifiedImageError, ValueError):
+                keep[j] = False
+                skipped.append(self.files[i])
+                continue
+            x[j] = arr[None] if c == 1 else arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        if not keep.any():
+            raise DatasetError(f"none of the {len(order)} images under {self.root} could be read")
+        return Split(x[keep], self.labels[order][keep], self.classes), skipped

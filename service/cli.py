@@ -95,8 +95,12 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from pathguard.models.builder import BuildConfig, build_bundle
+    from pathguard.models.builder import BuildConfig, build_bundle, build_bundle_from_onnx
 
+    own = args.model is not None or args.data is not None or args.calibration is not None
+    if (args.dataset is None) == (not own) or (own and (args.model is None or args.data is None)):
+        print("error: give either --dataset mnist|cifar10 or --model MODEL.onnx --data DIR", file=sys.stderr)
+        return 2
     supervised_options = ("supervised_detector", "supervised_features", "supervised_n")
     if not args.supervised_attacks and any(getattr(args, k) is not None for k in supervised_options):
         print("error: --supervised-detector / --supervised-features / --supervised-n need --supervised-attacks",
@@ -126,8 +130,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
-    report = build_bundle(args.dataset, classifier, args.out, cfg)
+    if own:
+        report = build_bundle_from_onnx(args.model, args.data, args.out, cfg, args.calibration)
+    else:
+        report = build_bundle(args.dataset, args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset], args.out, cfg)
     print(json.dumps(report, indent=2, default=float))
     return 0
 
@@ -138,7 +144,10 @@ def _names(csv: str) -> list[str]:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build a detection bundle from a trained classifier and its training data")
-    p.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], help="a bundled dataset (with its bundled classifier)")
+    p.add_argument("--model", help="your own classifier: an ONNX file (opset >= 13, input (N, C, H, W) in [0, 1])")
+    p.add_argument("--data", help="with --model: its training images, DIR/<class>/*.png|jpg")
+    p.add_argument("--calibration", help="with --model: images the classifier never trained on (same class folders)")
     p.add_argument("--classifier", help="classifier folder (default: artifacts/classifiers/<dataset>-<arch>)")
     p.add_argument("--out", required=True, help="bundle folder to write, e.g. artifacts/mnist-lenet5")
     p.add_argument("--name", help="bundle name (default: the --out folder name)")

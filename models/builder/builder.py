@@ -16,6 +16,7 @@ detector learns clean vs adversarial from their features, and ``B`` calibrates i
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,14 +29,22 @@ from tqdm import tqdm
 from pathguard.models.builder.config import BuildConfig
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import DetectionPipeline, load_classifier, npz_bytes, write_bundle
-from pathguard.models.bundle.splits import training_splits
-from pathguard.models.data import load_dataset
+from pathguard.models.bundle.splits import calibration_splits, training_splits
+from pathguard.models.data import ImageFolder, Split, load_dataset
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
-from pathguard.models.networks import CLASSIFIER_FILES, TappedSequential
+from pathguard.models.errors import DatasetError
+from pathguard.models.networks import (
+    CLASSIFIER_FILES,
+    ONNX_SOURCE,
+    TappedSequential,
+    export_onnx,
+    import_onnx,
+    imported_classifier_meta,
+)
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
-__all__ = ["build_bundle"]
+__all__ = ["build_bundle", "build_bundle_from_onnx", "model_files"]
 
 OPSET = 17
 
@@ -66,18 +75,83 @@ def _manifest(model: TappedSequential, dataset: str, classes: tuple[str, ...], c
 
 
 def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, cfg: BuildConfig) -> dict[str, Any]:
-    """Run the whole offline pipeline and write the bundle; returns a build report (timings, sizes)."""
-    timings: dict[str, float] = {}
+    """Build the bundle of a bundled classifier folder and dataset (``mnist``, ``cifar10``); returns a build
+    report (timings, sizes)."""
     t = time.perf_counter()
     model = load_classifier(classifier_dir)
     train = load_dataset(dataset, "train")
     parts = training_splits(train, cfg.n_calib, cfg.seed, cfg.n_train)
-    fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
-    timings["load"] = time.perf_counter() - t
+    files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
+    load_s = time.perf_counter() - t
+    return _build(model, dataset, train.classes, parts, files, out_dir, cfg, {"load": load_s})
 
+
+def build_bundle_from_onnx(
+    model_path: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    calibration: str | Path | None = None,
+) -> dict[str, Any]:
+    """Build the bundle of a user's ONNX classifier and its training images (``data/<class>/*.png|jpg``).
+
+    Without ``calibration``, ``cfg.n_calib`` training images are held out as for the bundled datasets; with a
+    folder of images the classifier never trained on, all training images fit the detectors and that folder
+    calibrates them. The bundle keeps the user's file (``source.onnx``), from which the served graph is rebuilt.
+    """
+    if cfg.supervised_attacks:
+        raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
+    t = time.perf_counter()
+    source = Path(model_path).read_bytes()
+    model = import_onnx(source)
+    folder = ImageFolder.scan(data)
+    if len(folder.classes) != model.config.num_classes:
+        raise DatasetError(
+            f"{data} has {len(folder.classes)} classes but the model has {model.config.num_classes} outputs"
+        )
+    train, skipped = folder.load(model.config.input_shape)
+    if calibration is None:
+        parts = training_splits(train, cfg.n_calib, cfg.seed, cfg.n_train)
+    else:
+        calib_folder = ImageFolder.scan(calibration)
+        if calib_folder.classes != folder.classes:
+            raise DatasetError(f"{calibration} must have the same class folders as {data}")
+        calib, calib_skipped = calib_folder.load(model.config.input_shape)
+        skipped += calib_skipped
+        fit = train if cfg.n_train is None else train.subset(np.arange(min(cfg.n_train, len(train))))
+        parts = {**calibration_splits(calib, cfg.seed), "fit": fit}
+    classifier = model_files(model, source)
+    timings = {"load": time.perf_counter() - t}
+    extra = {"source": {"model": Path(model_path).name, "data": str(data), "skipped_files": len(skipped)}}
+    return _build(model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings, extra)
+
+
+def model_files(model: TappedSequential, source: bytes) -> dict[str, bytes]:
+    """Bundle files of an imported classifier: the user's ONNX, its description, and the served ONNX export
+    (logits plus every tap as an output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "classifier.onnx", opset=OPSET)
+        served = (Path(tmp) / "classifier.onnx").read_bytes()
+    meta = (json.dumps(imported_classifier_meta(model), indent=2) + "\n").encode()
+    return {"classifier.json": meta, ONNX_SOURCE: source, "classifier.onnx": served}
+
+
+def _build(
+    model: TappedSequential,
+    dataset: str,
+    classes: tuple[str, ...],
+    parts: dict[str, Split],
+    files: dict[str, bytes],
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    timings: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit every detector on ``parts``, calibrate the verdict and write the bundle with ``files``."""
+    fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
     t = time.perf_counter()
     extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
-    class_paths = ClassPaths(len(train.classes)).fit(extractor, fit.x, fit.y)
+    class_paths = ClassPaths(len(classes)).fit(extractor, fit.x, fit.y)
     ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
     timings["effective_path"] = time.perf_counter() - t
 
@@ -113,8 +187,7 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
         supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
         timings["supervised"] = time.perf_counter() - t
 
-    files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
-    files |= {
+    files = dict(files) | {
         "class_paths.npz": npz_bytes(class_paths.to_arrays()),
         "ep_score.npz": npz_bytes(ep_score.to_arrays()),
         "nic.npz": npz_bytes(nic.to_arrays()),
@@ -122,24 +195,28 @@ def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, 
         "calibration.npz": npz_bytes(verdict.to_arrays()),
     }
     threshold = verdict.threshold_for(cfg.target_fpr)
-    manifest = _manifest(model, dataset, train.classes, cfg) | {
-        "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
-        "ep_layer_count": len(extractor.layers),
-        "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
-        "verdict": {
-            "target_fpr": cfg.target_fpr,
-            "threshold": threshold,
-            "fusion": f"fisher({', '.join(verdict.components)})",
-            "components": verdict.components,
-        },
-        "calibration": {k: len(v) for k, v in parts.items()},
-        **(
-            {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
-            if supervised is not None
-            else {}
-        ),
-        "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
-    }
+    manifest = (
+        _manifest(model, dataset, classes, cfg)
+        | (extra or {})
+        | {
+            "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
+            "ep_layer_count": len(extractor.layers),
+            "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
+            "verdict": {
+                "target_fpr": cfg.target_fpr,
+                "threshold": threshold,
+                "fusion": f"fisher({', '.join(verdict.components)})",
+                "components": verdict.components,
+            },
+            "calibration": {k: len(v) for k, v in parts.items()},
+            **(
+                {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
+                if supervised is not None
+                else {}
+            ),
+            "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
+        }
+    )
     if supervised is not None:
         files |= supervised_files(supervised)
     digest = write_bundle(out_dir, files, manifest)

@@ -11,7 +11,7 @@ from pathguard.models.bundle.format import MANIFEST, read_verified
 from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, LEGACY_COMPONENTS, DetectionPipeline
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
 from pathguard.models.errors import ClassifierLoadError
-from pathguard.models.networks import TappedSequential, classifier_from_bytes
+from pathguard.models.networks import TappedSequential, classifier_from_files
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
@@ -66,7 +66,7 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     """
     files = read_verified(path)
     m = files.manifest
-    classifier = classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
+    classifier = classifier_from_files(files.bytes("classifier.json"), files.bytes)
     ep_cfg = m["effective_path"]
     extractor = EffectivePathExtractor(classifier, theta=ep_cfg["theta"], last_k=ep_cfg.get("last_k"))
     class_paths = ClassPaths.from_arrays(files.npz("class_paths.npz"))
@@ -99,9 +99,14 @@ def load_classifier(path: str | Path) -> TappedSequential:
     root = Path(path)
     if (root / MANIFEST).is_file():
         files = read_verified(root)
-        return classifier_from_bytes(files.bytes("classifier.json"), files.bytes("classifier.safetensors"))
-    meta_path, weights_path = root / "classifier.json", root / "classifier.safetensors"
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise ClassifierLoadError(f"missing classifier file {p}")
-    return classifier_from_bytes(meta_path.read_bytes(), weights_path.read_bytes())
+        return classifier_from_files(files.bytes("classifier.json"), files.bytes)
+    meta_path = root / "classifier.json"
+    if not meta_path.is_file():
+        raise ClassifierLoadError(f"missing classifier file {meta_path}")
+
+    def read(name: str) -> bytes:
+        if not (root / name).is_file():
+            raise ClassifierLoadError(f"missing classifier file {root / name}")
+        return (root / name).read_bytes()
+
+    return classifier_from_files(meta_path.read_bytes(), read)

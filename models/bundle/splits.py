@@ -11,7 +11,7 @@ import numpy as np
 
 from pathguard.models.data import Split
 
-__all__ = ["training_splits"]
+__all__ = ["calibration_splits", "training_splits"]
 
 
 def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | None = None) -> dict[str, Split]:
@@ -32,4 +32,20 @@ def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | No
         "calib_a": train.subset(perm[cut[0] : cut[1]]),
         "calib_b": train.subset(perm[cut[1] : cut[2]]),
         "fit": train.subset(perm[cut[2] :]),
+    }
+
+
+def calibration_splits(calib: Split, seed: int = 0) -> dict[str, Split]:
+    """``ep_fit`` (20%), ``calib_a`` (40%) and ``calib_b`` (40%) of a separate calibration set (seeded), for a
+    classifier whose own training images all go into ``fit``."""
+    n = len(calib)
+    if n < 10:
+        raise ValueError(f"the calibration set has {n} images; need at least 10")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_ep = n // 5
+    n_a = (n - n_ep) // 2
+    return {
+        "ep_fit": calib.subset(perm[:n_ep]),
+        "calib_a": calib.subset(perm[n_ep : n_ep + n_a]),
+        "calib_b": calib.subset(perm[n_ep + n_a :]),
     }

@@ -8,8 +8,11 @@ from pathguard.models.networks.folding import fold_batchnorm, folded_parameters
 from pathguard.models.networks.onnx_import import SUPPORTED_OPS, import_onnx
 from pathguard.models.networks.persistence import (
     CLASSIFIER_FILES,
+    ONNX_SOURCE,
     classifier_from_bytes,
+    classifier_from_files,
     export_onnx,
+    imported_classifier_meta,
     save_classifier,
 )
 from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential, tap_points
@@ -17,6 +20,7 @@ from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential, tap
 __all__ = [
     "CLASSIFIER_FILES",
     "CONFIGS",
+    "ONNX_SOURCE",
     "SUPPORTED_OPS",
     "ClassifierConfig",
     "Normalize",
@@ -25,10 +29,12 @@ __all__ = [
     "TappedSequential",
     "build_classifier",
     "classifier_from_bytes",
+    "classifier_from_files",
     "export_onnx",
     "fold_batchnorm",
     "folded_parameters",
     "import_onnx",
+    "imported_classifier_meta",
     "save_classifier",
     "tap_points",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,11 +18,21 @@ from safetensors.torch import save_file
 
 from pathguard.models.networks.architectures import build_classifier
 from pathguard.models.networks.config import ClassifierConfig
+from pathguard.models.networks.onnx_import import import_onnx
 from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential
 
-__all__ = ["CLASSIFIER_FILES", "classifier_from_bytes", "export_onnx", "save_classifier"]
+__all__ = [
+    "CLASSIFIER_FILES",
+    "ONNX_SOURCE",
+    "classifier_from_bytes",
+    "classifier_from_files",
+    "export_onnx",
+    "imported_classifier_meta",
+    "save_classifier",
+]
 
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors", "classifier.onnx")
+ONNX_SOURCE = "source.onnx"  # an imported classifier: the user's own file, from which the torch graph is rebuilt
 
 
 def save_classifier(model: TappedSequential, out_dir: Path, extra: dict[str, object] | None = None) -> None:
@@ -40,6 +51,23 @@ def classifier_from_bytes(meta_json: bytes, weights: bytes) -> TappedSequential:
     model = build_classifier(ClassifierConfig.from_dict(meta["config"]))
     model.load_state_dict(load_safetensors(weights))
     return model.eval()
+
+
+def classifier_from_files(meta_json: bytes, read: Callable[[str], bytes]) -> TappedSequential:
+    """The classifier a ``classifier.json`` describes, its other files read through ``read(name)``.
+
+    A bundled architecture is rebuilt from its config and ``classifier.safetensors``; an imported one
+    (``"format": "onnx"``) from the user's ONNX file it names.
+    """
+    meta = json.loads(meta_json)
+    if meta.get("format") == "onnx":
+        return import_onnx(read(str(meta["source"])))
+    return classifier_from_bytes(meta_json, read("classifier.safetensors"))
+
+
+def imported_classifier_meta(model: TappedSequential, source: str = ONNX_SOURCE) -> dict[str, object]:
+    """``classifier.json`` of an imported classifier: its config, taps, and the ONNX file it is rebuilt from."""
+    return {"format": "onnx", "source": source, "config": model.config.to_dict(), "taps": model.tap_names}
 
 
 def export_onnx(model: TappedSequential, path: Path, opset: int = 17) -> None:
