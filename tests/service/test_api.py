@@ -367,3 +367,41 @@ def test_bundle_pin(make_client, bundle_dir, tmp_path):
     app = create_app(Settings(bundle=bundle_dir, spool_path=tmp_path / "s.jsonl", bundle_sha256="0" * 64))
     with pytest.raises(BundleIntegrityError, match="manifest.json"), TestClient(app):
         pass
+
+
+def _stream(data: bytes, piece: int = 8192):
+    """A generator body: httpx sends it chunked, without Content-Length."""
+    for i in range(0, len(data), piece):
+        yield data[i : i + piece]
+
+
+CHUNKED_ROUTES = [
+    ("/v1/detect", "image/png"),
+    ("/v1/predict", "image/png"),
+    ("/v1/detect/batch", "multipart/form-data; boundary=pathguard"),
+    ("/v2/models/mnist-lenet5/infer", "application/json"),
+]
+
+
+@pytest.mark.parametrize(("route", "ctype"), CHUNKED_ROUTES, ids=[r for r, _ in CHUNKED_ROUTES])
+def test_chunked_body_over_the_limit_is_413_on_every_route(strict_limits_client, route, ctype):
+    body = b"[" + b"0," * 40_000 + b"0]"  # 80 kB, over the 64 KiB limit; the JSON parser would wrap errors as 400
+    r = strict_limits_client.post(route, content=_stream(body), headers={"content-type": ctype})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": "request body exceeds the limit of 65536 bytes"}
+    samples = _samples(strict_limits_client)
+    assert _value(samples, "pathguard_requests_total", route=route.replace("mnist-lenet5", "{name}"), status="413") == 1
+
+
+def test_chunked_body_under_the_limit_is_served(strict_limits_client, digits, mnist_test):
+    png = digits[0][0]
+    r = strict_limits_client.post("/v1/detect", content=_stream(png, 100), headers=PNG)
+    assert "content-length" not in r.request.headers and r.status_code == 200
+    assert r.json()["prediction"]["class_index"] == digits[0][1]
+    payload = json.dumps(_oip(mnist_test.x[:1])).encode()
+    assert len(payload) < 65_536
+    r = strict_limits_client.post(
+        "/v2/models/mnist-lenet5/infer", content=_stream(payload), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
