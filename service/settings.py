@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None,
         description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "
-        "'X-API-Key: <key>' (compared in constant time); otherwise 401.",
+        "'X-API-Key: <key>' (compared in constant time); otherwise 401. That includes /docs and /openapi.json.",
+    )
+    docs: bool = Field(
+        default=True,
+        description="Serve the interactive API docs (/docs) and the OpenAPI schema (/openapi.json); behind the API "
+        "key when one is set. False: both answer 404.",
     )
 
     # --- input limits --------------------------------------------------------------------------------

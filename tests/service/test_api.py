@@ -405,3 +405,26 @@ def test_chunked_body_under_the_limit_is_served(strict_limits_client, digits, mn
         "/v2/models/mnist-lenet5/infer", content=_stream(payload), headers={"content-type": "application/json"}
     )
     assert r.status_code == 200, r.text
+
+
+def test_docs_and_schema_follow_the_api_key_or_are_switched_off(make_client):
+    open_client = make_client()
+    schema = open_client.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/detect" in schema.json()["paths"]
+    assert "/openapi.json" not in schema.json()["paths"] and "/docs" not in schema.json()["paths"]
+    page = open_client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+
+    keyed = make_client(api_key="s3cret-key")
+    for route in ("/docs", "/openapi.json"):
+        r = keyed.get(route)
+        assert r.status_code == 401 and set(r.json()) == {"error"}, route
+        assert keyed.get(route, headers={"x-api-key": "wrong"}).status_code == 401
+        assert keyed.get(route, headers={"authorization": "Bearer s3cret-key"}).status_code == 200
+    assert keyed.get("/openapi.json", headers={"x-api-key": "s3cret-key"}).json() == schema.json()
+
+    off = make_client(docs=False, api_key="s3cret-key")
+    for route in ("/docs", "/openapi.json", "/redoc"):
+        r = off.get(route, headers={"x-api-key": "s3cret-key"})
+        assert r.status_code == 404 and set(r.json()) == {"error"}, route
+    assert off.get("/v1/model", headers={"x-api-key": "s3cret-key"}).status_code == 200
