@@ -5,9 +5,8 @@ and only those verified bytes are parsed (no time-of-check/time-of-use gap). Any
 unknown extra file is an error naming the file. The bundle id (``Bundle.sha256``) is the sha256 of
 ``manifest.json``, which pins every other file.
 
-Formats cannot execute code (json, safetensors, npz without pickle, onnx); the optional supervised ensemble
-(``supervised.joblib``, see :mod:`pathguard.models.verdict.supervised`) is unpickled only from bytes whose
-digest matched.
+Formats cannot execute code (json, safetensors, npz without pickle, onnx); nothing in a bundle is pickled (the
+optional supervised ensembles are plain arrays too, see :mod:`pathguard.models.verdict.supervised`).
 """
 
 from __future__ import annotations
