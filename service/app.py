@@ -110,7 +110,14 @@ async def _start(state: ServiceState) -> None:
     check_pin(s)
     bundle = load_bundle(s.bundle, target_fpr=s.target_fpr)
     check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
-    runtime = DetectionRuntime(_engine(s, bundle), bundle.pipeline, s.worker_threads, s.parallel_checks)
+    runtime = DetectionRuntime(
+        _engine(s, bundle),
+        bundle.pipeline,
+        s.worker_threads,
+        s.parallel_checks,
+        shadow_backlog=s.shadow_backlog,
+        on_drop=state.metrics.shadow_dropped.inc,
+    )
     c, h, w = (int(v) for v in bundle.input_shape)
     shape = (c, h, w)
     runtime.warm_up(shape, [1], s.warmup_rounds)

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="Start each layer's checks as soon as its activation exists, while the forward pass continues. "
         "False runs the checks serially after the forward pass (for comparison).",
     )
+    shadow_backlog: int = Field(
+        default=64,
+        ge=1,
+        description="Shadow mode: most batches whose verdicts may wait for the background finisher; the verdicts of "
+        "a batch beyond that are dropped (pathguard_shadow_dropped_total) while its predictions are still answered.",
+    )
     engine_threads: int = Field(
         default=1, ge=1, description="onnxruntime intra-op threads per stage session (1 is fastest for small models)."
     )

@@ -428,3 +428,49 @@ def test_docs_and_schema_follow_the_api_key_or_are_switched_off(make_client):
         r = off.get(route, headers={"x-api-key": "s3cret-key"})
         assert r.status_code == 404 and set(r.json()) == {"error"}, route
     assert off.get("/v1/model", headers={"x-api-key": "s3cret-key"}).status_code == 200
+
+
+def test_shadow_backlog_drops_verdicts_beyond_the_bound_and_still_answers(make_client, digits):
+    backlog, sent = 3, 8
+    client = make_client(mode="shadow", shadow_backlog=backlog)
+    pipeline = client.app.state.pathguard.runtime.pipeline
+    gate, entered = threading.Event(), threading.Event()
+    finish = pipeline.finish
+
+    def slow_finish(*args, **kwargs):  # the finisher stalls until the test lets it go
+        entered.set()
+        assert gate.wait(60)
+        return finish(*args, **kwargs)
+
+    pipeline.finish = slow_finish
+    try:
+        for i in range(sent):  # one at a time: each request is its own batch
+            r = client.post("/v1/detect", content=digits[i][0], headers=PNG)
+            assert r.status_code == 200 and r.json()["mode"] == "shadow" and r.json()["verdict"] is None
+            assert r.json()["prediction"]["class_index"] == digits[i][1]
+        assert entered.wait(10)
+        s = _samples(client)
+        # the first `backlog` batches hold the places (one being finished, the rest queued); the others are dropped
+        assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog
+        assert _value(s, "pathguard_requests_total", route="/v1/detect", status="200") == sent
+    finally:
+        gate.set()
+    verdicts = 0.0
+    for _ in range(200):  # the admitted verdicts are still recorded once the finisher moves again
+        s = _samples(client)
+        verdicts = _value(s, "pathguard_verdicts_total", verdict="benign") + _value(
+            s, "pathguard_verdicts_total", verdict="adversarial"
+        )
+        if verdicts == backlog:
+            break
+        threading.Event().wait(0.05)
+    assert verdicts == backlog
+    # with the backlog drained, verdicts are admitted again
+    assert client.post("/v1/detect", content=digits[9][0], headers=PNG).status_code == 200
+    for _ in range(200):
+        s = _samples(client)
+        if _value(s, "pathguard_detection_score_count") == backlog + 1:
+            break
+        threading.Event().wait(0.05)
+    assert _value(s, "pathguard_detection_score_count") == backlog + 1
+    assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog
