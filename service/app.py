@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
 from pathguard.service.cache import DetectionStore
@@ -26,7 +28,7 @@ from pathguard.service.routes import health, oip, v1
 from pathguard.service.routes import metrics as metrics_routes
 from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 from pathguard.service.settings import Settings
-from pathguard.service.state import ServiceState
+from pathguard.service.state import ServiceState, require_api_key
 
 __all__ = ["check_pin", "create_app"]
 
@@ -51,14 +53,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=metadata.version("pathguard"),
         summary="Online adversarial-input detection (Effective Path + NIC) for image classifiers.",
         lifespan=lifespan,
+        docs_url=None,  # served by _add_docs: behind the API key, or not at all
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.pathguard = state
     install_error_handlers(app)
     for router in (health.router, v1.router, oip.router, metrics_routes.router):
         app.include_router(router)
+    if settings.docs:
+        _add_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inner
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outer: also counts 413s
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/openapi.json`` and the Swagger UI at ``/docs``, both under the API key when one is configured."""
+    guarded = [Depends(require_api_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API docs")
 
 
 def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
@@ -91,7 +111,14 @@ async def _start(state: ServiceState) -> None:
     check_pin(s)
     bundle = load_bundle(s.bundle, target_fpr=s.target_fpr)
     check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
-    runtime = DetectionRuntime(_engine(s, bundle), bundle.pipeline, s.worker_threads, s.parallel_checks)
+    runtime = DetectionRuntime(
+        _engine(s, bundle),
+        bundle.pipeline,
+        s.worker_threads,
+        s.parallel_checks,
+        shadow_backlog=s.shadow_backlog,
+        on_drop=state.metrics.shadow_dropped.inc,
+    )
     c, h, w = (int(v) for v in bundle.input_shape)
     shape = (c, h, w)
     runtime.warm_up(shape, [1], s.warmup_rounds)

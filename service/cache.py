@@ -2,7 +2,9 @@
 
 Redis layout (docs/PRODUCT.md):
 
-- ``pathguard:verdict:{bundle_sha256}:{image_sha256}`` -> response JSON, with a TTL;
+- ``pathguard:verdict:{bundle_sha256}:{image_sha256}`` -> ``{"schema": CACHE_SCHEMA, "bundle": bundle_sha256,
+  "body": response}`` JSON, with a TTL. An entry that does not parse, has another schema version or another
+  bundle sha256, or whose body lacks what a response needs is a miss (counted and logged), never an error;
 - stream ``pathguard:flagged``: one entry per adversarial verdict (XADD ... MAXLEN ~ cap).
 
 A Redis failure never fails a request: the operation is counted in ``pathguard_redis_errors_total``, Redis is
@@ -35,6 +37,7 @@ from pathguard.service.metrics import Metrics
 from pathguard.service.settings import Settings
 
 __all__ = [
+    "CACHE_SCHEMA",
     "FLAGGED_STREAM",
     "VERDICT_PREFIX",
     "DetectionStore",
@@ -48,6 +51,7 @@ log = logging.getLogger("pathguard.service")
 
 VERDICT_PREFIX = "pathguard:verdict"
 FLAGGED_STREAM = "pathguard:flagged"
+CACHE_SCHEMA = 1  # version of the cached entry's layout; bump it when the response body changes shape
 Entry = dict[str, str | bytes]
 
 
@@ -200,6 +204,51 @@ def _decode(obj: dict[str, Any]) -> Entry:
     return {k: base64.b64decode(v["b64"]) if isinstance(v, dict) else str(v) for k, v in obj.items()}
 
 
+# The parts of a cached body that answering from the cache reads (detection.py: _record, _flag_entry, the
+# threshold check), with their JSON types.
+_BODY_PARTS: dict[str, dict[str, tuple[type, ...]]] = {
+    "model": {"name": (str,), "bundle_sha256": (str,)},
+    "prediction": {"class_index": (int,), "label": (str,), "confidence": (int, float), "probabilities": (list,)},
+    "effective_path": {"layers": (list,), "rank1_similarity": (list,), "score": (int, float)},
+    "nic": {"value_violation": (dict,), "provenance_violation": (dict,), "score": (int, float)},
+    "verdict": {"adversarial": (bool,), "score": (int, float), "threshold": (int, float), "p_value": (int, float)},
+}
+
+
+def _unwrap(raw: bytes, bundle_sha256: str) -> tuple[dict[str, Any] | None, str]:
+    """The response body of a cache entry, or None and why it cannot be used."""
+    try:
+        entry = json.loads(raw)
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON; absurdly deep nesting
+        return None, "not JSON"
+    if not isinstance(entry, dict) or entry.get("schema") != CACHE_SCHEMA:
+        found = entry.get("schema") if isinstance(entry, dict) else type(entry).__name__
+        return None, f"schema {found!r}, expected {CACHE_SCHEMA}"
+    if entry.get("bundle") != bundle_sha256:
+        return None, "written for another bundle"
+    body = entry.get("body")
+    if not isinstance(body, dict):
+        return None, "no response body"
+    for part, fields in _BODY_PARTS.items():
+        value = body.get(part)
+        if not isinstance(value, dict) or any(
+            not isinstance(value.get(k), t) or (t != (bool,) and isinstance(value.get(k), bool))
+            for k, t in fields.items()
+        ):
+            return None, f"response part {part!r} is malformed"
+    if body["model"]["bundle_sha256"] != bundle_sha256:
+        return None, "written for another bundle"
+    ep, nic = body["effective_path"], body["nic"]
+    numbers = [*ep["rank1_similarity"], *nic["value_violation"].values(), *nic["provenance_violation"].values()]
+    if len(ep["layers"]) != len(ep["rank1_similarity"]) or not all(_is_number(v) for v in numbers):
+        return None, "per-layer scores are malformed"
+    return body, ""
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 class DetectionStore:
     """Verdict cache + flagged stream of one served bundle."""
 
@@ -241,21 +290,26 @@ class DetectionStore:
             await self.link.close()
 
     async def get_verdict(self, image_sha256: str) -> dict[str, Any] | None:
-        """Cached response for this image under the served bundle, counting hits and misses."""
-        raw = await self.cache.get(verdict_key(self.bundle_sha256, image_sha256))
+        """Cached response for this image under the served bundle, counting hits and misses.
+
+        Anything unusable under the key (not JSON, another schema version or bundle, a body without the parts a
+        response needs) is a miss: logged, counted, and overwritten by the fresh detection."""
+        key = verdict_key(self.bundle_sha256, image_sha256)
+        raw = await self.cache.get(key)
         if raw is None:
             self.metrics.cache_misses.inc()
             return None
-        try:
-            value: dict[str, Any] = json.loads(raw)
-        except ValueError:
+        body, why = _unwrap(raw, self.bundle_sha256)
+        if body is None:
             self.metrics.cache_misses.inc()
+            log.warning("verdict cache entry %s is unusable (%s); treated as a miss", key, why)
             return None
         self.metrics.cache_hits.inc()
-        return value
+        return body
 
     async def put_verdict(self, image_sha256: str, response: dict[str, Any]) -> None:
-        raw = json.dumps(response, separators=(",", ":")).encode()
+        entry = {"schema": CACHE_SCHEMA, "bundle": self.bundle_sha256, "body": response}
+        raw = json.dumps(entry, separators=(",", ":")).encode()
         await self.cache.set(verdict_key(self.bundle_sha256, image_sha256), raw)
 
     async def flag(self, entry: Entry) -> None:

@@ -174,7 +174,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--supervised-detector",
         choices=["logistic", "linear", "random_forest", "adaboost", "gradient_boosting"],
         help="supervised model: logistic regression (default) or the EP paper's linear joint similarity (arrays), "
-        "or an ensemble (joblib, unpickled only after its sha256 matched)",
+        "or an ensemble (its trees stored as plain arrays, no pickle)",
     )
     p.add_argument(
         "--supervised-features",

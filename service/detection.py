@@ -303,6 +303,8 @@ async def _shadow_verdicts(
 ) -> None:
     """Shadow mode: wait for the detection, then record it (metrics, flagged stream); the client never sees it."""
     started: ShadowStarted = sl.batch
+    if started.detection is None:  # dropped: the shadow backlog was full (counted in pathguard_shadow_dropped_total)
+        return
     det = await asyncio.wrap_future(started.detection)
     items = []
     for i, body in zip(sl.rows, bodies, strict=True):

@@ -77,6 +77,11 @@ class Metrics:
         self.cache_hits = Counter("pathguard_cache_hits", "Verdict cache hits.", registry=r)
         self.cache_misses = Counter("pathguard_cache_misses", "Verdict cache misses.", registry=r)
         self.redis_errors = Counter("pathguard_redis_errors", "Failed Redis operations.", registry=r)
+        self.shadow_dropped = Counter(
+            "pathguard_shadow_dropped",
+            "Shadow-mode verdicts dropped because the shadow backlog was full (their predictions were answered).",
+            registry=r,
+        )
         self.inflight = Gauge("pathguard_inflight_requests", "Requests being processed.", registry=r)
         self.bundle_info = Gauge(
             "pathguard_bundle_info", "The served bundle (value 1).", ["name", "version", "sha256"], registry=r

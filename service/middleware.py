@@ -15,8 +15,10 @@ __all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
 
 
 class BodyLimitMiddleware:
-    """413 for a declared Content-Length over the limit; a streamed body is cut off once it passes the limit
-    (the handler's read raises :class:`PayloadTooLarge`, mapped to 413 like every other domain error)."""
+    """413 for a declared Content-Length over the limit. A body without one (``Transfer-Encoding: chunked``) is
+    cut off once it passes the limit: the handler's read raises :class:`PayloadTooLarge`, and whatever the app
+    answers to a body cut off there (a 413 from our handlers, a 400 from a framework body parser that wraps the
+    error) is replaced by the 413, so a too-large body is always 413 whatever route and parser read it."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -31,17 +33,34 @@ class BodyLimitMiddleware:
             await _send_error(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_bytes}")
             return
         seen = 0
+        exceeded = started = False
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+            nonlocal seen, exceeded
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
-            return message
+                    exceeded = True
+                    raise PayloadTooLarge(message)
+            return msg
 
-        await self.app(scope, limited, send)
+        async def guarded(msg: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to the cut-off body; the 413 below replaces it
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await _send_error(send, 413, message)
 
 
 def _content_length(scope: Scope) -> int | None:

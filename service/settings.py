@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None,
         description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "
-        "'X-API-Key: <key>' (compared in constant time); otherwise 401.",
+        "'X-API-Key: <key>' (compared in constant time); otherwise 401. That includes /docs and /openapi.json.",
+    )
+    docs: bool = Field(
+        default=True,
+        description="Serve the interactive API docs (/docs) and the OpenAPI schema (/openapi.json); behind the API "
+        "key when one is set. False: both answer 404.",
     )
 
     # --- input limits --------------------------------------------------------------------------------
@@ -111,6 +116,12 @@ class Settings(BaseSettings):
         default=True,
         description="Start each layer's checks as soon as its activation exists, while the forward pass continues. "
         "False runs the checks serially after the forward pass (for comparison).",
+    )
+    shadow_backlog: int = Field(
+        default=64,
+        ge=1,
+        description="Shadow mode: most batches whose verdicts may wait for the background finisher; the verdicts of "
+        "a batch beyond that are dropped (pathguard_shadow_dropped_total) while its predictions are still answered.",
     )
     engine_threads: int = Field(
         default=1, ge=1, description="onnxruntime intra-op threads per stage session (1 is fastest for small models)."

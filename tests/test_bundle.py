@@ -92,3 +92,67 @@ def test_newer_pathguard_required(small_bundle):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleCompatibilityError, match="pathguard >= 99.0"):
         verify_bundle(out)
+
+
+def _list_in_manifest(out, name: str, data: bytes) -> None:
+    """Add ``name`` to the bundle's manifest with the true digest of ``data`` (so only the path can be wrong)."""
+    import hashlib
+
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("ABSOLUTE", "is not a relative path"),
+        ("../outside.json", "'..' component"),
+        ("sub/../../outside.json", "'..' component"),
+        ("./a.json", "'.' or '..' component"),
+        ("sub//b.npz", "empty"),
+        ("..\\outside.json", "backslash"),
+        ("sub\\b.npz", "backslash"),
+        ("C:/outside.json", "is not a relative path"),
+        ("C:outside.json", "is not a relative path"),
+        ("\\\\host\\share\\outside.json", "is not a relative path"),
+    ],
+)
+def test_manifest_paths_must_stay_inside_the_bundle(small_bundle, tmp_path, name, why):
+    out, _, _ = small_bundle
+    data = b'{"outside": true}\n'
+    outside = tmp_path / "outside.json"  # a real file beside the bundle, with the digest the manifest claims
+    outside.write_bytes(data)
+    name = str(outside) if name == "ABSOLUTE" else name
+    _list_in_manifest(out, name, data)
+    with pytest.raises(BundleIntegrityError, match=why) as exc:
+        read_verified(out)
+    assert exc.value.file == name and repr(name) in str(exc.value)
+
+
+def test_symlinks_out_of_the_bundle_are_refused(small_bundle, tmp_path):
+    out, _, files = small_bundle
+    data = b'{"outside": true}\n'
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.json").write_bytes(data)
+    (out / "link.json").symlink_to(tmp_path / "elsewhere" / "x.json")
+    _list_in_manifest(out, "link.json", data)
+    with pytest.raises(BundleIntegrityError, match="link.json is a symlink that points outside") as exc:
+        read_verified(out)
+    assert exc.value.file == "link.json"
+
+    (out / "link.json").unlink()
+    (out / "d").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a folder on the way
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"]["d/x.json"] = m["files"].pop("link.json")
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleIntegrityError, match="d/x.json is a symlink that points outside") as exc:
+        read_verified(out)
+    assert exc.value.file == "d/x.json"
+
+
+def test_symlink_inside_the_bundle_is_allowed(small_bundle):
+    out, _, files = small_bundle
+    (out / "alias.json").symlink_to("a.json")
+    _list_in_manifest(out, "alias.json", files["a.json"])
+    assert read_verified(out).json("alias.json") == {"x": 1}

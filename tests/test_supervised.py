@@ -12,14 +12,16 @@ import pytest
 
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
+    BundleCompatibilityError,
     BundleIntegrityError,
     DetectionPipeline,
     load_bundle,
+    npz_bytes,
     read_verified,
     verify_bundle,
     write_bundle,
 )
-from pathguard.models.effective_path import LinearJointSimilarity
+from pathguard.models.effective_path import TREE_KINDS, LinearJointSimilarity, TreeEnsemble
 from pathguard.models.evaluation.attacks import run_attack
 from pathguard.models.verdict import threshold_at_fpr
 from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, SUPERVISED_NPZ, SupervisedDetector
@@ -106,43 +108,142 @@ def test_tampered_supervised_file_is_named(supervised_bundle, tmp_path):
         load_bundle(dst)
 
 
-def _toy_features(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Separable (N, 4) similarity features: adversarial rows have lower rank-1 and higher rank-2 similarity."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    rank1 = np.clip(0.9 - 0.3 * y[:, None] + 0.05 * rng.standard_normal((n, 2)), 0, 1)
-    rank2 = np.clip(0.5 + 0.3 * y[:, None] + 0.05 * rng.standard_normal((n, 2)), 0, 1)
-    return np.concatenate([rank1, rank2], axis=1), y
+@pytest.fixture(scope="module")
+def real_features(mnist_test):
+    """Supervised features of the committed MNIST bundle on real data: 600 clean test images and their successful
+    FGSM examples, split in half (fit / held out), for both feature sets."""
+    bundle = load_bundle(ARTIFACTS / "mnist-lenet5")
+    x, y = mnist_test.x[:600], mnist_test.y[:600]
+    adv = run_attack(bundle.classifier, "fgsm", "mnist", x, y)
+    out = {}
+    for fs in ("effective_path", "all"):
+        f = np.concatenate(
+            [
+                bundle.pipeline.supervised_features(x, fs),
+                bundle.pipeline.supervised_features(adv.x_adv[adv.success], fs),
+            ]
+        )
+        is_adv = np.r_[np.zeros(len(x)), np.ones(int(adv.success.sum()))]
+        idx = np.random.default_rng(0).permutation(len(f))
+        fit, held = idx[: len(f) // 2], idx[len(f) // 2 :]
+        out[fs] = (f[fit], is_adv[fit], f[held])
+    return out
 
 
-def test_ensemble_is_unpickled_only_after_its_digest_matched(tmp_path, monkeypatch):
-    feats, y = _toy_features(200, 0)
-    calib_feats, _ = _toy_features(100, 1)
+@pytest.mark.parametrize("features", ["effective_path", "all"])
+@pytest.mark.parametrize("kind", TREE_KINDS)
+def test_tree_export_reproduces_sklearn_predict_proba(real_features, kind, features):
     from pathguard.models.effective_path import make_detector
 
-    model = make_detector("random_forest", random_state=0).fit(feats, y)
-    det = SupervisedDetector("random_forest", "effective_path", ["fgsm"], model, np.sort(model.score(calib_feats[::2])))
+    fit_x, fit_y, held = real_features[features]
+    sk = make_detector(kind, random_state=0).fit(fit_x, fit_y)
+    trees = TreeEnsemble.from_sklearn(kind, sk.estimator_)
+    n_trees = {"random_forest": 100, "adaboost": len(sk.estimator_.estimators_), "gradient_boosting": 100}[kind]
+    assert len(trees.roots_) == n_trees and trees.n_features_ == fit_x.shape[1]
+    for x in (fit_x, held):
+        expected = sk.estimator_.predict_proba(x)[:, 1]
+        got = trees.score(x)
+        assert np.max(np.abs(got - expected)) <= 1e-9
+        assert got.shape == (len(x),) and np.all((got >= 0) & (got <= 1))
+    expected = sk.estimator_.predict_proba(held)[:, 1]
+    assert len(np.unique(np.round(expected, 12))) > 1  # not a constant: the parity is over real decisions
+    # the arrays alone (as stored, after an npz round trip without pickle) give the same scores
+    with np.load(io.BytesIO(npz_bytes(trees.to_arrays())), allow_pickle=False) as z:
+        again = TreeEnsemble.from_arrays(kind, {k: z[k] for k in z.files})
+    np.testing.assert_array_equal(again.score(held), trees.score(held))
+
+
+def test_tree_export_is_not_fooled_by_float32_rounding(real_features):
+    """Inputs a hair above a threshold in float64 but not in float32 take the branch scikit-learn takes."""
+    from pathguard.models.effective_path import make_detector
+
+    fit_x, fit_y, _ = real_features["effective_path"]
+    sk = make_detector("gradient_boosting", random_state=0).fit(fit_x, fit_y)
+    trees = TreeEnsemble.from_sklearn("gradient_boosting", sk.estimator_)
+    inner = np.flatnonzero(trees.feature_ >= 0)[:50]
+    x = np.repeat(fit_x[:1], len(inner), axis=0)
+    x[np.arange(len(inner)), trees.feature_[inner]] = trees.threshold_[inner] + 1e-12  # float32: == threshold
+    np.testing.assert_allclose(trees.score(x), sk.estimator_.predict_proba(x)[:, 1], rtol=0, atol=1e-9)
+
+
+def test_tree_arrays_are_checked(real_features):
+    from pathguard.models.effective_path import make_detector
+
+    fit_x, fit_y, held = real_features["effective_path"]
+    trees = TreeEnsemble.from_sklearn("random_forest", make_detector("random_forest").fit(fit_x, fit_y).estimator_)
+    arrays = trees.to_arrays()
+    loop = dict(arrays, left=np.where(trees.feature_ >= 0, 0, -1))  # children pointing back: a walk would not end
+    with pytest.raises(ValueError, match="children must follow"):
+        TreeEnsemble.from_arrays("random_forest", loop)
+    with pytest.raises(ValueError, match="missing"):
+        TreeEnsemble.from_arrays("random_forest", {k: v for k, v in arrays.items() if k != "leaf"})
+    with pytest.raises(ValueError, match=r"features must be \(N, 10\)"):
+        trees.score(held[:, :4])
+
+
+def test_ensemble_round_trips_as_arrays_and_tampering_is_named(real_features, tmp_path):
+    fit_x, fit_y, held = real_features["effective_path"]
+    from pathguard.models.effective_path import make_detector
+
+    sk = make_detector("adaboost", random_state=0).fit(fit_x, fit_y)
+    model = TreeEnsemble.from_sklearn("adaboost", sk.estimator_)
+    det = SupervisedDetector("adaboost", "effective_path", ["fgsm"], model, np.sort(model.score(held[::2])))
     files = supervised_files(det)
-    assert set(files) == {SUPERVISED_NPZ, SUPERVISED_JOBLIB}
+    assert set(files) == {SUPERVISED_NPZ} and det.manifest()["files"] == [SUPERVISED_NPZ]
+    with np.load(io.BytesIO(files[SUPERVISED_NPZ]), allow_pickle=False) as z:
+        names = set(z.files)
+        assert all(z[k].dtype != object for k in z.files)
+    assert names == {"calib"} | {f"adaboost/{k}" for k in model.to_arrays()}
     write_bundle(tmp_path / "b", files, {"supervised": det.manifest()})
     vf = read_verified(tmp_path / "b")
-    loaded = SupervisedDetector.from_verified(vf.manifest["supervised"], vf.npz, vf.bytes)
-    test, _ = _toy_features(50, 2)
-    np.testing.assert_array_equal(loaded.raw_score(test), det.raw_score(test))
+    loaded = SupervisedDetector.from_verified(vf.manifest["supervised"], vf.npz)
+    assert isinstance(loaded.model, TreeEnsemble)
+    np.testing.assert_array_equal(loaded.raw_score(held), det.raw_score(held))
+    np.testing.assert_allclose(loaded.raw_score(held), sk.estimator_.predict_proba(held)[:, 1], rtol=0, atol=1e-9)
     np.testing.assert_array_equal(loaded.calib, det.calib)
 
-    # a tampered pickle is refused by the digest check; joblib.load is never reached
-    blob = bytearray((tmp_path / "b" / SUPERVISED_JOBLIB).read_bytes())
-    blob[-10] ^= 0xFF
-    (tmp_path / "b" / SUPERVISED_JOBLIB).write_bytes(bytes(blob))
-    import joblib
-
-    def refuse(*_a, **_k):
-        raise AssertionError("joblib.load called on an unverified file")
-
-    monkeypatch.setattr(joblib, "load", refuse)
-    with pytest.raises(BundleIntegrityError, match=SUPERVISED_JOBLIB):
+    blob = bytearray((tmp_path / "b" / SUPERVISED_NPZ).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (tmp_path / "b" / SUPERVISED_NPZ).write_bytes(bytes(blob))
+    with pytest.raises(BundleIntegrityError, match=SUPERVISED_NPZ):
         read_verified(tmp_path / "b")
+
+
+@pytest.mark.parametrize("where", ["file", "manifest_only"])
+def test_bundle_with_a_pickled_ensemble_is_refused_with_the_rebuild_command(tmp_path, where):
+    vf = read_verified(ARTIFACTS / "mnist-lenet5")
+    manifest = {k: v for k, v in vf.manifest.items() if k not in ("files", "schema_version", "created_at")}
+    manifest["supervised"] = {
+        "detector": "random_forest",
+        "features": "effective_path",
+        "attacks": ["fgsm", "bim"],
+        "files": [SUPERVISED_NPZ, SUPERVISED_JOBLIB],
+    }
+    blobs = dict(vf.blobs, **{SUPERVISED_NPZ: npz_bytes({"calib": np.zeros(3)})})
+    if where == "file":
+        blobs[SUPERVISED_JOBLIB] = b"\x80\x04 would be a pickle"  # listed with its digest: read_verified accepts it
+    write_bundle(tmp_path / "b", blobs, manifest)
+    read_verified(tmp_path / "b")
+    with pytest.raises(BundleCompatibilityError) as exc:
+        load_bundle(tmp_path / "b")
+    msg = str(exc.value)
+    assert SUPERVISED_JOBLIB in msg and "no longer loads" in msg
+    assert "pathguard build ... --supervised-attacks fgsm,bim --supervised-detector random_forest" in msg
+
+
+def test_no_pickle_or_joblib_import_in_the_package():
+    import ast
+
+    from .conftest import ROOT
+
+    offenders = []
+    for path in [*(ROOT / "models").rglob("*.py"), *(ROOT / "service").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("joblib", "pickle")]
+    assert offenders == []
 
 
 def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(lenet, mnist_test):
@@ -170,6 +271,25 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
     assert det.manifest()["files"] == [SUPERVISED_NPZ]
     with np.load(io.BytesIO(supervised_files(det)[SUPERVISED_NPZ]), allow_pickle=False) as z:
         assert set(z.files) == {"calib", "linear/coef", "linear/intercept"}
+
+
+def test_fit_supervised_ensemble_is_calibrated_with_the_exported_scorer(lenet, mnist_test):
+    from pathguard.models.builder.builder import _ep_features
+    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
+
+    extractor = EffectivePathExtractor(lenet, theta=0.5)
+    paths = ClassPaths(10).fit(extractor, mnist_test.x[1000:2000], mnist_test.y[1000:2000])
+
+    def features(x: np.ndarray) -> np.ndarray:
+        return _ep_features(extractor, paths, x)
+
+    x, y = mnist_test.x, mnist_test.y
+    det = fit_supervised(
+        lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "gradient_boosting", "effective_path"
+    )
+    assert isinstance(det.model, TreeEnsemble) and det.model.kind == "gradient_boosting"
+    np.testing.assert_array_equal(det.calib, np.sort(det.model.score(features(x[80:120]))))
+    assert set(supervised_files(det)) == {SUPERVISED_NPZ}
 
 
 @pytest.mark.parametrize(

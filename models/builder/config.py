@@ -43,7 +43,8 @@ class BuildConfig:
         the bundle reports beside the (unchanged, benign-only) verdict. Empty = benign only (default).
     supervised_detector : str
         ``logistic`` (default) or ``linear`` (the EP paper's joint similarity), both stored as arrays, or
-        ``random_forest``, ``adaboost``, ``gradient_boosting`` (stored pickled, loaded only after its digest matched).
+        ``random_forest``, ``adaboost``, ``gradient_boosting`` (exported to plain arrays: node features,
+        thresholds, children, leaf values and per-tree weights, scored with numpy).
     supervised_features : str
         ``all`` (default: EP similarities, NIC violations and the fusion components) or ``effective_path``.
     supervised_n : int, optional

@@ -8,19 +8,17 @@ the successful adversarial examples of each requested attack run on it; calibrat
 from __future__ import annotations
 
 import importlib.util
-import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from pathguard.models.bundle import npz_bytes
-from pathguard.models.effective_path import LinearJointSimilarity, make_detector
+from pathguard.models.effective_path import SklearnDetector, TreeEnsemble, make_detector
 from pathguard.models.evaluation.attacks import ATTACKS, run_attack
 from pathguard.models.verdict.supervised import (
     FEATURE_SETS,
     SUPERVISED_DETECTORS,
-    SUPERVISED_JOBLIB,
     SUPERVISED_NPZ,
     LogisticDetector,
     Model,
@@ -53,26 +51,22 @@ def check_supervised_config(attacks: Sequence[str], detector: str, features: str
         )
 
 
-def _make(detector: str, seed: int) -> Model:
+def _fit(detector: str, seed: int, x: np.ndarray, y: np.ndarray) -> Model:
+    """Fit ``detector``; a scikit-learn ensemble is exported to a :class:`TreeEnsemble` at once, so the calibration
+    scores come from the very numpy scorer the service runs."""
     if detector == "logistic":
-        return LogisticDetector()
-    return make_detector(detector, **({} if detector == "linear" else {"random_state": seed}))
+        return LogisticDetector().fit(x, y)
+    fitted = make_detector(detector, **({} if detector == "linear" else {"random_state": seed})).fit(x, y)
+    if isinstance(fitted, SklearnDetector):
+        return TreeEnsemble.from_sklearn(detector, fitted.estimator_)
+    return fitted
 
 
 def supervised_files(det: SupervisedDetector) -> dict[str, bytes]:
-    """The bundle files of a fitted supervised detector: ``supervised.npz`` (and the pickled ensemble)."""
-    arrays = {"calib": det.calib}
-    out = {}
-    if isinstance(det.model, LogisticDetector | LinearJointSimilarity):
-        arrays |= {f"{det.detector}/{k}": v for k, v in det.model.to_arrays().items()}
-    else:
-        import joblib
-
-        buf = io.BytesIO()
-        joblib.dump(det.model.estimator_, buf)
-        out[SUPERVISED_JOBLIB] = buf.getvalue()
-    out[SUPERVISED_NPZ] = npz_bytes(arrays)
-    return out
+    """The bundle file of a fitted supervised detector: ``supervised.npz`` (calibration scores and the model's
+    arrays under ``{detector}/``; nothing pickled)."""
+    arrays = {"calib": det.calib} | {f"{det.detector}/{k}": v for k, v in det.model.to_arrays().items()}
+    return {SUPERVISED_NPZ: npz_bytes(arrays)}
 
 
 def fit_supervised(
@@ -120,7 +114,7 @@ def fit_supervised(
         raise ValueError(f"the supervised attacks {list(attacks)} produced {n_adv} adversarial examples; need 10")
     x = np.concatenate([clean, *adv_parts])
     y = np.r_[np.zeros(len(clean)), np.ones(n_adv)]
-    model = _make(detector, seed).fit(x, y)
+    model = _fit(detector, seed, x, y)
     calib = np.sort(np.asarray(model.score(features(calib_x)), dtype=np.float64))
     training = {"clean": len(clean), "adversarial": n_adv, "attacks": counts}
     return SupervisedDetector(detector, feature_set, list(attacks), model, calib, training)

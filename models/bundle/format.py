@@ -5,9 +5,8 @@ and only those verified bytes are parsed (no time-of-check/time-of-use gap). Any
 unknown extra file is an error naming the file. The bundle id (``Bundle.sha256``) is the sha256 of
 ``manifest.json``, which pins every other file.
 
-Formats cannot execute code (json, safetensors, npz without pickle, onnx); the optional supervised ensemble
-(``supervised.joblib``, see :mod:`pathguard.models.verdict.supervised`) is unpickled only from bytes whose
-digest matched.
+Formats cannot execute code (json, safetensors, npz without pickle, onnx); nothing in a bundle is pickled (the
+optional supervised ensembles are plain arrays too, see :mod:`pathguard.models.verdict.supervised`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -140,6 +139,28 @@ class VerifiedFiles:
         return name in self.blobs
 
 
+def _check_member(root: Path, name: str) -> Path:
+    """The path of manifest entry ``name``: a relative POSIX path that stays inside the bundle folder.
+
+    Refused (naming the file): absolute paths, drive letters, backslashes, empty or ``.``/``..`` components, and
+    symlinks (of the file or a folder on its way) that resolve outside the bundle folder.
+    """
+    parts = name.split("/")
+    why = None
+    if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        why = "is not a relative path"
+    elif "\\" in name:
+        why = "contains a backslash (manifest paths use '/')"
+    elif any(p in ("", ".", "..") for p in parts):
+        why = "has an empty, '.' or '..' component"
+    if why is not None:
+        raise BundleIntegrityError(name, f"bundle {root}: manifest entry {name!r} {why}")
+    fpath = root / name
+    if not fpath.resolve().is_relative_to(root.resolve()):
+        raise BundleIntegrityError(name, f"bundle {root}: file {name} is a symlink that points outside the bundle")
+    return fpath
+
+
 def _listed_files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
 
@@ -150,7 +171,8 @@ def read_verified(path: str | Path) -> VerifiedFiles:
     Raises
     ------
     BundleIntegrityError
-        A listed file is missing or its size/sha256 differ, or an unlisted file is present.
+        A listed file is missing or its size/sha256 differ, an unlisted file is present, or a manifest path is
+        not a relative path inside the bundle (absolute, ``..``, backslash or drive letter, a symlink out).
     BundleCompatibilityError
         The bundle needs a newer schema, pathguard or ONNX opset.
     """
@@ -158,13 +180,14 @@ def read_verified(path: str | Path) -> VerifiedFiles:
     manifest, raw = _read_manifest(root)
     _check_compatibility(root, manifest)
     files: dict[str, dict[str, Any]] = manifest["files"]
+    paths = {name: _check_member(root, name) for name in sorted(files)}
     extra = sorted(_listed_files(root) - set(files))
     if extra:
         raise BundleIntegrityError(extra[0], f"bundle {root}: unknown file {extra[0]} is not listed in the manifest")
     blobs = {}
     for name, entry in sorted(files.items()):
-        fpath = root / name
-        if ".." in Path(name).parts or not fpath.is_file():
+        fpath = paths[name]
+        if not fpath.is_file():
             raise BundleIntegrityError(name, f"bundle {root}: file {name} is missing")
         data = fpath.read_bytes()
         if len(data) != entry.get("size") or _sha256(data) != entry.get("sha256"):

@@ -14,6 +14,7 @@ from pathguard.models.errors import ClassifierLoadError
 from pathguard.models.networks import TappedSequential, classifier_from_files
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
+from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, pickled_ensemble_error
 
 __all__ = ["Bundle", "load_bundle", "load_classifier"]
 
@@ -63,9 +64,14 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     """Verify every file of the bundle at ``path``, then load it from the verified bytes.
 
     ``target_fpr`` overrides the manifest's operating point (refused below 1/n of the calibration split).
+    A bundle with a pickled supervised ensemble (``supervised.joblib``, older versions) is refused with a
+    :class:`~pathguard.models.errors.BundleCompatibilityError` that says how to rebuild it.
     """
     files = read_verified(path)
     m = files.manifest
+    pickled = pickled_ensemble_error(path, m, files.has(SUPERVISED_JOBLIB))
+    if pickled is not None:  # never unpickled: refused before anything is parsed
+        raise pickled
     classifier = classifier_from_files(files.bytes("classifier.json"), files.bytes)
     ep_cfg = m["effective_path"]
     extractor = EffectivePathExtractor(classifier, theta=ep_cfg["theta"], last_k=ep_cfg.get("last_k"))
@@ -81,7 +87,7 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
     sup = None
     if "supervised" in m:  # optional: bundles built with --supervised-attacks
-        sup = SupervisedDetector.from_verified(m["supervised"], files.npz, files.bytes)
+        sup = SupervisedDetector.from_verified(m["supervised"], files.npz)
     pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
     if sup is not None:
         names = pipeline.feature_names(sup.features)

@@ -9,7 +9,8 @@ Every detector has ``fit(...) -> self`` and ``score(features) -> (N,)`` float, h
 - :class:`LinearJointSimilarity`: the paper's linear "joint similarity" ``sum_l w_l J1_l - sum_l w'_l J2_l``
   with ``w, w' >= 0`` (hinge loss, elastic net with l1_ratio 0.5), fitted by projected subgradient descent
   so the sign constraints hold exactly. Plain arrays, no pickle.
-- :class:`SklearnDetector`: random forest (100 trees), AdaBoost (50), gradient boosting (100), as in the paper.
+- :class:`SklearnDetector`: random forest (100 trees), AdaBoost (50), gradient boosting (100), as in the paper;
+  stored as plain arrays through :class:`~pathguard.models.effective_path.trees.TreeEnsemble`.
 - :class:`BenignEPScore`: attack-agnostic, fitted on benign features only: one-sided robust z-scores of how far
   below the benign rank-1 similarity and above the benign rank-2 similarity an input lies. Plain arrays.
 """
@@ -171,7 +172,9 @@ class SklearnDetector:
     Attributes
     ----------
     estimator_ : sklearn classifier
-        The fitted ensemble (persist with joblib behind a hash check; never load an unverified pickle).
+        The fitted ensemble. Persist it as plain arrays with
+        :meth:`~pathguard.models.effective_path.TreeEnsemble.from_sklearn` (scored with numpy to 1e-9 of
+        ``predict_proba``); it is never pickled.
     """
 
     def __init__(self, kind: str = "random_forest", random_state: int = 0) -> None:

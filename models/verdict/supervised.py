@@ -22,21 +22,23 @@ Data (training set only; the test set is never used):
 - calibration: the clean split ``B`` (disjoint from the training images): its scores give the empirical
   p-values and the threshold for the bundle's target FPR, exactly as for the fused verdict.
 
-Files: ``supervised.npz`` always (calibration scores; the weights of ``logistic`` and ``linear``). The ensembles
-are scikit-learn objects and can only be stored pickled, in ``supervised.joblib``; that file is unpickled only
-from bytes whose sha256 matched the manifest (:func:`pathguard.models.bundle.read_verified`).
+Files: ``supervised.npz`` only: the calibration scores and the model as plain arrays, under ``{detector}/``: the
+weights of ``logistic`` and ``linear``, the trees of the ensembles (node features, thresholds, children, leaf
+values, per-tree weights; :class:`~pathguard.models.effective_path.TreeEnsemble`, scored with numpy). Nothing is
+pickled. Bundles from older versions that stored an ensemble pickled (``supervised.joblib``) are refused at load
+(:func:`pickled_ensemble_error`): rebuild them.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pathguard.models.effective_path import LinearJointSimilarity, SklearnDetector
+from pathguard.models.effective_path import TREE_KINDS, LinearJointSimilarity, TreeEnsemble
+from pathguard.models.errors import BundleCompatibilityError
 from pathguard.models.verdict.calibration import empirical_p_values, threshold_at_fpr
 
 __all__ = [
@@ -48,11 +50,12 @@ __all__ = [
     "Model",
     "SupervisedAssessment",
     "SupervisedDetector",
+    "pickled_ensemble_error",
 ]
 
 SUPERVISED_NPZ = "supervised.npz"
-SUPERVISED_JOBLIB = "supervised.joblib"
-SUPERVISED_DETECTORS = ("logistic", "linear", "random_forest", "adaboost", "gradient_boosting")
+SUPERVISED_JOBLIB = "supervised.joblib"  # a pickled ensemble, written by earlier versions; refused at load
+SUPERVISED_DETECTORS = ("logistic", "linear", *TREE_KINDS)
 FEATURE_SETS = ("all", "effective_path")
 
 
@@ -99,11 +102,32 @@ class LogisticDetector:
         return self
 
 
-Model = LogisticDetector | LinearJointSimilarity | SklearnDetector
-_ARRAY_MODELS: dict[str, type[LogisticDetector] | type[LinearJointSimilarity]] = {
-    "logistic": LogisticDetector,
-    "linear": LinearJointSimilarity,
-}
+Model = LogisticDetector | LinearJointSimilarity | TreeEnsemble
+
+
+def _model_from_arrays(detector: str, arrays: dict[str, np.ndarray]) -> Model:
+    if detector == "logistic":
+        return LogisticDetector.from_arrays(arrays)
+    if detector == "linear":
+        return LinearJointSimilarity.from_arrays(arrays)
+    return TreeEnsemble.from_arrays(detector, arrays)
+
+
+def pickled_ensemble_error(path: object, manifest: dict[str, Any], present: bool) -> BundleCompatibilityError | None:
+    """The error for a bundle whose supervised ensemble is pickled (``supervised.joblib`` present or listed in its
+    manifest), with the command that rebuilds it; None for any other bundle."""
+    sup = manifest.get("supervised")
+    entry: dict[str, Any] = sup if isinstance(sup, dict) else {}
+    listed = SUPERVISED_JOBLIB in (entry.get("files") or []) or SUPERVISED_JOBLIB in manifest.get("files", {})
+    if not (present or listed):
+        return None
+    attacks = ",".join(str(a) for a in entry.get("attacks") or []) or "ATTACKS"
+    detector = str(entry.get("detector") or "DETECTOR")
+    return BundleCompatibilityError(
+        f"bundle {path}: its supervised detector is a pickled scikit-learn object ({SUPERVISED_JOBLIB}), which "
+        f"pathguard no longer loads (no pickle anywhere); rebuild the bundle to store it as plain arrays: pathguard "
+        f"build ... --supervised-attacks {attacks} --supervised-detector {detector}"
+    )
 
 
 @dataclass
@@ -130,7 +154,7 @@ class SupervisedDetector:
         :meth:`~pathguard.models.bundle.DetectionPipeline.supervised_features`.
     attacks : list of str
         Attacks whose adversarial examples it was trained on.
-    model : LogisticDetector, LinearJointSimilarity or SklearnDetector
+    model : LogisticDetector, LinearJointSimilarity or TreeEnsemble
         Scores (N, F) features, higher = more adversarial.
     calib : np.ndarray
         Sorted raw scores of the clean calibration split.
@@ -160,21 +184,18 @@ class SupervisedDetector:
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's ``supervised`` entry."""
-        files = [SUPERVISED_NPZ] + ([] if self.detector in _ARRAY_MODELS else [SUPERVISED_JOBLIB])
         return {
             "detector": self.detector,
             "features": self.features,
             "attacks": list(self.attacks),
             "training": self.training,
             "n_calibration": len(self.calib),
-            "files": files,
+            "files": [SUPERVISED_NPZ],
         }
 
     @classmethod
-    def from_verified(
-        cls, entry: dict[str, Any], npz: Callable[[str], dict[str, np.ndarray]], blob: Callable[[str], bytes]
-    ) -> SupervisedDetector:
-        """Load from a manifest ``supervised`` entry and *verified* bundle files (``npz(name)``, ``blob(name)``)."""
+    def from_verified(cls, entry: dict[str, Any], npz: Callable[[str], dict[str, np.ndarray]]) -> SupervisedDetector:
+        """Load from a manifest ``supervised`` entry and *verified* bundle files (``npz(name)``)."""
         detector, features = str(entry["detector"]), str(entry.get("features", "effective_path"))
         if detector not in SUPERVISED_DETECTORS or features not in FEATURE_SETS:
             raise ValueError(
@@ -182,16 +203,9 @@ class SupervisedDetector:
                 f"{list(SUPERVISED_DETECTORS)} and {list(FEATURE_SETS)}"
             )
         arrays = npz(SUPERVISED_NPZ)
-        model: Model
-        if detector in _ARRAY_MODELS:
-            prefix = f"{detector}/"
-            model = _ARRAY_MODELS[detector].from_arrays(
-                {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-            )
-        else:
-            import joblib
-
-            model = SklearnDetector(detector)
-            model.estimator_ = joblib.load(io.BytesIO(blob(SUPERVISED_JOBLIB)))  # digest checked by read_verified
+        prefix = f"{detector}/"
+        model = _model_from_arrays(
+            detector, {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+        )
         calib = np.sort(np.asarray(arrays["calib"], dtype=np.float64))
         return cls(detector, features, list(entry["attacks"]), model, calib, dict(entry.get("training", {})))

@@ -15,8 +15,9 @@ Without ``parallel_checks`` the same checks run one after the other after the fo
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -72,22 +73,42 @@ class Detected:
 
 @dataclass
 class ShadowStarted:
-    """Shadow mode: the classification now, the detection later (a concurrent future of :class:`Detected`)."""
+    """Shadow mode: the classification now, the detection later (a concurrent future of :class:`Detected`), or
+    ``detection=None`` when the shadow backlog was full and this batch's verdicts were dropped."""
 
     classified: Classified
-    detection: Future[Detected]
+    detection: Future[Detected] | None
 
 
 class DetectionRuntime:
-    """Classifier engine + detection pipeline + worker threads for the per-layer checks."""
+    """Classifier engine + detection pipeline + worker threads for the per-layer checks.
 
-    def __init__(self, engine: ClassifierEngine, pipeline: Pipeline, worker_threads: int, parallel: bool) -> None:
+    Shadow mode finishes detections on one background thread. At most ``shadow_backlog`` batches may wait for it
+    (the one being finished included); the verdicts of a batch arriving beyond that are dropped (its layer checks
+    cancelled where they have not started, ``on_drop(n_images)`` called) so a slow finisher cannot grow memory
+    without bound. The prediction is answered either way.
+    """
+
+    def __init__(
+        self,
+        engine: ClassifierEngine,
+        pipeline: Pipeline,
+        worker_threads: int,
+        parallel: bool,
+        shadow_backlog: int = 64,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.pipeline = pipeline
         self.parallel = parallel
         self.checked = set(pipeline.checked_taps)
+        self.shadow_backlog = shadow_backlog
+        self.on_drop = on_drop
         self._workers = ThreadPoolExecutor(worker_threads, thread_name_prefix="pathguard-check")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="pathguard-shadow")
+        self._shadow_lock = threading.Lock()
+        self._shadow_pending = 0  # batches handed to the finisher and not yet finished
+        self._shadow_full = False
         # Effective Path needs the logits and runs in ``pipeline.finish`` on the calling thread. A dedicated EP thread
         # beside NIC's checks was measured slower (MNIST batch 1: 14.5 vs 11.5 ms): both are chains of tiny torch ops
         # that hold the GIL between ops, so running them side by side only adds GIL hand-offs.
@@ -145,16 +166,40 @@ class DetectionRuntime:
         return Detected(result, softmax(logits.numpy()), classify_s, time.perf_counter() - t0)
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:
-        """Forward pass now (layer checks already started); the rest of the detection on a background thread."""
+        """Forward pass now (layer checks already started); the rest of the detection on a background thread,
+        unless the shadow backlog is full (then ``detection`` is None and the verdicts are dropped)."""
         logits, taps, checks, classify_s = self._forward(x)
         probabilities = softmax(logits.numpy())
+        classified = Classified(probabilities, classify_s)
+        if not self._admit_shadow():
+            for fut in checks.values():
+                fut.cancel()
+            if self.on_drop is not None:
+                self.on_drop(len(x))
+            return ShadowStarted(classified, None)
 
         def rest() -> Detected:
-            t0 = time.perf_counter()
-            result = self._finish(x, logits, taps, checks)
-            return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
+            try:
+                t0 = time.perf_counter()
+                result = self._finish(x, logits, taps, checks)
+                return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
+            finally:
+                with self._shadow_lock:
+                    self._shadow_pending -= 1
 
-        return ShadowStarted(Classified(probabilities, classify_s), self._finisher.submit(rest))
+        return ShadowStarted(classified, self._finisher.submit(rest))
+
+    def _admit_shadow(self) -> bool:
+        """Reserve a place in the shadow backlog; False (logged once per episode) when it is full."""
+        with self._shadow_lock:
+            if self._shadow_pending >= self.shadow_backlog:
+                if not self._shadow_full:
+                    log.warning("shadow backlog full (%d batches); dropping shadow verdicts", self.shadow_backlog)
+                self._shadow_full = True
+                return False
+            self._shadow_pending += 1
+            self._shadow_full = False
+            return True
 
     def warm_up(self, shape: tuple[int, int, int], batch_sizes: Sequence[int], rounds: int) -> None:
         """Run classification and detection on blank inputs so the first real request pays no setup cost."""

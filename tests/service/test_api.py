@@ -369,3 +369,110 @@ def test_bundle_pin(make_client, bundle_dir, tmp_path):
     app = create_app(Settings(bundle=bundle_dir, spool_path=tmp_path / "s.jsonl", bundle_sha256="0" * 64))
     with pytest.raises(BundleIntegrityError, match="manifest.json"), TestClient(app):
         pass
+
+
+def _stream(data: bytes, piece: int = 8192):
+    """A generator body: httpx sends it chunked, without Content-Length."""
+    for i in range(0, len(data), piece):
+        yield data[i : i + piece]
+
+
+CHUNKED_ROUTES = [
+    ("/v1/detect", "image/png"),
+    ("/v1/predict", "image/png"),
+    ("/v1/detect/batch", "multipart/form-data; boundary=pathguard"),
+    ("/v2/models/mnist-lenet5/infer", "application/json"),
+]
+
+
+@pytest.mark.parametrize(("route", "ctype"), CHUNKED_ROUTES, ids=[r for r, _ in CHUNKED_ROUTES])
+def test_chunked_body_over_the_limit_is_413_on_every_route(strict_limits_client, route, ctype):
+    body = b"[" + b"0," * 40_000 + b"0]"  # 80 kB, over the 64 KiB limit; the JSON parser would wrap errors as 400
+    r = strict_limits_client.post(route, content=_stream(body), headers={"content-type": ctype})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": "request body exceeds the limit of 65536 bytes"}
+    samples = _samples(strict_limits_client)
+    assert _value(samples, "pathguard_requests_total", route=route.replace("mnist-lenet5", "{name}"), status="413") == 1
+
+
+def test_chunked_body_under_the_limit_is_served(strict_limits_client, digits, mnist_test):
+    png = digits[0][0]
+    r = strict_limits_client.post("/v1/detect", content=_stream(png, 100), headers=PNG)
+    assert "content-length" not in r.request.headers and r.status_code == 200
+    assert r.json()["prediction"]["class_index"] == digits[0][1]
+    payload = json.dumps(_oip(mnist_test.x[:1])).encode()
+    assert len(payload) < 65_536
+    r = strict_limits_client.post(
+        "/v2/models/mnist-lenet5/infer", content=_stream(payload), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_docs_and_schema_follow_the_api_key_or_are_switched_off(make_client):
+    open_client = make_client()
+    schema = open_client.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/detect" in schema.json()["paths"]
+    assert "/openapi.json" not in schema.json()["paths"] and "/docs" not in schema.json()["paths"]
+    page = open_client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+
+    keyed = make_client(api_key="s3cret-key")
+    for route in ("/docs", "/openapi.json"):
+        r = keyed.get(route)
+        assert r.status_code == 401 and set(r.json()) == {"error"}, route
+        assert keyed.get(route, headers={"x-api-key": "wrong"}).status_code == 401
+        assert keyed.get(route, headers={"authorization": "Bearer s3cret-key"}).status_code == 200
+    assert keyed.get("/openapi.json", headers={"x-api-key": "s3cret-key"}).json() == schema.json()
+
+    off = make_client(docs=False, api_key="s3cret-key")
+    for route in ("/docs", "/openapi.json", "/redoc"):
+        r = off.get(route, headers={"x-api-key": "s3cret-key"})
+        assert r.status_code == 404 and set(r.json()) == {"error"}, route
+    assert off.get("/v1/model", headers={"x-api-key": "s3cret-key"}).status_code == 200
+
+
+def test_shadow_backlog_drops_verdicts_beyond_the_bound_and_still_answers(make_client, digits):
+    backlog, sent = 3, 8
+    client = make_client(mode="shadow", shadow_backlog=backlog)
+    pipeline = client.app.state.pathguard.runtime.pipeline
+    gate, entered = threading.Event(), threading.Event()
+    finish = pipeline.finish
+
+    def slow_finish(*args, **kwargs):  # the finisher stalls until the test lets it go
+        entered.set()
+        assert gate.wait(60)
+        return finish(*args, **kwargs)
+
+    pipeline.finish = slow_finish
+    try:
+        for i in range(sent):  # one at a time: each request is its own batch
+            r = client.post("/v1/detect", content=digits[i][0], headers=PNG)
+            assert r.status_code == 200 and r.json()["mode"] == "shadow" and r.json()["verdict"] is None
+            assert r.json()["prediction"]["class_index"] == digits[i][1]
+        assert entered.wait(10)
+        s = _samples(client)
+        # the first `backlog` batches hold the places (one being finished, the rest queued); the others are dropped
+        assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog
+        assert _value(s, "pathguard_requests_total", route="/v1/detect", status="200") == sent
+    finally:
+        gate.set()
+    verdicts = 0.0
+    for _ in range(200):  # the admitted verdicts are still recorded once the finisher moves again
+        s = _samples(client)
+        verdicts = _value(s, "pathguard_verdicts_total", verdict="benign") + _value(
+            s, "pathguard_verdicts_total", verdict="adversarial"
+        )
+        if verdicts == backlog:
+            break
+        threading.Event().wait(0.05)
+    assert verdicts == backlog
+    # with the backlog drained, verdicts are admitted again
+    assert client.post("/v1/detect", content=digits[9][0], headers=PNG).status_code == 200
+    for _ in range(200):
+        s = _samples(client)
+        if _value(s, "pathguard_detection_score_count") == backlog + 1:
+            break
+        threading.Event().wait(0.05)
+    assert _value(s, "pathguard_detection_score_count") == backlog + 1
+    assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog

@@ -81,3 +81,31 @@ def test_bench_writes_a_table(tmp_path):
     assert {q["concurrency"] for q in report["ratios"]} == {1, 4}
     text = out.read_text()
     assert "| mnist-lenet5 | parallel | /v1/detect | 1 |" in text and "p50(detect) / p50(predict)" in text
+
+
+def test_serve_answers_413_to_a_chunked_body_over_the_limit(digits, tmp_path):
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    env = {**_env(), "PATHGUARD_SPOOL_PATH": str(tmp_path / "spool.jsonl"), "PATHGUARD_MAX_BODY_BYTES": "65536"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+    def chunks(data: bytes):
+        for i in range(0, len(data), 8192):
+            yield data[i : i + 8192]
+
+    try:
+        _wait_ready(proc, port)
+        big = b"[" + b"0," * 40_000 + b"0]"  # 80 kB
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for route, ctype in (("/v1/detect", "image/png"), ("/v2/models/mnist-lenet5/infer", "application/json")):
+                r = client.post(route, content=chunks(big), headers={"content-type": ctype})
+                assert "content-length" not in r.request.headers, route
+                assert r.status_code == 413 and r.json() == {"error": "request body exceeds the limit of 65536 bytes"}
+            png, label = digits[0]
+            r = client.post("/v1/detect", content=chunks(png), headers={"content-type": "image/png"})
+            assert r.status_code == 200 and r.json()["prediction"]["class_index"] == label
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

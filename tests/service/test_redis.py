@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from pathguard.service.cache import FLAGGED_STREAM, verdict_key
+from pathguard.service.cache import CACHE_SCHEMA, FLAGGED_STREAM, verdict_key
 from tests.service.conftest import png_bytes
 
 PNG = {"content-type": "image/png"}
@@ -72,7 +72,8 @@ def test_cache_hit_on_repeated_image(make_client, redis_db, digits):
     assert _wait(lambda: r.exists(key) == 1)
     assert 0 < r.ttl(key) <= 120
     stored = json.loads(r.get(key))
-    assert stored["verdict"] == first["verdict"] and "id" not in stored
+    assert stored["schema"] == CACHE_SCHEMA and stored["bundle"] == first["model"]["bundle_sha256"]
+    assert stored["body"]["verdict"] == first["verdict"] and "id" not in stored["body"]
     second = client.post("/v1/detect", content=png, headers=PNG).json()
     assert second["cached"] is True and second["id"] != first["id"]
     for part in ("prediction", "effective_path", "nic", "verdict", "model"):
@@ -134,3 +135,83 @@ def test_redis_down_spools_and_replays(make_client, private_redis, flagged_png, 
     third = client.post("/v1/detect", content=flagged_png, headers={**PNG, "x-request-id": "after"}).json()
     assert third["verdict"]["adversarial"] is True
     assert _wait(lambda: [e[b"id"] for e in _stream(r)][-1] == b"after")
+
+
+def _good_entry(client, png: bytes) -> dict:
+    """What the service itself caches for ``png`` (read back from its own in-memory or Redis cache later)."""
+    body = client.post("/v1/detect", content=png, headers=PNG).json()
+    assert body["cached"] is False
+    return {k: v for k, v in body.items() if k not in ("id", "timings_ms", "cached")}
+
+
+def _unusable_entries(body: dict, bundle: str) -> dict[str, bytes]:
+    """Values a cache key may hold that the service must treat as a miss."""
+
+    def entry(**changes) -> bytes:
+        return json.dumps({"schema": CACHE_SCHEMA, "bundle": bundle, "body": body, **changes}).encode()
+
+    return {
+        "garbage bytes": b"\xff\xfe\x00 not json",
+        "truncated json": entry()[:-7],
+        "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+        "json list": b"[1, 2, 3]",
+        "pre-schema entry (a bare response body)": json.dumps(body).encode(),
+        "stale schema": entry(schema=CACHE_SCHEMA + 1),
+        "no schema": entry(schema=None),
+        "other bundle": entry(bundle="0" * 64),
+        "other bundle in the body": entry(body={**body, "model": {**body["model"], "bundle_sha256": "1" * 64}}),
+        "body not an object": entry(body="cached"),
+        "verdict not an object": entry(body={**body, "verdict": []}),
+        "threshold a string": entry(body={**body, "verdict": {**body["verdict"], "threshold": "0.5"}}),
+        "layers and scores disagree": entry(
+            body={**body, "effective_path": {**body["effective_path"], "rank1_similarity": [0.5]}}
+        ),
+    }
+
+
+def test_unusable_redis_entries_are_counted_misses_never_errors(make_client, redis_db, digits, caplog):
+    url, r = redis_db
+    client = make_client(redis_url=url, cache_ttl_s=120)
+    png = digits[3][0]
+    body = _good_entry(client, png)
+    key = verdict_key(body["model"]["bundle_sha256"], hashlib.sha256(png).hexdigest())
+    assert key == f"pathguard:verdict:{body['model']['bundle_sha256']}:{hashlib.sha256(png).hexdigest()}"
+    assert _wait(lambda: r.exists(key) == 1)
+    hits, misses = _metric(client, "pathguard_cache_hits_total"), _metric(client, "pathguard_cache_misses_total")
+    assert (hits, misses) == (0, 1)
+    for name, value in _unusable_entries(body, body["model"]["bundle_sha256"]).items():
+        r.set(key, value, ex=120)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pathguard.service"):
+            resp = client.post("/v1/detect", content=png, headers=PNG)
+        assert resp.status_code == 200, (name, resp.text)
+        assert resp.json()["cached"] is False and resp.json()["verdict"] == body["verdict"], name
+        misses += 1
+        assert _metric(client, "pathguard_cache_misses_total") == misses, name
+        assert _metric(client, "pathguard_cache_hits_total") == 0, name
+        assert any("unusable" in m and key in m for m in caplog.messages), name
+        # the fresh detection replaces the bad entry with a good one
+        assert _wait(lambda: r.get(key) != value), name
+        stored = json.loads(r.get(key))
+        assert stored["body"]["verdict"] == body["verdict"] and stored["bundle"] == body["model"]["bundle_sha256"]
+    assert client.post("/v1/detect", content=png, headers=PNG).json()["cached"] is True
+    assert _metric(client, "pathguard_cache_hits_total") == 1
+
+
+def test_unusable_in_memory_entries_are_counted_misses(make_client, digits):
+    import asyncio
+
+    client = make_client(redis_url=None)
+    png = digits[4][0]
+    body = _good_entry(client, png)
+    store = client.app.state.pathguard.store
+    key = verdict_key(body["model"]["bundle_sha256"], hashlib.sha256(png).hexdigest())
+    assert client.post("/v1/detect", content=png, headers=PNG).json()["cached"] is True  # the real entry works
+    misses = _metric(client, "pathguard_cache_misses_total")
+    for name, value in _unusable_entries(body, body["model"]["bundle_sha256"]).items():
+        asyncio.run(store.cache.set(key, value))
+        resp = client.post("/v1/detect", content=png, headers=PNG)
+        assert resp.status_code == 200 and resp.json()["cached"] is False, name
+        misses += 1
+        assert _metric(client, "pathguard_cache_misses_total") == misses, name
+    assert _metric(client, "pathguard_cache_hits_total") == 1
