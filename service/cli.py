@@ -18,13 +18,16 @@ DEFAULT_CLASSIFIER_DIRS = {
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pathguard.models.evaluation.train import DEFAULTS, train_classifier
+    from pathguard.models.evaluation.train import ARCH_DEFAULTS, DEFAULTS, train_classifier
 
-    cfg = DEFAULTS[args.dataset]
+    cfg = ARCH_DEFAULTS.get(args.arch, DEFAULTS[args.dataset]) if args.arch else DEFAULTS[args.dataset]
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides)
-    out = Path(args.out or DEFAULT_CLASSIFIER_DIRS[args.dataset])
-    report = train_classifier(args.dataset, out, cfg)
+    default_out = (
+        DEFAULT_CLASSIFIER_DIRS[args.dataset] if not args.arch else f"artifacts/classifiers/{args.dataset}-{args.arch}"
+    )
+    out = Path(args.out or default_out)
+    report = train_classifier(args.dataset, out, cfg, arch=args.arch, resume=args.resume)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -40,6 +43,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a supported classifier (mnist: LeNet-5, cifar10: CNN)")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
+    p.add_argument("--arch", choices=["lenet5", "cifar_cnn", "resnet20"], help="architecture (default: the dataset's)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (written after every epoch)")
     p.add_argument("--out", help="output folder (default: artifacts/classifiers/<dataset>-<arch>)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

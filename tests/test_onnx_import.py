@@ -196,3 +196,31 @@ def test_malformed_and_old_files_are_refused():
     model.opset_import[0].version = 11
     with pytest.raises(UnsupportedModelError, match="opset 11"):
         import_onnx(model.SerializeToString())
+
+
+@pytest.mark.parametrize("name", [*sorted(NETS), "lenet"])
+def test_served_onnx_is_the_users_graph_with_logits_and_taps(name, lenet):
+    """The user's own file, with taps as outputs: equal to the imported graph, splittable at the checked taps."""
+    from pathguard.models.networks import served_onnx
+    from pathguard.service.runtime import OnnxEngine
+
+    make, shape = NETS[name] if name != "lenet" else (lambda: nn.Sequential(*lenet.children()), (1, 28, 28))
+    data = _export(make(), shape, softmax=name == "resnet")
+    model = import_onnx(data)
+    served = served_onnx(data)
+    x = np.random.default_rng(5).random((3, *shape), dtype=np.float32)
+    session = ort.InferenceSession(served, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["logits", *model.tap_names]
+    with torch.no_grad():
+        logits, taps = model.forward_with_taps(torch.from_numpy(x))
+    outs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+    np.testing.assert_allclose(outs["logits"], logits.numpy(), atol=1e-4, rtol=1e-4)
+    for tap in model.tap_names:
+        np.testing.assert_allclose(outs[tap], taps[tap].numpy(), atol=1e-4, rtol=1e-4)
+    engine = OnnxEngine(served, model.tap_names[:-1])
+    assert len(engine.stages) > 1  # split at the checked taps, not one full pass
+    seen: list[str] = []
+    got_logits, got_taps = engine.forward(x, on_tap=lambda n, _: seen.append(n))
+    np.testing.assert_allclose(got_logits.numpy(), logits.numpy(), atol=1e-4, rtol=1e-4)
+    assert seen == model.tap_names and set(got_taps) == set(model.tap_names)

@@ -93,6 +93,8 @@ def test_the_bundle_verifies_and_records_its_source(own_bundle):
     assert manifest["calibration"] == {"ep_fit": 12, "calib_a": 24, "calib_b": 24, "fit": 150}
     files = read_verified(own_bundle)
     assert files.has("source.onnx") and not files.has("classifier.safetensors")
+    meta = files.json("classifier.json")
+    assert meta["format"] == "onnx" and set(meta["onnx_tensors"]) == {*meta["taps"], "logits"}
     bundle = load_bundle(own_bundle)
     x = torch.rand(2, 3, 16, 16)
     result = bundle.pipeline.detect(x.numpy())

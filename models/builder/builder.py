@@ -16,7 +16,6 @@ detector learns clean vs adversarial from their features, and ``B`` calibrates i
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,9 +36,10 @@ from pathguard.models.networks import (
     CLASSIFIER_FILES,
     ONNX_SOURCE,
     TappedSequential,
-    export_onnx,
     import_onnx,
+    import_onnx_tensors,
     imported_classifier_meta,
+    served_onnx,
 )
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
@@ -127,13 +127,11 @@ def build_bundle_from_onnx(
 
 
 def model_files(model: TappedSequential, source: bytes) -> dict[str, bytes]:
-    """Bundle files of an imported classifier: the user's ONNX, its description, and the served ONNX export
-    (logits plus every tap as an output)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, Path(tmp) / "classifier.onnx", opset=OPSET)
-        served = (Path(tmp) / "classifier.onnx").read_bytes()
-    meta = (json.dumps(imported_classifier_meta(model), indent=2) + "\n").encode()
-    return {"classifier.json": meta, ONNX_SOURCE: source, "classifier.onnx": served}
+    """Bundle files of an imported classifier: the user's ONNX, its description, and the served ONNX (the user's
+    graph with the logits and every tap as outputs)."""
+    _, tensors = import_onnx_tensors(source)
+    meta = (json.dumps(imported_classifier_meta(model, tensors), indent=2) + "\n").encode()
+    return {"classifier.json": meta, ONNX_SOURCE: source, "classifier.onnx": served_onnx(source)}
 
 
 def _build(

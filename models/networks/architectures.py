@@ -11,13 +11,17 @@ from pathguard.models.networks.blocks import Normalize, Residual
 from pathguard.models.networks.config import ClassifierConfig
 from pathguard.models.networks.taps import TappedSequential
 
-__all__ = ["CIFAR_CNN", "CONFIGS", "LENET5", "Normalize", "Residual", "build_classifier"]
+__all__ = ["ARCHITECTURES", "CIFAR_CNN", "CONFIGS", "LENET5", "RESNET20", "Normalize", "Residual", "build_classifier"]
 
 LENET5 = ClassifierConfig("lenet5", 1, 28, 28, mean=(0.1307,), std=(0.3081,))
 CIFAR_CNN = ClassifierConfig(
     "cifar_cnn", 3, 32, 32, batchnorm=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
 )
-CONFIGS = {"mnist": LENET5, "cifar10": CIFAR_CNN}
+RESNET20 = ClassifierConfig(
+    "resnet20", 3, 32, 32, batchnorm=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
+)
+CONFIGS = {"mnist": LENET5, "cifar10": CIFAR_CNN}  # the default architecture of each bundled dataset
+ARCHITECTURES = {"lenet5": LENET5, "cifar_cnn": CIFAR_CNN, "resnet20": RESNET20}
 
 
 def _lenet5(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:
@@ -65,7 +69,35 @@ def _cifar_cnn(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:
     return OrderedDict(layers)
 
 
-_BUILDERS = {"lenet5": _lenet5, "cifar_cnn": _cifar_cnn}
+def _resnet20(cfg: ClassifierConfig) -> OrderedDict[str, nn.Module]:
+    """ResNet-20 for CIFAR-10 (He et al. 2016, section 4.2): a 3x3 stem, three stages of three basic blocks with
+    16, 32 and 64 channels (stride 2 at the first block of stages 2 and 3, a 1x1 projection shortcut there), global
+    average pooling and one linear layer. Batch norm after every convolution while training (folded away for
+    serving, which leaves biased convolutions)."""
+
+    def conv(cin: int, cout: int, k: int, stride: int) -> nn.Conv2d:
+        return nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=not cfg.batchnorm)
+
+    def conv_bn(cin: int, cout: int, k: int, stride: int) -> list[tuple[str, nn.Module]]:
+        return [("conv", conv(cin, cout, k, stride))] + ([("bn", nn.BatchNorm2d(cout))] if cfg.batchnorm else [])
+
+    layers: list[tuple[str, nn.Module]] = [("normalize", Normalize(cfg.mean, cfg.std))]
+    layers += [(f"{n}1", m) for n, m in conv_bn(cfg.in_channels, 16, 3, 1)] + [("relu1", nn.ReLU())]
+    cin = 16
+    for stage, cout in enumerate((16, 32, 64), start=1):
+        for block in range(3):
+            stride = 2 if stage > 1 and block == 0 else 1
+            first, second = conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, 1)
+            body = [(f"{n}1", m) for n, m in first] + [("relu", nn.ReLU())] + [(f"{n}2", m) for n, m in second]
+            short = nn.Sequential(OrderedDict(conv_bn(cin, cout, 1, stride))) if stride != 1 or cin != cout else None
+            layers.append((f"block{stage}_{block}", Residual(nn.Sequential(OrderedDict(body)), short)))
+            layers.append((f"relu{stage}_{block}", nn.ReLU()))
+            cin = cout
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(64, cfg.num_classes))]
+    return OrderedDict(layers)
+
+
+_BUILDERS = {"lenet5": _lenet5, "cifar_cnn": _cifar_cnn, "resnet20": _resnet20}
 
 
 def build_classifier(config: ClassifierConfig) -> TappedSequential:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from pathguard.models.networks.blocks import Residual
 from pathguard.models.networks.config import ClassifierConfig
 from pathguard.models.networks.taps import TappedSequential
 
@@ -42,8 +43,14 @@ def folded_parameters(layer: nn.Conv2d | nn.Linear, bn: nn.Module | None) -> tup
 
 @torch.no_grad()
 def fold_batchnorm(model: TappedSequential) -> TappedSequential:
-    """Return an equivalent eval-mode model with every ``Conv2d -> BatchNorm2d`` pair folded into the conv."""
-    items = list(model.named_children())
+    """Return an equivalent eval-mode model with every ``Conv2d -> BatchNorm2d`` pair folded into the conv, also
+    inside the body and shortcut of residual blocks."""
+    cfg = ClassifierConfig(**{**model.config.__dict__, "batchnorm": False})
+    return TappedSequential(_folded_children(model), cfg).eval()
+
+
+def _folded_children(seq: nn.Sequential) -> OrderedDict[str, nn.Module]:
+    items = list(seq.named_children())
     out: OrderedDict[str, nn.Module] = OrderedDict()
     i = 0
     while i < len(items):
@@ -57,7 +64,12 @@ def fold_batchnorm(model: TappedSequential) -> TappedSequential:
             out[name] = conv
             i += 2
             continue
+        if isinstance(m, Residual):
+            body = nn.Sequential(_folded_children(m.body)) if isinstance(m.body, nn.Sequential) else m.body
+            short = m.shortcut
+            if isinstance(short, nn.Sequential):
+                short = nn.Sequential(_folded_children(short))
+            m = Residual(body, short)
         out[name] = m
         i += 1
-    cfg = ClassifierConfig(**{**model.config.__dict__, "batchnorm": False})
-    return TappedSequential(out, cfg).eval()
+    return out

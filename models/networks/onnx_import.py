@@ -38,9 +38,9 @@ from torch import nn
 from pathguard.models.errors import UnsupportedModelError
 from pathguard.models.networks.blocks import Residual
 from pathguard.models.networks.config import ClassifierConfig
-from pathguard.models.networks.taps import TappedSequential
+from pathguard.models.networks.taps import TappedSequential, tap_points
 
-__all__ = ["MIN_OPSET", "SUPPORTED_OPS", "ConstantOp", "import_onnx"]
+__all__ = ["MIN_OPSET", "SUPPORTED_OPS", "ConstantOp", "import_onnx", "import_onnx_tensors", "served_onnx"]
 
 MIN_OPSET = 13
 SUPPORTED_OPS = (
@@ -74,7 +74,7 @@ class _Graph:
         return name
 
 
-def import_onnx(data: bytes, name: str = "onnx") -> TappedSequential:
+def import_onnx(data: bytes) -> TappedSequential:
     """Rebuild the ONNX classifier in ``data`` as an eval-mode :class:`TappedSequential` returning logits.
 
     Raises
@@ -82,6 +82,11 @@ def import_onnx(data: bytes, name: str = "onnx") -> TappedSequential:
     UnsupportedModelError
         Malformed file, opset below 13, not one (N, C, H, W) input, or an unsupported operator or pattern.
     """
+    return import_onnx_tensors(data)[0]
+
+
+def import_onnx_tensors(data: bytes) -> tuple[TappedSequential, dict[str, str]]:
+    """:func:`import_onnx`, plus the ONNX tensor behind each tap and behind ``"logits"`` (the pre-softmax output)."""
     try:
         model = onnx.load_from_string(data)
         model = shape_inference.infer_shapes(model)
@@ -89,14 +94,53 @@ def import_onnx(data: bytes, name: str = "onnx") -> TappedSequential:
         raise UnsupportedModelError(f"not a readable ONNX model: {exc}") from None
     _check_ops(model)
     graph, (c, h, w) = _graph(model)
-    layers = _Converter(graph).chain(_input_name(model), graph.output)
+    converter = _Converter(graph)
+    layers, _ = converter.chain(_input_name(model), graph.output)
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers.values()):
         raise UnsupportedModelError("the model has no Conv or Gemm/MatMul layer")
     probe = nn.Sequential(layers).eval()
     with torch.no_grad():
         k = int(probe(torch.zeros(1, c, h, w)).shape[1])
     config = ClassifierConfig("onnx", c, h, w, num_classes=k)
-    return TappedSequential(layers, config).eval()
+    tapped = TappedSequential(layers, config).eval()
+    children = list(tapped.children())
+    tensors = {name: converter.tensor_of(children[i]) for i, name in tap_points(tapped).items()}
+    tensors["logits"] = converter.logits or graph.output
+    return tapped, tensors
+
+
+def served_onnx(data: bytes) -> bytes:
+    """The user's ONNX file as the service runs it: the tensor behind each tap renamed to the tap's name and made
+    a graph output, the pre-softmax tensor renamed ``logits`` (a final Softmax is dropped), a dynamic batch axis.
+
+    Renaming (instead of adding Identity outputs) keeps each tap on the path of the graph, so the engine can
+    split the graph into stages at the checked taps; graph outputs are never fused away by onnxruntime.
+    """
+    _, tensors = import_onnx_tensors(data)
+    model = onnx.load_from_string(data)
+    g = model.graph
+    names = ["logits", *(n for n in tensors if n != "logits")]
+    rename: dict[str, str] = {}  # ONNX tensor -> served name (the first name that claims it)
+    aliases: list[tuple[str, str]] = []  # (served name, another name of the same tensor, e.g. the last layer's tap)
+    for name in names:
+        if tensors[name] in rename:
+            aliases.append((rename[tensors[name]], name))
+        else:
+            rename[tensors[name]] = name
+    keep = [n for n in g.node if not (n.op_type == "Softmax" and n.input[0] == tensors["logits"])]
+    del g.node[:]
+    g.node.extend(keep)
+    for node in g.node:
+        node.input[:] = [rename.get(t, t) for t in node.input]
+        node.output[:] = [rename.get(t, t) for t in node.output]
+    g.node.extend(onnx.helper.make_node("Identity", [src], [alias], name=f"tap_{alias}") for src, alias in aliases)
+    del g.value_info[:]
+    del g.output[:]
+    g.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    dim = g.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_value")
+    dim.dim_param = "batch"
+    return bytes(shape_inference.infer_shapes(model).SerializeToString())
 
 
 def _check_ops(model: onnx.ModelProto) -> None:
@@ -179,9 +223,14 @@ class _Converter:
         self.g = graph
         self._ends: dict[int, str] = {}  # id(module) -> the ONNX tensor it produces
         self._weighted = False  # a Conv/Gemm/MatMul was converted: no more input normalization
+        self.logits: str | None = None  # the input of a final Softmax
 
-    def chain(self, tensor: str, stop: str | None) -> OrderedDict[str, nn.Module]:
-        """Modules from ``tensor`` up to ``stop`` (or up to a residual merge when ``stop`` is None)."""
+    def tensor_of(self, module: nn.Module) -> str:
+        return self._ends[id(module)]
+
+    def chain(self, tensor: str, stop: str | None) -> tuple[OrderedDict[str, nn.Module], str]:
+        """Modules from ``tensor`` up to ``stop`` (or up to a residual merge when ``stop`` is None), and the tensor
+        where they end."""
         out: OrderedDict[str, nn.Module] = OrderedDict()
         while tensor != stop:
             users = self.g.consumers.get(tensor, [])
@@ -192,6 +241,7 @@ class _Converter:
             if len(users) == 2:
                 name, block, tensor = self._residual(tensor, users)
                 out[name] = block
+                self._ends[id(block)] = tensor
                 continue
             if len(users) > 2:
                 raise UnsupportedModelError(
@@ -206,7 +256,7 @@ class _Converter:
                     break  # a residual merge: the caller joins the branches
                 raise UnsupportedModelError(f"node {node.name!r}: Add of two tensors outside a residual block")
             tensor = self._node(node, out)
-        return out
+        return out, tensor
 
     def _affine(self, node: onnx.NodeProto, out: OrderedDict[str, nn.Module]) -> str:
         constant_first = node.input[0] in self.g.consts
@@ -223,9 +273,9 @@ class _Converter:
                 branches.append((OrderedDict(), user))
                 continue
             mods = OrderedDict[str, nn.Module]()
-            end = self._node(user, mods)
-            mods.update(self.chain(end, None))
-            after = self.g.consumers.get(self._last_tensor(mods, end), [])
+            rest, last = self.chain(self._node(user, mods), None)
+            mods.update(rest)
+            after = self.g.consumers.get(last, [])
             if len(after) != 1 or after[0].op_type != "Add":
                 raise UnsupportedModelError(f"the branches from {fork!r} do not meet at an Add")
             branches.append((mods, after[0]))
@@ -234,9 +284,6 @@ class _Converter:
             raise UnsupportedModelError(f"the branches from {fork!r} do not meet at one Add")
         block = Residual(nn.Sequential(body), nn.Sequential(short) if short else None)
         return self.g.unique(add_a, "block"), block, add_a.output[0]
-
-    def _last_tensor(self, mods: OrderedDict[str, nn.Module], start: str) -> str:
-        return self._ends.get(id(next(reversed(mods.values()))), start) if mods else start
 
     def _node(self, node: onnx.NodeProto, out: OrderedDict[str, nn.Module]) -> str:
         """Append the module(s) for ``node`` (and a BatchNormalization it absorbs); returns the tensor produced."""
@@ -266,6 +313,7 @@ class _Converter:
         elif op == "Softmax":
             if result != self.g.output:
                 raise UnsupportedModelError(f"node {node.name!r}: Softmax is supported only as the last node")
+            self.logits = node.input[0]
             return result
         elif op == "BatchNormalization":
             raise UnsupportedModelError(f"node {node.name!r}: BatchNormalization must follow a Conv")

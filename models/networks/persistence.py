@@ -65,9 +65,18 @@ def classifier_from_files(meta_json: bytes, read: Callable[[str], bytes]) -> Tap
     return classifier_from_bytes(meta_json, read("classifier.safetensors"))
 
 
-def imported_classifier_meta(model: TappedSequential, source: str = ONNX_SOURCE) -> dict[str, object]:
-    """``classifier.json`` of an imported classifier: its config, taps, and the ONNX file it is rebuilt from."""
-    return {"format": "onnx", "source": source, "config": model.config.to_dict(), "taps": model.tap_names}
+def imported_classifier_meta(
+    model: TappedSequential, tensors: dict[str, str], source: str = ONNX_SOURCE
+) -> dict[str, object]:
+    """``classifier.json`` of an imported classifier: its config, taps (with the user's ONNX tensor behind each),
+    and the ONNX file it is rebuilt from."""
+    return {
+        "format": "onnx",
+        "source": source,
+        "config": model.config.to_dict(),
+        "taps": model.tap_names,
+        "onnx_tensors": tensors,
+    }
 
 
 def export_onnx(model: TappedSequential, path: Path, opset: int = 17) -> None:
