@@ -88,8 +88,9 @@ async def detect(request: Request, state: Ready) -> JSONResponse:
     openapi_extra=_image_body("images", many=True),
 )
 async def detect_batch(request: Request, state: Ready) -> JSONResponse:
-    """Several images (multipart field ``images``, repeated); results in the order sent."""
+    """Several images (multipart field ``images``, repeated); results in the order sent, the i-th with id
+    ``<request id>-<i>``."""
     rid = request_id(request)
     uploads = await read_uploads(request, state, "images", many=True)
-    results = await detect_uploads(state, rid, uploads)
+    results = await detect_uploads(state, rid, uploads, item_ids=True)
     return JSONResponse({"results": results}, headers={"X-Request-ID": rid})

@@ -134,3 +134,15 @@ def test_redis_down_spools_and_replays(make_client, private_redis, flagged_png, 
     third = client.post("/v1/detect", content=flagged_png, headers={**PNG, "x-request-id": "after"}).json()
     assert third["verdict"]["adversarial"] is True
     assert _wait(lambda: [e[b"id"] for e in _stream(r)][-1] == b"after")
+
+
+def test_flagged_batch_items_carry_their_item_ids(make_client, redis_db, flagged_png, digits):
+    url, r = redis_db
+    client = make_client(redis_url=url, cache=False)
+    files = [("images", ("a.png", digits[0][0], "image/png")), ("images", ("b.png", flagged_png, "image/png"))]
+    results = client.post("/v1/detect/batch", files=files, headers={"x-request-id": "fb-1"}).json()["results"]
+    assert [res["verdict"]["adversarial"] for res in results] == [False, True]
+    assert _wait(lambda: len(_stream(r)) == 1)
+    entry = _stream(r)[0]
+    assert entry[b"id"] == b"fb-1-1" and entry[b"id"].decode() == results[1]["id"]
+    assert entry[b"image_sha256"] == hashlib.sha256(flagged_png).hexdigest().encode()
