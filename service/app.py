@@ -53,10 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pathguard = state
     install_error_handlers(app)
-    for router in (health.router, v1.router, oip.router, metrics_routes.router):
+    routers = (health.router, v1.router, oip.router, metrics_routes.router)
+    for router in routers:
         app.include_router(router)
+    routes = [route for router in routers for route in router.routes]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inner
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outer: also counts 413s
+    # outer: also counts (and logs) the body-limit 413s, under the route they were sent to
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, log_requests=settings.access_log)
     return app
 
 

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Forward + detection passes run at startup before ready flips."
     )
 
+    access_log: bool = Field(
+        default=True,
+        description="One log line per request on the 'pathguard.access' logger (method, route template, status, "
+        "duration, request id; never image data). `pathguard serve` prints it at --log-level info or lower.",
+    )
+
     # --- Redis, cache and flagged stream ------------------------------------------------------------
     redis_url: str | None = Field(
         default=None,
