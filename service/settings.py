@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535, description="TCP port `pathguard serve` listens on.")
     api_key: SecretStr | None = Field(
         default=None,
-        description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "
-        "'X-API-Key: <key>' (compared in constant time); otherwise 401.",
+        description="If set, every route except /v2/health/* and the page (/, /static) needs "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>' (compared in constant time); otherwise 401.",
     )
 
     # --- input limits --------------------------------------------------------------------------------

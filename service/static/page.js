@@ -228,7 +228,7 @@ function renderViolations(tableId, values) {
     const tr = document.createElement("tr");
     const th = document.createElement("th");
     th.scope = "row";
-    th.textContent = layer;
+    th.textContent = layer.replace("->", " \u2192 "); // provenance pairs "a->b" may wrap at the arrow
     const td = document.createElement("td");
     const row = document.createElement("div");
     row.className = "bar-row";
