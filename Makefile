@@ -26,6 +26,7 @@ test: install-dev
 	scripts/ensure-redis
 	scripts/ensure-tools
 	$(BIN)/ruff check models service tests
+	$(BIN)/ruff format --check models service tests
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -m "not slow" -q
 

@@ -24,7 +24,7 @@ from pathguard.service.grpc_server import GrpcServer
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from pathguard.service.routes import health, oip, v1
+from pathguard.service.routes import health, oip, page, v1
 from pathguard.service.routes import metrics as metrics_routes
 from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 from pathguard.service.settings import Settings
@@ -59,12 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pathguard = state
     install_error_handlers(app)
-    for router in (health.router, v1.router, oip.router, metrics_routes.router):
+    routers = (health.router, v1.router, oip.router, metrics_routes.router, page.router)
+    for router in routers:
         app.include_router(router)
+    page.mount_static(app)
+    routes = [route for router in routers for route in router.routes]
     if settings.docs:
         _add_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inner
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)  # outer: also counts 413s
+    # outer: also counts (and logs) the body-limit 413s, under the route they were sent to
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, log_requests=settings.access_log)
     return app
 
 

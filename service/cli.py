@@ -320,12 +320,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         verify_bundle(settings.bundle)
         check_pin(settings)
     except BundleError as exc:
-        print(f"pathguard serve: refusing to start: {exc}", file=sys.stderr)
+        print(f"pathguard serve: refusing to start: {user_error_message(exc)}", file=sys.stderr)
         return 2
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        log_config=_log_config(args.log_level),
+        access_log=False,  # pathguard's own access log (PATHGUARD_ACCESS_LOG) names the route, not the raw path
     )
     return 0
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus the ``pathguard`` loggers (service messages, access log) on stderr."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["pathguard"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -456,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pathguard",
         description="Inference-time adversarial-input detection (Effective Path + NIC) for image classifiers.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error instead of a one-line message"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -463,9 +482,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. An error the user can fix (missing data, a bad folder or bundle, a bad setting) is one
+    line on stderr and exit status 2; ``--debug`` shows its traceback instead. Anything else is a defect and
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except Exception as exc:
+        if args.debug or not _is_user_error(exc):
+            raise
+        print(f"pathguard {args.command}: error: {user_error_message(exc)}", file=sys.stderr)
+        return 2
     return result
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from pathguard.models.errors import PathguardError
+
+    # ValueError covers bad settings (pydantic's ValidationError), bad JSON and unsupported configurations.
+    return isinstance(exc, PathguardError | ValueError | FileNotFoundError | NotADirectoryError)
+
+
+def _settings_errors(exc: BaseException) -> str:
+    """A bad PATHGUARD_* value (pydantic's ValidationError on Settings) as 'PATHGUARD_PORT='abc': reason'."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError) or exc.title != "Settings":
+        return ""
+    parts = []
+    for err in exc.errors()[:3]:
+        name = "PATHGUARD_" + "_".join(str(x) for x in err.get("loc", ())).upper()
+        parts.append(f"{name}={err.get('input')!r}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def user_error_message(exc: BaseException) -> str:
+    """One line: what is wrong and, where the message does not already say it, how to fix it."""
+    from pathguard.models.errors import (
+        BundleCompatibilityError,
+        BundleError,
+        BundleIntegrityError,
+        ClassifierLoadError,
+        DatasetError,
+    )
+
+    settings_errors = _settings_errors(exc)
+    if settings_errors:
+        return f"{settings_errors}; fix the variable (settings: docs/service.md)"
+    if isinstance(exc, FileNotFoundError | NotADirectoryError) and exc.filename is not None:
+        text = f"{exc.strerror or 'not found'}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())  # one line, whatever the message held
+    if isinstance(exc, DatasetError):
+        hint = ""  # its message already says where the data is looked for and how to get it
+    elif isinstance(exc, BundleIntegrityError):
+        hint = "rebuild the bundle with `pathguard build` or restore its original files (`pathguard verify` checks)"
+    elif isinstance(exc, BundleCompatibilityError):
+        hint = "upgrade pathguard or rebuild the bundle with this version"
+    elif isinstance(exc, BundleError):
+        hint = "pass a bundle folder written by `pathguard build`, e.g. artifacts/mnist-lenet5"
+    elif isinstance(exc, ClassifierLoadError):
+        hint = (
+            "pass a classifier folder written by `pathguard train` (classifier.json and classifier.safetensors), "
+            "e.g. artifacts/classifiers/mnist-lenet5"
+        )
+    elif "unknown architecture" in text:
+        hint = "classifier.json must name one of those; train a supported one with `pathguard train`"
+    elif isinstance(exc, FileNotFoundError | NotADirectoryError):
+        hint = "check the path"
+    else:
+        hint = ""
+    return f"{text}; {hint}" if hint else text
 
 
 if __name__ == "__main__":

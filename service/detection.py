@@ -182,7 +182,8 @@ async def _after_detection(state: ServiceState, rid: str, items: list[tuple[Uplo
         if cache:
             await state.store.put_verdict(up.sha256, _cacheable(body))
         if body["verdict"]["adversarial"]:
-            await state.store.flag(_flag_entry(state, rid, up.sha256, up.data, up.content_type, body))
+            item_id = body.get("id", rid)  # a batch item's own id, `<request id>-<index>`
+            await state.store.flag(_flag_entry(state, item_id, up.sha256, up.data, up.content_type, body))
 
 
 def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
@@ -211,17 +212,30 @@ async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) 
     return {"id": rid, "model": model_ref(state), "prediction": _prediction(state, probs), "timings_ms": timings}
 
 
-async def detect_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> list[dict[str, Any]]:
-    """Detection for each upload, in order: cache hits answered from the cache, the rest batched together."""
+async def detect_uploads(
+    state: ServiceState, rid: str, uploads: list[Upload], item_ids: bool = False
+) -> list[dict[str, Any]]:
+    """Detection for each upload, in order: cache hits answered from the cache, the rest batched together.
+
+    Every upload is decoded (and so validated) before the cache is consulted: a cached verdict is only returned
+    for input that passes the same checks as a fresh one. With ``item_ids`` (the batch route) the i-th result's
+    id is ``<rid>-<i>``; otherwise every result carries ``rid``.
+    """
     t0 = time.perf_counter()
+    x = await _decode_all(state, uploads)  # (n, C, H, W)
+    decode_s = (time.perf_counter() - t0) / len(uploads)
+    state.metrics.observe_stages({"decode": decode_s})
+    ids = [f"{rid}-{i}" for i in range(len(uploads))] if item_ids else [rid] * len(uploads)
     use_cache = state.settings.cache and state.settings.mode == "enforce"
     bodies: list[dict[str, Any] | None] = [None] * len(uploads)
     if use_cache:
         for i, up in enumerate(uploads):
-            bodies[i] = await _cached(state, rid, up)
+            bodies[i] = await _cached(state, ids[i], up, decode_s)
     todo = [i for i, b in enumerate(bodies) if b is None]
     if todo:
-        fresh = await _run_detection(state, rid, [uploads[i] for i in todo], t0, use_cache)
+        fresh = await _run_detection(
+            state, [ids[i] for i in todo], [uploads[i] for i in todo], x[todo], decode_s, t0, use_cache
+        )
         for i, body in zip(todo, fresh, strict=True):
             bodies[i] = body
     total = time.perf_counter() - t0
@@ -229,12 +243,13 @@ async def detect_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -
     return [b for b in bodies if b is not None]
 
 
-async def _cached(state: ServiceState, rid: str, up: Upload) -> dict[str, Any] | None:
+async def _cached(state: ServiceState, rid: str, up: Upload, decode_s: float) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     hit = await state.store.get_verdict(up.sha256)
     if hit is None or not _same_threshold(hit, state.runtime.pipeline.threshold):
         return None
-    body = {"id": rid, **hit, "cached": True, "timings_ms": {"cache": _ms(time.perf_counter() - t0)}}
+    timings = {"decode": _ms(decode_s), "cache": _ms(time.perf_counter() - t0)}
+    body = {"id": rid, **hit, "cached": True, "timings_ms": timings}
     _record(state, body)
     if body["verdict"]["adversarial"]:
         state.spawn(state.store.flag(_flag_entry(state, rid, up.sha256, up.data, up.content_type, body)))
@@ -242,19 +257,23 @@ async def _cached(state: ServiceState, rid: str, up: Upload) -> dict[str, Any] |
 
 
 async def _run_detection(
-    state: ServiceState, rid: str, uploads: list[Upload], t0: float, use_cache: bool
+    state: ServiceState,
+    ids: list[str],
+    uploads: list[Upload],
+    x: np.ndarray,
+    decode_s: float,
+    t0: float,
+    use_cache: bool,
 ) -> list[dict[str, Any]]:
-    x = await _decode_all(state, uploads)
-    decode_s = (time.perf_counter() - t0) / len(uploads)
-    state.metrics.observe_stages({"decode": decode_s})
+    """Detection of the decoded images ``x`` (n, C, H, W); ``ids[j]`` is the id of the j-th result."""
     sl = await state.detect_batcher.submit(x)
     if isinstance(sl.batch, ShadowStarted):
-        return _shadow_bodies(state, rid, uploads, sl, decode_s, t0)
+        return _shadow_bodies(state, ids, uploads, sl, decode_s, t0)
     det: Detected = sl.batch
     bodies = []
-    for i in sl.rows:
+    for j, i in enumerate(sl.rows):
         body = {
-            "id": rid,
+            "id": ids[j],
             "model": model_ref(state),
             "prediction": _prediction(state, det.probabilities[i]),
             **det.result.row(i),
@@ -265,7 +284,7 @@ async def _run_detection(
         _record(state, body)
         bodies.append(body)
     _observe_batch_stages(state, det)
-    state.spawn(_after_detection(state, rid, list(zip(uploads, bodies, strict=True)), use_cache))
+    state.spawn(_after_detection(state, ids[0], list(zip(uploads, bodies, strict=True)), use_cache))
     return bodies
 
 
@@ -276,14 +295,14 @@ def _observe_batch_stages(state: ServiceState, det: Detected) -> None:
 
 
 def _shadow_bodies(
-    state: ServiceState, rid: str, uploads: list[Upload], sl: BatchSlice[Any], decode_s: float, t0: float
+    state: ServiceState, ids: list[str], uploads: list[Upload], sl: BatchSlice[Any], decode_s: float, t0: float
 ) -> list[dict[str, Any]]:
     started: ShadowStarted = sl.batch
     bodies = []
-    for i in sl.rows:
+    for j, i in enumerate(sl.rows):
         bodies.append(
             {
-                "id": rid,
+                "id": ids[j],
                 "model": model_ref(state),
                 "prediction": _prediction(state, started.classified.probabilities[i]),
                 "effective_path": None,
@@ -294,7 +313,7 @@ def _shadow_bodies(
                 "timings_ms": _timings(decode_s, sl, started.classified.classify_s, None, t0),
             }
         )
-    state.spawn(_shadow_verdicts(state, rid, uploads, sl, bodies))
+    state.spawn(_shadow_verdicts(state, ids[0], uploads, sl, bodies))
     return bodies
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
@@ -22,8 +23,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from pathguard.service.detection import detect_tensor
 from pathguard.service.errors import BadInput, NotFound, NotReady, ServiceError
+from pathguard.service.middleware import safe_request_id
 from pathguard.service.protocol import available_outputs, decode_input, output_tensors, requested_outputs
-from pathguard.service.state import ServiceState, check_api_key, safe_request_id
+from pathguard.service.state import ServiceState, check_api_key
 
 __all__ = ["SERVICE", "GrpcServer", "messages"]
 
@@ -220,7 +222,7 @@ class GrpcServer:
         x = await asyncio.to_thread(_decode, request, state)
         available = available_outputs(state.runtime.pipeline.supervised is not None)
         wanted = requested_outputs([o.name for o in request.outputs] or None, available)
-        rid = safe_request_id(request.id or None)
+        rid = safe_request_id(request.id or None) or uuid.uuid4().hex
         rows = await detect_tensor(state, rid, x)
         response = _CLASSES["ModelInferResponse"](model_name=b.name, model_version=str(b.version), id=rid)
         params = {"mode": state.settings.mode, "bundle_sha256": b.sha256}

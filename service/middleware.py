@@ -1,17 +1,24 @@
-"""Pure-ASGI middlewares: the request body limit and the per-route request metrics."""
+"""Pure-ASGI middlewares: the request body limit, and the per-route request metrics and access log."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pathguard.service.errors import PayloadTooLarge
 from pathguard.service.metrics import Metrics
 
-__all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
+__all__ = ["REQUEST_ID_STATE", "BodyLimitMiddleware", "RequestMetricsMiddleware", "access_log", "safe_request_id"]
+
+access_log = logging.getLogger("pathguard.access")
+REQUEST_ID_STATE = "pathguard_request_id"  # key in the request's scope["state"]: the id this request answers with
 
 
 class BodyLimitMiddleware:
@@ -81,13 +88,23 @@ async def _send_error(send: Send, status: int, message: str) -> None:
 
 
 class RequestMetricsMiddleware:
-    """``pathguard_requests_total{route,status}``, ``pathguard_request_duration_seconds{route}`` (until the
-    response starts) and ``pathguard_inflight_requests``. ``route`` is the matched route template
-    (e.g. ``/v2/models/{name}/infer``) or ``unmatched``: never a raw path."""
+    """Per request: ``pathguard_requests_total{route,status}``, ``pathguard_request_duration_seconds{route}`` (until
+    the response starts), ``pathguard_inflight_requests``, an ``X-Request-ID`` header on every answer, and (with
+    ``log_requests``) one access-log line on the ``pathguard.access`` logger once the response is sent.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    ``route`` is the route template (e.g. ``/v2/models/{name}/infer``), also for answers sent before routing
+    (a body-limit 413), or ``unmatched`` when no route matches the path: never a raw path. The request id is the
+    client's ``X-Request-ID`` when it is a safe token, else a fresh one, unless the handler answers with its own
+    (an Open Inference Protocol request ``id``). The log line carries no image data and no query string.
+    """
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = (), log_requests: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = list(routes)  # the app's routes, to name the route of an answer sent before routing
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,6 +112,9 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         status = {"code": 500}
+        rid = safe_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
+        scope.setdefault("state", {})[REQUEST_ID_STATE] = rid
+        answered = {"rid": rid}
         recorded = False
 
         def record() -> None:
@@ -102,13 +122,19 @@ class RequestMetricsMiddleware:
             if recorded:
                 return
             recorded = True
-            route = _route_template(scope)
+            route = _route_template(scope, self.routes)
             self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - start)
 
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                given = [v for k, v in headers if k.lower() == b"x-request-id"]
+                if given:
+                    answered["rid"] = given[0].decode("latin-1")
+                else:
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
                 record()
             await send(message)
 
@@ -118,9 +144,46 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.inflight.dec()
             record()
+            if self.log_requests:
+                access_log.info(
+                    "%s %s %d %.1f ms id=%s",
+                    scope.get("method", "-"),
+                    _route_template(scope, self.routes),
+                    status["code"],
+                    (time.perf_counter() - start) * 1000.0,
+                    answered["rid"],
+                )
 
 
-def _route_template(scope: Scope) -> str:
+def safe_request_id(rid: str | None) -> str | None:
+    """``rid`` when it is a short safe token (up to 64 ASCII letters, digits, '-', '_', '.'), else None."""
+    if rid and len(rid) <= 64 and rid.isascii() and all(c.isalnum() or c in "-_." for c in rid):
+        return rid
+    return None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The template of the route that handled the request, or that would have (an answer sent before routing)."""
     route: Any = scope.get("route")
+    if route is None:
+        route = _matching_route(scope, routes)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
+
+
+def _matching_route(scope: Scope, routes: Sequence[BaseRoute]) -> BaseRoute | None:
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return route
+        if match == Match.PARTIAL and partial is None:  # the path matches, the method does not (405)
+            partial = route
+    return partial

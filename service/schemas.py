@@ -109,6 +109,12 @@ class ModelInfo(BaseModel):
     supervised: dict[str, Any] | None = Field(
         default=None, description="Detector, feature set and training attacks of the bundle's supervised model, if any."
     )
+    benign_similarity: dict[str, Any] | None = Field(
+        default=None,
+        description="Benign path similarity per Effective Path layer, over all classes (the bundle keeps no per-class "
+        "statistics): 'rank1'/'rank2' {'median', 'bound'}, bound = the benign 'tail' quantile on the suspicious side "
+        "(below for rank-1, above for rank-2); 'images' = held-out training images it was fitted on.",
+    )
 
 
 class InferTensor(BaseModel):

@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="If set, every route except /v2/health/* needs 'Authorization: Bearer <key>' or "
-        "'X-API-Key: <key>' (compared in constant time); otherwise 401. That includes /docs and /openapi.json.",
+        description="If set, every route except /v2/health/* and the page (/, /static) needs "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>' (compared in constant time); otherwise 401. That "
+        "includes /docs and /openapi.json.",
     )
     docs: bool = Field(
         default=True,
@@ -133,6 +134,12 @@ class Settings(BaseSettings):
     )
     warmup_rounds: int = Field(
         default=3, ge=0, description="Forward + detection passes run at startup before ready flips."
+    )
+
+    access_log: bool = Field(
+        default=True,
+        description="One log line per request on the 'pathguard.access' logger (method, route template, status, "
+        "duration, request id; never image data). `pathguard serve` prints it at --log-level info or lower.",
     )
 
     # --- Redis, cache and flagged stream ------------------------------------------------------------

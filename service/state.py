@@ -15,6 +15,7 @@ from fastapi import Request
 from pathguard.service.errors import NotReady, Unauthorized
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
+from pathguard.service.middleware import REQUEST_ID_STATE, safe_request_id
 from pathguard.service.settings import Settings
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "ready_state",
     "request_id",
     "require_api_key",
-    "safe_request_id",
 ]
 
 log = logging.getLogger("pathguard.service")
@@ -95,13 +95,11 @@ def check_api_key(settings: Settings, x_api_key: str | None, authorization: str 
 
 def request_id(request: Request, proposed: str | None = None) -> str:
     """``proposed`` (e.g. an OIP request id) or the client's X-Request-ID when it is a short safe token (up to 64
-    ASCII letters, digits, '-', '_', '.'), else a fresh random id."""
-    return safe_request_id(proposed, request.headers.get("x-request-id"))
-
-
-def safe_request_id(*candidates: str | None) -> str:
-    """The first candidate that is a short safe token, else a fresh random id."""
-    for rid in candidates:
-        if rid and len(rid) <= 64 and rid.isascii() and all(c.isalnum() or c in "-_." for c in rid):
-            return rid
-    return uuid.uuid4().hex
+    ASCII letters, digits, '-', '_', '.'), else the id the request middleware gave this request (the one in the
+    access log), else a fresh random id."""
+    for rid in (proposed, request.headers.get("x-request-id")):
+        safe = safe_request_id(rid)
+        if safe is not None:
+            return safe
+    given = getattr(request.state, REQUEST_ID_STATE, None)
+    return given if isinstance(given, str) else uuid.uuid4().hex

@@ -7,6 +7,7 @@ those under ``if TYPE_CHECKING:``), so a cycle cannot hide behind a function-lev
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -227,3 +228,11 @@ def test_the_installed_distribution_has_one_namespace(installed, tmp_path):
     for name in ("models", "service"):
         bad = _run_isolated(installed, f"import {name}", tmp_path)
         assert bad.returncode != 0 and "ModuleNotFoundError" in bad.stderr
+
+
+def test_the_installed_distribution_ships_the_page(installed):
+    static = installed / "pathguard" / "service" / "static"
+    index = json.loads((static / "samples" / "index.json").read_text())
+    shipped = ["index.html", "page.js", "page.css", *(f"samples/{s['file']}" for s in index["samples"])]
+    for name in shipped:
+        assert (static / name).read_bytes() == (ROOT / "service" / "static" / name).read_bytes(), name

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from pathguard.models.errors import ClassifierLoadError
 from pathguard.models.networks.architectures import build_classifier
 from pathguard.models.networks.config import ClassifierConfig
 from pathguard.models.networks.onnx_import import import_onnx
@@ -46,9 +47,20 @@ def save_classifier(model: TappedSequential, out_dir: Path, extra: dict[str, obj
 
 
 def classifier_from_bytes(meta_json: bytes, weights: bytes) -> TappedSequential:
-    """Build the classifier described by ``classifier.json`` bytes and load safetensors ``weights``."""
-    meta = json.loads(meta_json)
-    model = build_classifier(ClassifierConfig.from_dict(meta["config"]))
+    """Build the classifier described by ``classifier.json`` bytes and load safetensors ``weights``.
+
+    Raises
+    ------
+    ClassifierLoadError
+        ``classifier.json`` is not JSON or lacks a complete ``config``.
+    ValueError
+        The config names an architecture this pathguard does not build.
+    """
+    try:
+        config = ClassifierConfig.from_dict(json.loads(meta_json)["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise ClassifierLoadError(f"classifier.json is not a pathguard classifier config ({exc})") from None
+    model = build_classifier(config)
     model.load_state_dict(load_safetensors(weights))
     return model.eval()
 

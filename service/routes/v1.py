@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -32,6 +34,35 @@ def _supervised_info(sup: Any) -> dict[str, Any] | None:
     return None if sup is None else {"detector": sup.detector, "features": sup.features, "attacks": list(sup.attacks)}
 
 
+def _benign_similarity(state: ServiceState) -> dict[str, Any]:
+    """The benign path-similarity statistics the bundle holds: those of its benign Effective Path score, fitted
+    on held-out training images of all classes together (a bundle keeps no per-class similarity statistics).
+
+    Per layer: the benign median and the bound on the suspicious side (rank-1 below, rank-2 above) at the score's
+    tail quantile, ``median -/+ scale * z(1 - tail)``. Where the fitted scale sits at its floor, the bound is the
+    floor's, i.e. at least as far from the median as the real quantile.
+    """
+    ep = state.runtime.pipeline.ep_score
+    n = len(state.runtime.pipeline.ep_layers)
+    z = NormalDist().inv_cdf(1.0 - ep.tail)
+    bound = np.clip(ep.median_ + ep.orientation_ * ep.scale_ * z, 0.0, 1.0)  # (2L,): rank-1 | rank-2
+
+    def part(sl: slice) -> dict[str, list[float]]:
+        return {
+            "median": [round(float(v), 6) for v in ep.median_[sl]],
+            "bound": [round(float(v), 6) for v in bound[sl]],
+        }
+
+    images = (state.bundle.manifest.get("calibration") or {}).get("ep_fit")
+    return {
+        "scope": "all classes",
+        "images": images,
+        "tail": float(ep.tail),
+        "rank1": part(slice(0, n)),
+        "rank2": part(slice(n, 2 * n)),
+    }
+
+
 @router.get("/model", response_model=ModelInfo)
 async def model(state: Ready) -> dict[str, Any]:
     """Summary of the served bundle's manifest."""
@@ -50,6 +81,7 @@ async def model(state: Ready) -> dict[str, Any]:
         "engine": s.engine,
         "parallel_checks": s.parallel_checks,
         "supervised": _supervised_info(p.supervised),
+        "benign_similarity": _benign_similarity(state),
     }
 
 
@@ -88,8 +120,9 @@ async def detect(request: Request, state: Ready) -> JSONResponse:
     openapi_extra=_image_body("images", many=True),
 )
 async def detect_batch(request: Request, state: Ready) -> JSONResponse:
-    """Several images (multipart field ``images``, repeated); results in the order sent."""
+    """Several images (multipart field ``images``, repeated); results in the order sent, the i-th with id
+    ``<request id>-<i>``."""
     rid = request_id(request)
     uploads = await read_uploads(request, state, "images", many=True)
-    results = await detect_uploads(state, rid, uploads)
+    results = await detect_uploads(state, rid, uploads, item_ids=True)
     return JSONResponse({"results": results}, headers={"X-Request-ID": rid})

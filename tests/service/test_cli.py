@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.service.conftest import MNIST_BUNDLE, _free_port
 
@@ -109,3 +111,82 @@ def test_serve_answers_413_to_a_chunked_body_over_the_limit(digits, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _tampered_bundle(tmp_path) -> str:
+    bundle = tmp_path / "tampered"
+    shutil.copytree(MNIST_BUNDLE, bundle)
+    victim = bundle / "ep_score.npz"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return str(bundle)
+
+
+def _classifier_folder(tmp_path, arch: str | None) -> str:
+    """A classifier folder: none of its files (arch None), or the real weights with ``arch`` in classifier.json."""
+    folder = tmp_path / "classifier"
+    folder.mkdir()
+    if arch is not None:
+        source = ROOT / "artifacts" / "classifiers" / "mnist-lenet5"
+        meta = json.loads((source / "classifier.json").read_text())
+        meta["config"]["arch"] = arch
+        (folder / "classifier.json").write_text(json.dumps(meta))
+        shutil.copy(source / "classifier.safetensors", folder)
+    return str(folder)
+
+
+def _build(t, classifier: str | None = None) -> list[str]:
+    extra = ["--classifier", classifier] if classifier else []
+    return ["build", "--dataset", "mnist", *extra, "--out", str(t / "o")]
+
+
+USER_MISTAKES = {
+    # name: (argv from tmp_path, extra environment from tmp_path, words the message must contain)
+    "missing bundle folder": (lambda t: ["score", str(t / "nope")], lambda t: {}, ["does not exist", "build"]),
+    "folder without classifier.json": (
+        lambda t: _build(t, _classifier_folder(t, None)),
+        lambda t: {},
+        ["classifier.json", "pathguard train"],
+    ),
+    "unknown architecture": (
+        lambda t: _build(t, _classifier_folder(t, "vgg99")),
+        lambda t: {},
+        ["unknown architecture 'vgg99'", "lenet5"],
+    ),
+    "bundle that fails verification": (
+        lambda t: ["score", _tampered_bundle(t), "--n", "10"],
+        lambda t: {},
+        ["ep_score.npz", "sha256", "rebuild"],
+    ),
+    "missing PATHGUARD_DATA_DIR data": (
+        lambda t: _build(t),
+        lambda t: {"PATHGUARD_DATA_DIR": str(t / "no-data")},
+        ["missing dataset file", "train-images", "PATHGUARD_DATA_DIR", "pathguard download mnist"],
+    ),
+    "bad setting": (lambda t: ["serve"], lambda t: {"PATHGUARD_MAX_BODY_BYTES": "lots"}, ["PATHGUARD_MAX_BODY_BYTES"]),
+}
+
+
+@pytest.mark.parametrize("mistake", list(USER_MISTAKES))
+def test_user_mistakes_are_one_line_and_exit_2(mistake, tmp_path):
+    make_argv, env, words = USER_MISTAKES[mistake]
+    argv = make_argv(tmp_path)
+    cmd = [sys.executable, "-m", "pathguard.service.cli", *argv]
+    done = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert lines[0].startswith(f"pathguard {argv[0]}: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not (tmp_path / "o").exists()  # a failed build writes no bundle
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "pathguard.service.cli", "--debug", "score", str(tmp_path / "nope")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.returncode != 2
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "BundleError: bundle folder" in done.stderr

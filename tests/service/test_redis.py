@@ -215,3 +215,15 @@ def test_unusable_in_memory_entries_are_counted_misses(make_client, digits):
         misses += 1
         assert _metric(client, "pathguard_cache_misses_total") == misses, name
     assert _metric(client, "pathguard_cache_hits_total") == 1
+
+
+def test_flagged_batch_items_carry_their_item_ids(make_client, redis_db, flagged_png, digits):
+    url, r = redis_db
+    client = make_client(redis_url=url, cache=False)
+    files = [("images", ("a.png", digits[0][0], "image/png")), ("images", ("b.png", flagged_png, "image/png"))]
+    results = client.post("/v1/detect/batch", files=files, headers={"x-request-id": "fb-1"}).json()["results"]
+    assert [res["verdict"]["adversarial"] for res in results] == [False, True]
+    assert _wait(lambda: len(_stream(r)) == 1)
+    entry = _stream(r)[0]
+    assert entry[b"id"] == b"fb-1-1" and entry[b"id"].decode() == results[1]["id"]
+    assert entry[b"image_sha256"] == hashlib.sha256(flagged_png).hexdigest().encode()
