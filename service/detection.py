@@ -349,8 +349,10 @@ async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[di
         return shadow
     det: Detected = sl.batch
     bodies = []
-    for i in sl.rows:
+    for j, i in enumerate(sl.rows):
         body = {"prediction": _prediction(state, det.probabilities[i]), **det.result.row(i), "mode": "enforce"}
+        if len(sl.rows) > 1:  # each image of a several-image tensor is flagged under its own id
+            body["id"] = f"{rid}-{j}"
         _record(state, body)
         bodies.append(body)
     _observe_batch_stages(state, det)

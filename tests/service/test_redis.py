@@ -227,3 +227,21 @@ def test_flagged_batch_items_carry_their_item_ids(make_client, redis_db, flagged
     entry = _stream(r)[0]
     assert entry[b"id"] == b"fb-1-1" and entry[b"id"].decode() == results[1]["id"]
     assert entry[b"image_sha256"] == hashlib.sha256(flagged_png).hexdigest().encode()
+
+
+def test_flagged_images_of_an_oip_tensor_carry_their_item_ids(make_client, redis_db, flagged_png, digits):
+    import io
+
+    from PIL import Image
+
+    url, r = redis_db
+    client = make_client(redis_url=url, cache=False)
+    rows = [np.asarray(Image.open(io.BytesIO(p)), dtype=np.float32)[None] / 255.0 for p in (digits[0][0], flagged_png)]
+    x = np.stack(rows)  # (2, 1, 28, 28), the exact pixels of the two PNGs
+    body = {"id": "oip-7", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}  # fmt: skip
+    out = client.post("/v2/models/mnist-lenet5/infer", json=body).json()
+    flags = next(o["data"] for o in out["outputs"] if o["name"] == "is_adversarial")
+    assert flags == [False, True]
+    assert _wait(lambda: len(_stream(r)) == 1)
+    assert _stream(r)[0][b"id"] == b"oip-7-1"
