@@ -17,6 +17,7 @@ import io
 import os
 import tarfile
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,3 +340,16 @@ class ImageFolder:
         if not keep.any():
             raise DatasetError(f"none of the {len(order)} images under {self.root} could be read")
         return Split(x[keep], self.labels[order][keep], self.classes), skipped
+
+    def batches(
+        self, shape: tuple[int, int, int], idx: np.ndarray, batch_size: int = 512
+    ) -> Iterator[tuple[Split, list[Path]]]:
+        """:meth:`load` of ``idx`` in consecutive batches, so only one batch of pixels is in memory at a time."""
+        for s in range(0, len(idx), batch_size):
+            try:
+                yield self.load(shape, idx[s : s + batch_size])
+            except DatasetError:  # a batch of only unreadable files
+                yield (
+                    Split(np.empty((0, *shape), np.float32), np.empty(0, np.int64), self.classes),
+                    [self.files[i] for i in idx[s : s + batch_size]],
+                )

@@ -90,7 +90,7 @@ def test_the_bundle_verifies_and_records_its_source(own_bundle):
     manifest = verify_bundle(own_bundle)
     assert manifest["classes"] == list(CLASSES) and manifest["input"]["shape"] == [3, 16, 16]
     assert manifest["source"]["skipped_files"] == 1
-    assert manifest["calibration"] == {"ep_fit": 12, "calib_a": 24, "calib_b": 24, "fit": 150}
+    assert manifest["calibration"] == {"ep_fit": 12, "calib_a": 24, "calib_b": 24, "fit": 151}  # files
     files = read_verified(own_bundle)
     assert files.has("source.onnx") and not files.has("classifier.safetensors")
     meta = files.json("classifier.json")
@@ -138,3 +138,28 @@ def test_label_count_must_match_the_model_outputs(user_files, tmp_path):
     (two / "stripes").rmdir()
     with pytest.raises(DatasetError, match="2 classes but the model has 3 outputs"):
         build_bundle_from_onnx(user_files["model"], two, tmp_path / "b", BuildConfig(name="x", nic=NIC))
+
+
+def test_the_fit_images_stream_through_in_batches(user_files, tmp_path, monkeypatch):
+    """Class paths see every training image, but the folder is never read whole: at most one batch at a time,
+    besides NIC's sample and the calibration images."""
+    from pathguard.models.builder import builder
+
+    sizes: list[int] = []
+    load = ImageFolder.load
+
+    def recording_load(self, shape, idx=None):
+        sizes.append(len(self) if idx is None else len(idx))
+        return load(self, shape, idx)
+
+    monkeypatch.setattr(ImageFolder, "load", recording_load)
+    monkeypatch.setattr(builder, "FOLDER_BATCH", 16)
+    nic = {**NIC, "n_fit": 50, "n_pca": 50, "n_final": 40, "n_head": 100}  # NIC's sample: 120 of the 151 files
+    out = tmp_path / "streamed"
+    cfg = BuildConfig(name="s", nic=nic, target_fpr=0.1)
+    build_bundle_from_onnx(user_files["model"], user_files["train"], out, cfg, user_files["calib"])
+    assert sizes[0] == 60  # the calibration images
+    assert sizes[1:11] == [16] * 9 + [7]  # every training file passed through the class paths, 16 at a time
+    assert sizes[11] == 120 and sum(sizes[11:]) == 121  # then NIC's sample (one more file for the unreadable one)
+    paths = load_bundle(out).pipeline.class_paths
+    assert int(paths.images_per_class_.sum()) <= 150

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from pathguard.models.builder.config import BuildConfig
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import DetectionPipeline, load_classifier, npz_bytes, write_bundle
-from pathguard.models.bundle.splits import calibration_splits, training_splits
+from pathguard.models.bundle.splits import calibration_splits, training_split_indices, training_splits
 from pathguard.models.data import ImageFolder, Split, load_dataset
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
 from pathguard.models.errors import DatasetError
@@ -47,6 +48,7 @@ from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 __all__ = ["build_bundle", "build_bundle_from_onnx", "model_files"]
 
 OPSET = 17
+FOLDER_BATCH = 512  # images of a folder read at once while the class paths stream through it
 
 
 def _ep_features(extractor: EffectivePathExtractor, paths: ClassPaths, x: np.ndarray) -> np.ndarray:
@@ -98,6 +100,9 @@ def build_bundle_from_onnx(
     Without ``calibration``, ``cfg.n_calib`` training images are held out as for the bundled datasets; with a
     folder of images the classifier never trained on, all training images fit the detectors and that folder
     calibrates them. The bundle keeps the user's file (``source.onnx``), from which the served graph is rebuilt.
+
+    Memory stays bounded whatever the folder's size: the class paths stream through the training images one batch
+    at a time; only the calibration images and NIC's fitting sample are held at once.
     """
     if cfg.supervised_attacks:
         raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
@@ -109,21 +114,63 @@ def build_bundle_from_onnx(
         raise DatasetError(
             f"{data} has {len(folder.classes)} classes but the model has {model.config.num_classes} outputs"
         )
-    train, skipped = folder.load(model.config.input_shape)
+    shape = model.config.input_shape
+    skipped: set[Path] = set()
     if calibration is None:
-        parts = training_splits(train, cfg.n_calib, cfg.seed, cfg.n_train)
+        idx = training_split_indices(len(folder), cfg.n_calib, cfg.seed, cfg.n_train)
+        held = {k: _read(folder, shape, idx[k], skipped) for k in ("ep_fit", "calib_a", "calib_b")}
+        fit = _FolderFit(folder, idx["fit"], shape, skipped)
     else:
         calib_folder = ImageFolder.scan(calibration)
         if calib_folder.classes != folder.classes:
             raise DatasetError(f"{calibration} must have the same class folders as {data}")
-        calib, calib_skipped = calib_folder.load(model.config.input_shape)
-        skipped += calib_skipped
-        fit = train if cfg.n_train is None else train.subset(np.arange(min(cfg.n_train, len(train))))
-        parts = {**calibration_splits(calib, cfg.seed), "fit": fit}
+        calib = _read(calib_folder, shape, np.arange(len(calib_folder)), skipped)
+        held = calibration_splits(calib, cfg.seed)
+        order = np.random.default_rng(cfg.seed).permutation(len(folder))[: cfg.n_train]
+        fit = _FolderFit(folder, order, shape, skipped)
     classifier = model_files(model, source)
     timings = {"load": time.perf_counter() - t}
-    extra = {"source": {"model": Path(model_path).name, "data": str(data), "skipped_files": len(skipped)}}
-    return _build(model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings, extra)
+
+    def source_entry() -> dict[str, Any]:  # after the build: the unreadable files are known only then
+        return {"source": {"model": Path(model_path).name, "data": str(data), "skipped_files": len(skipped)}}
+
+    parts = {**held, "fit": fit}
+    report = _build(model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings, source_entry)
+    return report | {"skipped_files": sorted(str(p) for p in skipped)}
+
+
+def _read(folder: ImageFolder, shape: tuple[int, int, int], idx: np.ndarray, skipped: set[Path]) -> Split:
+    split, bad = folder.load(shape, idx)
+    skipped.update(bad)
+    return split
+
+
+@dataclass
+class _FolderFit:
+    """The fit split of an image folder, read on demand (never all at once)."""
+
+    folder: ImageFolder
+    idx: np.ndarray  # a seeded permutation of the fit images
+    shape: tuple[int, int, int]
+    skipped: set[Path]
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batches(self, n: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for split, bad in self.folder.batches(self.shape, self.idx[:n], FOLDER_BATCH):
+            self.skipped.update(bad)
+            yield split.x, split.y
+
+    def sample(self, n: int) -> Split:
+        """The first ``n`` readable fit images (a random sample: the order is a seeded permutation)."""
+        parts, have, start = [], 0, 0
+        while have < n and start < len(self.idx):
+            split = _read(self.folder, self.shape, self.idx[start : start + n - have], self.skipped)
+            start += n - have
+            parts.append(split)
+            have += len(split)
+        return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), self.folder.classes)
 
 
 def model_files(model: TappedSequential, source: bytes) -> dict[str, bytes]:
@@ -138,23 +185,34 @@ def _build(
     model: TappedSequential,
     dataset: str,
     classes: tuple[str, ...],
-    parts: dict[str, Split],
+    parts: dict[str, Any],
     files: dict[str, bytes],
     out_dir: str | Path,
     cfg: BuildConfig,
     timings: dict[str, float],
-    extra: dict[str, Any] | None = None,
+    extra: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Fit every detector on ``parts``, calibrate the verdict and write the bundle with ``files``."""
-    fit = parts["fit"] if cfg.n_ep_fit is None else parts["fit"].subset(np.arange(min(cfg.n_ep_fit, len(parts["fit"]))))
+    """Fit every detector on ``parts``, calibrate the verdict and write the bundle with ``files``.
+
+    ``parts["fit"]`` is a :class:`Split` in memory or a :class:`_FolderFit` read in batches; ``extra`` adds
+    manifest entries (a callable: evaluated once the fit images were read, e.g. to count unreadable files).
+    """
+    nic = NICDetector(**{"seed": cfg.seed, **cfg.nic})
+    source = parts["fit"]
     t = time.perf_counter()
     extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
-    class_paths = ClassPaths(len(classes)).fit(extractor, fit.x, fit.y)
+    if isinstance(source, Split):
+        fit = source if cfg.n_ep_fit is None else source.subset(np.arange(min(cfg.n_ep_fit, len(source))))
+        class_paths = ClassPaths(len(classes)).fit(extractor, fit.x, fit.y)
+        nic_fit = source
+    else:
+        class_paths = ClassPaths(len(classes)).fit_batches(extractor, source.batches(cfg.n_ep_fit))
+        nic_fit = source.sample(max(nic.n_head, nic.holdout + nic.n_fit + nic.n_final))
     ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
     timings["effective_path"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    nic = NICDetector(**{"seed": cfg.seed, **cfg.nic}).fit(model, parts["fit"].x, parts["fit"].y)
+    nic.fit(model, nic_fit.x, nic_fit.y)
     nic.calibrate(model, parts["calib_a"].x)
     timings["nic"] = time.perf_counter() - t
 
@@ -195,7 +253,7 @@ def _build(
     threshold = verdict.threshold_for(cfg.target_fpr)
     manifest = (
         _manifest(model, dataset, classes, cfg)
-        | (extra or {})
+        | (extra() if extra is not None else {})
         | {
             "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
             "ep_layer_count": len(extractor.layers),

@@ -11,7 +11,7 @@ import numpy as np
 
 from pathguard.models.data import Split
 
-__all__ = ["calibration_splits", "training_splits"]
+__all__ = ["calibration_splits", "training_split_indices", "training_splits"]
 
 
 def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | None = None) -> dict[str, Split]:
@@ -21,17 +21,22 @@ def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | No
     evaluation both call this with the manifest's ``build.config`` values, so they agree on which training images
     a bundle has seen.
     """
-    perm = np.random.default_rng(seed).permutation(len(train))[:n_train]
+    return {k: train.subset(v) for k, v in training_split_indices(len(train), n_calib, seed, n_train).items()}
+
+
+def training_split_indices(n: int, n_calib: int, seed: int = 0, n_train: int | None = None) -> dict[str, np.ndarray]:
+    """The image indices of :func:`training_splits` for a training set of ``n`` images (nothing read)."""
+    perm = np.random.default_rng(seed).permutation(n)[:n_train]
     if len(perm) <= n_calib:
         raise ValueError(f"n_calib={n_calib} leaves no training images to fit on ({len(perm)} available)")
     n_ep = n_calib // 5
     n_a = (n_calib - n_ep) // 2
     cut = np.cumsum([n_ep, n_a, n_calib - n_ep - n_a])
     return {
-        "ep_fit": train.subset(perm[: cut[0]]),
-        "calib_a": train.subset(perm[cut[0] : cut[1]]),
-        "calib_b": train.subset(perm[cut[1] : cut[2]]),
-        "fit": train.subset(perm[cut[2] :]),
+        "ep_fit": perm[: cut[0]],
+        "calib_a": perm[cut[0] : cut[1]],
+        "calib_b": perm[cut[1] : cut[2]],
+        "fit": perm[cut[2] :],
     }
 
 

@@ -16,7 +16,7 @@ Persistence is plain arrays (:meth:`ClassPaths.to_arrays` / :meth:`ClassPaths.fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,18 +90,26 @@ class ClassPaths:
         """Aggregate the rank-1 paths of the images of ``x`` (N, C, H, W) whose prediction equals ``y`` (N,)."""
         x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-        self._start(extractor)
-        packed = {name: np.zeros(self.num_classes * self._row_bytes(name), dtype=np.uint8) for name in self.layers_}
-        counts = torch.zeros(self.num_classes, dtype=torch.int64)
         starts = range(0, x.shape[0], batch_size)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="class paths", unit="batch")
-        for s in starts:
-            counts += self._add_batch(
-                packed, extractor.extract(x[s : s + batch_size], ranks=(1,)), y[s : s + batch_size]
-            )
+        return self.fit_batches(extractor, ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts))
+
+    def fit_batches(
+        self,
+        extractor: EffectivePathExtractor,
+        batches: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    ) -> ClassPaths:
+        """:meth:`fit` over ``(x, y)`` batches that arrive one at a time (a folder too large to hold at once)."""
+        self._start(extractor)
+        packed = {name: np.zeros(self.num_classes * self._row_bytes(name), dtype=np.uint8) for name in self.layers_}
+        counts = torch.zeros(self.num_classes, dtype=torch.int64)
+        for xb, yb in batches:
+            xt = torch.as_tensor(xb, dtype=torch.float32)
+            yt = torch.as_tensor(np.asarray(yb), dtype=torch.int64)
+            counts += self._add_batch(packed, extractor.extract(xt, ranks=(1,)), yt)
         self.synapse_bitmaps_ = {n: packed[n].reshape(self.num_classes, -1) for n in self.layers_}
         self._pack_flat()
         self.images_per_class_ = counts.numpy()
