@@ -28,10 +28,18 @@ from tqdm import tqdm
 
 from pathguard.models.builder.config import BuildConfig
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
-from pathguard.models.bundle import DetectionPipeline, load_classifier, npz_bytes, write_bundle
+from pathguard.models.bundle import (
+    BENIGN_RANGES,
+    DetectionPipeline,
+    load_bundle,
+    load_classifier,
+    npz_bytes,
+    read_verified,
+    write_bundle,
+)
 from pathguard.models.bundle.splits import calibration_splits, training_split_indices, training_splits
 from pathguard.models.data import ImageFolder, Split, load_dataset
-from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
+from pathguard.models.effective_path import BenignEPScore, ClassPaths, ClassSimilarityRanges, EffectivePathExtractor
 from pathguard.models.errors import DatasetError
 from pathguard.models.networks import (
     CLASSIFIER_FILES,
@@ -45,10 +53,44 @@ from pathguard.models.networks import (
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
-__all__ = ["build_bundle", "build_bundle_from_onnx", "model_files"]
+__all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "model_files"]
 
 OPSET = 17
 FOLDER_BATCH = 512  # images of a folder read at once while the class paths stream through it
+
+
+def _ranges(model: TappedSequential, features: np.ndarray, x: np.ndarray, num_classes: int) -> ClassSimilarityRanges:
+    return ClassSimilarityRanges().fit(features, _predicted(model, x), num_classes)
+
+
+def add_benign_ranges(bundle_dir: str | Path) -> str:
+    """Add the per-class benign similarity ranges to a bundle built before they existed; returns the new bundle id.
+
+    Computed exactly as a build does (the bundle's own class paths and extractor on its ``ep_fit`` split of the
+    bundled dataset's training set); every other file is kept byte for byte, the manifest gains the file.
+    """
+    files = read_verified(bundle_dir)
+    m = files.manifest
+    if files.has(BENIGN_RANGES):
+        return files.sha256
+    bundle = load_bundle(bundle_dir)
+    cfg = m["build"]["config"]
+    ep_fit = training_splits(load_dataset(m["dataset"], "train"), cfg["n_calib"], cfg["seed"], cfg.get("n_train"))[
+        "ep_fit"
+    ]
+    pipe = bundle.pipeline
+    features = _ep_features(pipe.extractor, pipe.class_paths, ep_fit.x)
+    ranges = _ranges(bundle.classifier, features, ep_fit.x, len(m["classes"]))
+    blobs = dict(files.blobs) | {BENIGN_RANGES: npz_bytes(ranges.to_arrays())}
+    return write_bundle(bundle_dir, blobs, {k: v for k, v in m.items() if k not in ("files", "schema_version")})
+
+
+@torch.no_grad()
+def _predicted(model: TappedSequential, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """(N,) the classifier's predicted classes."""
+    return np.concatenate(
+        [model(torch.from_numpy(x[s : s + batch])).argmax(1).numpy() for s in range(0, len(x), batch)]
+    )
 
 
 def _ep_features(extractor: EffectivePathExtractor, paths: ClassPaths, x: np.ndarray) -> np.ndarray:
@@ -208,7 +250,9 @@ def _build(
     else:
         class_paths = ClassPaths(len(classes)).fit_batches(extractor, source.batches(cfg.n_ep_fit))
         nic_fit = source.sample(max(nic.n_head, nic.holdout + nic.n_fit + nic.n_final))
-    ep_score = BenignEPScore().fit(_ep_features(extractor, class_paths, parts["ep_fit"].x))
+    ep_features = _ep_features(extractor, class_paths, parts["ep_fit"].x)
+    ep_score = BenignEPScore().fit(ep_features)
+    ranges = _ranges(model, ep_features, parts["ep_fit"].x, len(classes))
     timings["effective_path"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -246,6 +290,7 @@ def _build(
     files = dict(files) | {
         "class_paths.npz": npz_bytes(class_paths.to_arrays()),
         "ep_score.npz": npz_bytes(ep_score.to_arrays()),
+        BENIGN_RANGES: npz_bytes(ranges.to_arrays()),
         "nic.npz": npz_bytes(nic.to_arrays()),
         "nic.json": (json.dumps(nic.config(), indent=2) + "\n").encode(),
         "calibration.npz": npz_bytes(verdict.to_arrays()),

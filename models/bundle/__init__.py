@@ -5,6 +5,7 @@ in supervised mode, the evaluation attacks); nothing here imports it.
 """
 
 from pathguard.models.bundle.format import (
+    BENIGN_RANGES,
     MANIFEST,
     SCHEMA_VERSION,
     VerifiedFiles,
@@ -20,6 +21,7 @@ from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, DetectionPipelin
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
 
 __all__ = [
+    "BENIGN_RANGES",
     "FUSION_COMPONENTS",
     "MANIFEST",
     "SCHEMA_VERSION",

@@ -27,6 +27,7 @@ import numpy as np
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
 
 __all__ = [
+    "BENIGN_RANGES",
     "MANIFEST",
     "SCHEMA_VERSION",
     "BundleCompatibilityError",
@@ -43,6 +44,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+BENIGN_RANGES = "benign_similarity.npz"  # optional: per-class benign similarity ranges (reporting only)
 _PACKAGES = ("pathguard", "torch", "numpy", "scikit-learn", "onnx", "onnxruntime", "safetensors")
 
 

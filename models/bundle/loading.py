@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathguard.models.bundle.format import MANIFEST, read_verified
+from pathguard.models.bundle.format import BENIGN_RANGES, MANIFEST, read_verified
 from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, LEGACY_COMPONENTS, DetectionPipeline
-from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
+from pathguard.models.effective_path import BenignEPScore, ClassPaths, ClassSimilarityRanges, EffectivePathExtractor
 from pathguard.models.errors import ClassifierLoadError
 from pathguard.models.networks import TappedSequential, classifier_from_files
 from pathguard.models.nic import NICDetector
@@ -29,6 +29,7 @@ class Bundle:
     classifier: TappedSequential
     onnx_bytes: bytes
     pipeline: DetectionPipeline
+    benign_ranges: ClassSimilarityRanges | None = None  # bundles built since per-class ranges exist
 
     @property
     def name(self) -> str:
@@ -93,7 +94,8 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
         names = pipeline.feature_names(sup.features)
         if m["supervised"].get("feature_names", names) != names:
             raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
-    return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline)
+    ranges = ClassSimilarityRanges.from_arrays(files.npz(BENIGN_RANGES)) if files.has(BENIGN_RANGES) else None
+    return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline, ranges)
 
 
 def load_classifier(path: str | Path) -> TappedSequential:

@@ -8,6 +8,7 @@ extractor), :mod:`.paths` (its results), :mod:`.class_paths` (per-class bitmaps 
 as plain arrays).
 """
 
+from pathguard.models.effective_path.benign import ClassSimilarityRanges
 from pathguard.models.effective_path.class_paths import ClassPaths
 from pathguard.models.effective_path.detectors import (
     DETECTORS,
@@ -28,6 +29,7 @@ __all__ = [
     "TREE_KINDS",
     "BenignEPScore",
     "ClassPaths",
+    "ClassSimilarityRanges",
     "EffectivePathExtractor",
     "LayerInfo",
     "LinearJointSimilarity",

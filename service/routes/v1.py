@@ -60,6 +60,24 @@ def _benign_similarity(state: ServiceState) -> dict[str, Any]:
         "tail": float(ep.tail),
         "rank1": part(slice(0, n)),
         "rank2": part(slice(n, 2 * n)),
+        "per_class": _per_class(state.bundle.benign_ranges, n),
+    }
+
+
+def _per_class(ranges: Any, n: int) -> dict[str, Any] | None:
+    """Per predicted class (bundles that carry ``benign_similarity.npz``): the same median and bound, from the
+    held-out images the classifier predicts as that class; ``null`` rows for classes with too few of them."""
+    if ranges is None:
+        return None
+
+    def rows(a: np.ndarray, sl: slice) -> list[list[float] | None]:
+        return [None if np.isnan(r).any() else [round(float(v), 6) for v in r[sl]] for r in a]
+
+    return {
+        "tail": float(ranges.tail),
+        "images": [int(c) for c in ranges.count_],
+        "rank1": {"median": rows(ranges.median_, slice(0, n)), "bound": rows(ranges.bound_, slice(0, n))},
+        "rank2": {"median": rows(ranges.median_, slice(n, 2 * n)), "bound": rows(ranges.bound_, slice(n, 2 * n))},
     }
 
 

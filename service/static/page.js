@@ -163,7 +163,7 @@ function render(body, file, caption) {
   $("v-score").textContent = `${fmt(v.score, 4)} ${v.score > v.threshold ? ">" : "\u2264"} ${fmt(v.threshold, 4)}`;
   $("v-p").textContent = fmt(v.p_value, 4);
   $("v-fpr").textContent = fmt(v.target_fpr, 3);
-  renderPaths(body.effective_path);
+  renderPaths(body.effective_path, body.prediction);
   renderViolations("nic-value", body.nic.value_violation);
   renderViolations("nic-prov", body.nic.provenance_violation);
 }
@@ -189,15 +189,26 @@ function bar(value, cls, band) {
   return track;
 }
 
-function renderPaths(ep) {
+function renderPaths(ep, prediction) {
   const tbody = $("ep-table").querySelector("tbody");
   tbody.replaceChildren();
-  const benign = model && model.benign_similarity;
-  $("benign-note").textContent = benign
-    ? `Benign range: from the benign median to the ${Math.round(benign.tail * 100)}% quantile on the suspicious ` +
-      `side, over all classes together, from ${benign.images ?? "the bundle's"} held-out training images. ` +
-      "The bundle keeps no per-class similarity statistics, so this is not the range of the predicted class."
-    : "No benign range: the service did not report one.";
+  const overall = model && model.benign_similarity;
+  const perClass = overall && overall.per_class;
+  const k = prediction.class_index;
+  const own = perClass && perClass.rank1.median[k] ? perClass : null;
+  const benign = own
+    ? { rank1: { median: own.rank1.median[k], bound: own.rank1.bound[k] },
+        rank2: { median: own.rank2.median[k], bound: own.rank2.bound[k] } }
+    : overall;
+  $("benign-note").textContent = own
+    ? `Benign range of class ${prediction.label}: from the median to the ${Math.round(own.tail * 100)}% quantile ` +
+      `on the suspicious side, over the ${own.images[k]} held-out benign training images predicted as ` +
+      `${prediction.label}.`
+    : overall
+      ? `Benign range: from the benign median to the ${Math.round(overall.tail * 100)}% quantile on the ` +
+        `suspicious side, over all classes together, from ${overall.images ?? "the bundle's"} held-out training ` +
+        "images (this bundle keeps no per-class ranges, or too few images of this class)."
+      : "No benign range: the service did not report one.";
   ep.layers.forEach((layer, i) => {
     const tr = document.createElement("tr");
     const th = document.createElement("th");

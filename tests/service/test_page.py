@@ -71,6 +71,12 @@ def test_model_reports_the_benign_similarity_the_bundle_holds(make_client):
         assert benign[f"rank{rank}"]["median"] == pytest.approx(median.tolist(), abs=1e-6)
         expected = np.clip(median + sign * scale * z, 0, 1)
         assert benign[f"rank{rank}"]["bound"] == pytest.approx(expected.tolist(), abs=1e-6)
+    per_class = benign["per_class"]
+    ranges = np.load(BUNDLE / "benign_similarity.npz")
+    assert per_class["images"] == ranges["count"].tolist() and sum(per_class["images"]) == 1000
+    for k in range(10):
+        assert per_class["rank1"]["median"][k] == pytest.approx(ranges["median"][k, :n].tolist(), abs=1e-6)
+        assert per_class["rank2"]["bound"][k] == pytest.approx(ranges["bound"][k, n:].tolist(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- in a real browser
@@ -173,7 +179,8 @@ def test_browser_checks_samples_and_shows_errors(server, browser, tmp_path):
     ep_rows = browser.find_elements("css selector", "#ep-table tbody tr")
     assert [r.find_element("tag name", "th").text for r in ep_rows] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     assert all(len(r.find_elements("css selector", ".band")) == 2 for r in ep_rows)  # rank-1 and rank-2 ranges
-    assert "all classes" in _text(browser, "benign-note") and "per-class" in _text(browser, "benign-note")
+    note = _text(browser, "benign-note")
+    assert f"Benign range of class {_text(browser, 'pred-label')}" in note and "held-out benign" in note
     assert len(browser.find_elements("css selector", "#nic-value tbody tr")) == 8
     assert len(browser.find_elements("css selector", "#nic-prov tbody tr")) == 7
     shot = tmp_path / "page-adversarial.png"
