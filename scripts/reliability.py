@@ -406,8 +406,9 @@ async def _malformed(server: Server, args: argparse.Namespace, bodies: list[byte
         stop.set()
         live = await health
         await asyncio.gather(*tasks)
-    return {"malformed": summarize(bad_results) | {"statuses_only": True}, "health_live": summarize(live),
-            "detect": summarize(detect)}  # fmt: skip
+    refused = np.array([r.latency_s for r in bad_results if r.status is not None]) * 1000.0
+    latency = {f"refusal_p{q}_ms": round(float(np.percentile(refused, q)), 2) for q in (50, 99)} if len(refused) else {}
+    return {"malformed": summarize(bad_results) | latency, "health_live": summarize(live), "detect": summarize(detect)}
 
 
 def scenario_malformed_oip(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

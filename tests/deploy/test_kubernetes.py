@@ -133,8 +133,13 @@ def test_pathguard_containers_ports_probes_env(docs, monkeypatch):
         assert names <= SETTING_ENV_NAMES, (where, names - SETTING_ENV_NAMES)
         settings = settings_from_env(env, monkeypatch)
         assert settings.host in WILDCARD_HOSTS, where
-        (port,) = c["ports"]
+        port, *others = c["ports"]
         assert port["containerPort"] == settings.port and port["protocol"] == "TCP", where
+        if where.startswith("kserve"):  # Knative: one port per container, so OIP over HTTP only
+            assert others == [], where
+        else:  # the gRPC port; readiness (HTTP) flips only once it listens
+            (grpc,) = others
+            assert grpc["name"] == "grpc" and grpc["containerPort"] == settings.grpc_port == 8081, where
         assert c.get("args", ["serve"]) == ["serve"]
         ready, live = c["readinessProbe"]["httpGet"], c["livenessProbe"]["httpGet"]
         assert ready["path"] == "/v2/health/ready" and live["path"] == "/v2/health/live", where
@@ -188,8 +193,9 @@ def test_standalone_selectors_service_hpa_pdb(docs):
     svc = _one(docs, file, "Service")
     assert svc["spec"]["selector"].items() <= labels.items()
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    (sport,) = svc["spec"]["ports"]
+    sport, grpc = svc["spec"]["ports"]
     assert _resolve_port(c, sport["targetPort"]) == c["ports"][0]["containerPort"]
+    assert grpc["name"] == "grpc" and _resolve_port(c, grpc["targetPort"]) == c["ports"][1]["containerPort"] == 8081
     hpa = _one(docs, file, "HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
@@ -262,8 +268,9 @@ def test_podmonitor_and_scrape_config_select_exactly_the_pathguard_ports(docs):
             is_pathguard = c in _pathguard_containers(spec)
             for p in c["ports"]:
                 joined = keep["separator"].join([labels.get("app.kubernetes.io/part-of", ""), p["name"]])
-                assert bool(regex.fullmatch(joined)) == is_pathguard, (where, c["name"], p["name"])
-                if is_pathguard:
+                scraped = is_pathguard and p["name"] != "grpc"  # metrics are on the HTTP port only
+                assert bool(regex.fullmatch(joined)) == scraped, (where, c["name"], p["name"])
+                if scraped:
                     assert p["name"] in endpoint_ports
     assert not regex.fullmatch(";http1"), "a random pod's http1 port is not scraped"
 
