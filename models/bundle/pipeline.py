@@ -159,6 +159,7 @@ class DetectionPipeline:
         self.nic_value_layers: list[str] = list(nic.layers_)
         self.nic_provenance_pairs: list[str] = list(nic.pairs_)
         self.checked_taps = [n for n in self.nic_value_layers if n not in (INPUT, SOFTMAX)]
+        extractor.warm_up()  # compile the small-batch EP kernels now (numba JIT), not on the first request
 
     @torch.no_grad()
     def layer_check(self, name: str, activation: torch.Tensor) -> LayerPartial:
