@@ -144,3 +144,23 @@ def test_lenet_sequential_children_have_kernels(lenet):
     ext = EffectivePathExtractor(lenet)
     assert ext.uses_fast_path(1), ext.fast_path_reason
     assert any(isinstance(m, nn.MaxPool2d) for m in lenet.modules())
+
+
+def test_class_path_similarity_equals_brute_force_on_the_bundle(lenet, mnist_test):
+    """The numpy similarity (served per request) equals |S ∩ C| / |S| counted from the unpacked class bitmaps."""
+    from pathguard.models.effective_path import ClassPaths
+    from tests.conftest import ARTIFACTS
+
+    cp = ClassPaths.from_arrays(np.load(ARTIFACTS / "mnist-lenet5" / "class_paths.npz", allow_pickle=False))
+    x = torch.from_numpy(mnist_test.x[:7])
+    pb = EffectivePathExtractor(lenet).extract(x)
+    sims = cp.similarity(pb)
+    for r in (1, 2):
+        assert sims[r].shape == (7, len(pb.layers))
+        for i in range(7):
+            k = int(pb.classes[r][i])
+            for j, name in enumerate(pb.layers):
+                ids = pb.image(r, i)[name].numpy()
+                member = np.unpackbits(cp.synapse_bitmaps_[name][k])[ids]
+                assert sims[r][i, j] == (member.sum() / len(ids) if len(ids) else 0.0)
+    assert 0 < sims[2].mean() < sims[1].mean() <= 1
