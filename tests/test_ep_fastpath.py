@@ -164,3 +164,33 @@ def test_class_path_similarity_equals_brute_force_on_the_bundle(lenet, mnist_tes
                 member = np.unpackbits(cp.synapse_bitmaps_[name][k])[ids]
                 assert sims[r][i, j] == (member.sum() / len(ids) if len(ids) else 0.0)
     assert 0 < sims[2].mean() < sims[1].mean() <= 1
+
+
+def net_wide(seed=0):
+    """A conv and a linear layer with fan-in above the kernel limit (2160, 2080) before a narrow one."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(240, 130, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(130 * 4 * 4, 5),
+        nn.ReLU(),
+        nn.Linear(5, 3),
+    ).eval()
+
+
+def test_wide_layers_use_the_torch_step_inside_the_fast_walk():
+    from pathguard.models.effective_path import fastpath
+
+    model, shape = net_wide(), (240, 4, 4)
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(2))
+    fast, slow = _pair(model, shape)
+    assert fast.uses_fast_path(2)
+    kinds = [type(node).__name__ for node in fastpath.FastWalk(fast._get_plan()).nodes]
+    assert kinds.count("_TorchWeighted") == 2 and kinds.count("_Linear") == 1
+    got = fast.extract(x)
+    _same(got, slow.extract(x))
+    for i in range(2):
+        for r in (1, 2):
+            ref = ref_extract(model, x[i : i + 1], 0.5, r)
+            assert {k: v.tolist() for k, v in got.image(r, i).items()} == ref

@@ -4,12 +4,14 @@ At batch 1 the batched torch walk (:mod:`.steps`) is bound by per-operation over
 per LeNet-5 image. Here every weighted layer is one kernel call that, for each selected output neuron, builds its
 contributions, applies the selection rule (:mod:`.selection`, exactly: value descending, lower index first on
 ties, exclusive prefix sums in float64) with a partial selection (one pass keeping the 16 largest values in
-order; a stable sort of the remaining positive values only when a neuron needs more), and writes the synapse ids
-and the selected input neurons. The forward pass and its recorded activations are the torch plan's (``Ctx.acts``), so
-both walks read the same numbers.
+order; a neuron that needs more sorts only the values above a partition cut, widened x4 until its prefix reaches
+the target), and writes the synapse ids and the selected input neurons. The forward pass and its recorded
+activations are the torch plan's (``Ctx.acts``), so both walks read the same numbers.
 
-A neuron reached by several ranks' walks is processed once and its synapses are given to every row that reached
-it. Results per layer: synapse ids grouped by row (``rank * n + image``), sorted within a row, and row bounds.
+Weighted layers with a fan-in above 2048 keep the torch step's batched backward inside this walk (its large vector
+operations beat the scalar kernel on long rows). A neuron reached by several ranks' walks is processed once and its
+synapses are given to every row that reached it. Results per layer: synapse ids grouped by row
+(``rank * n + image``), sorted within a row, and row bounds.
 
 The kernels are compiled by numba's JIT on their first call (a few seconds per process, nothing at install time);
 :func:`warm_up` compiles them on tiny inputs so that no request pays for it. Plans with a step type this module
@@ -35,11 +37,13 @@ from pathguard.models.effective_path.steps import (
     PrefixStep,
     ResidualStep,
     Step,
+    WeightedStep,
 )
 
 __all__ = ["FastWalk", "warm_up"]
 
 _TOP = 16  # largest values kept in order in one pass; rows needing more sort the rest
+_WIDE = 2048  # weighted layers with a larger fan-in keep the torch step's batched backward (vector ops win there)
 
 Found = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (ids grouped by row, (B+1,) row bounds)
 
@@ -51,12 +55,13 @@ Found = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (ids grouped by row
 def _select(
     c: np.ndarray, k: int, c_sum: float, y: float, theta: float, out: np.ndarray, top_v: np.ndarray, top_i: np.ndarray
 ) -> int:  # pragma: no cover
-    """The selection rule on the contributions ``c[:k]`` (float64, sum ``c_sum``) of one neuron with output ``y``.
+    """The selection rule on the contributions ``c[:k]`` (float32, float64 sum ``c_sum``) of one neuron with output
+    ``y``; comparisons and prefix sums in float64.
 
     Writes the kept positions to ``out`` in ascending order and returns how many. One pass keeps the :data:`_TOP`
     largest positive (oriented) values in exact order (value descending, lower index first: an equal later value
-    ranks behind); only if their prefix does not reach ``theta * sum`` are the remaining positive values sorted
-    (stable) and the prefix continued. ``top_v``/``top_i``: (_TOP,) workspace; ``out``: (k,).
+    ranks behind); only if their prefix does not reach ``theta * sum`` does :func:`_select_rest` take over.
+    ``top_v``/``top_i``: (_TOP,) workspace; ``out``: (k,).
     """
     if k == 0:
         return 0
@@ -84,8 +89,8 @@ def _select(
     while kept < cnt and before < target:
         before += top_v[kept]
         kept += 1
-    if before < target and cnt == _TOP:  # rare: more than _TOP values needed
-        return _select_rest(c, k, sign, target, before, out, top_i)
+    if before < target and cnt == _TOP:  # more than _TOP values needed
+        return _select_rest(c, k, sign, target, out)
     for t in range(kept):  # insertion sort of the kept positions (few)
         j, q = top_i[t], t
         while q > 0 and out[q - 1] > j:
@@ -96,33 +101,39 @@ def _select(
 
 
 @njit(cache=False, nogil=True)
-def _select_rest(
-    c: np.ndarray, k: int, sign: float, target: float, before: float, out: np.ndarray, top_i: np.ndarray
-) -> int:  # pragma: no cover
-    """Continue the prefix past the :data:`_TOP` largest values with a stable sort of the other positive ones."""
-    keep = np.zeros(k, np.uint8)
-    for t in range(_TOP):
-        keep[top_i[t]] = 1
-    cand = np.empty(k, np.int64)
+def _select_rest(c: np.ndarray, k: int, sign: float, target: float, out: np.ndarray) -> int:  # pragma: no cover
+    """The prefix of a neuron that needs more than :data:`_TOP` values, exactly, without sorting the whole row.
+
+    The values strictly above the w-th largest positive value are the first elements of the order; if their
+    prefix (stable sort: lower index first on ties) reaches ``target``, the kept set lies among them. Otherwise
+    w grows (x4) until it covers every positive value, which are then sorted in full.
+    """
+    vals, idx = np.empty(k, np.float64), np.empty(k, np.int64)
     m = 0
     for j in range(k):
-        if sign * c[j] > 0 and not keep[j]:
-            cand[m] = j
+        v = sign * c[j]
+        if v > 0:  # in index order
+            vals[m], idx[m] = v, j
             m += 1
-    neg = np.empty(m, np.float64)
-    for t in range(m):
-        neg[t] = -sign * c[cand[t]]
-    for t in np.argsort(neg, kind="mergesort"):  # stable: lower index first on ties
-        if before >= target:
-            break
-        keep[cand[t]] = 1
-        before += sign * c[cand[t]]
-    kept = 0
-    for j in range(k):
-        if keep[j]:
-            out[kept] = j
+    width = 4 * _TOP
+    while True:
+        if width >= m:
+            cand_v, cand_i = vals[:m], idx[:m]
+        else:
+            thr = -np.partition(-vals[:m], width - 1)[width - 1]  # the width-th largest value
+            keep = vals[:m] > thr
+            cand_v, cand_i = vals[:m][keep], idx[:m][keep]
+        before, kept = 0.0, 0
+        for t in np.argsort(-cand_v, kind="mergesort"):  # stable: lower index first on ties
+            if before >= target:
+                break
+            out[kept] = cand_i[t]
             kept += 1
-    return kept
+            before += cand_v[t]
+        if before >= target or width >= m:
+            out[:kept] = np.sort(out[:kept])
+            return kept
+        width *= 4
 
 
 @njit(cache=False, nogil=True)
@@ -203,16 +214,17 @@ def _linear_back(
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     start, length = np.zeros(u_n, np.int64), np.zeros(u_n, np.int64)
     cols = np.empty(u_n * i_n, np.int64)
-    c, kept = np.empty(i_n, np.float64), np.empty(i_n, np.int64)
+    c, kept = np.empty(i_n, np.float32), np.empty(i_n, np.int64)
     top_v, top_i = np.empty(_TOP, np.float64), np.empty(_TOP, np.int64)
     t = 0
     for u in range(u_n):
-        i, o = img[u], pos[u]
+        xi, wo = x[img[u]], w[pos[u]]
+        for j in range(i_n):
+            c[j] = xi[j] * wo[j]  # float32 products, as torch (a loop without dependencies: vectorized)
         y = 0.0
         for j in range(i_n):
-            v = x[i, j] * w[o, j]  # float32 product, as torch
-            c[j] = v
             y += c[j]
+        o = pos[u]
         m = _select(c, i_n, y, y + bias[o], theta, kept, top_v, top_i)
         start[u], length[u] = t, m
         for q in range(m):
@@ -242,7 +254,7 @@ def _conv_back(
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     start, length = np.zeros(u_n, np.int64), np.zeros(u_n, np.int64)
     cols, src = np.empty(u_n * fan_in, np.int64), np.empty(u_n * fan_in, np.int64)
-    c, kept = np.empty(fan_in, np.float64), np.empty(fan_in, np.int64)
+    c, kept = np.empty(fan_in, np.float32), np.empty(fan_in, np.int64)
     top_v, top_i = np.empty(_TOP, np.float64), np.empty(_TOP, np.int64)
     col_of, pos_of = np.empty(fan_in, np.int64), np.empty(fan_in, np.int64)
     t = 0
@@ -255,8 +267,7 @@ def _conv_back(
             q = table[lp, j]
             if q < 0:
                 continue
-            v = x[i, base + q] * w[o, j]  # float32 product, as torch
-            c[k] = v
+            c[k] = x[i, base + q] * w[o, j]  # float32 product, as torch
             y += c[k]
             col_of[k], pos_of[k] = j, base + q
             k += 1
@@ -310,7 +321,7 @@ def _avgpool_back(
     points, kk = oh_n * ow_n, kh_n * kw_n
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     start, length, src = np.zeros(u_n, np.int64), np.zeros(u_n, np.int64), np.empty(u_n * kk, np.int64)
-    c, kept, pos_of = np.empty(kk, np.float64), np.empty(kk, np.int64), np.empty(kk, np.int64)
+    c, kept, pos_of = np.empty(kk, np.float32), np.empty(kk, np.int64), np.empty(kk, np.int64)
     top_v, top_i = np.empty(_TOP, np.float64), np.empty(_TOP, np.int64)
     t = 0
     for u in range(u_n):
@@ -343,14 +354,14 @@ def _residual_split(
     skip: np.ndarray, main: np.ndarray, mask: np.ndarray, n: int, theta: float, to_skip: np.ndarray, to_main: np.ndarray
 ) -> None:  # pragma: no cover
     """Residual addition: the rule on (skip, main) of every selected neuron; ``skip``/``main`` (N, F)."""
-    c, kept = np.empty(2, np.float64), np.empty(2, np.int64)
+    c, kept = np.empty(2, np.float32), np.empty(2, np.int64)
     top_v, top_i = np.empty(_TOP, np.float64), np.empty(_TOP, np.int64)
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     branch = np.empty(u_n, np.int64)  # bit 0: skip kept, bit 1: main kept
     for u in range(u_n):
         i, p = img[u], pos[u]
         c[0], c[1] = skip[i, p], main[i, p]
-        y = c[0] + c[1]
+        y = float(c[0]) + float(c[1])
         branch[u] = 0
         for q in range(_select(c, 2, y, y, theta, kept, top_v, top_i)):
             branch[u] += 1 + kept[q]  # position 0 (skip) adds 1, position 1 (main) adds 2
@@ -402,6 +413,24 @@ class _Linear(_Node):
         in_mask = np.zeros((mask.shape[0], self.in_size), np.uint8)
         found[self.name] = _linear_back(x, self.w, self.bias, mask, ctx.n, ctx.theta, in_mask)
         return in_mask
+
+
+class _TorchWeighted(_Node):
+    """A weighted layer with fan-in above :data:`_WIDE`: the torch step's own backward (same selected sets), whose
+    few large vectorized operations beat the scalar kernel on long rows (e.g. AlexNet's fc6, fan-in 9216)."""
+
+    def __init__(self, step: WeightedStep) -> None:
+        super().__init__(step)
+        self.weighted, self.name = step, step.name
+
+    def back(self, mask: np.ndarray, ctx: Ctx, found: Found) -> np.ndarray | None:
+        in_mask = self.weighted.backward(torch.from_numpy(mask.view(np.bool_)), ctx)
+        assert in_mask is not None
+        img, ids = ctx.found.pop(self.name)  # rows rank-major, ids sorted within a row
+        bounds = np.zeros(mask.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(img.numpy(), minlength=mask.shape[0]), out=bounds[1:])
+        found[self.name] = (np.ascontiguousarray(ids.numpy()), bounds)
+        return np.ascontiguousarray(in_mask.numpy()).view(np.uint8)
 
 
 class _Conv(_Node):
@@ -483,6 +512,8 @@ def _node(step: Step) -> _Node:
         (AvgPoolStep, _AvgPool),
         (ResidualStep, _Residual),
     ]
+    if type(step) in (LinearStep, ConvStep) and isinstance(step, WeightedStep) and step.info.fan_in > _WIDE:
+        return _TorchWeighted(step)
     for kind, node in kinds:
         if type(step) is kind:
             return node(step)
