@@ -7,6 +7,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -35,13 +36,13 @@ _INLINE_DECODE_BYTES = 64 * 1024  # smaller images decode on the event loop; lar
 
 @dataclass
 class Upload:
-    """One image as sent: bytes, the declared format (or None) and its sha256."""
+    """One image as sent: bytes, the declared format (or None) and its sha256 (hashed once, on first use)."""
 
     data: bytes
     declared: str | None
     content_type: str
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 

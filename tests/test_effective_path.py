@@ -303,7 +303,9 @@ CASES = [
 def test_vectorized_matches_loop_reference(make, shape, rank, theta):
     model = make()
     x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(7))
-    got = EffectivePathExtractor(model, theta=theta, input_shape=shape).extract(x, ranks=(1, 2))
+    # the batched torch walk; the compiled small-batch walk is checked in tests/test_ep_fastpath.py
+    ext = EffectivePathExtractor(model, theta=theta, input_shape=shape, fast_path=False)
+    got = ext.extract(x, ranks=(1, 2))
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert got.layers == names
     total = 0

@@ -159,6 +159,7 @@ class DetectionPipeline:
         self.nic_value_layers: list[str] = list(nic.layers_)
         self.nic_provenance_pairs: list[str] = list(nic.pairs_)
         self.checked_taps = [n for n in self.nic_value_layers if n not in (INPUT, SOFTMAX)]
+        extractor.warm_up()  # compile the small-batch EP kernels now (numba JIT), not on the first request
 
     @torch.no_grad()
     def layer_check(self, name: str, activation: torch.Tensor) -> LayerPartial:
@@ -186,10 +187,12 @@ class DetectionPipeline:
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None = None,
         ep: EPPartial | None = None,
+        probabilities: np.ndarray | None = None,
     ) -> DetectionResult:
         """Complete detection for a batch given the forward pass and any partial results already computed
-        (per-layer NIC checks, and the EP check); whatever is missing is computed here."""
-        return self._result(logits, self._raw(x, logits, taps, partials, ep))
+        (per-layer NIC checks, the EP check, the softmax (N, K) of the logits); whatever is missing is computed
+        here."""
+        return self._result(logits, self._raw(x, logits, taps, partials, ep), probabilities)
 
     def _raw(
         self,
@@ -220,10 +223,11 @@ class DetectionPipeline:
         timings = {NIC: t1 - t0, EP: ep.seconds}
         return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings)
 
-    def _result(self, logits: torch.Tensor, raw: _RawScores) -> DetectionResult:
+    def _result(self, logits: torch.Tensor, raw: _RawScores, probs: np.ndarray | None = None) -> DetectionResult:
         if self.verdict is None:
             raise RuntimeError("pipeline has no fused-verdict calibration yet")
-        probs = torch.softmax(logits.float(), dim=1).numpy()
+        if probs is None:
+            probs = torch.softmax(logits.float(), dim=1).numpy()
         fused = self.verdict.fuse(raw.components)
         v_viol, p_viol = raw.value_violation, raw.provenance_violation
         sup = None
@@ -236,7 +240,7 @@ class DetectionPipeline:
             ep_layers=self.ep_layers,
             rank1_similarity=raw.sims[1],
             rank2_similarity=raw.sims[2],
-            ep_score=violation_probability(self.verdict.component_calib[EP], raw.ep),
+            ep_score=violation_probability(self.verdict.sorted_calib(EP), raw.ep, assume_sorted=True),
             value_violation={n: v_viol[:, j] for j, n in enumerate(self.nic_value_layers)},
             provenance_violation={n: p_viol[:, j] for j, n in enumerate(self.nic_provenance_pairs)},
             nic_score=self.nic.final_violation(raw.final),

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pathguard.models.effective_path.fastpath import FastWalk, warm_up
 from pathguard.models.effective_path.paths import DEFAULT_THETA, LayerInfo, PathBatch
 from pathguard.models.effective_path.plan import Compiler, Plan
 from pathguard.models.effective_path.selection import cat_ids
@@ -61,6 +62,12 @@ class EffectivePathExtractor:
         Images per internal batch (bounds memory together with the row chunking).
     input_shape : tuple of int, optional
         (C, H, W); default ``model.config.input_shape`` or the shape of the first input seen.
+    fast_path : bool
+        Walk batches of at most ``fast_max_batch`` images with the compiled kernels of :mod:`.fastpath` (same
+        selected sets; far fewer operations at batch 1). Plans with a step the kernels do not know keep the
+        torch walk (:attr:`fast_path_reason` says why).
+    fast_max_batch : int
+        Largest batch the compiled walk takes; larger batches use the batched torch walk.
     """
 
     def __init__(
@@ -70,6 +77,8 @@ class EffectivePathExtractor:
         last_k: int | None = None,
         batch_size: int = 256,
         input_shape: tuple[int, ...] | None = None,
+        fast_path: bool = True,
+        fast_max_batch: int = 8,
     ) -> None:
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta must be in (0, 1], got {theta}")
@@ -81,7 +90,11 @@ class EffectivePathExtractor:
         self.batch_size = int(batch_size)
         config = getattr(model, "config", None)
         self.input_shape = input_shape or getattr(config, "input_shape", None)
+        self.fast_path = bool(fast_path)
+        self.fast_max_batch = int(fast_max_batch)
+        self.fast_path_reason: str | None = None  # why the compiled walk is not available for the current plan
         self._plan: Plan | None = None
+        self._fast: FastWalk | None = None
         self._taps = tap_points(model) if isinstance(model, nn.Sequential) else {}
 
     # ---- geometry -------------------------------------------------------------------------------
@@ -93,7 +106,22 @@ class EffectivePathExtractor:
                 raise ValueError("input shape unknown: pass input_shape or extract from an input first")
             with torch.no_grad():
                 self._plan = Compiler().compile(self.model, tuple(shape))
+            self._fast, self.fast_path_reason = None, None
+            try:
+                self._fast = FastWalk(self._plan)
+            except NotImplementedError as exc:
+                self.fast_path_reason = str(exc)
         return self._plan
+
+    def uses_fast_path(self, n: int) -> bool:
+        """Whether a batch of ``n`` images is walked by the compiled kernels."""
+        self._get_plan()
+        return self.fast_path and self._fast is not None and n <= self.fast_max_batch
+
+    def warm_up(self) -> None:
+        """Compile the fast path's kernels now (numba JIT, once per process) instead of on the first request."""
+        if self.fast_path:
+            warm_up()
 
     @property
     def all_layers(self) -> list[str]:
@@ -180,6 +208,8 @@ class EffectivePathExtractor:
             raise ValueError(f"ranks must be in 1..{logits.shape[1]}, got {ranks}")
         order = torch.sort(logits, dim=1, descending=True, stable=True).indices
         classes = {r: order[:, r - 1].contiguous() for r in ranks}
+        if self._fast is not None and self.uses_fast_path(n):
+            return self._fast_collect(self._fast, ctx, logits, classes, ranks, n)
         seed = torch.zeros(len(ranks) * n, logits.shape[1], dtype=torch.bool)
         seed[torch.arange(len(ranks) * n), torch.cat([classes[r] for r in ranks])] = True
         run_backward(plan.steps, seed, ctx)
@@ -224,6 +254,24 @@ class EffectivePathExtractor:
             if read is not None:
                 read.append(given[jump])
         return x
+
+    def _fast_collect(
+        self, fast: FastWalk, ctx: Ctx, logits: torch.Tensor, classes: dict[int, torch.Tensor], ranks: list[int], n: int
+    ) -> PathBatch:
+        seed = np.zeros((len(ranks) * n, logits.shape[1]), np.uint8)  # row rank_index * n + image
+        seed[np.arange(len(ranks) * n), np.concatenate([classes[r].numpy() for r in ranks])] = 1
+        found = fast.run(seed, ctx)
+        ids: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
+        offsets: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
+        empty = (np.zeros(0, np.int64), np.zeros(len(ranks) * n + 1, np.int64))
+        for name in self.layers:
+            flat, bounds = found.get(name, empty)  # (M,), (B+1,)
+            for k, r in enumerate(ranks):  # numpy slices: slicing torch tensors costs microseconds each
+                off = bounds[k * n : (k + 1) * n + 1]
+                lo = int(off[0])
+                ids[r][name] = torch.from_numpy(flat[lo : int(off[-1])])
+                offsets[r][name] = torch.from_numpy(off - lo if lo else off)
+        return PathBatch(logits, classes, list(self.layers), ids, offsets, self.theta)
 
     def _collect(
         self, ctx: Ctx, logits: torch.Tensor, classes: dict[int, torch.Tensor], ranks: list[int], n: int

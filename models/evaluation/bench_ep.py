@@ -229,14 +229,21 @@ def forward_taps(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, d
 
 
 def bench_latency(
-    model: nn.Sequential, x: torch.Tensor, last_k: int | None, from_taps: bool, repeats: int = 200
+    model: nn.Sequential,
+    x: torch.Tensor,
+    last_k: int | None,
+    from_taps: bool,
+    repeats: int = 200,
+    fast_path: bool = True,
 ) -> dict[str, Any]:
     """Per-request latency at batch 1 (rank 1 + 2): median and p90 over ``repeats`` single images.
 
     ``from_taps``: the forward pass already ran (as in the server, where onnxruntime returns the taps) and
     only :meth:`EffectivePathExtractor.extract_from_taps` is timed; otherwise the forward pass is included.
+    ``fast_path``: the compiled small-batch walk (default, as served) or the batched torch walk.
     """
-    ext = EffectivePathExtractor(model, last_k=last_k, batch_size=1)
+    ext = EffectivePathExtractor(model, last_k=last_k, batch_size=1, fast_path=fast_path)
+    ext.warm_up()
     times = []
     for i in range(repeats):
         xi = x[i % x.shape[0] : i % x.shape[0] + 1]
@@ -251,6 +258,7 @@ def bench_latency(
     return {
         "last_k": last_k,
         "from_taps": from_taps,
+        "fast_path": fast_path,
         "p50_ms": 1e3 * times[len(times) // 2],
         "p90_ms": 1e3 * times[int(0.9 * len(times))],
     }
@@ -389,7 +397,9 @@ def run_benchmarks(
     log(f"LeNet-5 throughput on {lenet_images} images, batch {lenet_batch}, {threads} thread(s)")
     report["lenet_rank12"] = bench_lenet(model, x, lenet_batch, (1, 2))
     report["lenet_rank1"] = bench_lenet(model, x, lenet_batch, (1,))
-    report["lenet_latency_batch1"] = [bench_latency(model, x, k, t) for k in (None, 3) for t in (False, True)]
+    report["lenet_latency_batch1"] = [
+        bench_latency(model, x, k, t, fast_path=f) for f in (True, False) for k in (None, 3) for t in (False, True)
+    ]
     log(f"loop reference on {loop_images} images")
     report["lenet_speedup"] = bench_speedup(model, x[:loop_images], lenet_batch)
     log(f"AlexNet on {alexnet_images} random 224x224 images, batch {alexnet_batch}")
@@ -427,8 +437,10 @@ def markdown_summary(report: dict[str, Any]) -> str:
     for lat in report.get("lenet_latency_batch1", []):
         scope = "all layers" if lat["last_k"] is None else f"last {lat['last_k']} layers"
         how = "from taps (forward already done)" if lat["from_taps"] else "forward included"
+        walk = "compiled walk" if lat.get("fast_path", False) else "torch walk"
         lines.append(
-            f"| batch 1, rank-1 + rank-2, {scope}, {how} | p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms |"
+            f"| batch 1, rank-1 + rank-2, {scope}, {how}, {walk} "
+            f"| p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms |"
         )
     lines += [
         "",

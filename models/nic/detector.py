@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pathguard.models.errors import NotCalibratedError, NotFittedError
 from pathguard.models.nic.layers import INPUT, SOFTMAX, default_layers, layer_activation
 from pathguard.models.nic.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
-from pathguard.models.verdict import threshold_at_fpr, violation_probability
+from pathguard.models.verdict import columnwise_p_values, threshold_at_fpr, violation_probability
 
 __all__ = [
     "NICDetector",
@@ -771,8 +771,7 @@ def _columnwise_violation(calib: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Column-wise violation probabilities of ``values`` (N, C) against ascending-sorted ``calib`` (n, C)."""
     if values.ndim != 2 or values.shape[1] != calib.shape[1]:
         raise ValueError(f"expected scores (N, {calib.shape[1]}), got {values.shape}")
-    cols = [violation_probability(calib[:, j], values[:, j], assume_sorted=True) for j in range(calib.shape[1])]
-    return np.stack(cols, axis=1)
+    return 1.0 - columnwise_p_values(calib, values)
 
 
 def _member_arrays(m: _Member, p: str, layers: Sequence[str]) -> dict[str, np.ndarray]:

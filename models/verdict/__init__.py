@@ -2,6 +2,7 @@
 verdict, and the scorer of the optional supervised detector (fitting it lives with the builder)."""
 
 from pathguard.models.verdict.calibration import (
+    columnwise_p_values,
     empirical_p_values,
     threshold_at_fpr,
     two_sided_fisher,
@@ -14,6 +15,7 @@ __all__ = [
     "FusedVerdict",
     "SupervisedAssessment",
     "SupervisedDetector",
+    "columnwise_p_values",
     "empirical_p_values",
     "fisher_score",
     "threshold_at_fpr",

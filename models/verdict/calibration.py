@@ -21,7 +21,13 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["empirical_p_values", "threshold_at_fpr", "two_sided_fisher", "violation_probability"]
+__all__ = [
+    "columnwise_p_values",
+    "empirical_p_values",
+    "threshold_at_fpr",
+    "two_sided_fisher",
+    "violation_probability",
+]
 
 
 def _as_1d(a: ArrayLike, name: str) -> np.ndarray:
@@ -57,6 +63,44 @@ def empirical_p_values(calib_scores: ArrayLike, scores: ArrayLike, assume_sorted
     n = calib.size
     n_ge = n - np.searchsorted(calib, s, side="left")  # #{calib >= s}
     return (1.0 + n_ge) / (n + 1.0)
+
+
+def columnwise_p_values(sorted_calib: np.ndarray, scores: ArrayLike) -> np.ndarray:
+    """Empirical p-values of every column of ``scores`` against the same column of the calibration scores.
+
+    Parameters
+    ----------
+    sorted_calib : np.ndarray
+        (n, C) clean calibration scores, each column sorted ascending.
+    scores : array-like
+        (N, C) scores; column j is compared with ``sorted_calib[:, j]``.
+
+    Returns
+    -------
+    np.ndarray
+        (N, C) ``(1 + #{calib_j >= s}) / (n + 1)``, equal to :func:`empirical_p_values` column by column.
+
+    One ``searchsorted`` for all columns: the keys are complex numbers ``j + 1j * value``, which numpy orders
+    lexicographically (column index, then value), so the flattened calibration matrix is one sorted array in
+    which every score finds its position among its own column's values, exactly.
+    """
+    calib = np.asarray(sorted_calib, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    n, c = calib.shape
+    if s.ndim != 2 or s.shape[1] != c:
+        raise ValueError(f"expected scores (N, {c}), got {s.shape}")
+    col = np.arange(c)
+    keys = _column_keys(col[:, None], calib.T).ravel()  # (C*n,) column by column, ascending within a column
+    pos = np.searchsorted(keys, _column_keys(col[None, :], s), side="left")  # (N, C)
+    n_ge = n - (pos - col * n)  # #{calib_j >= s}
+    return (1.0 + n_ge) / (n + 1.0)
+
+
+def _column_keys(col: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Complex keys ``col + 1j * values`` (broadcast), built by assignment so that infinities stay exact."""
+    out = np.empty(np.broadcast_shapes(col.shape, values.shape), dtype=np.complex128)
+    out.real, out.imag = col, values
+    return out
 
 
 def violation_probability(calib_scores: ArrayLike, scores: ArrayLike, assume_sorted: bool = False) -> np.ndarray:

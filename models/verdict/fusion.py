@@ -5,8 +5,9 @@ Each component yields a raw anomaly score, higher = more anomalous. Bundles fuse
 (Fisher combination of two-sided per-layer value-invariant p-values; older bundles fuse only the first two). On a clean
 calibration split *A* every component score becomes an empirical p-value. The p-values are combined
 with Fisher's method, ``T = -2 * sum(log p_k)``, and mapped to [0, 1] by the chi-square CDF with
-``2k`` degrees of freedom: ``score = chi2.cdf(T, 2k)``. Under independence and exchangeability the
-score of a clean input is roughly uniform, and it approaches 1 when any component is extreme.
+``2k`` degrees of freedom: ``score = chi2.cdf(T, 2k)`` (in closed form, see :func:`fisher_score`). Under
+independence and exchangeability the score of a clean input is roughly uniform, and it approaches 1 when any
+component is extreme.
 
 The verdict threshold is then set on a *second*, disjoint clean split *B* (so the threshold is not
 fitted on the same data as the component p-values): the smallest threshold whose false-positive rate
@@ -16,12 +17,11 @@ among the *B* scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import chi2
 
-from pathguard.models.verdict.calibration import empirical_p_values, threshold_at_fpr
+from pathguard.models.verdict.calibration import columnwise_p_values, empirical_p_values, threshold_at_fpr
 
 __all__ = ["FusedVerdict", "fisher_score"]
 
@@ -38,10 +38,18 @@ def fisher_score(p_values: np.ndarray) -> np.ndarray:
     -------
     np.ndarray
         (N,) ``chi2.cdf(-2 * sum(log p), 2K)``; higher = more anomalous.
+
+    With an even number ``2K`` of degrees of freedom the chi-square survival function has the closed form
+    ``exp(-x/2) * sum_{i<K} (x/2)^i / i!`` (a Poisson tail), so no special-function library is needed.
     """
     p = np.clip(np.asarray(p_values, dtype=np.float64), 1e-300, 1.0)
-    stat = -2.0 * np.log(p).sum(axis=1)  # (N,)
-    return chi2.cdf(stat, df=2 * p.shape[1])
+    half = -np.log(p).sum(axis=1)  # (N,) x/2 with x = -2 sum(log p)
+    term = np.ones_like(half)
+    tail = np.ones_like(half)
+    for i in range(1, p.shape[1]):
+        term = term * half / i  # (x/2)^i / i!
+        tail = tail + term
+    return np.clip(1.0 - np.exp(-half) * tail, 0.0, 1.0)
 
 
 @dataclass
@@ -61,6 +69,8 @@ class FusedVerdict:
     component_calib: dict[str, np.ndarray]
     fused_calib: np.ndarray
     target_fpr: float
+    _sorted: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _stacked: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(
@@ -78,14 +88,32 @@ class FusedVerdict:
     def components(self) -> list[str]:
         return list(self.component_calib)
 
+    def sorted_calib(self, name: str) -> np.ndarray:
+        """Split-A calibration scores of component ``name``, sorted ascending (computed once)."""
+        if name not in self._sorted:
+            self._sorted[name] = np.sort(np.asarray(self.component_calib[name], dtype=np.float64))
+        return self._sorted[name]
+
     def component_p_values(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Empirical p-value of every component's raw score against its split-A calibration scores."""
-        return {k: empirical_p_values(self.component_calib[k], np.asarray(raw[k])) for k in self.components}
+        return {
+            k: empirical_p_values(self.sorted_calib(k), np.asarray(raw[k]), assume_sorted=True) for k in self.components
+        }
+
+    def _stacked_calib(self) -> np.ndarray | None:
+        """(n, C) sorted split-A scores of all components when they have the same length (else None)."""
+        if self._stacked is None and len({len(v) for v in self.component_calib.values()}) == 1:
+            self._stacked = np.stack([self.sorted_calib(k) for k in self.components], axis=1)
+        return self._stacked
 
     def fuse(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         """(N,) fused score in [0, 1] from raw component scores (dict of (N,) arrays)."""
-        p = self.component_p_values(raw)
-        return fisher_score(np.stack([p[k] for k in self.components], axis=1))
+        stacked = self._stacked_calib()
+        if stacked is None:
+            p = self.component_p_values(raw)
+            return fisher_score(np.stack([p[k] for k in self.components], axis=1))
+        scores = np.stack([np.asarray(raw[k], dtype=np.float64).reshape(-1) for k in self.components], axis=1)
+        return fisher_score(columnwise_p_values(stacked, scores))  # one lookup for all components
 
     def threshold_for(self, target_fpr: float) -> float:
         """Smallest fused-score threshold with clean FPR <= ``target_fpr`` on split B."""

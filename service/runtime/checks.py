@@ -47,6 +47,8 @@ class Pipeline(Protocol):
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         partials: dict[str, Any],
+        *,
+        probabilities: np.ndarray | None = None,
     ) -> Any: ...
 
 
@@ -152,18 +154,26 @@ class DetectionRuntime:
         return logits, taps, checks, classify_s
 
     def _finish(
-        self, x: np.ndarray, logits: torch.Tensor, taps: dict[str, torch.Tensor], checks: Mapping[str, Any]
+        self,
+        x: np.ndarray,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+        checks: Mapping[str, Any],
+        probabilities: np.ndarray,
     ) -> Any:
         """Collect the layer checks (serial mode: the pipeline runs them itself) and compute the verdict."""
         partials = {name: fut.result() for name, fut in checks.items()}
-        return self.pipeline.finish(torch.from_numpy(x), logits, taps, partials)
+        return self.pipeline.finish(torch.from_numpy(x), logits, taps, partials, probabilities=probabilities)
 
     def detect(self, x: np.ndarray) -> Detected:
-        """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W)."""
+        """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W).
+
+        The softmax is computed once here and shared with the pipeline's result."""
         logits, taps, checks, classify_s = self._forward(x)
         t0 = time.perf_counter()
-        result = self._finish(x, logits, taps, checks)
-        return Detected(result, softmax(logits.numpy()), classify_s, time.perf_counter() - t0)
+        probabilities = softmax(logits.numpy())
+        result = self._finish(x, logits, taps, checks, probabilities)
+        return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:
         """Forward pass now (layer checks already started); the rest of the detection on a background thread,
@@ -181,7 +191,7 @@ class DetectionRuntime:
         def rest() -> Detected:
             try:
                 t0 = time.perf_counter()
-                result = self._finish(x, logits, taps, checks)
+                result = self._finish(x, logits, taps, checks, probabilities)
                 return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
             finally:
                 with self._shadow_lock:
