@@ -20,7 +20,8 @@ does not know raise ``NotImplementedError`` in :class:`FastWalk`; the extractor 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,12 +47,22 @@ _TOP = 16  # largest values kept in order in one pass; rows needing more sort th
 _WIDE = 2048  # weighted layers with a larger fan-in keep the torch step's batched backward (vector ops win there)
 
 Found = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (ids grouped by row, (B+1,) row bounds)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _compiled(fn: F) -> F:
+    """numba-compile ``fn``, caching the machine code on disk (next to this file, or in the user's cache folder) so
+    only the first process pays the compile time; without a writable cache location, compile in memory."""
+    try:
+        return njit(cache=True, nogil=True)(fn)  # type: ignore[return-value]
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return njit(cache=False, nogil=True)(fn)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------- kernels
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _select(
     c: np.ndarray, k: int, c_sum: float, y: float, theta: float, out: np.ndarray, top_v: np.ndarray, top_i: np.ndarray
 ) -> int:  # pragma: no cover
@@ -100,7 +111,7 @@ def _select(
     return kept
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _select_rest(c: np.ndarray, k: int, sign: float, target: float, out: np.ndarray) -> int:  # pragma: no cover
     """The prefix of a neuron that needs more than :data:`_TOP` values, exactly, without sorting the whole row.
 
@@ -136,7 +147,7 @@ def _select_rest(c: np.ndarray, k: int, sign: float, target: float, out: np.ndar
         width *= 4
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _gather(mask: np.ndarray, n: int) -> tuple:  # pragma: no cover
     """Selected neurons of a (B, P) mask with rows ``rank * n + image``.
 
@@ -169,7 +180,7 @@ def _gather(mask: np.ndarray, n: int) -> tuple:  # pragma: no cover
     return u_n, img, pos, uid, sel, row_start
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _emit(
     n: int,
     uid: np.ndarray,
@@ -205,7 +216,7 @@ def _emit(
     return ids, bounds
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _linear_back(
     x: np.ndarray, w: np.ndarray, bias: np.ndarray, mask: np.ndarray, n: int, theta: float, in_mask: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
@@ -233,7 +244,7 @@ def _linear_back(
     return _emit(n, uid, sel, row_start, start, length, cols, cols, i_n, in_mask)
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _conv_back(
     x: np.ndarray,
     w: np.ndarray,
@@ -279,7 +290,7 @@ def _conv_back(
     return _emit(n, uid, sel, row_start, start, length, cols, src, fan_in, in_mask)
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _maxpool_back(x: np.ndarray, geo: np.ndarray, mask: np.ndarray, in_mask: np.ndarray) -> None:  # pragma: no cover
     """Max pool, plain tiles: ``x`` (N, C, H, W), ``geo`` = (KH, KW, OH, OW); first maximum in window order."""
     n, _, h_n, w_n = x.shape
@@ -300,7 +311,7 @@ def _maxpool_back(x: np.ndarray, geo: np.ndarray, mask: np.ndarray, in_mask: np.
             in_mask[b, (ch * h_n + best_h) * w_n + best_w] = 1
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _maxpool_index_back(idx: np.ndarray, plane: int, mask: np.ndarray, in_mask: np.ndarray) -> None:  # pragma: no cover
     """Max pool, general: ``idx`` (N, C*OH*OW) torch's flat argmax within the input plane."""
     n = idx.shape[0]
@@ -311,7 +322,7 @@ def _maxpool_index_back(idx: np.ndarray, plane: int, mask: np.ndarray, in_mask: 
                 in_mask[b, (p // points) * plane + idx[b % n, p]] = 1
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _avgpool_back(
     x: np.ndarray, geo: np.ndarray, mask: np.ndarray, n: int, theta: float, in_mask: np.ndarray
 ) -> None:  # pragma: no cover
@@ -349,7 +360,7 @@ def _avgpool_back(
     _emit(n, uid, sel, row_start, start, length, src, src, 0, in_mask)
 
 
-@njit(cache=False, nogil=True)
+@_compiled
 def _residual_split(
     skip: np.ndarray, main: np.ndarray, mask: np.ndarray, n: int, theta: float, to_skip: np.ndarray, to_main: np.ndarray
 ) -> None:  # pragma: no cover
