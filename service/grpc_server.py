@@ -217,8 +217,8 @@ class GrpcServer:
         )
 
     async def _ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        state = self._ready()
-        b = self._bundle(request.model_name, request.model_version)
+        b = self._bundle(request.model_name, request.model_version)  # also 503 until ready
+        state = self.state
         x = await asyncio.to_thread(_decode, request, state)
         available = available_outputs(state.runtime.pipeline.supervised is not None)
         wanted = requested_outputs([o.name for o in request.outputs] or None, available)

@@ -45,7 +45,6 @@ from pathguard.models.networks import (
     CLASSIFIER_FILES,
     ONNX_SOURCE,
     TappedSequential,
-    import_onnx,
     import_onnx_tensors,
     imported_classifier_meta,
     served_onnx,
@@ -150,7 +149,7 @@ def build_bundle_from_onnx(
         raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
     t = time.perf_counter()
     source = Path(model_path).read_bytes()
-    model = import_onnx(source)
+    model, tensors = import_onnx_tensors(source)
     folder = ImageFolder.scan(data)
     if len(folder.classes) != model.config.num_classes:
         raise DatasetError(
@@ -170,7 +169,7 @@ def build_bundle_from_onnx(
         held = calibration_splits(calib, cfg.seed)
         order = np.random.default_rng(cfg.seed).permutation(len(folder))[: cfg.n_train]
         fit = _FolderFit(folder, order, shape, skipped)
-    classifier = model_files(model, source)
+    classifier = model_files(model, tensors, source)
     timings = {"load": time.perf_counter() - t}
 
     def source_entry() -> dict[str, Any]:  # after the build: the unreadable files are known only then
@@ -215,12 +214,11 @@ class _FolderFit:
         return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), self.folder.classes)
 
 
-def model_files(model: TappedSequential, source: bytes) -> dict[str, bytes]:
+def model_files(model: TappedSequential, tensors: dict[str, str], source: bytes) -> dict[str, bytes]:
     """Bundle files of an imported classifier: the user's ONNX, its description, and the served ONNX (the user's
     graph with the logits and every tap as outputs)."""
-    _, tensors = import_onnx_tensors(source)
     meta = (json.dumps(imported_classifier_meta(model, tensors), indent=2) + "\n").encode()
-    return {"classifier.json": meta, ONNX_SOURCE: source, "classifier.onnx": served_onnx(source)}
+    return {"classifier.json": meta, ONNX_SOURCE: source, "classifier.onnx": served_onnx(source, tensors)}
 
 
 def _build(

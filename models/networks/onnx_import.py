@@ -109,14 +109,15 @@ def import_onnx_tensors(data: bytes) -> tuple[TappedSequential, dict[str, str]]:
     return tapped, tensors
 
 
-def served_onnx(data: bytes) -> bytes:
+def served_onnx(data: bytes, tensors: dict[str, str] | None = None) -> bytes:
     """The user's ONNX file as the service runs it: the tensor behind each tap renamed to the tap's name and made
     a graph output, the pre-softmax tensor renamed ``logits`` (a final Softmax is dropped), a dynamic batch axis.
 
     Renaming (instead of adding Identity outputs) keeps each tap on the path of the graph, so the engine can
     split the graph into stages at the checked taps; graph outputs are never fused away by onnxruntime.
     """
-    _, tensors = import_onnx_tensors(data)
+    if tensors is None:  # the tensor behind each tap, as import_onnx_tensors finds them
+        tensors = import_onnx_tensors(data)[1]
     model = onnx.load_from_string(data)
     g = model.graph
     names = ["logits", *(n for n in tensors if n != "logits")]
