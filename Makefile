@@ -17,7 +17,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,eval]'
+	$(BIN)/pip install --quiet -e '.[dev,eval,cluster]'
 
 serve: install
 	$(BIN)/pathguard serve

@@ -32,6 +32,7 @@ __all__ = [
     "ImageFolder",
     "Split",
     "data_dir",
+    "dataset_info",
     "download",
     "load_dataset",
 ]
@@ -206,6 +207,16 @@ def _load_cifar10(split: str) -> Split:
         tmp.replace(cache)
     x = arrays[f"{split}_x"].astype(np.float32) / 255.0
     return Split(x, arrays[f"{split}_y"].astype(np.uint8), CIFAR10_CLASSES)
+
+
+_SIZES = {("mnist", "train"): 60000, ("mnist", "test"): 10000, ("cifar10", "train"): 50000, ("cifar10", "test"): 10000}
+
+
+def dataset_info(name: str, split: str) -> tuple[int, tuple[str, ...]]:
+    """Number of images and classes of ``split`` of a bundled dataset, without reading it."""
+    if (name, split) not in _SIZES:
+        raise ValueError(f"unknown dataset split {name!r}/{split!r}; supported: mnist, cifar10 (train, test)")
+    return _SIZES[(name, split)], MNIST_CLASSES if name == "mnist" else CIFAR10_CLASSES
 
 
 def load_dataset(name: str, split: str) -> Split:

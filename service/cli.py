@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -135,10 +136,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if own:
-        report = build_bundle_from_onnx(args.model, args.data, args.out, cfg, args.calibration)
-    else:
-        report = build_bundle(args.dataset, args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset], args.out, cfg)
+    if args.workers is not None and args.ray is None:
+        print("error: --workers sets the local Ray's CPUs: use it with --ray", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if args.ray is not None:  # an existing cluster's address, or "" for a local Ray with this machine's cores
+            from pathguard.models.builder import RayExecutor
+
+            executor = stack.enter_context(RayExecutor(address=args.ray or None, workers=args.workers))
+        if own:
+            report = build_bundle_from_onnx(args.model, args.data, args.out, cfg, args.calibration, executor)
+        else:
+            classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
+            report = build_bundle(args.dataset, classifier, args.out, cfg, executor)
     print(json.dumps(report, indent=2, default=float))
     return 0
 
@@ -188,6 +199,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "only; required by --supervised-detector linear)",
     )
     p.add_argument("--supervised-n", type=int, help="held-out images to attack (default: all 20%% of --n-calib)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the passes over images as Ray tasks (the cluster extra): on the cluster at ADDRESS (e.g. "
+        "ray://head:10001, or auto), or without ADDRESS on a local Ray with this machine's cores; same bundle bytes",
+    )
+    p.add_argument("--workers", type=int, help="with --ray and no ADDRESS: the local Ray's CPUs (default: all cores)")
     p.set_defaults(func=_cmd_build)
 
 

@@ -165,6 +165,15 @@ def test_only_evaluation_and_the_builder_reach_the_evaluation_extra():
     assert {m: n for m, n in bad.items() if n} == {}
 
 
+def test_only_the_cluster_executor_imports_ray():
+    """Ray is the cluster extra: one module imports it (lazily), so the builder and everything else run without."""
+    _, imported = _graph()
+    users = sorted(m for m, names in imported.items() if any(n.split(".")[0] == "ray" for n in names))
+    assert users == ["pathguard.models.builder.cluster"]
+    source = (ROOT / "models/builder/cluster.py").read_text()
+    assert "\nimport ray" not in source and "\nfrom ray" not in source  # never at module level
+
+
 def test_the_serving_path_loads_no_evaluation_code(tmp_path):
     """Start the app on the committed bundle (lifespan run) and list what was imported."""
     script = (
@@ -186,7 +195,7 @@ def test_the_serving_path_loads_no_evaluation_code(tmp_path):
     forbidden = [
         m
         for m in loaded
-        if m.split(".")[0] in (*EVALUATION_LIBRARIES, "models", "service")
+        if m.split(".")[0] in (*EVALUATION_LIBRARIES, "ray", "models", "service")
         or m.startswith(("pathguard.models.evaluation", "pathguard.models.builder"))
     ]
     assert forbidden == []

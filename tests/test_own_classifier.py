@@ -141,9 +141,9 @@ def test_label_count_must_match_the_model_outputs(user_files, tmp_path):
 
 
 def test_the_fit_images_stream_through_in_batches(user_files, tmp_path, monkeypatch):
-    """Class paths see every training image, but the folder is never read whole: at most one batch at a time,
-    besides NIC's sample and the calibration images."""
-    from pathguard.models.builder import builder
+    """Every pass reads the folder one chunk at a time (class paths over every training image, the calibration
+    passes); only NIC's sample is put together from its chunks."""
+    from pathguard.models.builder import shards
 
     sizes: list[int] = []
     load = ImageFolder.load
@@ -153,13 +153,15 @@ def test_the_fit_images_stream_through_in_batches(user_files, tmp_path, monkeypa
         return load(self, shape, idx)
 
     monkeypatch.setattr(ImageFolder, "load", recording_load)
-    monkeypatch.setattr(builder, "FOLDER_BATCH", 16)
+    monkeypatch.setattr(shards, "CHUNK", 16)
     nic = {**NIC, "n_fit": 50, "n_pca": 50, "n_final": 40, "n_head": 100}  # NIC's sample: 120 of the 151 files
     out = tmp_path / "streamed"
     cfg = BuildConfig(name="s", nic=nic, target_fpr=0.1)
     build_bundle_from_onnx(user_files["model"], user_files["train"], out, cfg, user_files["calib"])
-    assert sizes[0] == 60  # the calibration images
-    assert sizes[1:11] == [16] * 9 + [7]  # every training file passed through the class paths, 16 at a time
-    assert sizes[11] == 120 and sum(sizes[11:]) == 121  # then NIC's sample (one more file for the unreadable one)
+    assert max(sizes) == 16  # nothing is read more than one chunk at a time
+    assert sizes[:10] == [16] * 9 + [7]  # class paths: every training file, 16 at a time
+    assert sizes[10] == 12  # the ep_fit calibration images (20% of 60)
+    assert sum(sizes[11:19]) == 120 and sizes[19] == 1  # NIC's sample, one more file for the unreadable one
+    assert sizes[20:] == [16, 8] * 3  # calib_a (NIC calibration, then the verdict's inputs), then calib_b
     paths = load_bundle(out).pipeline.class_paths
     assert int(paths.images_per_class_.sum()) <= 150

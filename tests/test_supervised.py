@@ -247,8 +247,7 @@ def test_no_pickle_or_joblib_import_in_the_package():
 
 
 def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(lenet, mnist_test):
-    from pathguard.models.builder.builder import _ep_features
-    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
+    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor, ep_features
 
     extractor = EffectivePathExtractor(lenet, theta=0.5)
     paths = ClassPaths(10).fit(extractor, mnist_test.x[1000:2000], mnist_test.y[1000:2000])
@@ -256,7 +255,7 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
 
     def features(x: np.ndarray) -> np.ndarray:
         seen.append(len(x))
-        return _ep_features(extractor, paths, x)
+        return ep_features(paths.similarity(extractor.extract(x, ranks=(1, 2))))
 
     x, y = mnist_test.x, mnist_test.y
     det = fit_supervised(lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "linear", "effective_path")
@@ -274,14 +273,13 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
 
 
 def test_fit_supervised_ensemble_is_calibrated_with_the_exported_scorer(lenet, mnist_test):
-    from pathguard.models.builder.builder import _ep_features
-    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
+    from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor, ep_features
 
     extractor = EffectivePathExtractor(lenet, theta=0.5)
     paths = ClassPaths(10).fit(extractor, mnist_test.x[1000:2000], mnist_test.y[1000:2000])
 
     def features(x: np.ndarray) -> np.ndarray:
-        return _ep_features(extractor, paths, x)
+        return ep_features(paths.similarity(extractor.extract(x, ranks=(1, 2))))
 
     x, y = mnist_test.x, mnist_test.y
     det = fit_supervised(

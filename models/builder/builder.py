@@ -23,23 +23,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pathguard.models.builder.config import BuildConfig
+from pathguard.models.builder.shards import (
+    DatasetSource,
+    Executor,
+    FolderSource,
+    ImageSource,
+    Job,
+    LocalExecutor,
+    ShardFn,
+    ShardResult,
+    components_pass,
+    ep_pass,
+    nic_pass,
+    paths_pass,
+    sample_pass,
+    shards_of,
+)
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
     BENIGN_RANGES,
     DetectionPipeline,
-    load_bundle,
     load_classifier,
     npz_bytes,
     read_verified,
     write_bundle,
 )
-from pathguard.models.bundle.splits import calibration_splits, training_split_indices, training_splits
-from pathguard.models.data import ImageFolder, Split, load_dataset
-from pathguard.models.effective_path import BenignEPScore, ClassPaths, ClassSimilarityRanges, EffectivePathExtractor
+from pathguard.models.bundle.splits import calibration_split_indices, training_split_indices
+from pathguard.models.data import ImageFolder
+from pathguard.models.effective_path import (
+    BenignEPScore,
+    ClassPaths,
+    ClassSimilarityRanges,
+    EffectivePathExtractor,
+    PathCounts,
+)
 from pathguard.models.errors import DatasetError
 from pathguard.models.networks import (
     CLASSIFIER_FILES,
@@ -55,11 +75,6 @@ from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 __all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "model_files"]
 
 OPSET = 17
-FOLDER_BATCH = 512  # images of a folder read at once while the class paths stream through it
-
-
-def _ranges(model: TappedSequential, features: np.ndarray, x: np.ndarray, num_classes: int) -> ClassSimilarityRanges:
-    return ClassSimilarityRanges().fit(features, _predicted(model, x), num_classes)
 
 
 def add_benign_ranges(bundle_dir: str | Path) -> str:
@@ -72,29 +87,15 @@ def add_benign_ranges(bundle_dir: str | Path) -> str:
     m = files.manifest
     if files.has(BENIGN_RANGES):
         return files.sha256
-    bundle = load_bundle(bundle_dir)
-    cfg = m["build"]["config"]
-    ep_fit = training_splits(load_dataset(m["dataset"], "train"), cfg["n_calib"], cfg["seed"], cfg.get("n_train"))[
-        "ep_fit"
-    ]
-    pipe = bundle.pipeline
-    features = _ep_features(pipe.extractor, pipe.class_paths, ep_fit.x)
-    ranges = _ranges(bundle.classifier, features, ep_fit.x, len(m["classes"]))
+    cfg, ep = m["build"]["config"], m["effective_path"]
+    source = DatasetSource(m["dataset"])
+    idx = training_split_indices(len(source), cfg["n_calib"], cfg["seed"], cfg.get("n_train"))
+    job = Job.make({n: files.bytes(n) for n in CLASSIFIER_FILES}, ep["theta"], ep.get("last_k"))
+    job = job.with_fitted(**{"class_paths.npz": files.bytes("class_paths.npz")})
+    features, predicted = _ep_pass(_Passes(LocalExecutor(), {"ep_fit": (source, idx["ep_fit"])}, set()), job)
+    ranges = ClassSimilarityRanges().fit(features, predicted, len(m["classes"]))
     blobs = dict(files.blobs) | {BENIGN_RANGES: npz_bytes(ranges.to_arrays())}
     return write_bundle(bundle_dir, blobs, {k: v for k, v in m.items() if k not in ("files", "schema_version")})
-
-
-@torch.no_grad()
-def _predicted(model: TappedSequential, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    """(N,) the classifier's predicted classes."""
-    return np.concatenate(
-        [model(torch.from_numpy(x[s : s + batch])).argmax(1).numpy() for s in range(0, len(x), batch)]
-    )
-
-
-def _ep_features(extractor: EffectivePathExtractor, paths: ClassPaths, x: np.ndarray) -> np.ndarray:
-    sims = paths.similarity(extractor.extract(torch.from_numpy(x), ranks=(1, 2)))
-    return np.concatenate([sims[1], sims[2]], axis=1)  # (N, 2L)
 
 
 def _manifest(model: TappedSequential, dataset: str, classes: tuple[str, ...], cfg: BuildConfig) -> dict[str, Any]:
@@ -117,16 +118,27 @@ def _manifest(model: TappedSequential, dataset: str, classes: tuple[str, ...], c
     }
 
 
-def build_bundle(dataset: str, classifier_dir: str | Path, out_dir: str | Path, cfg: BuildConfig) -> dict[str, Any]:
+def build_bundle(
+    dataset: str,
+    classifier_dir: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
     """Build the bundle of a bundled classifier folder and dataset (``mnist``, ``cifar10``); returns a build
-    report (timings, sizes)."""
+    report (timings, sizes, the executor's workers and peak memory).
+
+    ``executor`` runs the passes over images (default: this process; a
+    :class:`~pathguard.models.builder.cluster.RayExecutor` spreads them over a Ray cluster, with the same bytes).
+    """
     t = time.perf_counter()
     model = load_classifier(classifier_dir)
-    train = load_dataset(dataset, "train")
-    parts = training_splits(train, cfg.n_calib, cfg.seed, cfg.n_train)
+    source = DatasetSource(dataset)
+    idx = training_split_indices(len(source), cfg.n_calib, cfg.seed, cfg.n_train)
     files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
-    load_s = time.perf_counter() - t
-    return _build(model, dataset, train.classes, parts, files, out_dir, cfg, {"load": load_s})
+    parts: dict[str, tuple[ImageSource, np.ndarray]] = {k: (source, v) for k, v in idx.items()}
+    timings = {"load": time.perf_counter() - t}
+    return _build(model, dataset, source.classes, parts, files, out_dir, cfg, timings, executor or LocalExecutor())
 
 
 def build_bundle_from_onnx(
@@ -135,6 +147,7 @@ def build_bundle_from_onnx(
     out_dir: str | Path,
     cfg: BuildConfig,
     calibration: str | Path | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Build the bundle of a user's ONNX classifier and its training images (``data/<class>/*.png|jpg``).
 
@@ -142,76 +155,44 @@ def build_bundle_from_onnx(
     folder of images the classifier never trained on, all training images fit the detectors and that folder
     calibrates them. The bundle keeps the user's file (``source.onnx``), from which the served graph is rebuilt.
 
-    Memory stays bounded whatever the folder's size: the class paths stream through the training images one batch
-    at a time; only the calibration images and NIC's fitting sample are held at once.
+    Memory stays bounded whatever the folder's size: every pass reads the images in chunks of
+    :data:`~pathguard.models.builder.shards.CHUNK`; only NIC's fitting sample is held at once. ``executor`` as
+    in :func:`build_bundle`.
     """
     if cfg.supervised_attacks:
         raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
     t = time.perf_counter()
-    source = Path(model_path).read_bytes()
-    model, tensors = import_onnx_tensors(source)
+    source_bytes = Path(model_path).read_bytes()
+    model, tensors = import_onnx_tensors(source_bytes)
     folder = ImageFolder.scan(data)
     if len(folder.classes) != model.config.num_classes:
         raise DatasetError(
             f"{data} has {len(folder.classes)} classes but the model has {model.config.num_classes} outputs"
         )
-    shape = model.config.input_shape
-    skipped: set[Path] = set()
+    train = FolderSource.of(folder, model.config.input_shape)
+    parts: dict[str, tuple[ImageSource, np.ndarray]]
     if calibration is None:
         idx = training_split_indices(len(folder), cfg.n_calib, cfg.seed, cfg.n_train)
-        held = {k: _read(folder, shape, idx[k], skipped) for k in ("ep_fit", "calib_a", "calib_b")}
-        fit = _FolderFit(folder, idx["fit"], shape, skipped)
+        parts = {k: (train, v) for k, v in idx.items()}
     else:
         calib_folder = ImageFolder.scan(calibration)
         if calib_folder.classes != folder.classes:
             raise DatasetError(f"{calibration} must have the same class folders as {data}")
-        calib = _read(calib_folder, shape, np.arange(len(calib_folder)), skipped)
-        held = calibration_splits(calib, cfg.seed)
-        order = np.random.default_rng(cfg.seed).permutation(len(folder))[: cfg.n_train]
-        fit = _FolderFit(folder, order, shape, skipped)
-    classifier = model_files(model, tensors, source)
+        calib = FolderSource.of(calib_folder, model.config.input_shape)
+        parts = {k: (calib, v) for k, v in calibration_split_indices(len(calib_folder), cfg.seed).items()}
+        parts["fit"] = (train, np.random.default_rng(cfg.seed).permutation(len(folder))[: cfg.n_train])
+    classifier = model_files(model, tensors, source_bytes)
     timings = {"load": time.perf_counter() - t}
+    skipped: set[str] = set()
 
     def source_entry() -> dict[str, Any]:  # after the build: the unreadable files are known only then
         return {"source": {"model": Path(model_path).name, "data": str(data), "skipped_files": len(skipped)}}
 
-    parts = {**held, "fit": fit}
-    report = _build(model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings, source_entry)
-    return report | {"skipped_files": sorted(str(p) for p in skipped)}
-
-
-def _read(folder: ImageFolder, shape: tuple[int, int, int], idx: np.ndarray, skipped: set[Path]) -> Split:
-    split, bad = folder.load(shape, idx)
-    skipped.update(bad)
-    return split
-
-
-@dataclass
-class _FolderFit:
-    """The fit split of an image folder, read on demand (never all at once)."""
-
-    folder: ImageFolder
-    idx: np.ndarray  # a seeded permutation of the fit images
-    shape: tuple[int, int, int]
-    skipped: set[Path]
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def batches(self, n: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for split, bad in self.folder.batches(self.shape, self.idx[:n], FOLDER_BATCH):
-            self.skipped.update(bad)
-            yield split.x, split.y
-
-    def sample(self, n: int) -> Split:
-        """The first ``n`` readable fit images (a random sample: the order is a seeded permutation)."""
-        parts, have, start = [], 0, 0
-        while have < n and start < len(self.idx):
-            split = _read(self.folder, self.shape, self.idx[start : start + n - have], self.skipped)
-            start += n - have
-            parts.append(split)
-            have += len(split)
-        return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), self.folder.classes)
+    report = _build(
+        model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings,
+        executor or LocalExecutor(), source_entry, skipped,
+    )  # fmt: skip
+    return report | {"skipped_files": sorted(skipped)}
 
 
 def model_files(model: TappedSequential, tensors: dict[str, str], source: bytes) -> dict[str, bytes]:
@@ -225,57 +206,76 @@ def _build(
     model: TappedSequential,
     dataset: str,
     classes: tuple[str, ...],
-    parts: dict[str, Any],
+    parts: dict[str, tuple[ImageSource, np.ndarray]],
     files: dict[str, bytes],
     out_dir: str | Path,
     cfg: BuildConfig,
     timings: dict[str, float],
+    executor: Executor,
     extra: Callable[[], dict[str, Any]] | None = None,
+    skipped: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Fit every detector on ``parts``, calibrate the verdict and write the bundle with ``files``.
+    """Fit every detector on ``parts`` (split name -> image source and its positions), calibrate the verdict and
+    write the bundle with ``files``.
 
-    ``parts["fit"]`` is a :class:`Split` in memory or a :class:`_FolderFit` read in batches; ``extra`` adds
-    manifest entries (a callable: evaluated once the fit images were read, e.g. to count unreadable files).
+    The passes over images run on ``executor``; ``extra`` adds manifest entries (a callable: evaluated once
+    every image was read, e.g. to count the unreadable files, which are collected in ``skipped``).
     """
+    passes = _Passes(executor, parts, set() if skipped is None else skipped)
     nic = NICDetector(**{"seed": cfg.seed, **cfg.nic})
-    source = parts["fit"]
+    job = Job.make(files, cfg.theta, cfg.ep_last_k)
+
     t = time.perf_counter()
     extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
-    if isinstance(source, Split):
-        fit = source if cfg.n_ep_fit is None else source.subset(np.arange(min(cfg.n_ep_fit, len(source))))
-        class_paths = ClassPaths(len(classes)).fit(extractor, fit.x, fit.y)
-        nic_fit = source
-    else:
-        class_paths = ClassPaths(len(classes)).fit_batches(extractor, source.batches(cfg.n_ep_fit))
-        nic_fit = source.sample(max(nic.n_head, nic.holdout + nic.n_fit + nic.n_final))
-    ep_features = _ep_features(extractor, class_paths, parts["ep_fit"].x)
-    ep_score = BenignEPScore().fit(ep_features)
-    ranges = _ranges(model, ep_features, parts["ep_fit"].x, len(classes))
+    fit_idx = parts["fit"][1]
+    counts: PathCounts | None = None
+    fit_images = 0
+    for r in passes.run(paths_pass, job, "fit", "class paths", fit_idx[: cfg.n_ep_fit]):  # reduced as they finish
+        counts = r.value if counts is None else PathCounts.merge([counts, r.value])
+        fit_images += r.images
+    assert counts is not None
+    class_paths = ClassPaths(len(classes)).fit_counts(extractor, counts)
+    paths_s = time.perf_counter() - t
+    job = job.with_fitted(**{"class_paths.npz": npz_bytes(class_paths.to_arrays())})
+    features, predicted = _ep_pass(passes, job)
+    ep_score = BenignEPScore().fit(features)
+    ranges = ClassSimilarityRanges().fit(features, predicted, len(classes))
     timings["effective_path"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    nic.fit(model, nic_fit.x, nic_fit.y)
-    nic.calibrate(model, parts["calib_a"].x)
+    sample_x, sample_y = _sample(passes, job, nic.sample_size)
+    nic.fit(model, sample_x, sample_y)
+    del sample_x, sample_y
+    job = job.with_fitted(**_nic_files(nic))
+    scores = passes.ordered(nic_pass, job, "calib_a", "NIC calibration")
+    nic.calibrate_scores([chunk for r in scores for chunk in r.value])
     timings["nic"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr)
-    raw = {k: pipeline.raw_components(parts[k].x) for k in tqdm(["calib_a", "calib_b"], desc="calibration")}
-    calib_a, calib_b = ({c: raw[k][c] for c in cfg.fusion} for k in ("calib_a", "calib_b"))
-    verdict = FusedVerdict.fit(calib_a, calib_b, cfg.target_fpr)
+    job = job.with_fitted(**{"ep_score.npz": npz_bytes(ep_score.to_arrays())}, **_nic_files(nic))
+    raw, held = {}, {"ep_fit": len(features)}
+    for k in ("calib_a", "calib_b"):
+        done = [r for r in passes.ordered(components_pass, job, k, f"calibration {k}") if r.images]
+        if not done:
+            raise DatasetError(f"none of the {len(parts[k][1])} {k} calibration images could be read")
+        raw[k] = {c: np.concatenate([r.value[c] for r in done]) for c in cfg.fusion}
+        held[k] = sum(r.images for r in done)
+    verdict = FusedVerdict.fit(raw["calib_a"], raw["calib_b"], cfg.target_fpr)
     timings["calibration"] = time.perf_counter() - t
+    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr)
 
     supervised: SupervisedDetector | None = None
-    if cfg.supervised_attacks:
+    if cfg.supervised_attacks:  # the attacks run here, on the held-out images read into memory
         t = time.perf_counter()
-        n = len(parts["ep_fit"]) if cfg.supervised_n is None else min(cfg.supervised_n, len(parts["ep_fit"]))
+        ep_fit, _ = parts["ep_fit"][0].read(parts["ep_fit"][1])
+        n = len(ep_fit) if cfg.supervised_n is None else min(cfg.supervised_n, len(ep_fit))
         supervised = fit_supervised(
             model,
             dataset,
             lambda x: pipeline.supervised_features(x, cfg.supervised_features),
-            parts["ep_fit"].x[:n],
-            parts["ep_fit"].y[:n],
-            parts["calib_b"].x,
+            ep_fit.x[:n],
+            ep_fit.y[:n],
+            parts["calib_b"][0].read(parts["calib_b"][1])[0].x,
             cfg.supervised_attacks,
             cfg.supervised_detector,
             cfg.supervised_features,
@@ -289,8 +289,7 @@ def _build(
         "class_paths.npz": npz_bytes(class_paths.to_arrays()),
         "ep_score.npz": npz_bytes(ep_score.to_arrays()),
         BENIGN_RANGES: npz_bytes(ranges.to_arrays()),
-        "nic.npz": npz_bytes(nic.to_arrays()),
-        "nic.json": (json.dumps(nic.config(), indent=2) + "\n").encode(),
+        **_nic_files(nic),
         "calibration.npz": npz_bytes(verdict.to_arrays()),
     }
     threshold = verdict.threshold_for(cfg.target_fpr)
@@ -307,7 +306,7 @@ def _build(
                 "fusion": f"fisher({', '.join(verdict.components)})",
                 "components": verdict.components,
             },
-            "calibration": {k: len(v) for k, v in parts.items()},
+            "calibration": {"fit": len(fit_idx), **held},
             **(
                 {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
                 if supervised is not None
@@ -320,4 +319,78 @@ def _build(
         files |= supervised_files(supervised)
     digest = write_bundle(out_dir, files, manifest)
     sizes = {n: len(b) for n, b in files.items()}
-    return {"bundle": str(out_dir), "sha256": digest, "threshold": threshold, "seconds": timings, "bytes": sizes}
+    cluster = {
+        "workers": executor.workers,
+        "shards": passes.shards,
+        "fit_images": fit_images,
+        "fit_images_per_s": round(fit_images / max(paths_s, 1e-9), 1),
+        "peak_rss_bytes": executor.peak_rss(),
+    }
+    return {
+        "bundle": str(out_dir),
+        "sha256": digest,
+        "threshold": threshold,
+        "seconds": timings,
+        "bytes": sizes,
+        "executor": cluster,
+    }
+
+
+@dataclass
+class _Passes:
+    """The build's passes over images: shards of the named parts, run on the executor; the unreadable files
+    they met are collected in ``skipped``."""
+
+    executor: Executor
+    parts: dict[str, tuple[ImageSource, np.ndarray]]
+    skipped: set[str]
+    shards: int = 0
+
+    def run(
+        self,
+        fn: ShardFn,
+        job: Job,
+        part: str,
+        desc: str,
+        idx: np.ndarray | None = None,
+        chunks_per_shard: int | None = None,
+    ) -> Iterator[ShardResult]:
+        """Results as the shards finish (positions ``idx`` of the part; default: all of them)."""
+        source, positions = self.parts[part]
+        shards = shards_of(source, part, positions if idx is None else idx, chunks_per_shard)
+        self.shards += len(shards)
+        for r in self.executor.map(fn, job, shards, desc):
+            self.skipped.update(r.skipped)
+            yield r
+
+    def ordered(self, fn: ShardFn, job: Job, part: str, desc: str, **kwargs: Any) -> list[ShardResult]:
+        """Results in shard (position) order."""
+        return sorted(self.run(fn, job, part, desc, **kwargs), key=lambda r: r.shard)
+
+
+def _ep_pass(passes: _Passes, job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2L) Effective Path features and (N,) predictions of the readable ``ep_fit`` images, in order."""
+    results = passes.ordered(ep_pass, job, "ep_fit", "Effective Path features")
+    features = np.concatenate([r.value[0] for r in results])
+    if not len(features):
+        raise DatasetError(f"none of the {len(passes.parts['ep_fit'][1])} ep_fit calibration images could be read")
+    return features, np.concatenate([r.value[1] for r in results])
+
+
+def _sample(passes: _Passes, job: Job, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` readable fit images (NIC's fitting sample: the fit positions are a seeded permutation),
+    read by the executor's workers; fewer only when the fit split runs out."""
+    idx = passes.parts["fit"][1]
+    xs, ys, have, start = [], [], 0, 0
+    while have < n and start < len(idx):
+        part = idx[start : start + n - have]
+        start += len(part)
+        for r in passes.ordered(sample_pass, job, "fit", "NIC sample", idx=part, chunks_per_shard=1):
+            xs.append(r.value[0])
+            ys.append(r.value[1])
+            have += r.images
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _nic_files(nic: NICDetector) -> dict[str, bytes]:
+    return {"nic.npz": npz_bytes(nic.to_arrays()), "nic.json": (json.dumps(nic.config(), indent=2) + "\n").encode()}

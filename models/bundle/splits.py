@@ -11,7 +11,7 @@ import numpy as np
 
 from pathguard.models.data import Split
 
-__all__ = ["calibration_splits", "training_split_indices", "training_splits"]
+__all__ = ["calibration_split_indices", "training_split_indices", "training_splits"]
 
 
 def training_splits(train: Split, n_calib: int, seed: int = 0, n_train: int | None = None) -> dict[str, Split]:
@@ -40,17 +40,12 @@ def training_split_indices(n: int, n_calib: int, seed: int = 0, n_train: int | N
     }
 
 
-def calibration_splits(calib: Split, seed: int = 0) -> dict[str, Split]:
-    """``ep_fit`` (20%), ``calib_a`` (40%) and ``calib_b`` (40%) of a separate calibration set (seeded), for a
-    classifier whose own training images all go into ``fit``."""
-    n = len(calib)
+def calibration_split_indices(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``ep_fit`` (20%), ``calib_a`` (40%) and ``calib_b`` (40%) image indices of a separate calibration set of
+    ``n`` images (seeded), for a classifier whose own training images all go into ``fit``."""
     if n < 10:
         raise ValueError(f"the calibration set has {n} images; need at least 10")
     perm = np.random.default_rng(seed).permutation(n)
     n_ep = n // 5
     n_a = (n - n_ep) // 2
-    return {
-        "ep_fit": calib.subset(perm[:n_ep]),
-        "calib_a": calib.subset(perm[n_ep : n_ep + n_a]),
-        "calib_b": calib.subset(perm[n_ep + n_a :]),
-    }
+    return {"ep_fit": perm[:n_ep], "calib_a": perm[n_ep : n_ep + n_a], "calib_b": perm[n_ep + n_a :]}

@@ -9,7 +9,7 @@ as plain arrays).
 """
 
 from pathguard.models.effective_path.benign import ClassSimilarityRanges
-from pathguard.models.effective_path.class_paths import ClassPaths
+from pathguard.models.effective_path.class_paths import ClassPaths, PathCounts
 from pathguard.models.effective_path.detectors import (
     DETECTORS,
     BenignEPScore,
@@ -34,6 +34,7 @@ __all__ = [
     "LayerInfo",
     "LinearJointSimilarity",
     "PathBatch",
+    "PathCounts",
     "SklearnDetector",
     "TreeEnsemble",
     "ep_features",

@@ -17,6 +17,7 @@ Persistence is plain arrays (:meth:`ClassPaths.to_arrays` / :meth:`ClassPaths.fr
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,9 +29,35 @@ from pathguard.models.errors import NotFittedError
 if TYPE_CHECKING:
     from pathguard.models.effective_path.extractor import EffectivePathExtractor
 
-__all__ = ["ClassPaths", "NotFittedError"]
+__all__ = ["ClassPaths", "NotFittedError", "PathCounts"]
 
 _SCHEMA = 1
+
+
+@dataclass
+class PathCounts:
+    """Unfitted class paths of some training images: per layer the flat packed (K * row bytes,) uint8 bitmaps,
+    and (K,) the images that entered each class path."""
+
+    packed: dict[str, np.ndarray]
+    images_per_class: np.ndarray
+
+    @staticmethod
+    def merge(parts: Iterable[PathCounts]) -> PathCounts:
+        """The counts of the union of disjoint image sets: bitmaps OR-ed, image counts summed."""
+        it = iter(parts)
+        first = next(it)
+        packed = {n: m.copy() for n, m in first.packed.items()}
+        images = np.asarray(first.images_per_class, dtype=np.int64).copy()
+        for part in it:
+            for n, m in part.packed.items():
+                packed[n] |= m
+            images += part.images_per_class
+        return PathCounts(packed, images)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(m.nbytes) for m in self.packed.values()) + int(self.images_per_class.nbytes)
 
 
 def _set_bits(packed: np.ndarray, bits: torch.Tensor) -> None:
@@ -98,16 +125,37 @@ class ClassPaths:
         batches: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
     ) -> ClassPaths:
         """:meth:`fit` over ``(x, y)`` batches that arrive one at a time (a folder too large to hold at once)."""
+        return self.fit_counts(extractor, self.accumulate(extractor, batches))
+
+    def accumulate(
+        self,
+        extractor: EffectivePathExtractor,
+        batches: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    ) -> PathCounts:
+        """The class paths of ``batches`` before fitting: packed bitmaps and image counts, nothing stored.
+
+        Partial results of disjoint batches combine exactly (:meth:`PathCounts.merge`: OR and sum, in any
+        order), so shards of a training set can be aggregated on different machines.
+        """
         self._start(extractor)
         packed = {name: np.zeros(self.num_classes * self._row_bytes(name), dtype=np.uint8) for name in self.layers_}
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         for xb, yb in batches:
             xt = torch.as_tensor(xb, dtype=torch.float32)
             yt = torch.as_tensor(np.asarray(yb), dtype=torch.int64)
-            counts += self._add_batch(packed, extractor.extract(xt, ranks=(1,)), yt)
-        self.synapse_bitmaps_ = {n: packed[n].reshape(self.num_classes, -1) for n in self.layers_}
+            if len(xt):
+                counts += self._add_batch(packed, extractor.extract(xt, ranks=(1,)), yt)
+        return PathCounts(packed, counts.numpy())
+
+    def fit_counts(self, extractor: EffectivePathExtractor, counts: PathCounts) -> ClassPaths:
+        """Fit from :meth:`accumulate` results (merged over every shard of the training images)."""
+        self._start(extractor)
+        for name in self.layers_:
+            if counts.packed[name].shape != (self.num_classes * self._row_bytes(name),):
+                raise ValueError(f"path counts of {name} do not match the extractor's layer geometry")
+        self.synapse_bitmaps_ = {n: counts.packed[n].reshape(self.num_classes, -1).copy() for n in self.layers_}
         self._pack_flat()
-        self.images_per_class_ = counts.numpy()
+        self.images_per_class_ = np.asarray(counts.images_per_class, dtype=np.int64).copy()
         self.weight_bitmaps_ = {n: self._weight_bitmap(n) for n in self.layers_}
         return self
 

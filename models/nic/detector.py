@@ -634,14 +634,34 @@ class NICDetector:
         """
         self._check_fitted()
         xc = _to_tensor(x_calib)
+        step = self.batch_size
+        return self.calibrate_scores(
+            [self.calibration_scores(model, xc[lo : lo + step]) for lo in range(0, len(xc), step)]
+        )
+
+    @torch.no_grad()
+    def calibration_scores(self, model: Any, x: np.ndarray | torch.Tensor) -> list[tuple[np.ndarray, ...]]:
+        """Raw (value, provenance, final) scores of every member on clean inputs ``x``, one forward pass: what
+        :meth:`calibrate_scores` stores (computed where the images are, e.g. on the workers of a cluster)."""
+        self._check_fitted()
+        acts = self.activations(model, _to_tensor(x))[1]
+        return [tuple(t.numpy() for t in self.raw_scores(acts, k)) for k in range(len(self.members_))]
+
+    def calibrate_scores(self, chunks: Sequence[list[tuple[np.ndarray, ...]]]) -> NICDetector:
+        """:meth:`calibrate` from :meth:`calibration_scores` of consecutive chunks of the calibration images."""
+        self._check_fitted()
         for k, m in enumerate(self.members_):
-            outs = [self.raw_scores(self.activations(model, xc[lo : lo + self.batch_size])[1], k)
-                    for lo in range(0, len(xc), self.batch_size)]  # fmt: skip
             m.calib_value, m.calib_provenance, m.calib_final = (
-                torch.cat([o[i] for o in outs]).numpy() for i in range(3)
+                np.concatenate([c[k][i] for c in chunks]) for i in range(3)
             )
             m._sorted_calib = None
         return self
+
+    @property
+    def sample_size(self) -> int:
+        """Training images :meth:`fit` draws from when it holds out its own validation images: a random sample
+        of this many is as good as the whole training set."""
+        return max(self.n_head, self.holdout + self.n_fit + self.n_final)
 
     # ------------------------------------------------------------------ export
     def config(self) -> dict[str, Any]:
@@ -656,7 +676,6 @@ class NICDetector:
             "n_members": len(self.members_),
             "calibrated": self.calibrated,
             "head_accuracy": dict(self.head_accuracy_),
-            "fit_seconds": getattr(self, "fit_seconds_", None),
         }
 
     def to_arrays(self) -> dict[str, np.ndarray]:
