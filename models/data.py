@@ -213,9 +213,20 @@ _SIZES = {("mnist", "train"): 60000, ("mnist", "test"): 10000, ("cifar10", "trai
 
 
 def dataset_info(name: str, split: str) -> tuple[int, tuple[str, ...]]:
-    """Number of images and classes of ``split`` of a bundled dataset, without reading it."""
+    """Number of images and classes of ``split`` of a bundled dataset, without reading it; :class:`DatasetError`
+    (the message :func:`load_dataset` would give) when its files are not in :func:`data_dir`."""
     if (name, split) not in _SIZES:
         raise ValueError(f"unknown dataset split {name!r}/{split!r}; supported: mnist, cifar10 (train, test)")
+    if name == "mnist":
+        prefix = "train" if split == "train" else "t10k"
+        for kind in ("images-idx3", "labels-idx1"):
+            _require(data_dir() / "mnist" / f"{prefix}-{kind}-ubyte.gz", "mnist")
+    else:
+        root = data_dir() / "cifar10"
+        if not any((root / spec[0]).is_file() for spec in (_CIFAR_JPEG, _CIFAR_BIN)):
+            raise DatasetError(
+                f"missing dataset file {root / _CIFAR_JPEG[0]} (or {root / _CIFAR_BIN[0]}); {_hint('cifar10')}"
+            )
     return _SIZES[(name, split)], MNIST_CLASSES if name == "mnist" else CIFAR10_CLASSES
 
 

@@ -19,6 +19,7 @@ from pathguard.models.builder import shards as shards_module
 from pathguard.models.bundle import load_bundle, read_verified
 from pathguard.models.data import dataset_info, load_dataset
 from pathguard.models.errors import DatasetError
+from pathguard.service.cli import main
 from tests.conftest import MNIST_CLASSIFIER, TINY_NIC
 from tests.test_own_classifier import NIC, user_files  # noqa: F401 (the fixture)
 
@@ -128,3 +129,15 @@ def test_dataset_info_matches_the_data():
             data = load_dataset(name, split)
             assert (n, classes) == (len(data), data.classes)
     assert np.all(load_dataset("mnist", "train").y < 10)
+
+
+def test_cli_builds_on_ray(local_ray, folder_builds, user_files, tmp_path, capsys):  # noqa: F811
+    root, cfg, args, _ = folder_builds
+    argv = ["build", "--model", str(args[0]), "--data", str(args[1]), "--calibration", str(user_files["calib"])]
+    argv += ["--name", cfg.name, "--target-fpr", "0.1", "--nic", json.dumps(NIC)]
+    assert main([*argv, "--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --ray
+    assert "--workers sets the local Ray's CPUs" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "cli"), "--ray"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["executor"]["workers"] == 2  # the Ray this process already runs
+    _assert_same(root / "local", tmp_path / "cli")
