@@ -81,30 +81,44 @@ def test_committed_bundle_graph_svms_are_exact_given_the_same_inputs(committed):
     """The float64 part (every one-class SVM, the final standardization) agrees with torch to ~1e-12 when fed the
     graph's own float32 features and derived-model outputs: the only differences left are float32 roundings."""
     onnx_bytes, nic, x = committed
-    feats = tuple(f"nic/m0/{n}/feats" for n in nic.layers_ if n != "softmax")
-    outs = _run(with_nic_outputs(onnx_bytes, nic), x, feats)
-    for j, name in enumerate(nic.layers_):
-        if name != "softmax":
-            vi = nic.value_score(name, torch.from_numpy(outs[f"nic/m0/{name}/feats"])).numpy()
-            np.testing.assert_allclose(outs["nic_value"][:, j], vi, rtol=1e-12, atol=1e-11)
-    probs = torch.from_numpy(outs["nic_probs"])  # (N, L, K)
-    assert probs.shape == (N_IMAGES, len(nic.layers_), nic.n_classes_)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(N_IMAGES, len(nic.layers_)), atol=1e-5, rtol=0)
+    assert nic.layers_[-1] == "softmax"
+    feats = tuple(f"nic/m0/{n}/feats" for n in nic.layers_[:-1])
+    pi_inputs = tuple(f"nic/m0/pi{i}/input" for i in range(len(nic.pairs_)))
+    outs = _run(with_nic_outputs(onnx_bytes, nic), x, feats + pi_inputs)
+    for j, name in enumerate(nic.layers_[:-1]):  # every layer but the softmax
+        f = torch.from_numpy(outs[f"nic/m0/{name}/feats"])
+        vi = nic.value_score(name, f).numpy()
+        np.testing.assert_allclose(outs["nic_value"][:, j], vi, rtol=1e-12, atol=1e-11)
+        z = torch.from_numpy(outs["nic_head_logits"][:, j])  # the head's logits: a float32 Gemm of the features
+        stage = nic.members_[0].stages[name]
+        torch.testing.assert_close(z, torch.addmm(stage.head_bias, f, stage.head_weight), atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(outs["nic_head_logits"][:, -1], outs["logits"])  # the softmax layer: the network's
     for i in range(len(nic.pairs_)):
-        pi = nic.provenance_score(i, probs[:, i], probs[:, i + 1]).numpy()
+        pin = torch.from_numpy(outs[f"nic/m0/pi{i}/input"])  # (N, 2K): onnxruntime's softmaxes of the head logits
+        probs = torch.softmax(torch.from_numpy(outs["nic_head_logits"][:, i : i + 2]), -1).reshape(len(x), -1)
+        torch.testing.assert_close(pin, probs, atol=1e-6, rtol=0)  # torch's softmax, to the last bits
+        k = pin.shape[1] // 2
+        pi = nic.provenance_score(i, pin[:, :k], pin[:, k:]).numpy()
         np.testing.assert_allclose(outs["nic_provenance"][:, i], pi, rtol=1e-12, atol=1e-11)
     value, prov = torch.from_numpy(outs["nic_value"]), torch.from_numpy(outs["nic_provenance"])
     np.testing.assert_allclose(outs["nic_final"], nic.final_score(value, prov).numpy(), rtol=1e-12, atol=1e-11)
-    sm = torch.softmax(torch.from_numpy(outs["logits"]), -1)
-    torch.testing.assert_close(probs[:, -1], sm, atol=1e-6, rtol=0)  # onnxruntime's softmax, to the last bits
 
 
-def test_graph_scores_read_back_as_tensors(committed):
+def test_per_layer_export_and_read_back(committed):
     onnx_bytes, nic, x = committed
-    outs = _run(with_nic_outputs(onnx_bytes, nic), x[:5])
-    g = GraphNICScores.from_outputs(outs)
-    assert g.value.dtype == torch.float64 and g.final.shape == (5,) and g.probs.dtype == torch.float32
-    np.testing.assert_array_equal(g.provenance.numpy(), outs["nic_provenance"])
+    full = _run(with_nic_outputs(onnx_bytes, nic), x[:5])
+    per_layer = _run(with_nic_outputs(onnx_bytes, nic, provenance=False), x[:5])
+    assert "nic_provenance" not in per_layer and "nic_final" not in per_layer
+    for name in ("nic_value", "nic_head_logits", "logits"):
+        np.testing.assert_array_equal(per_layer[name], full[name])
+    g = GraphNICScores.from_outputs(full)
+    assert g.value.dtype == torch.float64 and g.head_logits.shape == (5, len(nic.layers_), nic.n_classes_)
+    assert g.final is not None and g.final.shape == (5,) and g.provenance is not None
+    np.testing.assert_array_equal(g.provenance.numpy(), full["nic_provenance"])
+    partial = GraphNICScores.from_outputs(per_layer)
+    assert partial.provenance is None and partial.final is None
+    with pytest.raises(KeyError):
+        GraphNICScores.from_outputs(per_layer, member=1)
 
 
 # ---------------------------------------------------------------------- a small random network, randomized members
@@ -140,7 +154,7 @@ def test_randomized_members_in_the_graph_match_the_torch_scorer(small):
     assert any(nic.members_[k].stages[n].scale > 0 for k in (1, 2) for n in nic.layers_)  # quantized stages
     outs = _run(with_nic_outputs(onnx_bytes, nic, members=None), x)
     for k in range(nic.n_members):
-        v_name, p_name, f_name, _ = nic_output_names(k)
+        v_name, _, p_name, f_name = nic_output_names(k)
         value, prov, final = _torch_scores(nic, x, outs, member=k)
         _assert_close_to_scale(outs[v_name], value)
         _assert_close_to_scale(outs[p_name], prov)

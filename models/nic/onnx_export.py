@@ -5,26 +5,28 @@ nodes of a fitted :class:`~pathguard.models.nic.NICDetector`, so that one onnxru
 taps and the numbers :meth:`NICDetector.raw_scores` gives for the same activations. Per member ``m`` (0 = the
 unrandomized detector; randomized members only when asked for):
 
-==================  =======  =========  ====================================================================
-output              dtype    shape      meaning
-==================  =======  =========  ====================================================================
-``nic_value``       float64  (N, L)     VI score of each checked layer (``layers_`` order)
-``nic_provenance``  float64  (N, L-1)   PI score of each consecutive pair (``pairs_`` order)
-``nic_final``       float64  (N,)       final detector score
-``nic_probs``       float32  (N, L, K)  derived-model output D_l(x) of each layer (the PI inputs)
-==================  =======  =========  ====================================================================
+=====================  =======  =========  =================================================================
+output                 dtype    shape      meaning
+=====================  =======  =========  =================================================================
+``nic_value``          float64  (N, L)     VI score of each checked layer (``layers_`` order)
+``nic_head_logits``    float32  (N, L, K)  derived heads' logits z_l, D_l(x) = softmax(z_l) (softmax layer:
+                                           the network's logits; its D_l is its own reduced features)
+``nic_provenance``     float64  (N, L-1)   PI score of each consecutive pair (``pairs_`` order)
+``nic_final``          float64  (N,)       final detector score
+=====================  =======  =========  =================================================================
 
-Member ``m > 0`` gets the suffix ``_m{m}`` (``nic_value_m1``, ...). Every score is ``-decision_function``
-(higher = more anomalous), as :meth:`NICDetector.raw_scores`; calibration into violation probabilities stays outside
-the graph. :class:`GraphNICScores` reads one member's outputs back.
+Member ``m > 0`` gets the suffix ``_m{m}`` (``nic_value_m1``, ...). ``provenance=False`` stops after the per-layer
+outputs (``nic_value``, ``nic_head_logits``). Every score is ``-decision_function`` (higher = more anomalous), as
+:meth:`NICDetector.raw_scores`; calibration into violation probabilities stays outside the graph.
+:class:`GraphNICScores` reads one member's outputs back.
 
 The per-layer subgraph mirrors the torch scorer step by step and in the same precision: flatten, the optional
 randomized quantization ``floor|ceil(a * c) / c`` and the affine reduction ``a @ W + b`` in float32, the derived
 head's softmax in float32, and every RBF one-class SVM in float64 (inputs cast to double, then
 ``-(sum_i alpha_i exp(min(0, 2 gamma x.sv_i - gamma ||sv_i||^2 - gamma ||x||^2)) + intercept)``, the expansion
 that :class:`~pathguard.models.nic.svm.ExportedOCSVM` evaluates). Given the same float32 inputs the float64 part
-agrees with torch to about 1e-13. The float32 matrix products (onnxruntime's kernels, not torch's) and the softmax
-of the logits (onnxruntime's exp, not torch's) round differently in the last bits, so the scores agree with
+agrees with torch to about 1e-12. The float32 matrix products (onnxruntime's kernels, not torch's) and softmaxes
+(onnxruntime's exp, not torch's) round differently in the last bits, so the scores agree with
 :meth:`NICDetector.raw_scores` to about 1e-5 of each score's scale, as two float32 evaluations can. Each layer's
 nodes depend only on that layer's activation, so onnxruntime's parallel executor can run them beside the rest of
 the forward pass.
@@ -49,7 +51,7 @@ from pathguard.models.nic.svm import ExportedOCSVM
 
 __all__ = [
     "NIC_FINAL",
-    "NIC_PROBS",
+    "NIC_HEAD_LOGITS",
     "NIC_PROVENANCE",
     "NIC_VALUE",
     "GraphNICScores",
@@ -57,15 +59,16 @@ __all__ = [
     "with_nic_outputs",
 ]
 
-NIC_VALUE, NIC_PROVENANCE, NIC_FINAL, NIC_PROBS = "nic_value", "nic_provenance", "nic_final", "nic_probs"
+NIC_VALUE, NIC_HEAD_LOGITS = "nic_value", "nic_head_logits"
+NIC_PROVENANCE, NIC_FINAL = "nic_provenance", "nic_final"
 _MIN_OPSET = 13  # ReduceSum with axes as an input, Softmax over the last axis only
 
 
 def nic_output_names(member: int = 0) -> tuple[str, str, str, str]:
-    """Names of the value (N, L), provenance (N, L-1), final (N,) and derived-model (N, L, K) outputs of detector
+    """Names of the value (N, L), head-logit (N, L, K), provenance (N, L-1) and final (N,) outputs of detector
     member ``member``."""
     suffix = "" if member == 0 else f"_m{member}"
-    return (NIC_VALUE + suffix, NIC_PROVENANCE + suffix, NIC_FINAL + suffix, NIC_PROBS + suffix)
+    return (NIC_VALUE + suffix, NIC_HEAD_LOGITS + suffix, NIC_PROVENANCE + suffix, NIC_FINAL + suffix)
 
 
 @dataclass
@@ -76,24 +79,27 @@ class GraphNICScores:
     ----------
     value : torch.Tensor
         (N, L) float64 VI scores.
-    provenance : torch.Tensor
-        (N, L-1) float64 PI scores.
-    final : torch.Tensor
-        (N,) float64 final detector scores.
-    probs : torch.Tensor
-        (N, L, K) float32 derived-model outputs.
+    head_logits : torch.Tensor
+        (N, L, K) float32 derived heads' logits; ``softmax(head_logits, -1)`` are the derived-model outputs.
+    provenance : torch.Tensor or None
+        (N, L-1) float64 PI scores (None for a graph exported with ``provenance=False``).
+    final : torch.Tensor or None
+        (N,) float64 final detector scores (likewise).
     """
 
     value: torch.Tensor
-    provenance: torch.Tensor
-    final: torch.Tensor
-    probs: torch.Tensor
+    head_logits: torch.Tensor
+    provenance: torch.Tensor | None = None
+    final: torch.Tensor | None = None
 
     @classmethod
     def from_outputs(cls, outputs: Mapping[str, np.ndarray], member: int = 0) -> GraphNICScores:
         """Pick member ``member``'s outputs from ``name -> array`` of a session run."""
-        v, p, f, d = (torch.from_numpy(np.asarray(outputs[n])) for n in nic_output_names(member))
-        return cls(v, p, f, d)
+        got = [torch.from_numpy(np.asarray(outputs[n])) if n in outputs else None for n in nic_output_names(member)]
+        value, head_logits, provenance, final = got
+        if value is None or head_logits is None:
+            raise KeyError(f"no NIC outputs of member {member} among {sorted(outputs)}")
+        return cls(value, head_logits, provenance, final)
 
 
 def with_nic_outputs(
@@ -101,6 +107,7 @@ def with_nic_outputs(
     nic: NICDetector,
     members: Sequence[int] | None = (0,),
     logits: str = "logits",
+    provenance: bool = True,
 ) -> onnx.ModelProto:
     """The served ONNX model with the NIC scores of ``nic`` appended as graph outputs.
 
@@ -116,6 +123,8 @@ def with_nic_outputs(
         Detector members to export (default: only the unrandomized member 0); None exports all of them.
     logits : str
         Name of the logits tensor.
+    provenance : bool
+        Also append the provenance SVMs and the final model (else only the per-layer outputs).
 
     Returns
     -------
@@ -142,7 +151,7 @@ def with_nic_outputs(
     for k in chosen:
         if not 0 <= k < nic.n_members:
             raise ValueError(f"member {k} out of range (detector has {nic.n_members})")
-        builder.member(arrays, nic.layers_, k)
+        builder.member(arrays, nic.layers_, k, provenance)
     builder.commit()
     onnx.checker.check_model(out)
     return out
@@ -192,47 +201,67 @@ class _GraphBuilder:
         self.graph.output.extend(self.outputs)
 
     # ------------------------------------------------------------------ NIC
-    def member(self, arrays: dict[str, np.ndarray], layers: Sequence[str], k: int) -> None:
+    def member(self, arrays: dict[str, np.ndarray], layers: Sequence[str], k: int, provenance: bool) -> None:
         """Append member ``k``'s scoring from its exported arrays (keys ``m{k}.*`` of ``NICDetector.to_arrays``):
-        per layer the reduction, VI and derived head, then the PI SVMs and the final model."""
+        per layer the reduction, VI and derived head, then (``provenance``) the PI SVMs and the final model."""
         key = f"m{k}."
         a = {name[len(key) :]: v for name, v in arrays.items() if name.startswith(key)}
         p = f"nic/m{k}"
         names = nic_output_names(k)
-        if self.tensors.intersection(names):
-            raise ValueError(f"the model already has tensors named {sorted(self.tensors.intersection(names))}")
-        self.tensors.update(names)
+        taken = self.tensors.intersection(names)
+        if taken:
+            raise ValueError(f"the model already has tensors named {sorted(taken)}")
+        self.tensors.update(names if provenance else names[:2])
         values: list[str] = []
-        probs: list[str] = []
+        head_logits: list[str] = []  # (N, K) each: z_l
+        derived: list[str] = []  # (N, K) each: D_l = softmax(z_l), the softmax layer's own features
         for i, name in enumerate(layers):
             transform = float(a["transform_scale"][i]), bool(a["transform_ceil"][i])
             w, b = a[f"{name}.reduce_weight"], a[f"{name}.reduce_bias"]  # (width, d), (d,)
             feats = self.reduce(f"{p}/{name}", self.activation(name), transform, w, b)  # (N, d) float32
             values.append(self.svm_score(f"{p}/{name}/vi", feats, ExportedOCSVM.from_arrays(a, f"{name}.vi.")))
-            probs.append(self.head(f"{p}/{name}", feats, a.get(f"{name}.head_weight"), a.get(f"{name}.head_bias")))
+            if name == SOFTMAX:  # no head: D_l is the layer's (possibly quantized) softmax itself
+                head_logits.append(self.logits)
+                derived.append(feats)
+            else:
+                z = self.gemm(f"{p}/{name}/head_logits", feats, a[f"{name}.head_weight"], a[f"{name}.head_bias"])
+                head_logits.append(z)
+                derived.append(self.op("Softmax", [z], f"{p}/{name}/head", axis=-1) if provenance else "")
+        n_layers, n_classes = len(layers), self.n_classes
+        value = self.op("Concat", values, names[0], axis=1)  # (N, L) float64
+        axis1 = self.const("nic/axis1", np.array([1], dtype=np.int64))
+        stacked = [
+            self.op("Unsqueeze", [z, axis1], f"{p}/{name}/head_logits_1")
+            for name, z in zip(layers, head_logits, strict=True)
+        ]
+        self.op("Concat", stacked, names[1], axis=1)  # (N, L, K)
+        self.outputs += [
+            helper.make_tensor_value_info(names[0], TensorProto.DOUBLE, ["batch", n_layers]),
+            helper.make_tensor_value_info(names[1], TensorProto.FLOAT, ["batch", n_layers, n_classes]),
+        ]
+        if provenance:
+            self.provenance_and_final(a, p, value, derived, names[2:])
+            self.outputs += [
+                helper.make_tensor_value_info(names[2], TensorProto.DOUBLE, ["batch", n_layers - 1]),
+                helper.make_tensor_value_info(names[3], TensorProto.DOUBLE, ["batch"]),
+            ]
+
+    def provenance_and_final(
+        self, a: dict[str, np.ndarray], p: str, value: str, derived: list[str], names: Sequence[str]
+    ) -> None:
+        """PI scores ``names[0]`` (N, L-1) on consecutive derived-model outputs (N, K), then the final score
+        ``names[1]`` (N,) on the standardized ``[value, provenance]``."""
         provs = []
-        for i, (pa, pb) in enumerate(itertools.pairwise(probs)):
+        for i, (pa, pb) in enumerate(itertools.pairwise(derived)):
             pin = self.op("Concat", [pa, pb], f"{p}/pi{i}/input", axis=1)  # (N, 2K) float32
             provs.append(self.svm_score(f"{p}/pi{i}", pin, ExportedOCSVM.from_arrays(a, f"pi{i}.")))
-        value = self.op("Concat", values, names[0], axis=1)  # (N, L) float64
-        prov = self.op("Concat", provs, names[1], axis=1)  # (N, L-1)
+        prov = self.op("Concat", provs, names[0], axis=1)  # (N, L-1) float64
         mean = self.const(f"{p}/final/mean", a["final_mean"].reshape(1, -1))  # (1, 2L-1) float64
         std = self.const(f"{p}/final/std", a["final_std"].reshape(1, -1))
         z = self.op("Concat", [value, prov], f"{p}/final/input", axis=1)  # (N, 2L-1)
         z = self.op("Div", [self.op("Sub", [z, mean], f"{p}/final/centred"), std], f"{p}/final/z")
         final = self.svm_score(f"{p}/final", z, ExportedOCSVM.from_arrays(a, "final."))  # (N, 1)
-        self.op("Reshape", [final, self.const("nic/flat_shape", np.array([-1], dtype=np.int64))], names[2])  # (N,)
-        axis1 = self.const("nic/axis1", np.array([1], dtype=np.int64))  # (N, K) -> (N, 1, K)
-        stacked = [
-            self.op("Unsqueeze", [pr, axis1], f"{p}/{name}/probs") for name, pr in zip(layers, probs, strict=True)
-        ]
-        self.op("Concat", stacked, names[3], axis=1)  # (N, L, K)
-        self.outputs += [
-            helper.make_tensor_value_info(names[0], TensorProto.DOUBLE, ["batch", len(layers)]),
-            helper.make_tensor_value_info(names[1], TensorProto.DOUBLE, ["batch", len(layers) - 1]),
-            helper.make_tensor_value_info(names[2], TensorProto.DOUBLE, ["batch"]),
-            helper.make_tensor_value_info(names[3], TensorProto.FLOAT, ["batch", len(layers), self.n_classes]),
-        ]
+        self.op("Reshape", [final, self.const("nic/flat_shape", np.array([-1], dtype=np.int64))], names[1])  # (N,)
 
     def reduce(self, prefix: str, flat: str, transform: tuple[float, bool], w: np.ndarray, b: np.ndarray) -> str:
         """The reduction of ``_Stage.reduce``: the optional quantization ``floor|ceil(a * c) / c`` (``transform`` =
@@ -246,13 +275,6 @@ class _GraphBuilder:
         if w.shape[0] == w.shape[1] and not b.any() and np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype)):
             return flat  # the softmax layer's identity reduction: a @ I + 0 is a, exactly
         return self.gemm(f"{prefix}/feats", flat, w, b)
-
-    def head(self, prefix: str, feats: str, w: np.ndarray | None, b: np.ndarray | None) -> str:
-        """The derived model of ``_Stage.head``: ``softmax(feats @ w + b)`` (N, K) float32, or the features
-        themselves where there is no head (the softmax layer)."""
-        if w is None or b is None:
-            return feats
-        return self.op("Softmax", [self.gemm(f"{prefix}/head_logits", feats, w, b)], f"{prefix}/head", axis=-1)
 
     def activation(self, layer: str) -> str:
         """The checked layer's activation flattened to (N, width) float32, as :func:`layer_activation` gives it."""
