@@ -88,6 +88,14 @@ def _add_docs(app: FastAPI) -> None:
 def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
     if settings.engine == "torch":
         return TorchEngine(bundle.classifier)
+    if settings.nic_in_graph:  # no tap-by-tap stages needed: NIC's checks run inside the graph
+        return OnnxEngine(
+            bundle.onnx_bytes,
+            [],
+            threads=settings.engine_threads,
+            nic=bundle.pipeline.nic,
+            inter_op_threads=settings.graph_inter_op_threads,
+        )
     return OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, threads=settings.engine_threads)
 
 
@@ -145,13 +153,13 @@ async def _start(state: ServiceState) -> None:
         await state.grpc.start()
     state.ready = True
     log.info(
-        "serving bundle %s v%s (%s) with the %s engine, mode %s, parallel checks %s",
+        "serving bundle %s v%s (%s) with the %s engine, mode %s, %s",
         bundle.name,
         bundle.version,
         bundle.sha256[:12],
         s.engine,
         s.mode,
-        s.parallel_checks,
+        "NIC in the graph" if runtime.engine.computes_nic else f"parallel checks {s.parallel_checks}",
     )
 
 

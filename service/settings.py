@@ -127,6 +127,21 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         default=1, ge=1, description="onnxruntime intra-op threads per stage session (1 is fastest for small models)."
     )
+    nic_in_graph: bool = Field(
+        default=False,
+        description="onnx engine: compute NIC (reductions, value and provenance invariants, derived heads) inside the "
+        "served ONNX graph, built in memory at start-up from the bundle's classifier.onnx and NIC arrays, so one "
+        "onnxruntime run returns logits, taps and NIC's scores; only the softmax layer's checks and the final model "
+        "run in torch afterwards. Scores agree with the per-layer torch checks to float32 rounding (a violation "
+        "probability may move by one calibration step). False: NIC runs as per-layer torch checks "
+        "(PATHGUARD_PARALLEL_CHECKS). No effect with the torch engine.",
+    )
+    graph_inter_op_threads: int = Field(
+        default=1,
+        ge=1,
+        description="With PATHGUARD_NIC_IN_GRAPH: onnxruntime inter-op threads of the session on the graph with NIC; "
+        "above 1 its parallel executor runs each layer's checks beside the rest of the forward pass.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

@@ -5,6 +5,14 @@ per-layer work (reduction, value invariant, derived head) only needs that layer'
 :meth:`DetectionPipeline.layer_check` can run on a worker thread while the forward pass continues.
 :meth:`DetectionPipeline.finish` then does what needs the whole pass: the Effective Path extraction
 (seeded at the logits), the provenance invariants, NIC's final model and the fused verdict.
+
+The per-layer checks may also come from the served graph (``finish(..., nic_graph=...)``, computed by
+:mod:`pathguard.models.nic.onnx_export` inside the onnx engine's run): the graph's reductions, value invariants and
+derived heads' logits replace the checks of every layer but the softmax. The softmaxes stay torch's (of the
+graph's head logits, and of the network's logits for the softmax layer's own check), and the provenance invariants
+and final model run here as before: onnxruntime's softmax differs from torch's in the last bit, and the scores of
+confidently classified inputs pile up so closely (358 of the MNIST bundle's 2000 softmax-layer calibration scores
+within one interval 5.2e-6 wide) that a last-bit change can move a violation probability by up to 0.44.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
+from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.models.verdict import FusedVerdict, two_sided_fisher, violation_probability
 from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
 
@@ -188,11 +197,12 @@ class DetectionPipeline:
         partials: dict[str, LayerPartial] | None = None,
         ep: EPPartial | None = None,
         probabilities: np.ndarray | None = None,
+        nic_graph: GraphNICScores | None = None,
     ) -> DetectionResult:
         """Complete detection for a batch given the forward pass and any partial results already computed
-        (per-layer NIC checks, the EP check, the softmax (N, K) of the logits); whatever is missing is computed
-        here."""
-        return self._result(logits, self._raw(x, logits, taps, partials, ep), probabilities)
+        (per-layer NIC checks, the EP check, the softmax (N, K) of the logits, or NIC's scores from the served
+        graph, which replace the per-layer checks); whatever is missing is computed here."""
+        return self._result(logits, self._raw(x, logits, taps, partials, ep, nic_graph), probabilities)
 
     def _raw(
         self,
@@ -201,9 +211,26 @@ class DetectionPipeline:
         taps: dict[str, torch.Tensor],
         partials: dict[str, LayerPartial] | None,
         ep: EPPartial | None = None,
+        nic_graph: GraphNICScores | None = None,
     ) -> _RawScores:
-        partials = dict(partials or {})
         t0 = time.perf_counter()
+        if nic_graph is None:
+            value, prov, final = self._nic_raw(x, logits, taps, dict(partials or {}))
+        else:
+            value, prov, final = self._nic_from_graph(x, logits, taps, nic_graph)
+        t1 = time.perf_counter()
+        if ep is None:
+            ep = self.ep_check(x, logits, taps)
+        v_viol = self.nic.value_violation(value.numpy())  # (N, L), reused by the response
+        p_viol = self.nic.provenance_violation(prov.numpy())  # (N, L-1)
+        vi = two_sided_fisher(v_viol, self.nic.calibration_size)
+        timings = {NIC: t1 - t0, EP: ep.seconds}
+        return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings)
+
+    def _nic_raw(
+        self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor], partials: dict[str, LayerPartial]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NIC's VI (N, L), PI (N, L-1) and final (N,) scores from the per-layer checks (missing ones run here)."""
         for name in self.nic_value_layers:
             if name not in partials:
                 partials[name] = self.layer_check(name, layer_activation(name, x, logits, taps))
@@ -213,15 +240,23 @@ class DetectionPipeline:
             [self.nic.provenance_score(i, partials[a].probs, partials[b].probs) for i, (a, b) in enumerate(pairs)],
             dim=1,
         ).double()  # (N, L-1)
-        final = self.nic.final_score(value, prov)
-        t1 = time.perf_counter()
-        if ep is None:
-            ep = self.ep_check(x, logits, taps)
-        v_viol = self.nic.value_violation(value.numpy())  # (N, L), reused by the response
-        p_viol = self.nic.provenance_violation(prov.numpy())  # (N, L-1)
-        vi = two_sided_fisher(v_viol, self.nic.calibration_size)
-        timings = {NIC: t1 - t0, EP: ep.seconds}
-        return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings)
+        return value, prov, self.nic.final_score(value, prov)
+
+    def _nic_from_graph(
+        self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor], graph: GraphNICScores
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NIC's VI (N, L), PI (N, L-1) and final (N,) scores from the graph's per-layer VI scores and head logits.
+
+        The graph's results stand in for the per-layer checks of every layer but the softmax; the derived-model
+        outputs are torch's softmax of the graph's head logits, and the softmax layer's check, the PIs and the
+        final model run here, as in the per-layer path."""
+        partials = {  # softmax per (N, K) slice, as the heads do: one (N, L, K) softmax is parallelized by torch,
+            # and waking its second thread cost 5-8 ms per request on the busy 2-core machine
+            name: LayerPartial(graph.value[:, j], torch.softmax(graph.head_logits[:, j], dim=-1))
+            for j, name in enumerate(self.nic_value_layers)
+            if name != SOFTMAX
+        }
+        return self._nic_raw(x, logits, taps, partials)
 
     def _result(self, logits: torch.Tensor, raw: _RawScores, probs: np.ndarray | None = None) -> DetectionResult:
         if self.verdict is None:

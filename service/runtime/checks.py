@@ -10,6 +10,10 @@ Data flow for one batch (N, C, H, W):
    logits) and the fusion into the verdict.
 
 Without ``parallel_checks`` the same checks run one after the other after the forward pass.
+
+An engine that computes NIC in its graph (``engine.computes_nic``: the onnx engine with NIC appended to the served
+graph) returns NIC's scores with the logits and taps from one run; no per-layer check is submitted then, and
+``pipeline.finish`` uses those scores (``nic_graph``; it redoes only the softmax layer's checks).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from pathguard.models.nic import INPUT, layer_activation
+from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.service.runtime.engines import ClassifierEngine, softmax
 
 __all__ = ["Classified", "Detected", "DetectionRuntime", "Pipeline", "ShadowStarted"]
@@ -49,7 +54,20 @@ class Pipeline(Protocol):
         partials: dict[str, Any],
         *,
         probabilities: np.ndarray | None = None,
+        nic_graph: GraphNICScores | None = None,
     ) -> Any: ...
+
+
+@dataclass
+class _Forward:
+    """A batch's forward pass: logits, taps, the per-layer checks it started (futures in parallel mode), its wall
+    time, and NIC's scores where the engine computed them in its graph."""
+
+    logits: torch.Tensor
+    taps: dict[str, torch.Tensor]
+    checks: dict[str, Any]
+    classify_s: float
+    nic_graph: GraphNICScores | None = None
 
 
 @dataclass
@@ -65,6 +83,7 @@ class Detected:
     """Detection of a batch: the pipeline's result (batch of N) and wall times.
 
     ``checks_s`` is the time from the end of the forward pass to the verdict, i.e. what the layer checks add.
+    With NIC computed in the engine's graph, ``classify_s`` includes NIC's work and ``checks_s`` the rest.
     """
 
     result: Any
@@ -125,12 +144,17 @@ class DetectionRuntime:
         logits = self.engine.logits(x)
         return Classified(softmax(logits), time.perf_counter() - t0)
 
-    def _forward(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any], float]:
+    def _forward(self, x: np.ndarray) -> _Forward:
         """Forward pass; returns logits, taps, per-layer checks (futures when parallel) and the forward time.
 
         In parallel mode the input's check starts before the forward pass, each tap's check as soon as the tap
-        exists, and the remaining checked layers (e.g. the softmax) as soon as the logits exist.
+        exists, and the remaining checked layers (e.g. the softmax) as soon as the logits exist. An engine that
+        computes NIC returns its scores instead (no per-layer checks).
         """
+        if self.engine.computes_nic:
+            t0 = time.perf_counter()
+            logits, taps, nic_graph = self.engine.forward_with_nic(x)
+            return _Forward(logits, taps, {}, time.perf_counter() - t0, nic_graph)
         checks: dict[str, Any] = {}
         xt = torch.from_numpy(x)
 
@@ -141,7 +165,7 @@ class DetectionRuntime:
         t0 = time.perf_counter()
         if not self.parallel:
             logits, taps = self.engine.forward(x, None)
-            return logits, taps, checks, time.perf_counter() - t0
+            return _Forward(logits, taps, checks, time.perf_counter() - t0)
         if INPUT in self.pipeline.nic_value_layers:
             checks[INPUT] = self._workers.submit(self.pipeline.layer_check, INPUT, xt)
         logits, taps = self.engine.forward(x, launch)
@@ -151,38 +175,33 @@ class DetectionRuntime:
                 checks[name] = self._workers.submit(
                     self.pipeline.layer_check, name, layer_activation(name, xt, logits, taps)
                 )
-        return logits, taps, checks, classify_s
+        return _Forward(logits, taps, checks, classify_s)
 
-    def _finish(
-        self,
-        x: np.ndarray,
-        logits: torch.Tensor,
-        taps: dict[str, torch.Tensor],
-        checks: Mapping[str, Any],
-        probabilities: np.ndarray,
-    ) -> Any:
+    def _finish(self, x: np.ndarray, fwd: _Forward, probabilities: np.ndarray) -> Any:
         """Collect the layer checks (serial mode: the pipeline runs them itself) and compute the verdict."""
-        partials = {name: fut.result() for name, fut in checks.items()}
-        return self.pipeline.finish(torch.from_numpy(x), logits, taps, partials, probabilities=probabilities)
+        partials = {name: fut.result() for name, fut in fwd.checks.items()}
+        return self.pipeline.finish(
+            torch.from_numpy(x), fwd.logits, fwd.taps, partials, probabilities=probabilities, nic_graph=fwd.nic_graph
+        )
 
     def detect(self, x: np.ndarray) -> Detected:
         """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W).
 
         The softmax is computed once here and shared with the pipeline's result."""
-        logits, taps, checks, classify_s = self._forward(x)
+        fwd = self._forward(x)
         t0 = time.perf_counter()
-        probabilities = softmax(logits.numpy())
-        result = self._finish(x, logits, taps, checks, probabilities)
-        return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
+        probabilities = softmax(fwd.logits.numpy())
+        result = self._finish(x, fwd, probabilities)
+        return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0)
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:
         """Forward pass now (layer checks already started); the rest of the detection on a background thread,
         unless the shadow backlog is full (then ``detection`` is None and the verdicts are dropped)."""
-        logits, taps, checks, classify_s = self._forward(x)
-        probabilities = softmax(logits.numpy())
-        classified = Classified(probabilities, classify_s)
+        fwd = self._forward(x)
+        probabilities = softmax(fwd.logits.numpy())
+        classified = Classified(probabilities, fwd.classify_s)
         if not self._admit_shadow():
-            for fut in checks.values():
+            for fut in fwd.checks.values():
                 fut.cancel()
             if self.on_drop is not None:
                 self.on_drop(len(x))
@@ -191,8 +210,8 @@ class DetectionRuntime:
         def rest() -> Detected:
             try:
                 t0 = time.perf_counter()
-                result = self._finish(x, logits, taps, checks, probabilities)
-                return Detected(result, probabilities, classify_s, time.perf_counter() - t0)
+                result = self._finish(x, fwd, probabilities)
+                return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0)
             finally:
                 with self._shadow_lock:
                     self._shadow_pending -= 1

@@ -1,5 +1,10 @@
 """Classifier engines: the torch module or an onnxruntime session, logits only or logits plus every tap (reported
-in forward order, so the layer checks of earlier taps can start while the forward pass goes on)."""
+in forward order, so the layer checks of earlier taps can start while the forward pass goes on).
+
+The onnx engine can also compute NIC's per-layer checks inside the graph (``nic=`` a fitted detector): the served
+ONNX model gets NIC's reductions, value invariants and derived heads appended
+(:func:`pathguard.models.nic.onnx_export.with_nic_outputs`) and one run returns logits, taps and their results.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch
 from torch import nn
 
 from pathguard.models.networks import TappedSequential, tap_points
+from pathguard.models.nic import NICDetector
+from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
 
 __all__ = ["ClassifierEngine", "OnnxEngine", "TapCallback", "TorchEngine", "softmax"]
 
@@ -25,15 +32,19 @@ TapCallback = Callable[[str, torch.Tensor], None]
 
 
 class ClassifierEngine(Protocol):
-    """A classifier runtime: logits only, or logits plus every tap (reported in forward order)."""
+    """A classifier runtime: logits only, or logits plus every tap (reported in forward order); engines with
+    ``computes_nic`` also return NIC's scores from the same pass (:meth:`forward_with_nic`)."""
 
     name: str
+    computes_nic: bool
 
     def logits(self, x: np.ndarray) -> np.ndarray: ...
 
     def forward(
         self, x: np.ndarray, on_tap: TapCallback | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def forward_with_nic(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], GraphNICScores]: ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,6 +58,7 @@ class TorchEngine:
     """The bundle's TappedSequential in torch, stepping through its named children to report taps."""
 
     name = "torch"
+    computes_nic = False
 
     def __init__(self, model: TappedSequential) -> None:
         self.model = model.eval()
@@ -71,6 +83,9 @@ class TorchEngine:
                     on_tap(name, t)
         return t, taps
 
+    def forward_with_nic(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], GraphNICScores]:
+        raise RuntimeError("the torch engine leaves NIC to the pipeline's layer checks")
+
 
 @dataclass(frozen=True)
 class _Stage:
@@ -85,11 +100,26 @@ class OnnxEngine:
     For tap-by-tap execution the graph is cut into stages at ``split_at`` (the taps whose checks may start early):
     stage k reads the previous cut tensor and yields the taps up to the next cut. Models that cannot be cut into
     a chain of single-input stages run as one stage (taps then arrive together at the end).
+
+    With ``nic`` (a fitted detector over the model's taps) the engine also holds a session on the graph with NIC's
+    per-layer work appended (member 0, the one the pipeline scores with: reductions, value invariants, derived heads'
+    logits): :meth:`forward_with_nic` returns logits, taps and those scores from one run. That session uses
+    ``inter_op_threads`` threads; above 1, onnxruntime's parallel executor runs independent nodes (each layer's
+    checks, the rest of the forward pass) side by side.
+    :meth:`logits` keeps using the plain graph (onnxruntime runs every node of a graph whatever outputs are asked
+    for).
     """
 
     name = "onnx"
 
-    def __init__(self, model_bytes: bytes, split_at: Sequence[str], threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_bytes: bytes,
+        split_at: Sequence[str],
+        threads: int = 1,
+        nic: NICDetector | None = None,
+        inter_op_threads: int = 1,
+    ) -> None:
         model = onnx.load_from_string(model_bytes)
         self.input_name = model.graph.input[0].name
         self.tap_names = [o.name for o in model.graph.output if o.name != "logits"]
@@ -100,9 +130,27 @@ class OnnxEngine:
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._full = self._session(model_bytes)
         self.stages = self._split(model, [t for t in self.tap_names if t in set(split_at)])
+        self.computes_nic = nic is not None
+        self._nic_outputs = list(nic_output_names(0)[:2])  # per-layer VI scores and head logits
+        self._with_nic: ort.InferenceSession | None = None
+        if nic is not None:
+            options = self._nic_options(threads, inter_op_threads)
+            graph = with_nic_outputs(model, nic, provenance=False).SerializeToString()
+            self._with_nic = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def _session(self, model_bytes: bytes) -> ort.InferenceSession:
         return ort.InferenceSession(model_bytes, self._options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _nic_options(threads: int, inter_op_threads: int) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = inter_op_threads
+        parallel = inter_op_threads > 1
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return options
 
     def _split(self, model: onnx.ModelProto, cuts: list[str]) -> list[_Stage]:
         whole = [_Stage(self.input_name, ["logits", *self.tap_names], self._full)]
@@ -145,6 +193,15 @@ class OnnxEngine:
                         on_tap(name, torch.from_numpy(value))
         taps = {n: torch.from_numpy(values[n]) for n in self.tap_names}
         return torch.from_numpy(values["logits"]), taps
+
+    def forward_with_nic(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], GraphNICScores]:
+        """One run of the graph with NIC appended: logits (N, K), taps, and NIC's per-layer scores (member 0)."""
+        if self._with_nic is None:
+            raise RuntimeError("this onnx engine was built without a NIC detector")
+        names = ["logits", *self.tap_names, *self._nic_outputs]
+        outs = dict(zip(names, self._with_nic.run(names, {self.input_name: x}), strict=True))
+        taps = {n: torch.from_numpy(outs[n]) for n in self.tap_names}
+        return torch.from_numpy(outs["logits"]), taps, GraphNICScores.from_outputs(outs)
 
 
 def _ancestors(graph: onnx.GraphProto) -> dict[str, set[str]]:

@@ -91,6 +91,24 @@ def test_real_digits_are_classified_with_complete_responses(make_client, digits)
     assert correct >= 31  # LeNet-5 is 99.3 % accurate on MNIST test
 
 
+def test_nic_in_the_graph_answers_like_the_per_layer_checks(make_client, digits):
+    """PATHGUARD_NIC_IN_GRAPH: the same answers (within float32 rounding of the NIC scores) from one onnxruntime run."""
+    graph, classic = make_client(cache=False, nic_in_graph=True), make_client(cache=False)
+    assert graph.app.state.pathguard.runtime.engine.computes_nic
+    assert not classic.app.state.pathguard.runtime.engine.computes_nic
+    model = graph.get("/v1/model").json()
+    for png, _ in digits[:12]:
+        a = graph.post("/v1/detect", content=png, headers=PNG).json()
+        b = classic.post("/v1/detect", content=png, headers=PNG).json()
+        _assert_detect_body(a, model)
+        assert a["prediction"] == b["prediction"] and a["verdict"]["adversarial"] == b["verdict"]["adversarial"]
+        assert a["nic"]["value_violation"] == pytest.approx(b["nic"]["value_violation"], abs=1e-3)
+        assert a["nic"]["provenance_violation"] == pytest.approx(b["nic"]["provenance_violation"], abs=1e-3)
+        assert a["verdict"]["score"] == pytest.approx(b["verdict"]["score"], abs=1e-3)
+    s = _samples(graph)
+    assert _value(s, "pathguard_stage_duration_seconds_count", stage="nic") == 12
+
+
 def test_multipart_jpeg_and_batch_keep_order(make_client, digits, mnist_test):
     client = make_client(cache=False)
     png, label = digits[3]

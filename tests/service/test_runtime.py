@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pathguard.models.nic import layer_activation
 from pathguard.service.errors import Overloaded
 from pathguard.service.runtime import DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 
@@ -80,6 +81,69 @@ def test_parallel_and_serial_checks_give_identical_results(bundle, mnist_test):
             assert _numbers(det.result.row(i)) == pytest.approx(_numbers(ref.row(i)), abs=1e-4), key
         np.testing.assert_allclose(det.probabilities, ref.probabilities, atol=1e-5)
         assert det.classify_s > 0 and det.checks_s > 0
+
+
+def test_onnx_engine_returns_nic_scores_beside_the_logits(bundle, mnist_test):
+    x = mnist_test.x[:16]
+    nic = bundle.pipeline.nic
+    engine = OnnxEngine(bundle.onnx_bytes, [], nic=nic)
+    plain = OnnxEngine(bundle.onnx_bytes, [])
+    assert engine.computes_nic and not plain.computes_nic and not TorchEngine(bundle.classifier).computes_nic
+    logits, taps, scores = engine.forward_with_nic(x)
+    ref_logits, ref_taps = plain.forward(x)
+    torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0)  # the classifier part is the same graph
+    assert list(taps) == list(ref_taps)
+    for name in taps:
+        torch.testing.assert_close(taps[name], ref_taps[name], atol=0, rtol=0)
+    np.testing.assert_array_equal(engine.logits(x), plain.logits(x))
+    acts = {n: layer_activation(n, torch.from_numpy(x), logits, taps) for n in nic.layers_}
+    value = nic.raw_scores(acts)[0]
+    assert scores.value.shape == (16, len(nic.layers_)) and scores.value.dtype == torch.float64
+    torch.testing.assert_close(scores.value, value, atol=1e-4, rtol=1e-5)
+    assert scores.head_logits.shape == (16, len(nic.layers_), nic.n_classes_)
+    for j, name in enumerate(nic.layers_):
+        probs = nic.head_probs(name, nic.reduce(name, acts[name]))
+        torch.testing.assert_close(torch.softmax(scores.head_logits[:, j], -1), probs, atol=1e-5, rtol=0)
+    assert scores.provenance is None and scores.final is None  # the provenance checks run in the pipeline
+    with pytest.raises(RuntimeError):
+        plain.forward_with_nic(x)
+
+
+def test_nic_in_the_graph_gives_the_per_layer_checks_results(bundle, mnist_test):
+    """300 real test images, batches of 100: equal verdicts; every reported number within 1e-5 except on the few
+    images where float32 rounding moves a score across a calibration score (a step of 1/(n+1) in a violation
+    probability); the softmax layer's check (torch's in both) exactly equal."""
+    pipe = bundle.pipeline
+    classic = DetectionRuntime(OnnxEngine(bundle.onnx_bytes, pipe.checked_taps), pipe, 2, parallel=True)
+    graph = DetectionRuntime(OnnxEngine(bundle.onnx_bytes, [], nic=pipe.nic), pipe, 2, parallel=True)
+    off, worst, step = 0, 0.0, 1.0 / (pipe.nic.calibration_size + 1)
+    try:
+        for lo in range(0, 300, 100):
+            a, g = classic.detect(mnist_test.x[lo : lo + 100]), graph.detect(mnist_test.x[lo : lo + 100])
+            np.testing.assert_array_equal(g.result.adversarial, a.result.adversarial)
+            np.testing.assert_array_equal(g.result.value_violation["softmax"], a.result.value_violation["softmax"])
+            np.testing.assert_array_equal(g.probabilities, a.probabilities)
+            for i in range(100):
+                d = np.abs(np.subtract(_numbers(g.result.row(i)), _numbers(a.result.row(i)))).max()
+                off, worst = off + int(d > 1e-5), max(worst, float(d))
+    finally:
+        classic.close()
+        graph.close()
+    assert off <= 6 and worst <= 2 * step  # measured: 10 of 2000 MNIST test images, each by one step
+    assert graph.pipeline is pipe and "nic" in g.result.timings_s
+
+
+def test_nic_in_the_graph_in_shadow_mode(bundle, mnist_test):
+    x = mnist_test.x[:4]
+    runtime = DetectionRuntime(OnnxEngine(bundle.onnx_bytes, [], nic=bundle.pipeline.nic), bundle.pipeline, 2, True)
+    try:
+        started = runtime.detect_shadow(x)
+        assert started.detection is not None
+        shadow, enforced = started.detection.result(timeout=30), runtime.detect(x)
+    finally:
+        runtime.close()
+    np.testing.assert_array_equal(shadow.result.score, enforced.result.score)
+    np.testing.assert_array_equal(started.classified.probabilities, enforced.probabilities)
 
 
 def _numbers(row: dict) -> list[float]:
