@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Candidate benign-only components on attacks of held-out TRAINING images (the validation split for choices).
+
+For a committed bundle: the bundle's own components (Effective Path, NIC final, NIC value invariants) and
+class-conditional Gaussians (tied covariance per tapped layer, per-layer p-values combined by Fisher's method),
+fitted on the bundle's fit split (the first ``--n-fit`` images) and calibrated on its ``calib_a`` split. Attacks
+run on the first ``--n-attack`` images of its ``calib_b`` split; the clean negatives are the rest of ``calib_b``.
+Only successful adversarial examples count. No test image is touched: this is where components and layers are
+chosen; the test-set report is made once, after.
+
+    scripts/validate_components.py --bundle artifacts/cifar10-cnn --out docs/reports/validation/cifar10-cnn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from pathguard.models.bundle import load_bundle
+from pathguard.models.bundle.splits import training_split_indices
+from pathguard.models.data import load_dataset
+from pathguard.models.evaluation.attacks import run_attack
+from pathguard.models.mahalanobis import ClassGaussian, fisher
+from pathguard.models.verdict.calibration import columnwise_p_values
+
+ATTACKS = {
+    "fgsm 2/255": ("fgsm", {"eps": 2 / 255}),
+    "fgsm 8/255": ("fgsm", {"eps": 8 / 255}),
+    "bim 2/255": ("bim", {"eps": 2 / 255, "eps_step": 0.5 / 255, "max_iter": 10}),
+    "bim 8/255": ("bim", {"eps": 8 / 255, "eps_step": 2 / 255, "max_iter": 10}),
+    "deepfool": ("deepfool", {}),
+}
+
+
+@torch.no_grad()
+def activations(model, x: np.ndarray, layers: list[str], batch: int = 500):
+    for s in range(0, len(x), batch):
+        xb = torch.from_numpy(x[s : s + batch])
+        _, taps = model.forward_with_taps(xb)
+        yield {n: taps[n] for n in layers}
+
+
+def layer_scores(g: ClassGaussian, model, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([g.layer_scores(a) for a in activations(model, x, g.layers)])
+
+
+def dr_at(clean: np.ndarray, adv: np.ndarray, fpr: float) -> float:
+    thr = np.quantile(clean, 1 - fpr)
+    return float((adv > thr).mean())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=Path("artifacts/cifar10-cnn"))
+    p.add_argument("--n-fit", type=int, default=10000)
+    p.add_argument("--n-attack", type=int, default=600)
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    bundle = load_bundle(args.bundle)
+    model, pipe = bundle.classifier, bundle.pipeline
+    m = bundle.manifest
+    cfg = m["build"]["config"]
+    train = load_dataset(m["dataset"], "train")
+    idx = training_split_indices(len(train), cfg["n_calib"], cfg["seed"], cfg.get("n_train"))
+    fit = train.subset(idx["fit"][: args.n_fit])
+    calib_a = train.subset(idx["calib_a"])
+    held = train.subset(idx["calib_b"])
+    attacked, clean = held.subset(np.arange(args.n_attack)), held.subset(np.arange(args.n_attack, len(held)))
+    layers = [t for t in model.tap_names if t != "flatten"]
+    t = time.perf_counter()
+    candidates: dict[str, ClassGaussian] = {}
+    for pool in ("mean", "mean_std"):
+        g = ClassGaussian(layers, pool=pool)
+        g.fit(zip(activations(model, fit.x, layers), np.array_split(fit.y, -(-len(fit) // 500)), strict=True), 10)
+        g.calibrate(layer_scores(g, model, calib_a.x))
+        candidates[pool] = g
+    fit_s = time.perf_counter() - t
+
+    def scores(x: np.ndarray) -> dict[str, np.ndarray]:
+        raw = pipe.raw_components(x)
+        out = {"effective_path": raw["effective_path"], "nic": raw["nic"], "nic_vi": raw["nic_vi"]}
+        for pool, g in candidates.items():
+            ls = layer_scores(g, model, x)
+            out[f"gaussian_{pool}"] = fisher(g.p_values(ls))
+            for j, name in enumerate(g.layers):
+                out[f"gaussian_{pool}/{name}"] = ls[:, j]
+        return out
+
+    calib_raw = pipe.raw_components(calib_a.x)
+    calib_sorted = {k: np.sort(calib_raw[k]) for k in ("effective_path", "nic", "nic_vi")}
+    calib_g = {pool: np.sort(fisher(g.p_values(layer_scores(g, model, calib_a.x)))) for pool, g in candidates.items()}
+
+    def fused(s: dict[str, np.ndarray], parts: list[str]) -> np.ndarray:
+        cols = []
+        for k in parts:
+            ref = calib_sorted[k] if k in calib_sorted else calib_g[k.removeprefix("gaussian_")]
+            cols.append(columnwise_p_values(ref[:, None], s[k][:, None])[:, 0])
+        return fisher(np.stack(cols, 1))
+
+    combos = {
+        "bundle verdict (EP + NIC)": ["effective_path", "nic"],
+        "EP + NIC + gaussian_mean": ["effective_path", "nic", "gaussian_mean"],
+        "EP + NIC + gaussian_mean_std": ["effective_path", "nic", "gaussian_mean_std"],
+    }
+    clean_s = scores(clean.x)
+    for name, parts in combos.items():
+        clean_s[name] = fused(clean_s, parts)
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    counts = {}
+    for label in args.attacks:
+        attack, params = ATTACKS[label]
+        t0 = time.perf_counter()
+        res = run_attack(model, attack, m["dataset"], attacked.x, attacked.y, **params)
+        x_adv = res.x_adv[res.success]
+        counts[label] = {"attempted": res.n_attempted, "successful": res.n_successful,
+                         "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        if len(x_adv) < 20:
+            continue
+        adv_s = scores(x_adv)
+        for name, parts in combos.items():
+            adv_s[name] = fused(adv_s, parts)
+        rows[label] = {}
+        for k in clean_s:
+            y = np.r_[np.zeros(len(clean_s[k])), np.ones(len(adv_s[k]))]
+            auc = float(roc_auc_score(y, np.r_[clean_s[k], adv_s[k]]))
+            rows[label][k] = {"auc": auc, "dr@5%": dr_at(clean_s[k], adv_s[k], 0.05)}
+        print(label, counts[label], {k: round(v["auc"], 3) for k, v in rows[label].items() if "/" not in k}, flush=True)
+    result = {"bundle": str(args.bundle), "n_fit": len(fit), "n_calib": len(calib_a), "n_clean": len(clean),
+              "gaussian_fit_s": round(fit_s, 1), "attacks": counts, "scores": rows}  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    keys = [k for k in next(iter(rows.values())) if "/" not in k]
+    print("| score | " + " | ".join(rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for k in keys:
+        cells = [f"{rows[a][k]['auc']:.3f} / {100 * rows[a][k]['dr@5%']:.0f}%" for a in rows]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
