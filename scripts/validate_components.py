@@ -85,31 +85,44 @@ def main() -> int:
         candidates[pool] = g
     fit_s = time.perf_counter() - t
 
+    ep_calib = np.sort(pipe.raw_components(calib_a.x)["effective_path"])
+
+    def two_sided(ref: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """-2 log of the two-sided empirical p-value of ``v`` among the sorted clean ``ref``."""
+        n = len(ref)
+        upper = (1 + n - np.searchsorted(ref, v, side="left")) / (n + 1)
+        lower = (1 + np.searchsorted(ref, v, side="right")) / (n + 1)
+        return -2 * np.log(np.minimum(1.0, 2 * np.minimum(upper, lower)))
+
     def scores(x: np.ndarray) -> dict[str, np.ndarray]:
         raw = pipe.raw_components(x)
         out = {"effective_path": raw["effective_path"], "nic": raw["nic"], "nic_vi": raw["nic_vi"]}
+        out["effective_path two-sided"] = two_sided(ep_calib, raw["effective_path"])
         for pool, g in candidates.items():
             ls = layer_scores(g, model, x)
             out[f"gaussian_{pool}"] = fisher(g.p_values(ls))
+            out[f"gaussian_{pool} two-sided"] = fisher(g.two_sided_p_values(ls))
             for j, name in enumerate(g.layers):
                 out[f"gaussian_{pool}/{name}"] = ls[:, j]
         return out
 
-    calib_raw = pipe.raw_components(calib_a.x)
-    calib_sorted = {k: np.sort(calib_raw[k]) for k in ("effective_path", "nic", "nic_vi")}
-    calib_g = {pool: np.sort(fisher(g.p_values(layer_scores(g, model, calib_a.x)))) for pool, g in candidates.items()}
+    calib_s = {k: np.sort(v) for k, v in scores(calib_a.x).items()}
 
     def fused(s: dict[str, np.ndarray], parts: list[str]) -> np.ndarray:
-        cols = []
-        for k in parts:
-            ref = calib_sorted[k] if k in calib_sorted else calib_g[k.removeprefix("gaussian_")]
-            cols.append(columnwise_p_values(ref[:, None], s[k][:, None])[:, 0])
-        return fisher(np.stack(cols, 1))
+        """Fisher's combination of the parts' upper-tail p-values against their clean calibration scores."""
+        return fisher(np.stack([columnwise_p_values(calib_s[k][:, None], s[k][:, None])[:, 0] for k in parts], 1))
 
     combos = {
         "bundle verdict (EP + NIC)": ["effective_path", "nic"],
         "EP + NIC + gaussian_mean": ["effective_path", "nic", "gaussian_mean"],
         "EP + NIC + gaussian_mean_std": ["effective_path", "nic", "gaussian_mean_std"],
+        "EP two-sided + NIC + gaussian_mean two-sided": ["effective_path two-sided", "nic", "gaussian_mean two-sided"],
+        "EP two-sided + NIC + NIC VI + gaussian_mean two-sided": [
+            "effective_path two-sided",
+            "nic",
+            "nic_vi",
+            "gaussian_mean two-sided",
+        ],
     }
     clean_s = scores(clean.x)
     for name, parts in combos.items():

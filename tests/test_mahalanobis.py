@@ -109,3 +109,20 @@ def test_contract_errors():
     with pytest.raises(ValueError, match="have no training images"):
         acts, y = _sample(50, rng)
         ClassGaussian(["fc"]).fit([(acts, np.zeros_like(y))], K)
+
+
+def test_two_sided_p_values_flag_both_tails():
+    rng = np.random.default_rng(5)
+    g = _fitted(rng)
+    calib = g.layer_scores(_sample(1000, rng)[0])
+    g.calibrate(calib)
+    lo, hi = np.zeros((1, 2)), np.full((1, 2), 1e6)
+    n = len(calib)
+    np.testing.assert_allclose(g.two_sided_p_values(lo), 2.0 / (n + 1))  # below every clean score
+    np.testing.assert_allclose(g.two_sided_p_values(hi), 2.0 / (n + 1))  # above every clean score
+    median = np.median(calib, axis=0, keepdims=True)
+    assert np.all(g.two_sided_p_values(median) > 0.9)
+    p = g.two_sided_p_values(g.layer_scores(_sample(3000, rng)[0]))  # still uniform on benign samples
+    assert abs((p[:, 0] <= 0.1).mean() - 0.1) < 0.03
+    acts, _ = _sample(20, rng)
+    np.testing.assert_allclose(g.score(acts, two_sided=True), fisher(g.two_sided_p_values(g.layer_scores(acts))))

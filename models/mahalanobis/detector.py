@@ -145,9 +145,24 @@ class ClassGaussian:
             raise NotCalibratedError("ClassGaussian is not calibrated: call calibrate() first")
         return columnwise_p_values(self.calib_, layer_scores)
 
-    def score(self, acts: dict[str, torch.Tensor]) -> np.ndarray:
-        """(N,) Fisher combination ``-2 sum_l log p_l`` of the per-layer p-values (higher = more anomalous)."""
-        return fisher(self.p_values(self.layer_scores(acts)))
+    def score(self, acts: dict[str, torch.Tensor], two_sided: bool = False) -> np.ndarray:
+        """(N,) Fisher combination ``-2 sum_l log p_l`` of the per-layer p-values (higher = more anomalous).
+
+        ``two_sided``: each layer's p-value counts a distance far *below* the clean ones as well (``2 min(upper,
+        lower)``, capped at 1): small perturbations can make activations more typical of their class than clean
+        inputs are.
+        """
+        ls = self.layer_scores(acts)
+        return fisher(self.two_sided_p_values(ls) if two_sided else self.p_values(ls))
+
+    def two_sided_p_values(self, layer_scores: np.ndarray) -> np.ndarray:
+        """(N, L) ``min(1, 2 min(p_upper, p_lower))`` per layer, ``p_lower = (1 + #{calib <= s}) / (n + 1)``."""
+        upper = self.p_values(layer_scores)
+        n = len(self.calib_)
+        below = np.stack(
+            [np.searchsorted(self.calib_[:, j], layer_scores[:, j], side="right") for j in range(len(self.layers))], 1
+        )
+        return np.minimum(1.0, 2.0 * np.minimum(upper, (1.0 + below) / (n + 1)))
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
