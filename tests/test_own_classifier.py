@@ -165,3 +165,13 @@ def test_the_fit_images_stream_through_in_batches(user_files, tmp_path, monkeypa
     assert sizes[20:] == [16, 8] * 3  # calib_a (NIC calibration, then the verdict's inputs), then calib_b
     paths = load_bundle(out).pipeline.class_paths
     assert int(paths.images_per_class_.sum()) <= 150
+
+
+def test_a_misnamed_nic_layer_fails_before_any_image_is_read(user_files, tmp_path, monkeypatch):
+    reads: list[int] = []
+    load = ImageFolder.load
+    monkeypatch.setattr(ImageFolder, "load", lambda self, shape, idx=None: reads.append(1) or load(self, shape, idx))
+    cfg = BuildConfig(name="x", nic={**NIC, "layers": ["input", "conv1", "softmax"]})
+    with pytest.raises(ValueError, match="bad: \\['conv1'\\]"):
+        build_bundle_from_onnx(user_files["model"], user_files["train"], tmp_path / "b", cfg, user_files["calib"])
+    assert reads == []

@@ -223,6 +223,7 @@ def _build(
     """
     passes = _Passes(executor, parts, set() if skipped is None else skipped)
     nic = NICDetector(**{"seed": cfg.seed, **cfg.nic})
+    nic.check_layers(model)  # a misnamed layer fails now, not after the pass over the training images
     job = Job.make(files, cfg.theta, cfg.ep_last_k)
 
     t = time.perf_counter()

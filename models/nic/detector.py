@@ -523,6 +523,11 @@ class NICDetector:
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def check_layers(self, model: Any) -> None:
+        """Refuse checked layers that ``model`` does not have, before any data is read (``ValueError``)."""
+        if self.layers is not None:
+            _validate_layers(list(self.layers), model)
+
     def _split(self, n: int, member: int, holdout: bool) -> dict[str, torch.Tensor]:
         n_hold = self.holdout if holdout else 0
         need = n_hold + self.n_fit + self.n_final
