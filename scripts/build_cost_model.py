@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 
 from pathguard.models.bundle import load_classifier
 from pathguard.models.effective_path import EffectivePathExtractor
+from pathguard.models.evaluation.bench_ep import best_time
 from pathguard.models.networks import TappedSequential
 from pathguard.models.networks.architectures import RESNET20, build_classifier
 
@@ -48,16 +48,6 @@ RESNET50_LAST = [
 IMAGENET_TRAIN = 1_281_167
 
 
-def _time(fn, repeat: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def measure(name: str, model: TappedSequential, last_k: int | None, n: int = 512) -> dict[str, float]:
     """Per-image forward and forward + extraction seconds, and the synapses the extraction examines: the whole
     fan-in of every selected output neuron, per layer."""
@@ -66,8 +56,8 @@ def measure(name: str, model: TappedSequential, last_k: int | None, n: int = 512
     ex = EffectivePathExtractor(model, theta=0.5, last_k=last_k)
     full = EffectivePathExtractor(model, theta=0.5)
     with torch.no_grad():
-        fwd = _time(lambda: model(x)) / n
-    ext = _time(lambda: ex.extract(x, ranks=(1,))) / n
+        fwd = best_time(lambda: model(x), 3) / n
+    ext = best_time(lambda: ex.extract(x, ranks=(1,)), 3) / n
     pb = ex.extract(x, ranks=(1,))
     examined = 0.0
     for layer in ex.layers:
@@ -105,7 +95,7 @@ def decode_seconds(n: int = 50) -> float:
                 arr = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), np.float32)
             arr /= 255.0
 
-    return _time(run) / n
+    return best_time(run, 3) / n
 
 
 def _resnet20_checkpoint() -> TappedSequential:
@@ -167,14 +157,14 @@ def main() -> int:
         f"a = {a * 1e9:.4f} ns/MAC, c = {c * 1e9:.3f} ns/examined synapse, d = {d * 1e6:.1f} us/layer, "
         f"JPEG decode+resize = {decode * 1e3:.2f} ms, examined fraction used = {max(fractions):.4f}"
     )
-    print(
-        "| model | extracted layers | forward MACs | examined synapses | forward ms | measured ms/image | model ms/image |"
-    )
+    head = ["model", "extracted layers", "forward MACs", "examined synapses", "forward ms", "measured ms/image"]
+    print("| " + " | ".join([*head, "model ms/image"]) + " |")
     print("|---|---|---|---|---|---|---|")
     for m in fit + check:
         k = "all" if m["last_k"] is None else f"last {m['last_k']}"
         print(
-            f"| {m['model']} | {k} | {m['macs'] / 1e6:.2f} M | {m['examined'] / 1e6:.3f} M of {m['synapses'] / 1e6:.2f} M"
+            f"| {m['model']} | {k} | {m['macs'] / 1e6:.2f} M | "
+            f"{m['examined'] / 1e6:.3f} M of {m['synapses'] / 1e6:.2f} M"
             f" | {m['forward_s'] * 1e3:.3f} | {m['image_s'] * 1e3:.3f} | {m['predicted_s'] * 1e3:.3f} |"
         )
     print()

@@ -287,10 +287,8 @@ def _build(
         timings["supervised"] = time.perf_counter() - t
 
     files = dict(files) | {
-        "class_paths.npz": npz_bytes(class_paths.to_arrays()),
-        "ep_score.npz": npz_bytes(ep_score.to_arrays()),
+        **{k: job.fitted[k] for k in ("class_paths.npz", "ep_score.npz", "nic.npz", "nic.json")},  # as the workers saw
         BENIGN_RANGES: npz_bytes(ranges.to_arrays()),
-        **_nic_files(nic),
         "calibration.npz": npz_bytes(verdict.to_arrays()),
     }
     threshold = verdict.threshold_for(cfg.target_fpr)

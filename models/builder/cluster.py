@@ -18,18 +18,9 @@ from typing import Any
 from pathguard.models.builder.shards import Job, Progress, Shard, ShardFn, ShardResult, run_shard
 from pathguard.models.errors import PathguardError
 
-__all__ = ["RayExecutor", "ray_available"]
+__all__ = ["RayExecutor"]
 
 ShardHook = Callable[[Shard, int], None]
-
-
-def ray_available() -> bool:
-    """Whether Ray (the ``cluster`` extra) is installed."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _task(fn: ShardFn, job: Job, shard: Shard, number: int, hook: ShardHook | None) -> ShardResult:

@@ -96,13 +96,7 @@ class FolderSource:
         return self.n_files
 
     def folder(self) -> ImageFolder:
-        folder = _scan(self.root)
-        if len(folder) != self.n_files or _folder_digest(folder) != self.digest:
-            raise DatasetError(
-                f"image folder {self.root} changed during the build ({len(folder)} files now, {self.n_files} at "
-                "the start), or this machine sees another folder under that path"
-            )
-        return folder
+        return _verified_folder(self.root, self.n_files, self.digest)
 
     def read(self, idx: np.ndarray) -> tuple[Split, list[str]]:
         folder = self.folder()
@@ -115,8 +109,16 @@ class FolderSource:
 
 
 @lru_cache(maxsize=4)
-def _scan(root: str) -> ImageFolder:
-    return ImageFolder.scan(root)
+def _verified_folder(root: str, n_files: int, digest: str) -> ImageFolder:
+    """The folder at ``root`` scanned and checked against the build's file list, once per process (a failed check
+    is not cached: it raises)."""
+    folder = ImageFolder.scan(root)
+    if len(folder) != n_files or _folder_digest(folder) != digest:
+        raise DatasetError(
+            f"image folder {root} changed during the build ({len(folder)} files now, {n_files} at "
+            "the start), or this machine sees another folder under that path"
+        )
+    return folder
 
 
 def _folder_digest(folder: ImageFolder) -> str:

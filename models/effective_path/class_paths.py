@@ -55,10 +55,6 @@ class PathCounts:
             images += part.images_per_class
         return PathCounts(packed, images)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(m.nbytes) for m in self.packed.values()) + int(self.images_per_class.nbytes)
-
 
 def _set_bits(packed: np.ndarray, bits: torch.Tensor) -> None:
     """OR bit positions ``bits`` (int64, any order, duplicates allowed) into flat uint8 ``packed`` in place."""

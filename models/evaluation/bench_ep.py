@@ -29,7 +29,7 @@ from pathguard.models.data import load_dataset
 from pathguard.models.effective_path import DEFAULT_THETA, EffectivePathExtractor
 from pathguard.models.networks import tap_points
 
-__all__ = ["PAPER_TABLE1", "alexnet", "loop_reference_paths", "run_benchmarks"]
+__all__ = ["PAPER_TABLE1", "alexnet", "best_time", "loop_reference_paths", "run_benchmarks"]
 
 PAPER_TABLE1 = {"alexnet_full_s": 1.43, "alexnet_partial_s": 0.43, "resnet50_full_s": 68.32, "resnet50_partial_s": 0.83}
 
@@ -177,7 +177,7 @@ def loop_reference_paths(
 # --------------------------------------------------------------------------------------------------
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -205,7 +205,7 @@ def bench_lenet(
 ) -> dict[str, Any]:
     """Throughput (images/s) of batched extraction on ``x``, forward pass included."""
     ext = EffectivePathExtractor(model, batch_size=batch_size)
-    t = _best_time(lambda: ext.extract(x, ranks=ranks), repeats)
+    t = best_time(lambda: ext.extract(x, ranks=ranks), repeats)
     n = int(x.shape[0])
     return {
         "images": n,
@@ -282,7 +282,7 @@ def bench_speedup(model: nn.Sequential, x: torch.Tensor, batch_size: int = 256) 
     )
     reps = -(-batch_size // x.shape[0])
     xb = x.repeat(reps, 1, 1, 1)[:batch_size]
-    t_vec = _best_time(lambda: ext.extract(xb), 3) / xb.shape[0]
+    t_vec = best_time(lambda: ext.extract(xb), 3) / xb.shape[0]
     return {
         "images": int(x.shape[0]),
         "loop_ms_per_image": 1e3 * t_loop,
@@ -307,13 +307,13 @@ def bench_alexnet(batch_size: int = 8, images: int = 16, repeats: int = 2, seed:
     out: dict[str, Any] = {"batch_size": batch_size, "images": images, "paper_table1": PAPER_TABLE1}
     with torch.inference_mode():
         out["forward_s_per_image"] = (
-            _best_time(lambda: [model(x[s : s + batch_size]) for s in range(0, images, batch_size)], repeats) / images
+            best_time(lambda: [model(x[s : s + batch_size]) for s in range(0, images, batch_size)], repeats) / images
         )
     for label, last_k in (("full", None), ("partial_last3", 3)):
         ext = EffectivePathExtractor(model, last_k=last_k, batch_size=batch_size)
         for ranks in ((1,), (1, 2)):
             key = f"{label}_rank{''.join(map(str, ranks))}_s_per_image"
-            out[key] = _best_time(_extract_call(ext, x, ranks), repeats) / images
+            out[key] = best_time(_extract_call(ext, x, ranks), repeats) / images
         pb = ext.extract(x[:batch_size], ranks=(1,))
         out[f"{label}_synapses_per_image"] = {n: pb.ids[1][n].numel() / len(pb) for n in pb.layers}
     logits, taps = forward_taps(model, x)
@@ -328,8 +328,8 @@ def bench_alexnet(batch_size: int = 8, images: int = 16, repeats: int = 2, seed:
 
         return call
 
-    out["partial_last3_rank12_from_taps_s_per_image_batch1"] = _best_time(from_taps(1), repeats) / images
-    out["partial_last3_rank12_from_taps_s_per_image"] = _best_time(from_taps(batch_size), repeats) / images
+    out["partial_last3_rank12_from_taps_s_per_image_batch1"] = best_time(from_taps(1), repeats) / images
+    out["partial_last3_rank12_from_taps_s_per_image"] = best_time(from_taps(batch_size), repeats) / images
     out["speedup_vs_paper_partial"] = PAPER_TABLE1["alexnet_partial_s"] / out["partial_last3_rank1_s_per_image"]
     out["speedup_vs_paper_full"] = PAPER_TABLE1["alexnet_full_s"] / out["full_rank1_s_per_image"]
     return out
