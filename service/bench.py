@@ -30,7 +30,10 @@ import numpy as np
 
 from pathguard.models.data import load_dataset
 
-__all__ = ["BenchConfig", "render_markdown", "run_bench"]
+__all__ = ["MODES", "BenchConfig", "render_markdown", "run_bench"]
+
+MODES = ("parallel", "serial", "graph")
+STAGES = ("decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "total")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,10 @@ class BenchConfig:
         Timed requests per (route, concurrency, check mode), split over ``rounds`` alternating rounds.
     concurrency : sequence of int
         Client concurrency levels.
-    modes : sequence of bool
-        Parallel layer checks on (True) and/or off (False).
+    modes : sequence of str
+        Check modes, each served by its own server: ``parallel`` (per-layer checks beside the forward pass),
+        ``serial`` (after it), ``graph`` (NIC's per-layer checks inside the onnx engine's graph,
+        ``PATHGUARD_NIC_IN_GRAPH``).
     images : int
         Distinct test images cycled through.
     warmup : int
@@ -58,7 +63,7 @@ class BenchConfig:
     bundles: Sequence[Path]
     requests: int = 2000
     concurrency: Sequence[int] = (1, 16)
-    modes: Sequence[bool] = (True, False)
+    modes: Sequence[str] = ("parallel", "serial")
     images: int = 1000
     warmup: int = 100
     rounds: int = 4
@@ -69,7 +74,7 @@ class BenchConfig:
 @dataclass
 class Measurement:
     bundle: str
-    parallel: bool
+    mode: str
     route: str
     concurrency: int
     latencies_s: list[float]
@@ -80,7 +85,7 @@ class Measurement:
         lat = np.asarray(self.latencies_s) * 1000.0
         return {
             "bundle": self.bundle,
-            "checks": "parallel" if self.parallel else "serial",
+            "checks": self.mode,
             "route": self.route,
             "concurrency": self.concurrency,
             "requests": len(lat),
@@ -114,13 +119,14 @@ def _encode_images(dataset: str, n: int) -> list[bytes]:
 class _Server:
     """A ``pathguard serve`` subprocess."""
 
-    def __init__(self, bundle: Path, parallel: bool, engine: str, extra_env: dict[str, str]) -> None:
+    def __init__(self, bundle: Path, mode: str, engine: str, extra_env: dict[str, str]) -> None:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_") or k.endswith("_DIR")}
         env.update(
             PATHGUARD_BUNDLE=str(bundle),
             PATHGUARD_PORT=str(self.port),
-            PATHGUARD_PARALLEL_CHECKS=str(parallel).lower(),
+            PATHGUARD_PARALLEL_CHECKS=str(mode != "serial").lower(),
+            PATHGUARD_NIC_IN_GRAPH=str(mode == "graph").lower(),
             PATHGUARD_CACHE="false",
             PATHGUARD_ENGINE=engine,
             **extra_env,
@@ -192,8 +198,8 @@ def _median_timings(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in rows if k in r), 3) for k in keys}
 
 
-def _measure_server(cfg: BenchConfig, bundle: Path, parallel: bool, images: list[bytes]) -> list[Measurement]:
-    server = _Server(bundle, parallel, cfg.engine, cfg.extra_env)
+def _measure_server(cfg: BenchConfig, bundle: Path, mode: str, images: list[bytes]) -> list[Measurement]:
+    server = _Server(bundle, mode, cfg.engine, cfg.extra_env)
     try:
         server.wait_ready()
         for route in ("/v1/predict", "/v1/detect"):
@@ -208,10 +214,18 @@ def _measure_server(cfg: BenchConfig, bundle: Path, parallel: bool, images: list
                     prev = acc[route]
                     acc[route] = (prev[0] + lat, prev[1] + wall, prev[2] + srv)
             for route, (lat, wall, srv) in acc.items():
-                out.append(Measurement(bundle.name, parallel, route, conc, lat, wall, _median_timings(srv)))
+                out.append(Measurement(bundle.name, mode, route, conc, lat, wall, _median_timings(srv)))
         return out
     finally:
         server.stop()
+
+
+def _load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (empty where the platform has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _contention() -> str:
@@ -225,18 +239,23 @@ def _contention() -> str:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every measurement; returns a JSON-able report."""
+    unknown = set(cfg.modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown check mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     rows = []
+    load_before = _load_average()
     for bundle in cfg.bundles:
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
         images = _encode_images(str(manifest["dataset"]), cfg.images)
-        for parallel in cfg.modes:
-            rows += [m.row() for m in _measure_server(cfg, Path(bundle), parallel, images)]
+        for mode in cfg.modes:
+            rows += [m.row() for m in _measure_server(cfg, Path(bundle), mode, images)]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "engine": cfg.engine,
         "requests_per_cell": cfg.requests,
         "training_running": _contention(),
+        "load_average": {"before": load_before, "after": _load_average()},
         "rows": rows,
         "ratios": _ratios(rows),
     }
@@ -250,32 +269,56 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if route != "detect" or (b, checks, "predict", conc) not in index:
             continue
         base = index[(b, checks, "predict", conc)]
-        out.append({"bundle": b, "checks": checks, "concurrency": conc, "p50_ratio": r["p50_ms"] / base["p50_ms"]})
+        out.append({
+            "bundle": b, "checks": checks, "concurrency": conc, "p50_ratio": r["p50_ms"] / base["p50_ms"],
+            "throughput_ratio": r["throughput_rps"] / base["throughput_rps"],
+        })  # fmt: skip
     return out
 
 
 def render_markdown(report: dict[str, Any], command: str) -> str:
-    """The report as the docs/bench.md page."""
+    """The report as the docs/bench.md page: latency and throughput per cell, the ratios of detect to predict,
+    and the server's median stage times of every detect cell (``timings_ms`` of the responses)."""
+    load = report.get("load_average", {})
     lines = [
         "# Detection overhead benchmark",
         "",
         f"Measured {report['created_at']} on {report['machine']['cpus']} CPU cores "
         f"({report['machine']['platform']}, Python {report['machine']['python']}), engine `{report['engine']}`, "
         f"{report['requests_per_cell']} requests per cell, distinct test images, verdict cache off, no Redis.",
-        f"Other load on the machine (`pathguard train`): {report['training_running']}.",
+        f"Other load on the machine (`pathguard train`): {report['training_running']}; load average (1, 5, 15 min) "
+        f"before {load.get('before', 'unknown')}, after {load.get('after', 'unknown')}.",
         "",
         f"Reproduce: `{command}`",
         "",
-        "| bundle | checks | route | concurrency | p50 ms | p99 ms | throughput req/s | server median ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bundle | checks | route | concurrency | p50 ms | p99 ms | throughput req/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        srv = ", ".join(f"{k} {v:.2f}" for k, v in r["server_ms"].items())
         lines.append(
             f"| {r['bundle']} | {r['checks']} | /v1/{r['route']} | {r['concurrency']} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['throughput_rps']:.0f} | {srv} |"
+            f"{r['p99_ms']:.2f} | {r['throughput_rps']:.0f} |"
         )
-    lines += ["", "| bundle | checks | concurrency | p50(detect) / p50(predict) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| bundle | checks | concurrency | p50(detect) / p50(predict) | throughput(detect) / throughput(predict) |",
+        "|---|---|---|---|---|",
+    ]
     for q in report["ratios"]:
-        lines.append(f"| {q['bundle']} | {q['checks']} | {q['concurrency']} | {q['p50_ratio']:.2f} |")
+        lines.append(
+            f"| {q['bundle']} | {q['checks']} | {q['concurrency']} | {q['p50_ratio']:.2f} | "
+            f"{q.get('throughput_ratio', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "Server-side stages (median `timings_ms` of the responses; `classify`, `checks` and its parts are per "
+        "batch; `checks_wait`, `nic` and `effective_path` are parts of `checks`):",
+        "",
+        "| bundle | checks | route | concurrency | " + " | ".join(STAGES) + " |",
+        "|---|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for r in report["rows"]:
+        srv = r["server_ms"]
+        cells = " | ".join(f"{srv[k]:.2f}" if k in srv else "" for k in STAGES)
+        lines.append(f"| {r['bundle']} | {r['checks']} | /v1/{r['route']} | {r['concurrency']} | {cells} |")
     return "\n".join(lines) + "\n"

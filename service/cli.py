@@ -103,9 +103,16 @@ def _add_bench_nic(sub: argparse._SubParsersAction) -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     from pathguard.models.builder import BuildConfig, build_bundle, build_bundle_from_onnx
 
-    own = args.model is not None or args.data is not None or args.calibration is not None
-    if (args.dataset is None) == (not own) or (own and (args.model is None or args.data is None)):
-        print("error: give either --dataset mnist|cifar10 or --model MODEL.onnx --data DIR", file=sys.stderr)
+    own = args.data is not None or args.calibration is not None  # the user's image folders
+    onnx_on_dataset = args.dataset is not None and args.model is not None and not own
+    if not onnx_on_dataset and (
+        (args.dataset is None) == (not own) or (own and (args.model is None or args.data is None))
+    ):
+        print("error: give --dataset mnist|cifar10 (optionally with --model MODEL.onnx), or --model MODEL.onnx "
+              "--data DIR", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.model is not None and args.classifier is not None:
+        print("error: give --model MODEL.onnx or --classifier DIR, not both", file=sys.stderr)
         return 2
     supervised_options = ("supervised_detector", "supervised_features", "supervised_n")
     if not args.supervised_attacks and any(getattr(args, k) is not None for k in supervised_options):
@@ -148,7 +155,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if own:
             report = build_bundle_from_onnx(args.model, args.data, args.out, cfg, args.calibration, executor)
         else:
-            classifier = args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
+            classifier = args.model or args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
             report = build_bundle(args.dataset, classifier, args.out, cfg, executor)
     print(json.dumps(report, indent=2, default=float))
     return 0
@@ -161,7 +168,11 @@ def _names(csv: str) -> list[str]:
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build a detection bundle from a trained classifier and its training data")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], help="a bundled dataset (with its bundled classifier)")
-    p.add_argument("--model", help="your own classifier: an ONNX file (opset >= 13, input (N, C, H, W) in [0, 1])")
+    p.add_argument(
+        "--model",
+        help="your own classifier: an ONNX file (opset >= 13, input (N, C, H, W) in [0, 1]); "
+        "with --dataset, built on that bundled dataset's training images",
+    )
     p.add_argument("--data", help="with --model: its training images, DIR/<class>/*.png|jpg")
     p.add_argument("--calibration", help="with --model: images the classifier never trained on (same class folders)")
     p.add_argument("--classifier", help="classifier folder (default: artifacts/classifiers/<dataset>-<arch>)")
@@ -387,7 +398,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bundles=[Path(b) for b in args.bundle or ["artifacts/mnist-lenet5"]],
         requests=args.requests,
         concurrency=tuple(args.concurrency),
-        modes=tuple({"parallel": True, "serial": False}[m] for m in args.checks),
+        modes=tuple(args.checks),
         images=args.images,
         warmup=args.warmup,
         rounds=args.rounds,
@@ -409,7 +420,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", action="append", help="bundle folder (repeatable; default artifacts/mnist-lenet5)")
     p.add_argument("--requests", type=int, default=2000, help="timed requests per route, concurrency and check mode")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--checks", nargs="+", choices=["parallel", "serial"], default=["parallel", "serial"])
+    p.add_argument(
+        "--checks",
+        nargs="+",
+        choices=["parallel", "serial", "graph"],
+        default=["parallel", "serial"],
+        help="check modes, each on its own server: parallel, serial, graph (NIC inside the onnx graph)",
+    )
     p.add_argument("--images", type=int, default=1000, help="distinct test images cycled through")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--rounds", type=int, default=4, help="alternating predict/detect rounds per cell")

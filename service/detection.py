@@ -128,10 +128,19 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, checks_s: float | None, t0: float) -> dict:
+def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, det: Detected | None, t0: float) -> dict:
+    """A response's ``timings_ms``: its own decode and queue time, its batch's forward pass (``classify``) and,
+    for a detection, the batch's ``checks`` (forward pass end to verdict) with the parts measured inside it:
+    ``checks_wait`` (waiting for per-layer checks still running beside it), ``nic`` and ``effective_path`` (their
+    work in the pipeline's finish)."""
     out = {"decode": _ms(decode_s), "queue": _ms(sl.queue_s), "classify": _ms(classify_s)}
-    if checks_s is not None:
-        out["checks"] = _ms(checks_s)
+    if det is not None:
+        out["checks"] = _ms(det.checks_s)
+        out["checks_wait"] = _ms(det.wait_s)
+        stages = dict(det.result.timings_s)
+        for key in ("nic", "effective_path"):
+            if key in stages:
+                out[key] = _ms(stages[key])
     out["total"] = _ms(time.perf_counter() - t0)
     return out
 
@@ -280,7 +289,7 @@ async def _run_detection(
             **det.result.row(i),
             "mode": "enforce",
             "cached": False,
-            "timings_ms": _timings(decode_s, sl, det.classify_s, det.checks_s, t0),
+            "timings_ms": _timings(decode_s, sl, det.classify_s, det, t0),
         }
         _record(state, body)
         bodies.append(body)

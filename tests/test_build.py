@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pathguard.models import load_classifier
 from pathguard.models.builder import BuildConfig, build_bundle
@@ -133,3 +135,36 @@ def test_fusion_components_recorded_loaded_and_validated(tiny_bundle, tmp_path):
     for bad in (["nic", "bogus"], [], ["nic", "nic"]):
         with pytest.raises(ValueError, match="fusion must list distinct components"):
             BuildConfig(name="x", fusion=bad)
+
+
+def test_an_onnx_file_builds_on_a_bundled_dataset(tmp_path, mnist_test, capsys):
+    """``--dataset mnist --model classifier.onnx``: the file goes through the ONNX import path (kept in the bundle
+    as the user's file), on the same seeded splits as a classifier folder, and classifies as the original does."""
+    from pathguard.models.errors import DatasetError
+    from pathguard.models.networks import onnx_of_module
+    from pathguard.service.cli import main
+
+    lenet = load_classifier(MNIST_CLASSIFIER)
+    onnx_file = tmp_path / "lenet5.onnx"
+    onnx_file.write_bytes(onnx_of_module(lenet, (1, 28, 28)))
+    out = tmp_path / "onnx-mnist"
+    cfg = BuildConfig(name="onnx-mnist", n_train=2500, n_calib=1000, target_fpr=0.1, nic=TINY_NIC, ep_last_k=2)
+    report = build_bundle("mnist", onnx_file, out, cfg)
+    files = read_verified(out)
+    meta = json.loads(files.bytes("classifier.json"))
+    assert meta["format"] == "onnx" and files.bytes(meta["source"]) == onnx_file.read_bytes()
+    assert files.manifest["calibration"] == {"ep_fit": 200, "calib_a": 400, "calib_b": 400, "fit": 1500}
+    assert report["sha256"] == files.sha256
+    assert files.manifest["source"] == {"model": "lenet5.onnx", "data": "mnist", "skipped_files": 0}
+    bundle = load_bundle(out)
+    x = mnist_test.x[:64]
+    ours = bundle.pipeline.detect(x)
+    with torch.no_grad():
+        expected = lenet(torch.from_numpy(x)).softmax(1).numpy()
+    np.testing.assert_allclose(ours.probabilities, expected, atol=1e-5)
+    assert ours.ep_layers == bundle.manifest["effective_path"]["layers"] and len(ours.ep_layers) == 2
+    with pytest.raises(DatasetError, match=r"takes \(1, 28, 28\) inputs with 10 outputs; cifar10 has \(3, 32, 32\)"):
+        build_bundle("cifar10", onnx_file, tmp_path / "wrong", cfg)
+    both = ["build", "--dataset", "mnist", "--model", str(onnx_file), "--classifier", str(MNIST_CLASSIFIER)]
+    assert main([*both, "--out", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -175,3 +175,29 @@ def test_a_misnamed_nic_layer_fails_before_any_image_is_read(user_files, tmp_pat
     with pytest.raises(ValueError, match="bad: \\['conv1'\\]"):
         build_bundle_from_onnx(user_files["model"], user_files["train"], tmp_path / "b", cfg, user_files["calib"])
     assert reads == []
+
+
+def test_a_torch_module_takes_the_same_import_path(user_files, own_bundle, tmp_path):
+    """``build_bundle_from_torch``: the module is exported to ONNX (``onnx_of_module``) and built exactly as that
+    file would be by ``build_bundle_from_onnx``; the bundle keeps the export and classifies as the module does."""
+    from pathguard.models import load_classifier
+    from pathguard.models.builder import build_bundle_from_torch
+    from pathguard.models.networks import onnx_of_module
+
+    net = load_classifier(own_bundle).train()  # the user's network as a torch module, left in training mode
+    cfg = BuildConfig(name="tiny-resnet", target_fpr=0.1, nic=NIC)
+    build_bundle_from_torch(net, (3, 16, 16), user_files["train"], tmp_path / "torch", cfg, user_files["calib"])
+    assert net.training  # exported in eval mode, the module's own mode restored
+    net.eval()
+    (tmp_path / "module.onnx").write_bytes(onnx_of_module(net, (3, 16, 16)))
+    build_bundle_from_onnx(tmp_path / "module.onnx", user_files["train"], tmp_path / "file", cfg, user_files["calib"])
+    ours, theirs = read_verified(tmp_path / "torch"), read_verified(tmp_path / "file")
+    assert ours.manifest["source"]["model"] == "module.onnx"
+    assert ours.bytes("source.onnx") == (tmp_path / "module.onnx").read_bytes()
+    for name in ("classifier.onnx", "classifier.json", "class_paths.npz", "nic.npz", "nic.json", "calibration.npz"):
+        assert ours.bytes(name) == theirs.bytes(name), name
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = net(x).softmax(1).numpy()
+    np.testing.assert_allclose(load_bundle(tmp_path / "torch").pipeline.detect(x.numpy()).probabilities, expected,
+                               atol=1e-5)  # fmt: skip

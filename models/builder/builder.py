@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pathguard.models.builder.config import BuildConfig
@@ -67,14 +68,16 @@ from pathguard.models.networks import (
     TappedSequential,
     import_onnx_tensors,
     imported_classifier_meta,
+    onnx_of_module,
     served_onnx,
 )
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
-__all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "model_files"]
+__all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "build_bundle_from_torch", "model_files"]
 
 OPSET = 17
+_DATASET_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def add_benign_ranges(bundle_dir: str | Path) -> str:
@@ -125,20 +128,38 @@ def build_bundle(
     cfg: BuildConfig,
     executor: Executor | None = None,
 ) -> dict[str, Any]:
-    """Build the bundle of a bundled classifier folder and dataset (``mnist``, ``cifar10``); returns a build
-    report (timings, sizes, the executor's workers and peak memory).
+    """Build the bundle of a classifier and a bundled dataset (``mnist``, ``cifar10``); returns a build report
+    (timings, sizes, the executor's workers and peak memory).
 
-    ``executor`` runs the passes over images (default: this process; a
+    ``classifier_dir`` is a classifier folder of a bundled architecture, or an ONNX file (``*.onnx``), which is
+    imported as :func:`build_bundle_from_onnx` imports a user's file and kept in the bundle the same way; the
+    calibration images are the ``n_calib`` training images held out by the seeded split (those that
+    ``pathguard train`` never trains on). ``executor`` runs the passes over images (default: this process; a
     :class:`~pathguard.models.builder.cluster.RayExecutor` spreads them over a Ray cluster, with the same bytes).
     """
     t = time.perf_counter()
-    model = load_classifier(classifier_dir)
     source = DatasetSource(dataset)
+    extra: Callable[[], dict[str, Any]] | None = None
+    if Path(classifier_dir).suffix.lower() == ".onnx":
+        source_bytes = Path(classifier_dir).read_bytes()
+        model, tensors = import_onnx_tensors(source_bytes)
+        files = model_files(model, tensors, source_bytes)
+        entry = {"source": {"model": Path(classifier_dir).name, "data": dataset, "skipped_files": 0}}
+        extra = lambda: entry  # noqa: E731
+    else:
+        model = load_classifier(classifier_dir)
+        files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
+    shape = _DATASET_SHAPES.get(dataset)
+    if model.config.input_shape != shape or model.config.num_classes != len(source.classes):
+        raise DatasetError(
+            f"{classifier_dir} takes {model.config.input_shape} inputs with {model.config.num_classes} outputs; "
+            f"{dataset} has {shape} images of {len(source.classes)} classes"
+        )
     idx = training_split_indices(len(source), cfg.n_calib, cfg.seed, cfg.n_train)
-    files = {name: (Path(classifier_dir) / name).read_bytes() for name in CLASSIFIER_FILES}
     parts: dict[str, tuple[ImageSource, np.ndarray]] = {k: (source, v) for k, v in idx.items()}
     timings = {"load": time.perf_counter() - t}
-    return _build(model, dataset, source.classes, parts, files, out_dir, cfg, timings, executor or LocalExecutor())
+    executor = executor or LocalExecutor()
+    return _build(model, dataset, source.classes, parts, files, out_dir, cfg, timings, executor, extra)
 
 
 def build_bundle_from_onnx(
@@ -159,10 +180,41 @@ def build_bundle_from_onnx(
     :data:`~pathguard.models.builder.shards.CHUNK`; only NIC's fitting sample is held at once. ``executor`` as
     in :func:`build_bundle`.
     """
-    if cfg.supervised_attacks:
-        raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
     t = time.perf_counter()
     source_bytes = Path(model_path).read_bytes()
+    return _build_from_onnx(source_bytes, Path(model_path).name, data, out_dir, cfg, calibration, executor, t)
+
+
+def build_bundle_from_torch(
+    module: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    calibration: str | Path | None = None,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
+    """:func:`build_bundle_from_onnx` for a torch image classifier (input (N, C, H, W) = ``input_shape`` in
+    [0, 1], output logits or probabilities): exported to ONNX in eval mode
+    (:func:`~pathguard.models.networks.onnx_of_module`), then imported like any user's file, which the bundle
+    keeps."""
+    t = time.perf_counter()
+    source_bytes = onnx_of_module(module, input_shape, OPSET)
+    return _build_from_onnx(source_bytes, "module.onnx", data, out_dir, cfg, calibration, executor, t)
+
+
+def _build_from_onnx(
+    source_bytes: bytes,
+    source_name: str,
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    calibration: str | Path | None,
+    executor: Executor | None,
+    t: float,
+) -> dict[str, Any]:
+    if cfg.supervised_attacks:
+        raise ValueError("supervised mode needs a bundled dataset (its attack budgets); build without it")
     model, tensors = import_onnx_tensors(source_bytes)
     folder = ImageFolder.scan(data)
     if len(folder.classes) != model.config.num_classes:
@@ -186,7 +238,7 @@ def build_bundle_from_onnx(
     skipped: set[str] = set()
 
     def source_entry() -> dict[str, Any]:  # after the build: the unreadable files are known only then
-        return {"source": {"model": Path(model_path).name, "data": str(data), "skipped_files": len(skipped)}}
+        return {"source": {"model": source_name, "data": str(data), "skipped_files": len(skipped)}}
 
     report = _build(
         model, "image-folder", folder.classes, parts, classifier, out_dir, cfg, timings,

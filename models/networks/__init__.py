@@ -13,6 +13,7 @@ from pathguard.models.networks.persistence import (
     classifier_from_files,
     export_onnx,
     imported_classifier_meta,
+    onnx_of_module,
     save_classifier,
 )
 from pathguard.models.networks.taps import OnnxTapWrapper, TappedSequential, tap_points
@@ -37,6 +38,7 @@ __all__ = [
     "import_onnx",
     "import_onnx_tensors",
     "imported_classifier_meta",
+    "onnx_of_module",
     "save_classifier",
     "served_onnx",
     "tap_points",

@@ -8,6 +8,7 @@ tap as a named output, dynamic batch axis).
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "classifier_from_files",
     "export_onnx",
     "imported_classifier_meta",
+    "onnx_of_module",
     "save_classifier",
 ]
 
@@ -99,6 +101,30 @@ def export_onnx(model: TappedSequential, path: Path, opset: int = 17) -> None:
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         _export(model, dummy, path, names, opset)
+
+
+def onnx_of_module(module: torch.nn.Module, input_shape: tuple[int, int, int], opset: int = 17) -> bytes:
+    """A torch image classifier as the ONNX file a user would export: input ``input`` (N, C, H, W) with a dynamic
+    batch axis, one output ``logits``, the module in eval mode (its batch norms then fold into the convolutions
+    on import). This is how a torch ``nn.Module`` enters the same import path as any ONNX file."""
+    was_training = module.training
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter needs no onnxscript
+            path = Path(tmp) / "model.onnx"
+            torch.onnx.export(
+                module.eval(),
+                (torch.zeros(1, *input_shape),),
+                str(path),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+            return path.read_bytes()
+    finally:
+        module.train(was_training)
 
 
 def _export(model: TappedSequential, dummy: torch.Tensor, path: Path, names: list[str], opset: int) -> None:

@@ -84,12 +84,14 @@ class Detected:
 
     ``checks_s`` is the time from the end of the forward pass to the verdict, i.e. what the layer checks add.
     With NIC computed in the engine's graph, ``classify_s`` includes NIC's work and ``checks_s`` the rest.
+    ``wait_s`` is the part of ``checks_s`` spent waiting for per-layer checks still running on worker threads.
     """
 
     result: Any
     probabilities: np.ndarray
     classify_s: float
     checks_s: float
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -177,12 +179,16 @@ class DetectionRuntime:
                 )
         return _Forward(logits, taps, checks, classify_s)
 
-    def _finish(self, x: np.ndarray, fwd: _Forward, probabilities: np.ndarray) -> Any:
-        """Collect the layer checks (serial mode: the pipeline runs them itself) and compute the verdict."""
+    def _finish(self, x: np.ndarray, fwd: _Forward, probabilities: np.ndarray) -> tuple[Any, float]:
+        """Collect the layer checks (serial mode: the pipeline runs them itself) and compute the verdict; returns
+        the result and the seconds spent waiting for the checks still running."""
+        t0 = time.perf_counter()
         partials = {name: fut.result() for name, fut in fwd.checks.items()}
-        return self.pipeline.finish(
+        wait_s = time.perf_counter() - t0
+        result = self.pipeline.finish(
             torch.from_numpy(x), fwd.logits, fwd.taps, partials, probabilities=probabilities, nic_graph=fwd.nic_graph
         )
+        return result, wait_s
 
     def detect(self, x: np.ndarray) -> Detected:
         """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W).
@@ -191,8 +197,8 @@ class DetectionRuntime:
         fwd = self._forward(x)
         t0 = time.perf_counter()
         probabilities = softmax(fwd.logits.numpy())
-        result = self._finish(x, fwd, probabilities)
-        return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0)
+        result, wait_s = self._finish(x, fwd, probabilities)
+        return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0, wait_s)
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:
         """Forward pass now (layer checks already started); the rest of the detection on a background thread,
@@ -210,8 +216,8 @@ class DetectionRuntime:
         def rest() -> Detected:
             try:
                 t0 = time.perf_counter()
-                result = self._finish(x, fwd, probabilities)
-                return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0)
+                result, wait_s = self._finish(x, fwd, probabilities)
+                return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0, wait_s)
             finally:
                 with self._shadow_lock:
                     self._shadow_pending -= 1

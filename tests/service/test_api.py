@@ -57,7 +57,9 @@ def _assert_detect_body(body: dict, model: dict) -> None:
     assert v["threshold"] == pytest.approx(model["threshold"], abs=1e-6)
     assert v["target_fpr"] == pytest.approx(model["target_fpr"])
     assert v["adversarial"] == (v["score"] > v["threshold"])
-    assert {"decode", "classify", "checks", "total"} <= set(body["timings_ms"])
+    t = body["timings_ms"]
+    assert {"decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "total"} == set(t)
+    assert t["checks_wait"] + t["nic"] + t["effective_path"] <= t["checks"] <= t["total"]  # parts of the checks
 
 
 def test_health_before_and_after_lifespan(bundle_dir, tmp_path, digits):

@@ -73,16 +73,24 @@ def test_serve_refuses_a_tampered_bundle(tmp_path):
 def test_bench_writes_a_table(tmp_path):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "pathguard.service.cli", "bench", "--requests", "16", "--concurrency", "1", "4"]
-    cmd += ["--checks", "parallel", "--images", "16", "--warmup", "4", "--rounds", "2"]
+    cmd += ["--checks", "parallel", "graph", "--images", "16", "--warmup", "4", "--rounds", "2"]
     cmd += ["--out", str(out), "--json", str(raw)]
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=240, capture_output=True)
     report = json.loads(raw.read_text())
-    cells = {(r["route"], r["concurrency"]) for r in report["rows"]}
-    assert cells == {("predict", 1), ("detect", 1), ("predict", 4), ("detect", 4)}
+    cells = {(r["checks"], r["route"], r["concurrency"]) for r in report["rows"]}
+    assert cells == {(m, r, c) for m in ("parallel", "graph") for r in ("predict", "detect") for c in (1, 4)}
     assert all(r["requests"] == 16 and 0 < r["p50_ms"] <= r["p99_ms"] for r in report["rows"])
-    assert {q["concurrency"] for q in report["ratios"]} == {1, 4}
+    assert {(q["checks"], q["concurrency"]) for q in report["ratios"]} == {(m, c) for m in ("parallel", "graph")
+                                                                           for c in (1, 4)}  # fmt: skip
+    assert all(q["throughput_ratio"] > 0 for q in report["ratios"])
+    for r in report["rows"]:  # the server's own stage times, as its responses reported them
+        stages = {"decode", "queue", "classify", "total"} | (
+            {"checks", "checks_wait", "nic", "effective_path"} if r["route"] == "detect" else set()
+        )
+        assert set(r["server_ms"]) == stages, r
     text = out.read_text()
     assert "| mnist-lenet5 | parallel | /v1/detect | 1 |" in text and "p50(detect) / p50(predict)" in text
+    assert "| mnist-lenet5 | graph | /v1/detect | 4 |" in text and "| effective_path |" in text
 
 
 def test_serve_answers_413_to_a_chunked_body_over_the_limit(digits, tmp_path):
