@@ -33,7 +33,7 @@ from pathguard.models.data import load_dataset
 __all__ = ["MODES", "BenchConfig", "render_markdown", "run_bench"]
 
 MODES = ("parallel", "serial", "graph")
-STAGES = ("decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "total")
+STAGES = ("decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "mahalanobis", "total")
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             n_calib=args.n_calib,
             target_fpr=args.target_fpr,
             nic=json.loads(args.nic) if args.nic else {},
+            mahalanobis=json.loads(args.mahalanobis) if args.mahalanobis else {},
             seed=args.seed,
             **optional,
         )
@@ -189,7 +190,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fusion",
         help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
-        "invariants, two-sided); default: all three",
+        "invariants, two-sided), mahalanobis (class-conditional Gaussians per layer); default: the first three",
+    )
+    p.add_argument(
+        "--mahalanobis",
+        help="with mahalanobis in --fusion: ClassGaussian parameters as JSON, e.g. "
+        '\'{"layers": ["pool2", "fc1"], "pool": "mean"}\' (default: every tap, per-channel means)',
     )
     p.add_argument(
         "--supervised-attacks",

@@ -131,14 +131,14 @@ def _ms(seconds: float) -> float:
 def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, det: Detected | None, t0: float) -> dict:
     """A response's ``timings_ms``: its own decode and queue time, its batch's forward pass (``classify``) and,
     for a detection, the batch's ``checks`` (forward pass end to verdict) with the parts measured inside it:
-    ``checks_wait`` (waiting for per-layer checks still running beside it), ``nic`` and ``effective_path`` (their
-    work in the pipeline's finish)."""
+    ``checks_wait`` (waiting for per-layer checks still running beside it), ``nic``, ``effective_path`` and, for a
+    bundle with the class Gaussians, ``mahalanobis`` (their work in the pipeline's finish)."""
     out = {"decode": _ms(decode_s), "queue": _ms(sl.queue_s), "classify": _ms(classify_s)}
     if det is not None:
         out["checks"] = _ms(det.checks_s)
         out["checks_wait"] = _ms(det.wait_s)
         stages = dict(det.result.timings_s)
-        for key in ("nic", "effective_path"):
+        for key in ("nic", "effective_path", "mahalanobis"):
             if key in stages:
                 out[key] = _ms(stages[key])
     out["total"] = _ms(time.perf_counter() - t0)

@@ -168,3 +168,44 @@ def test_an_onnx_file_builds_on_a_bundled_dataset(tmp_path, mnist_test, capsys):
     both = ["build", "--dataset", "mnist", "--model", str(onnx_file), "--classifier", str(MNIST_CLASSIFIER)]
     assert main([*both, "--out", str(tmp_path / "x")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_class_gaussian_component_is_built_exported_and_fused(tmp_path, mnist_test):
+    """``fusion`` with ``mahalanobis``: the class Gaussians are fitted on NIC's sample, calibrated on split A,
+    stored as plain arrays, reloaded with the same scores, fused into the verdict and reported per image."""
+    from pathguard.models.bundle.pipeline import gaussian_activation
+    from pathguard.models.mahalanobis import ClassGaussian
+
+    layers = ["pool1", "fc1", "logits"]
+    cfg = BuildConfig(
+        name="tiny-gauss", n_train=4000, n_calib=1500, target_fpr=0.1, nic=TINY_NIC,
+        fusion=["effective_path", "nic", "mahalanobis"], mahalanobis={"layers": layers},
+    )  # fmt: skip
+    build_bundle("mnist", MNIST_CLASSIFIER, tmp_path / "g", cfg)
+    files = read_verified(tmp_path / "g")
+    assert files.manifest["mahalanobis"] == {"layers": layers, "pool": "mean", "shrinkage": 0.01, "n_fit": 2000}
+    assert files.manifest["verdict"]["components"] == ["effective_path", "nic", "mahalanobis"]
+    with np.load(tmp_path / "g" / "mahalanobis.npz", allow_pickle=False) as z:  # plain arrays only
+        g = ClassGaussian.from_arrays({k: z[k] for k in z.files})
+    assert g.calib_.shape == (files.manifest["calibration"]["calib_a"], 3)
+    bundle = load_bundle(tmp_path / "g")
+    x = mnist_test.x[:200]
+    res, raw = bundle.pipeline.detect_with_components(x)
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        logits, taps = bundle.classifier.forward_with_taps(xt)
+    acts = {n: gaussian_activation(n, xt, logits, taps) for n in layers}
+    np.testing.assert_allclose(raw["mahalanobis"], g.score(acts), rtol=1e-12)  # the exported scorer is the fitted one
+    # clean test images: per-layer p-values roughly uniform, so the Fisher statistic is chi2(6)-like (mean 6)
+    assert 4.0 < float(np.mean(raw["mahalanobis"])) < 8.0
+    row = res.row(0)
+    assert row["mahalanobis"]["layers"] == layers and 0 <= row["mahalanobis"]["score"] <= 1
+    noise = np.random.default_rng(0).random((50, 1, 28, 28), dtype=np.float32)
+    assert bundle.pipeline.detect_with_components(noise)[1]["mahalanobis"].min() > np.median(raw["mahalanobis"])
+    with pytest.raises(ValueError, match=r"mahalanobis layers \['nope'\] are not layers"):
+        build_bundle("mnist", MNIST_CLASSIFIER, tmp_path / "bad", BuildConfig(
+            name="x", n_train=4000, n_calib=1500, nic=TINY_NIC, fusion=["nic", "mahalanobis"],
+            mahalanobis={"layers": ["nope"]},
+        ))  # fmt: skip
+    with pytest.raises(ValueError, match="'mahalanobis' is not among the fusion components"):
+        BuildConfig(name="x", mahalanobis={"pool": "mean"})

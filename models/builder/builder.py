@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pathguard.models.builder.config import BuildConfig
 from pathguard.models.builder.shards import (
+    CHUNK,
     DatasetSource,
     Executor,
     FolderSource,
@@ -38,6 +39,7 @@ from pathguard.models.builder.shards import (
     ShardResult,
     components_pass,
     ep_pass,
+    gaussian_pass,
     nic_pass,
     paths_pass,
     sample_pass,
@@ -46,12 +48,14 @@ from pathguard.models.builder.shards import (
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
     BENIGN_RANGES,
+    MAHALANOBIS_FILE,
     DetectionPipeline,
     load_classifier,
     npz_bytes,
     read_verified,
     write_bundle,
 )
+from pathguard.models.bundle.pipeline import MAHALANOBIS, gaussian_activation
 from pathguard.models.bundle.splits import calibration_split_indices, training_split_indices
 from pathguard.models.data import ImageFolder
 from pathguard.models.effective_path import (
@@ -62,6 +66,7 @@ from pathguard.models.effective_path import (
     PathCounts,
 )
 from pathguard.models.errors import DatasetError
+from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import (
     CLASSIFIER_FILES,
     ONNX_SOURCE,
@@ -71,7 +76,7 @@ from pathguard.models.networks import (
     onnx_of_module,
     served_onnx,
 )
-from pathguard.models.nic import NICDetector
+from pathguard.models.nic import INPUT, NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
 __all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "build_bundle_from_torch", "model_files"]
@@ -276,6 +281,7 @@ def _build(
     passes = _Passes(executor, parts, set() if skipped is None else skipped)
     nic = NICDetector(**{"seed": cfg.seed, **cfg.nic})
     nic.check_layers(model)  # a misnamed layer fails now, not after the pass over the training images
+    gaussian = _gaussian(model, cfg) if MAHALANOBIS in cfg.fusion else None
     job = Job.make(files, cfg.theta, cfg.ep_last_k)
 
     t = time.perf_counter()
@@ -298,14 +304,24 @@ def _build(
     t = time.perf_counter()
     sample_x, sample_y = _sample(passes, job, nic.sample_size)
     nic.fit(model, sample_x, sample_y)
-    del sample_x, sample_y
     job = job.with_fitted(**_nic_files(nic))
     scores = passes.ordered(nic_pass, job, "calib_a", "NIC calibration")
     nic.calibrate_scores([chunk for r in scores for chunk in r.value])
     timings["nic"] = time.perf_counter() - t
 
+    gaussian_files: dict[str, bytes] = {}
+    if gaussian is not None:  # fitted on NIC's sample, calibrated on split A (the images the verdict calibrates on)
+        t = time.perf_counter()
+        gaussian.fit(_gaussian_batches(model, gaussian.layers, sample_x, sample_y), len(classes))
+        job = job.with_fitted(**{MAHALANOBIS_FILE: npz_bytes(gaussian.to_arrays())})
+        done = passes.ordered(gaussian_pass, job, "calib_a", "class-Gaussian calibration")
+        gaussian.calibrate(np.concatenate([r.value for r in done if r.images]))
+        gaussian_files = {MAHALANOBIS_FILE: npz_bytes(gaussian.to_arrays())}
+        timings["mahalanobis"] = time.perf_counter() - t
+    del sample_x, sample_y
+
     t = time.perf_counter()
-    job = job.with_fitted(**{"ep_score.npz": npz_bytes(ep_score.to_arrays())}, **_nic_files(nic))
+    job = job.with_fitted(**{"ep_score.npz": npz_bytes(ep_score.to_arrays())}, **_nic_files(nic), **gaussian_files)
     raw, held = {}, {"ep_fit": len(features)}
     for k in ("calib_a", "calib_b"):
         done = [r for r in passes.ordered(components_pass, job, k, f"calibration {k}") if r.images]
@@ -315,7 +331,7 @@ def _build(
         held[k] = sum(r.images for r in done)
     verdict = FusedVerdict.fit(raw["calib_a"], raw["calib_b"], cfg.target_fpr)
     timings["calibration"] = time.perf_counter() - t
-    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr)
+    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr, gaussian=gaussian)
 
     supervised: SupervisedDetector | None = None
     if cfg.supervised_attacks:  # the attacks run here, on the held-out images read into memory
@@ -342,6 +358,7 @@ def _build(
         **{k: job.fitted[k] for k in ("class_paths.npz", "ep_score.npz", "nic.npz", "nic.json")},  # as the workers saw
         BENIGN_RANGES: npz_bytes(ranges.to_arrays()),
         "calibration.npz": npz_bytes(verdict.to_arrays()),
+        **gaussian_files,
     }
     threshold = verdict.threshold_for(cfg.target_fpr)
     manifest = (
@@ -351,6 +368,7 @@ def _build(
             "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
             "ep_layer_count": len(extractor.layers),
             "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
+            **({"mahalanobis": gaussian.config()} if gaussian is not None else {}),
             "verdict": {
                 "target_fpr": cfg.target_fpr,
                 "threshold": threshold,
@@ -441,6 +459,29 @@ def _sample(passes: _Passes, job: Job, n: int) -> tuple[np.ndarray, np.ndarray]:
             ys.append(r.value[1])
             have += r.images
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def _gaussian(model: TappedSequential, cfg: BuildConfig) -> ClassGaussian:
+    """The unfitted class-conditional Gaussians of ``cfg.mahalanobis``; a layer the model does not have fails
+    here, before any image is read."""
+    params = dict(cfg.mahalanobis)
+    layers = list(params.pop("layers", None) or model.tap_names)
+    known = [INPUT, *model.tap_names, "logits"]
+    unknown = [n for n in layers if n not in known]
+    if unknown:
+        raise ValueError(f"mahalanobis layers {unknown} are not layers of this model; choose from {known}")
+    return ClassGaussian(layers, **params)
+
+
+def _gaussian_batches(
+    model: TappedSequential, layers: list[str], x: np.ndarray, y: np.ndarray
+) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    """(activations of ``layers``, labels) of the images ``x`` in chunks, for :meth:`ClassGaussian.fit`."""
+    for s in range(0, len(x), CHUNK):
+        xb = torch.from_numpy(x[s : s + CHUNK])
+        with torch.no_grad():
+            logits, taps = model.forward_with_taps(xb)
+        yield {n: gaussian_activation(n, xb, logits, taps) for n in layers}, y[s : s + CHUNK]
 
 
 def _nic_files(nic: NICDetector) -> dict[str, bytes]:

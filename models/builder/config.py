@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pathguard.models.builder.supervised import check_supervised_config
-from pathguard.models.bundle import FUSION_COMPONENTS
+from pathguard.models.bundle import DEFAULT_FUSION, FUSION_COMPONENTS
+from pathguard.models.mahalanobis import POOLS
 
 __all__ = ["BuildConfig"]
 
@@ -36,8 +37,13 @@ class BuildConfig:
     seed : int
         Seed of the splits and every fitted component.
     fusion : list of str
-        Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model) and
-        ``nic_vi`` (NIC's value invariants, two-sided).
+        Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model), ``nic_vi``
+        (NIC's value invariants, two-sided) and ``mahalanobis`` (class-conditional Gaussians with a tied
+        covariance per layer, beyond the two papers); default: the first three.
+    mahalanobis : dict
+        With ``mahalanobis`` in ``fusion``: :class:`~pathguard.models.mahalanobis.ClassGaussian` parameters
+        ``layers`` (tap names, ``input`` or ``logits``; default: every tap), ``pool`` (``mean`` or
+        ``mean_std``) and ``shrinkage``. Fitted on NIC's sample of the fit split, calibrated on split A.
     supervised_attacks : list of str
         Optional supervised mode: attacks run on the ``ep_fit`` split to train a supervised EP detector that
         the bundle reports beside the (unchanged, benign-only) verdict. Empty = benign only (default).
@@ -61,7 +67,8 @@ class BuildConfig:
     target_fpr: float = 0.05
     nic: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    fusion: list[str] = field(default_factory=lambda: list(FUSION_COMPONENTS))
+    fusion: list[str] = field(default_factory=lambda: list(DEFAULT_FUSION))
+    mahalanobis: dict[str, Any] = field(default_factory=dict)
     supervised_attacks: list[str] = field(default_factory=list)
     supervised_detector: str = "logistic"
     supervised_features: str = "all"
@@ -71,6 +78,13 @@ class BuildConfig:
         unknown = [c for c in self.fusion if c not in FUSION_COMPONENTS]
         if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
             raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
+        unknown_keys = sorted(set(self.mahalanobis) - {"layers", "pool", "shrinkage"})
+        if unknown_keys:
+            raise ValueError(f"unknown mahalanobis parameter(s) {unknown_keys}; known: layers, pool, shrinkage")
+        if self.mahalanobis.get("pool", "mean") not in POOLS:
+            raise ValueError(f"mahalanobis pool must be one of {list(POOLS)}, got {self.mahalanobis['pool']!r}")
+        if self.mahalanobis and "mahalanobis" not in self.fusion:
+            raise ValueError("mahalanobis parameters given, but 'mahalanobis' is not among the fusion components")
         if self.supervised_attacks:
             check_supervised_config(self.supervised_attacks, self.supervised_detector, self.supervised_features)
         if self.supervised_n is not None and self.supervised_n < 1:

@@ -28,9 +28,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pathguard.models.bundle.format import MAHALANOBIS_FILE
 from pathguard.models.data import ImageFolder, Split, dataset_info, load_dataset
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor, PathCounts
 from pathguard.models.errors import DatasetError
+from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential, classifier_from_files
 from pathguard.models.nic import NICDetector
 
@@ -195,6 +197,7 @@ class Context:
     class_paths: ClassPaths | None
     ep_score: BenignEPScore | None
     nic: NICDetector | None
+    gaussian: ClassGaussian | None = None
     _pipeline: Any = None
 
     def pipeline(self) -> Any:
@@ -204,8 +207,9 @@ class Context:
         if self._pipeline is None:
             assert self.class_paths is not None and self.ep_score is not None and self.nic is not None
             self._pipeline = DetectionPipeline(
-                self.model, self.extractor, self.class_paths, self.ep_score, self.nic, None, 0.05
-            )
+                self.model, self.extractor, self.class_paths, self.ep_score, self.nic, None, 0.05,
+                gaussian=self.gaussian if self.gaussian is not None and hasattr(self.gaussian, "calib_") else None,
+            )  # fmt: skip
         return self._pipeline
 
 
@@ -225,6 +229,7 @@ def context(job: Job) -> Context:
             ClassPaths.from_arrays(_npz(f["class_paths.npz"])) if "class_paths.npz" in f else None,
             BenignEPScore.from_arrays(_npz(f["ep_score.npz"])) if "ep_score.npz" in f else None,
             NICDetector.from_arrays(_npz(f["nic.npz"]), json.loads(f["nic.json"])) if "nic.npz" in f else None,
+            ClassGaussian.from_arrays(_npz(f[MAHALANOBIS_FILE])) if MAHALANOBIS_FILE in f else None,
         )
     return _CONTEXTS[job.key]
 
@@ -320,6 +325,25 @@ def nic_pass(ctx: Context, shard: Shard) -> tuple[list[list[tuple[np.ndarray, ..
             out.append(ctx.nic.calibration_scores(ctx.model, split.x))
             images += len(split)
     return out, skipped, images
+
+
+@torch.no_grad()
+def gaussian_pass(ctx: Context, shard: Shard) -> tuple[np.ndarray, list[str], int]:
+    """(N, L) per-layer Mahalanobis scores of the class Gaussians (their calibration scores)."""
+    from pathguard.models.bundle.pipeline import gaussian_activation
+
+    assert ctx.gaussian is not None
+    out, skipped = [], []
+    for split, bad in shard.read():
+        skipped.extend(bad)
+        if len(split):
+            x = torch.from_numpy(split.x)
+            logits, taps = ctx.model.forward_with_taps(x)
+            out.append(
+                ctx.gaussian.layer_scores({n: gaussian_activation(n, x, logits, taps) for n in ctx.gaussian.layers})
+            )
+    scores = np.concatenate(out) if out else np.empty((0, len(ctx.gaussian.layers)))
+    return scores, skipped, len(scores)
 
 
 @torch.no_grad()

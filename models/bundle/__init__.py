@@ -6,6 +6,7 @@ in supervised mode, the evaluation attacks); nothing here imports it.
 
 from pathguard.models.bundle.format import (
     BENIGN_RANGES,
+    MAHALANOBIS_FILE,
     MANIFEST,
     SCHEMA_VERSION,
     VerifiedFiles,
@@ -17,12 +18,14 @@ from pathguard.models.bundle.format import (
     write_bundle,
 )
 from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
-from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, DetectionPipeline, DetectionResult
+from pathguard.models.bundle.pipeline import DEFAULT_FUSION, FUSION_COMPONENTS, DetectionPipeline, DetectionResult
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
 
 __all__ = [
     "BENIGN_RANGES",
+    "DEFAULT_FUSION",
     "FUSION_COMPONENTS",
+    "MAHALANOBIS_FILE",
     "MANIFEST",
     "SCHEMA_VERSION",
     "Bundle",

@@ -28,6 +28,7 @@ from pathguard.models.errors import BundleCompatibilityError, BundleError, Bundl
 
 __all__ = [
     "BENIGN_RANGES",
+    "MAHALANOBIS_FILE",
     "MANIFEST",
     "SCHEMA_VERSION",
     "BundleCompatibilityError",
@@ -45,6 +46,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 BENIGN_RANGES = "benign_similarity.npz"  # optional: per-class benign similarity ranges (reporting only)
+MAHALANOBIS_FILE = "mahalanobis.npz"  # bundles whose verdict fuses the class-conditional Gaussians
 _PACKAGES = ("pathguard", "torch", "numpy", "scikit-learn", "onnx", "onnxruntime", "safetensors")
 
 

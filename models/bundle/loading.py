@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathguard.models.bundle.format import BENIGN_RANGES, MANIFEST, read_verified
-from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, LEGACY_COMPONENTS, DetectionPipeline
+from pathguard.models.bundle.format import BENIGN_RANGES, MAHALANOBIS_FILE, MANIFEST, read_verified
+from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, LEGACY_COMPONENTS, MAHALANOBIS, DetectionPipeline
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, ClassSimilarityRanges, EffectivePathExtractor
-from pathguard.models.errors import ClassifierLoadError
+from pathguard.models.errors import BundleIntegrityError, ClassifierLoadError
+from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential, classifier_from_files
 from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
@@ -89,7 +90,14 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     sup = None
     if "supervised" in m:  # optional: bundles built with --supervised-attacks
         sup = SupervisedDetector.from_verified(m["supervised"], files.npz)
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup)
+    gaussian = None
+    if MAHALANOBIS in components:
+        if not files.has(MAHALANOBIS_FILE):
+            raise BundleIntegrityError(
+                MAHALANOBIS_FILE, f"bundle {path}: its verdict fuses {MAHALANOBIS}, but {MAHALANOBIS_FILE} is missing"
+            )
+        gaussian = ClassGaussian.from_arrays(files.npz(MAHALANOBIS_FILE))
+    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup, gaussian)
     if sup is not None:
         names = pipeline.feature_names(sup.features)
         if m["supervised"].get("feature_names", names) != names:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
+from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores
@@ -32,6 +33,7 @@ from pathguard.models.verdict import FusedVerdict, two_sided_fisher, violation_p
 from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
 
 __all__ = [
+    "DEFAULT_FUSION",
     "FUSION_COMPONENTS",
     "DetectionPipeline",
     "DetectionResult",
@@ -39,8 +41,9 @@ __all__ = [
     "LayerPartial",
 ]
 
-EP, NIC, NIC_VI = "effective_path", "nic", "nic_vi"
-FUSION_COMPONENTS = (EP, NIC, NIC_VI)  # what a bundle's verdict may fuse (build default: all three)
+EP, NIC, NIC_VI, MAHALANOBIS = "effective_path", "nic", "nic_vi", "mahalanobis"
+FUSION_COMPONENTS = (EP, NIC, NIC_VI, MAHALANOBIS)  # what a bundle's verdict may fuse
+DEFAULT_FUSION = (EP, NIC, NIC_VI)  # the build default: the two papers' detectors
 LEGACY_COMPONENTS = [EP, NIC]  # bundles whose manifest names no fusion components
 
 
@@ -82,6 +85,8 @@ class DetectionResult:
     target_fpr: float
     timings_s: dict[str, float] = field(default_factory=dict)
     supervised: SupervisedAssessment | None = None  # bundles built with supervised attacks only
+    mahalanobis_layers: list[str] = field(default_factory=list)  # bundles with the class-Gaussian component only
+    mahalanobis_score: np.ndarray | None = None  # (N,) violation probability
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -113,6 +118,8 @@ class DetectionResult:
                 "target_fpr": float(self.target_fpr),
             },
         }
+        if self.mahalanobis_score is not None:
+            out["mahalanobis"] = {"layers": list(self.mahalanobis_layers), "score": r(self.mahalanobis_score[i])}
         if self.supervised is not None:
             out["supervised"] = {
                 "detector": self.supervised.detector,
@@ -141,6 +148,9 @@ class DetectionPipeline:
         Operating point; the threshold is read from the calibration for it (and the supervised detector's).
     supervised : SupervisedDetector, optional
         Reported beside the verdict (bundles built with supervised attacks); never changes the verdict.
+    gaussian : ClassGaussian, optional
+        Fitted and calibrated class-conditional Gaussians (bundles whose verdict fuses ``mahalanobis``): per
+        tapped layer a Mahalanobis score, its empirical p-value and Fisher's combination over the layers.
     """
 
     def __init__(
@@ -153,8 +163,10 @@ class DetectionPipeline:
         verdict: FusedVerdict | None,
         target_fpr: float,
         supervised: SupervisedDetector | None = None,
+        gaussian: ClassGaussian | None = None,
     ) -> None:
         self.classifier = classifier
+        self.gaussian = gaussian
         self.extractor = extractor
         self.class_paths = class_paths
         self.ep_score = ep_score
@@ -225,7 +237,19 @@ class DetectionPipeline:
         p_viol = self.nic.provenance_violation(prov.numpy())  # (N, L-1)
         vi = two_sided_fisher(v_viol, self.nic.calibration_size)
         timings = {NIC: t1 - t0, EP: ep.seconds}
-        return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings)
+        gauss = None
+        if self.gaussian is not None:
+            t2 = time.perf_counter()
+            gauss = self.gaussian.score(self.gaussian_activations(x, logits, taps))
+            timings[MAHALANOBIS] = time.perf_counter() - t2
+        return _RawScores(ep.sims, ep.raw, v_viol, p_viol, final.numpy(), vi, timings, gauss)
+
+    def gaussian_activations(
+        self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The activations of the class-Gaussian's layers (tap names, ``input``, ``logits``)."""
+        assert self.gaussian is not None
+        return {n: gaussian_activation(n, x, logits, taps) for n in self.gaussian.layers}
 
     def _nic_raw(
         self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor], partials: dict[str, LayerPartial]
@@ -265,6 +289,9 @@ class DetectionPipeline:
             probs = torch.softmax(logits.float(), dim=1).numpy()
         fused = self.verdict.fuse(raw.components)
         v_viol, p_viol = raw.value_violation, raw.provenance_violation
+        gauss = None
+        if raw.mahalanobis is not None and MAHALANOBIS in self.verdict.components:
+            gauss = violation_probability(self.verdict.sorted_calib(MAHALANOBIS), raw.mahalanobis, assume_sorted=True)
         sup = None
         if self.supervised is not None and self.supervised_threshold is not None:
             sup = self.supervised.assess(self._features(raw, self.supervised.features), self.supervised_threshold)
@@ -286,6 +313,8 @@ class DetectionPipeline:
             target_fpr=self.target_fpr,
             timings_s=raw.timings_s,
             supervised=sup,
+            mahalanobis_layers=list(self.gaussian.layers) if gauss is not None and self.gaussian else [],
+            mahalanobis_score=gauss,
         )
 
     @torch.no_grad()
@@ -339,8 +368,11 @@ class DetectionPipeline:
 
     @torch.no_grad()
     def raw_components(self, x: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
-        """Raw fusion inputs (EP, NIC final, NIC VI-only; higher = more anomalous) of inputs (N, C, H, W)."""
+        """Raw fusion inputs (EP, NIC final, NIC VI-only and, with the class Gaussians, their Fisher statistic;
+        higher = more anomalous) of inputs (N, C, H, W)."""
         out: dict[str, list[np.ndarray]] = {EP: [], NIC: [], NIC_VI: []}
+        if self.gaussian is not None:
+            out[MAHALANOBIS] = []
         xt = torch.as_tensor(x, dtype=torch.float32)
         for s in range(0, len(xt), batch_size):
             xb = xt[s : s + batch_size]
@@ -359,7 +391,22 @@ class _RawScores:
     final: np.ndarray  # (N,)
     value_stat: np.ndarray  # (N,) two-sided VI-only statistic
     timings_s: dict[str, float]
+    mahalanobis: np.ndarray | None = None  # (N,) class-Gaussian Fisher statistic (bundles with the component)
 
     @property
     def components(self) -> dict[str, np.ndarray]:
-        return {EP: self.ep, NIC: self.final, NIC_VI: self.value_stat}
+        out = {EP: self.ep, NIC: self.final, NIC_VI: self.value_stat}
+        if self.mahalanobis is not None:
+            out[MAHALANOBIS] = self.mahalanobis
+        return out
+
+
+def gaussian_activation(
+    name: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """A class-Gaussian layer's activation: a tap, the ``input`` or the ``logits``."""
+    if name == INPUT:
+        return x
+    if name == "logits":
+        return logits
+    return taps[name]
