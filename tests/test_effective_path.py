@@ -18,6 +18,7 @@ from pathguard.models.effective_path import (
     select_synapses,
 )
 from pathguard.models.networks import Normalize, Residual
+from pathguard.models.networks.padding import PaddedAvgPool2d, PaddedConv2d, PaddedMaxPool2d
 
 # --------------------------------------------------------------------------------------------------
 # Loop reference
@@ -75,14 +76,20 @@ def _run(item, x):
     return bn(y) if bn is not None else y
 
 
+def _top_left(m):
+    """The top and left padding of a conv or pool (``pads4`` = (top, left, bottom, right) when it has four)."""
+    if hasattr(m, "pads4"):
+        return m.pads4[0], m.pads4[1]
+    return (m.padding, m.padding) if isinstance(m.padding, int) else tuple(m.padding)
+
+
 def _ref_conv(name, m, bn, x, sel, theta, found):
     w, b = _fold(m, bn)
     xs = x[0].tolist()
     c_in, h_in, w_in = x.shape[1:]
     o_ch, cg, kh_n, kw_n = w.shape
-    out = torch.nn.functional.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
-    oh_n, ow_n = out.shape[2:]
-    (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
+    oh_n, ow_n = m(x).shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = m.stride, _top_left(m), m.dilation
     wl = w.tolist()
     nxt = set()
     for p in sorted(sel):
@@ -125,13 +132,14 @@ def _ref_linear(name, m, bn, x, sel, theta, found):
 
 
 def _windows(m, x):
-    """Per output point: list of valid (flat input index) in row-major window order."""
+    """Per output point: list of valid (flat input index) in row-major window order (the output size is the
+    module's, so ceil-mode windows running past the input keep their real positions only)."""
     _, c_n, h_n, w_n = x.shape
     if isinstance(m, nn.AdaptiveAvgPool2d):
         k, s, p, d = (h_n, w_n), (h_n, w_n), (0, 0), (1, 1)
     else:
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        k, p = pair(m.kernel_size), pair(m.padding)
+        k, p = pair(m.kernel_size), _top_left(m)
         s = pair(m.stride if m.stride is not None else m.kernel_size)
         d = pair(getattr(m, "dilation", 1))
     out = m(x)
@@ -290,16 +298,33 @@ def net_pools(seed=0):
     ).eval()
 
 
+def net_padded(seed=0):
+    """Four-sided pads (conv, max pool with -inf, average pool) and ceil-mode average pools (torch's and ONNX's)."""
+    torch.manual_seed(seed)
+    features = nn.Sequential(
+        PaddedConv2d(2, 4, (3, 3), (0, 0, 1, 1), stride=(2, 2)),  # 11x11 -> 5x5
+        PaddedMaxPool2d((2, 2), (1, 0, 0, 1), stride=(1, 1)),  # -> 5x5, before the ReLU: negative maxima
+        nn.ReLU(),
+        PaddedConv2d(4, 5, (2, 3), (1, 0, 0, 2), stride=(1, 1)),  # -> 5x5
+        nn.ReLU(),
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False),  # -> 3x3, the last windows half outside
+        PaddedAvgPool2d((3, 3), (0, 1, 1, 0), stride=(2, 2), ceil_mode=True, count_include_pad=True),  # -> 2x2
+        nn.Flatten(),
+    )
+    return nn.Sequential(*features, nn.Linear(5 * 2 * 2, 4)).eval()
+
+
 CASES = [
     (net_plain, (2, 12, 12)),
     (net_residual, (4, 9, 9)),
     (net_pools, (2, 11, 11)),
+    (net_padded, (2, 11, 11)),
 ]
 
 
 @pytest.mark.parametrize("theta", [0.5, 0.3, 0.9])
 @pytest.mark.parametrize("rank", [1, 2])
-@pytest.mark.parametrize(("make", "shape"), CASES, ids=["plain", "residual", "pools"])
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=["plain", "residual", "pools", "padded"])
 def test_vectorized_matches_loop_reference(make, shape, rank, theta):
     model = make()
     x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(7))

@@ -32,7 +32,7 @@ def _pair(model, shape, **kw):
 
 @pytest.mark.parametrize("theta", [0.5, 0.3, 0.9])
 @pytest.mark.parametrize("last_k", [None, 2])
-@pytest.mark.parametrize(("make", "shape"), CASES, ids=["plain", "residual", "pools"])
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=["plain", "residual", "pools", "padded"])
 def test_fast_walk_matches_torch_walk_and_loop_reference(make, shape, last_k, theta):
     model = make()
     x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(11))

@@ -224,3 +224,190 @@ def test_served_onnx_is_the_users_graph_with_logits_and_taps(name, lenet):
     got_logits, got_taps = engine.forward(x, on_tap=lambda n, _: seen.append(n))
     np.testing.assert_allclose(got_logits.numpy(), logits.numpy(), atol=1e-4, rtol=1e-4)
     assert seen == model.tap_names and set(got_taps) == set(model.tap_names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-built graphs as other frameworks export them: asymmetric pads, auto_pad SAME, ceil-mode average pools
+# --------------------------------------------------------------------------------------------------
+
+_CONV1 = ("Conv", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})
+_RELU = ("Relu", {})
+_AVG = {"kernel_shape": [3, 3], "strides": [2, 2]}
+
+# name -> (layers after the input, input shape, (module type, pads4) expected for the layer under test: the last
+# Conv/pool of the list)
+PADDED = {
+    "conv_pads_0011_s2": (
+        [("Conv", {"kernel_shape": [3, 3], "pads": [0, 0, 1, 1], "strides": [2, 2]}), _RELU],
+        (2, 10, 10), ("PaddedConv2d", (0, 0, 1, 1)),
+    ),
+    "conv_same_upper_s2_then_lower": (
+        [("Conv", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]}), _RELU,
+         ("Conv", {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER"}), _RELU],
+        (2, 10, 10), ("PaddedConv2d", (1, 1, 0, 0)),
+    ),
+    "conv_same_lower_s2": (
+        [_CONV1, _RELU, ("Conv", {"kernel_shape": [3, 3], "auto_pad": "SAME_LOWER", "strides": [2, 2]}), _RELU],
+        (2, 10, 10), ("PaddedConv2d", (1, 1, 0, 0)),
+    ),
+    "maxpool_pads": (
+        [_CONV1, ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [0, 1, 1, 0]}), _RELU],
+        (2, 10, 10), ("PaddedMaxPool2d", (0, 1, 1, 0)),
+    ),
+    "maxpool_pads_ceil": (  # 10 + 1 -> 6: the last window is 1 input and 1 position past the pads
+        [_CONV1, ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 0, 0], "ceil_mode": 1}), _RELU],
+        (2, 10, 10), ("PaddedMaxPool2d", (1, 1, 0, 0)),
+    ),
+    "maxpool_same_upper": (
+        [_CONV1, ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"}), _RELU],
+        (2, 9, 9), ("PaddedMaxPool2d", (0, 0, 1, 1)),
+    ),
+    "avgpool_pads_cip0": (
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "pads": [1, 0, 0, 1], "count_include_pad": 0})],
+        (2, 10, 10), ("PaddedAvgPool2d", (1, 0, 0, 1)),
+    ),
+    "avgpool_pads_cip1": (
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "pads": [1, 0, 0, 1], "count_include_pad": 1})],
+        (2, 10, 10), ("PaddedAvgPool2d", (1, 0, 0, 1)),
+    ),
+    "avgpool_ceil_cip0": (  # 10 -> 5: the last window holds 2 of its 3 rows and columns
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "ceil_mode": 1})],
+        (2, 10, 10), ("AvgPool2d", (0, 0, 0, 0)),
+    ),
+    "avgpool_ceil_pads_cip1": (  # 10 + 2 -> 6: the last window is 1 input, 1 pad and 1 position past the pads
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "pads": [1, 1, 1, 1], "ceil_mode": 1, "count_include_pad": 1})],
+        (2, 10, 10), ("AvgPool2d", (1, 1, 1, 1)),
+    ),
+    "avgpool_ceil_pads_asym_cip0": (
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "pads": [0, 1, 1, 0], "ceil_mode": 1, "count_include_pad": 0})],
+        (2, 10, 10), ("PaddedAvgPool2d", (0, 1, 1, 0)),
+    ),
+    "avgpool_ceil_pads_asym_cip1": (
+        [_CONV1, _RELU, ("AveragePool", {**_AVG, "pads": [0, 1, 1, 0], "ceil_mode": 1, "count_include_pad": 1})],
+        (2, 10, 10), ("PaddedAvgPool2d", (0, 1, 1, 0)),
+    ),
+}  # fmt: skip
+
+
+def _onnx_chain(layers: list[tuple[str, dict]], shape: tuple[int, int, int], seed: int = 0) -> bytes:
+    """input -> ``layers`` (each Conv with 3 output channels and random weights) -> Flatten -> Gemm (5 logits)."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    tensor, channels = "input", shape[0]
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    for k, (op, attrs) in enumerate(layers):
+        inputs = [tensor]
+        if op == "Conv":
+            kh, kw = attrs["kernel_shape"]
+            inputs += [const(f"w{k}", rng.normal(0, 0.5, (3, channels, kh, kw))), const(f"b{k}", rng.normal(0, 0.1, 3))]
+            channels = 3
+        nodes.append(helper.make_node(op, inputs, [f"t{k}"], name=f"{op.lower()}{k}", **attrs))
+        tensor = f"t{k}"
+    nodes.append(helper.make_node("Flatten", [tensor], ["flat"], name="flatten"))
+
+    def model(output: str) -> bytes:
+        source = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", *shape])
+        graph = helper.make_graph(
+            nodes, "g", [source], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], inits
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    features = int(_ort(model("flat"), np.zeros((1, *shape), np.float32)).shape[1])  # as onnxruntime computes it
+    fc = [const("fc_w", rng.normal(0, 0.3, (5, features))), const("fc_b", rng.normal(0, 0.1, 5))]
+    nodes.append(helper.make_node("Gemm", ["flat", *fc], ["logits"], name="fc", transB=1))
+    return model("logits")
+
+
+def _padded_case(name: str) -> tuple[TappedSequential, tuple[int, int, int], bytes]:
+    layers, shape, _ = PADDED[name]
+    data = _onnx_chain(layers, shape, seed=sorted(PADDED).index(name))
+    return import_onnx(data), shape, data
+
+
+@pytest.mark.parametrize("name", sorted(PADDED))
+def test_four_sided_pads_and_ceil_pools_forward_equals_onnxruntime(name):
+    from pathguard.models.networks.padding import explicit_pads
+
+    model, shape, data = _padded_case(name)
+    kind, pads = PADDED[name][2]
+    layer = [m for m in model.children() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))][-1]
+    assert type(layer).__name__ == kind and explicit_pads(layer) == pads
+    x = np.random.default_rng(1).random((4, *shape), dtype=np.float32)
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, _ort(data, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(PADDED))
+def test_four_sided_pads_and_ceil_pools_effective_path_matches_loop_reference(name):
+    from pathguard.models.effective_path import EffectivePathExtractor
+
+    model, shape, _ = _padded_case(name)
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(4))
+    full = EffectivePathExtractor(model, theta=0.5, input_shape=shape, fast_path=False).extract(x, ranks=(1, 2))
+    tail = EffectivePathExtractor(model, theta=0.5, input_shape=shape, fast_path=False, last_k=2)
+    last = tail.extract(x, ranks=(1, 2))
+    assert last.layers == full.layers[-2:]
+    total = 0
+    for i in range(len(x)):
+        for r in (1, 2):
+            ref = ref_extract(model, x[i : i + 1], 0.5, r)
+            assert set(ref) <= set(full.layers)
+            for layer in full.layers:
+                assert full.image(r, i)[layer].tolist() == ref.get(layer, []), (name, r, i, layer)
+                total += len(ref.get(layer, []))
+            for layer in last.layers:  # the partial walk is the tail of the full one
+                assert last.image(r, i)[layer].tolist() == ref.get(layer, []), (name, r, i, layer)
+    assert total > 0
+
+
+@pytest.mark.parametrize("name", sorted(PADDED))
+def test_four_sided_pads_and_ceil_pools_fast_walk_equals_torch_walk(name):
+    from tests.test_ep_fastpath import _pair, _same
+
+    model, shape, _ = _padded_case(name)
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(6))
+    for last_k in (None, 2):
+        fast, slow = _pair(model, shape, theta=0.5, last_k=last_k)
+        assert fast.uses_fast_path(3), fast.fast_path_reason
+        _same(fast.extract(x, ranks=(1, 2)), slow.extract(x, ranks=(1, 2)))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the pads are constants: the input size is fixed
+@pytest.mark.filterwarnings("ignore:Constant folding:UserWarning")
+def test_export_onnx_of_an_imported_model_with_four_sided_pads(tmp_path):
+    """The torch graph of an imported model with padded modules exports to ONNX (logits and taps as onnxruntime
+    runs them)."""
+    from pathguard.models.networks import export_onnx
+
+    layers = [*PADDED["conv_pads_0011_s2"][0], *PADDED["maxpool_pads_ceil"][0][1:2]]
+    layers += [("AveragePool", {**_AVG, "pads": [0, 1, 1, 0], "ceil_mode": 1, "count_include_pad": 1})]
+    model = import_onnx(_onnx_chain(layers, (2, 10, 10)))
+    assert {"PaddedConv2d", "PaddedMaxPool2d", "PaddedAvgPool2d"} <= {type(m).__name__ for m in model.children()}
+    export_onnx(model, tmp_path / "classifier.onnx")
+    x = np.random.default_rng(2).random((3, 2, 10, 10), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {"input": x})
+    with torch.no_grad():
+        logits, taps = model.forward_with_taps(torch.from_numpy(x))
+    for got, want in zip(outs, [logits, *taps.values()], strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "match"),
+    [
+        ("MaxPool", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "dilations": [2, 2]}, "with dilations"),
+        ("AveragePool", {"kernel_shape": [2, 2], "dilations": [2, 2]}, "dilations are not supported"),
+        ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1]}, "are not 4 pads"),
+        ("MaxPool", {"kernel_shape": [3, 3], "auto_pad": "SAME"}, "auto_pad 'SAME' is not supported"),
+    ],
+)
+def test_unsupported_padding_is_refused(op, attrs, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        import_onnx(_graph_with(helper.make_node(op, ["c"], ["g"], name="pool", **attrs)))

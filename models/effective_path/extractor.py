@@ -22,8 +22,9 @@ for all images of a batch and both ranks (a neuron on both paths is processed on
 rows (row-maximum rounds for short rows, blocked ``topk`` for long ones); only the rows still open are fully
 sorted. See docs/effective_path.md.
 
-Supported modules: Conv2d (stride, padding, dilation, groups), Linear, MaxPool2d, AvgPool2d,
-AdaptiveAvgPool2d (output size dividing the input), BatchNorm after Conv2d/Linear (folded, eval statistics),
+Supported modules: Conv2d (stride, padding, dilation, groups), Linear, MaxPool2d, AvgPool2d (also ceil mode),
+the four-sided padded layers of :mod:`pathguard.models.networks.padding`, AdaptiveAvgPool2d (output size dividing
+the input), BatchNorm after Conv2d/Linear (folded, eval statistics),
 ReLU, Dropout, Identity, Flatten, nested ``nn.Sequential`` and :class:`Residual`. Modules before the first
 weighted layer (e.g. the ``normalize`` affine map) are treated as part of the input.
 """

@@ -326,7 +326,8 @@ def _maxpool_index_back(idx: np.ndarray, plane: int, mask: np.ndarray, in_mask: 
 def _avgpool_back(
     x: np.ndarray, geo: np.ndarray, mask: np.ndarray, n: int, theta: float, in_mask: np.ndarray
 ) -> None:  # pragma: no cover
-    """Average pool: the rule on the window values; ``geo`` = (KH, KW, sh, sw, ph, pw, OH, OW)."""
+    """Average pool: the rule on the window values; ``geo`` = (KH, KW, sh, sw, ph, pw, OH, OW), ``ph``/``pw`` the top
+    and left pads (window positions outside the input, bottom and right pads and ceil mode included, are skipped)."""
     _, _, h_n, w_n = x.shape
     kh_n, kw_n, sh, sw, ph, pw, oh_n, ow_n = geo
     points, kk = oh_n * ow_n, kh_n * kw_n
@@ -484,7 +485,7 @@ class _AvgPool(_Node):
     def __init__(self, step: AvgPoolStep) -> None:
         super().__init__(step)
         _, oh, ow = step.out_shape
-        self.geo = np.array([*step.kernel, *step.stride, *step.pad, oh, ow], np.int64)
+        self.geo = np.array([*step.kernel, *step.stride, step.pads[0], step.pads[1], oh, ow], np.int64)
 
     def back(self, mask: np.ndarray, ctx: Ctx, found: Found) -> np.ndarray | None:
         x = _f32(ctx.acts[self.uid])  # (N, C, H, W)

@@ -13,6 +13,7 @@ from torch import nn
 
 from pathguard.models.effective_path.paths import LayerInfo
 from pathguard.models.effective_path.selection import cat_ids, orient, select_pairs
+from pathguard.models.networks.padding import PaddedMaxPool2d, Pads4, explicit_pads, window_pads
 
 __all__ = [
     "AvgPoolStep",
@@ -212,30 +213,35 @@ def _index_map(
     in_shape: tuple[int, int, int],
     kernel: tuple[int, int],
     stride: tuple[int, int],
-    pad: tuple[int, int],
+    pads: Pads4,
     dil: tuple[int, int],
 ) -> torch.Tensor:
-    """(L, KH*KW) flat spatial input index ``h*W + w`` of each window position; -1 in the padding."""
+    """(L, KH*KW) flat spatial input index ``h*W + w`` of each window position; -1 in the padding.
+
+    ``pads`` = (top, left, bottom, right); the windows are those of the padded input (floor mode).
+    """
     _, h, w = in_shape
-    oh_n = (h + 2 * pad[0] - dil[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    ow_n = (w + 2 * pad[1] - dil[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    hh = torch.arange(oh_n)[:, None] * stride[0] - pad[0] + torch.arange(kernel[0])[None, :] * dil[0]  # (OH, KH)
-    ww = torch.arange(ow_n)[:, None] * stride[1] - pad[1] + torch.arange(kernel[1])[None, :] * dil[1]  # (OW, KW)
+    top, left, bottom, right = pads
+    oh_n = (h + top + bottom - dil[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow_n = (w + left + right - dil[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    hh = torch.arange(oh_n)[:, None] * stride[0] - top + torch.arange(kernel[0])[None, :] * dil[0]  # (OH, KH)
+    ww = torch.arange(ow_n)[:, None] * stride[1] - left + torch.arange(kernel[1])[None, :] * dil[1]  # (OW, KW)
     h4, w4 = hh[:, None, :, None], ww[None, :, None, :]  # (OH, 1, KH, 1), (1, OW, 1, KW)
     inside = (h4 >= 0) & (h4 < h) & (w4 >= 0) & (w4 < w)
     return torch.where(inside, h4 * w + w4, -1).reshape(oh_n * ow_n, kernel[0] * kernel[1])
 
 
 def _windows(
-    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], dil: tuple[int, int]
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pads: Pads4, dil: tuple[int, int]
 ) -> torch.Tensor:
-    """Sliding windows of ``x`` (N, C, H, W) as a view (N, OH, OW, C, KH, KW), zero padded.
+    """Sliding windows of ``x`` (N, C, H, W) as a view (N, OH, OW, C, KH, KW), zero padded by ``pads`` = (top,
+    left, bottom, right).
 
     Equivalent to ``F.unfold`` (same column order after reshaping the last three axes) but built from
     strided views: ``F.unfold``'s CPU kernel is orders of magnitude slower on small channel counts.
     """
-    if pad != (0, 0):
-        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    if pads != (0, 0, 0, 0):
+        x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
     span = (dil[0] * (kernel[0] - 1) + 1, dil[1] * (kernel[1] - 1) + 1)
     v = x.unfold(2, span[0], stride[0]).unfold(3, span[1], stride[1])  # (N, C, OH, OW, spanH, spanW)
     v = v[..., :: dil[0], :: dil[1]]  # (N, C, OH, OW, KH, KW)
@@ -252,7 +258,7 @@ class ConvStep(WeightedStep):
             raise NotImplementedError(f"{name}: only numeric zero padding is supported")
         self.name = name
         self.kernel, self.stride = _pair(conv.kernel_size), _pair(conv.stride)
-        self.pad, self.dil = _pair(conv.padding), _pair(conv.dilation)
+        self.pads, self.dil = explicit_pads(conv), _pair(conv.dilation)  # (top, left, bottom, right)
         self.groups = conv.groups
         self.weight4 = weight.detach().float().contiguous()  # (O, Cg, KH, KW)
         out = weight.shape[0]
@@ -264,14 +270,14 @@ class ConvStep(WeightedStep):
         o, oh, ow = out_shape
         self.in_shape, self.out_shape = in_shape, out_shape
         self.info = LayerInfo(self.name, "conv", o, oh * ow, self.weight.shape[1])
-        spatial = _index_map((c, h, w), self.kernel, self.stride, self.pad, self.dil)  # (L, KK)
+        spatial = _index_map((c, h, w), self.kernel, self.stride, self.pads, self.dil)  # (L, KK)
         cg, kk = c // self.groups, spatial.shape[1]
         chan = torch.arange(cg).repeat_interleave(kk) * (h * w)  # (Cg*KK,) channel offset, unfold order
         sp = spatial.repeat(1, cg)  # (L, Cg*KK)
         self.in_index = torch.where(sp >= 0, sp + chan, -1)  # (L, Cg*KK) within-group flat input index
         self.group_size = cg * h * w
         self.out_per_group = o // self.groups
-        wp = w + 2 * self.pad[1]
+        wp = w + self.pads[1] + self.pads[3]
         kh, kw = torch.arange(self.kernel[0]), torch.arange(self.kernel[1])
         self.offsets = ((kh * self.dil[0] * wp)[:, None] + (kw * self.dil[1])[None, :]).reshape(-1)  # (KK,)
         rows, cols = torch.arange(oh) * self.stride[0], torch.arange(ow) * self.stride[1]
@@ -281,11 +287,15 @@ class ConvStep(WeightedStep):
         self.nvalid = (sp >= 0).sum(1) if padded else None  # (L,)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight4, self.bias, self.stride, self.pad, self.dil, self.groups)
+        top, left, bottom, right = self.pads
+        if (top, left) == (bottom, right):
+            return F.conv2d(x, self.weight4, self.bias, self.stride, (top, left), self.dil, self.groups)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight4, self.bias, self.stride, 0, self.dil, self.groups)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The zero-padded input, channels last, one row per (image, padded position): (N*Hp*Wp, C)."""
-        xp = F.pad(x, (self.pad[1], self.pad[1], self.pad[0], self.pad[0]))
+        xp = F.pad(x, (self.pads[1], self.pads[3], self.pads[0], self.pads[2]))
         return xp.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
     def contributions(
@@ -306,7 +316,7 @@ class ConvStep(WeightedStep):
     def _gather_windows(self, src: torch.Tensor, b: torch.Tensor, l_pos: torch.Tensor) -> torch.Tensor:
         """Windows of (image ``b``, output position ``l_pos``) in F.unfold column order: (U*G, Cg*KK)."""
         c_in = src.shape[1]
-        plane = (self.in_shape[1] + 2 * self.pad[0]) * (self.in_shape[2] + 2 * self.pad[1])
+        plane = (self.in_shape[1] + self.pads[0] + self.pads[2]) * (self.in_shape[2] + self.pads[1] + self.pads[3])
         pos = (b * plane + self.origin.index_select(0, l_pos))[:, None] + self.offsets  # (U, KK) padded rows
         win = src.index_select(0, pos.reshape(-1)).view(b.numel(), -1, c_in)  # (U, KK, C)
         return win.transpose(1, 2).reshape(b.numel() * self.groups, self.info.fan_in)
@@ -325,12 +335,17 @@ class MaxPoolStep(Step):
     def __init__(self, module: nn.MaxPool2d) -> None:
         self.module = module
         k, st = _pair(module.kernel_size), _pair(module.stride if module.stride is not None else module.kernel_size)
-        plain = k == st and _pair(module.padding) == (0, 0) and _pair(module.dilation) == (1, 1)
+        plain = k == st and explicit_pads(module) == (0, 0, 0, 0) and _pair(module.dilation) == (1, 1)
         self.tile = k if plain and not module.ceil_mode else None  # non-overlapping tiles: reshape + amax
+        self.pads: Pads4 | None = None  # pads applied here (with -inf) before pooling; None: torch's own padding
 
     def setup(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         if self.tile is not None and (in_shape[1] % self.tile[0] or in_shape[2] % self.tile[1]):
             self.tile = None
+        m = self.module
+        if isinstance(m, PaddedMaxPool2d):
+            k, st, dil = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
+            self.pads = window_pads(m.pads4, k, st, dil, (in_shape[1], in_shape[2]), (out_shape[1], out_shape[2]))
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
         assert self.tile is not None
@@ -339,8 +354,15 @@ class MaxPoolStep(Step):
         return x.view(n, c, h // kh, kh, w // kw, kw)  # (N, C, OH, KH, OW, KW)
 
     def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and the flat index ``h*W + w`` of each window's maximum within the (unpadded) input plane."""
         m = self.module
-        return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+        if self.pads is None:
+            return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+        top, left, bottom, right = self.pads
+        xp = F.pad(x, (left, right, top, bottom), value=-math.inf)
+        out, idx = F.max_pool2d(xp, m.kernel_size, m.stride, 0, m.dilation, False, return_indices=True)
+        wp = x.shape[3] + left + right
+        return out, (idx // wp - top) * x.shape[3] + idx % wp - left
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         if self.tile is not None and x.shape[2] % self.tile[0] == 0 and x.shape[3] % self.tile[1] == 0:
@@ -380,7 +402,8 @@ class MaxPoolStep(Step):
 
 
 class AvgPoolStep(Step):
-    """AvgPool2d and AdaptiveAvgPool2d (dividing output size): the selection rule on the window values."""
+    """AvgPool2d (also ceil mode and four-sided pads) and AdaptiveAvgPool2d (dividing output size): the selection
+    rule on the window values (the positive divisor does not change it)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -394,14 +417,14 @@ class AvgPoolStep(Step):
             if h % oh or w % ow:
                 raise NotImplementedError("AdaptiveAvgPool2d needs an output size that divides the input size")
             self.kernel = self.stride = (h // oh, w // ow)
-            self.pad = (0, 0)
+            self.pads: Pads4 = (0, 0, 0, 0)
         else:
             assert isinstance(m, nn.AvgPool2d)
-            if m.ceil_mode:
-                raise NotImplementedError("AvgPool2d with ceil_mode=True is not supported")
-            self.kernel, self.pad = _pair(m.kernel_size), _pair(m.padding)
+            self.kernel = _pair(m.kernel_size)
             self.stride = _pair(m.stride if m.stride is not None else m.kernel_size)
-        self.in_index = _index_map((1, h, w), self.kernel, self.stride, self.pad, (1, 1))  # (L, KK)
+            # ceil mode: the part of a last window past the padded input is padding too
+            self.pads = window_pads(explicit_pads(m), self.kernel, self.stride, (1, 1), (h, w), (oh, ow))
+        self.in_index = _index_map((1, h, w), self.kernel, self.stride, self.pads, (1, 1))  # (L, KK)
         self.valid = (self.in_index >= 0) if bool((self.in_index < 0).any()) else None
 
     records = True
@@ -413,7 +436,7 @@ class AvgPoolStep(Step):
         x = ctx.acts[self.uid]
         assert isinstance(x, torch.Tensor)
         _, ch, h, w = x.shape
-        cols = _windows(x, self.kernel, self.stride, self.pad, (1, 1)).transpose(1, 3)  # (N, C, OW, OH, KH, KW)
+        cols = _windows(x, self.kernel, self.stride, self.pads, (1, 1)).transpose(1, 3)  # (N, C, OW, OH, KH, KW)
         cols = cols.transpose(2, 3).reshape(-1, self.kernel[0] * self.kernel[1])  # (N*C*L, KK)
         b, p = _rows(mask)
         points = self.in_index.shape[0]

@@ -28,6 +28,7 @@ from pathguard.models.bundle import load_classifier
 from pathguard.models.data import load_dataset
 from pathguard.models.effective_path import DEFAULT_THETA, EffectivePathExtractor
 from pathguard.models.networks import tap_points
+from pathguard.models.networks.padding import PaddedMaxPool2d, explicit_pads
 
 __all__ = ["PAPER_TABLE1", "alexnet", "best_time", "loop_reference_paths", "run_benchmarks"]
 
@@ -93,13 +94,13 @@ def _loop_conv(m: nn.Conv2d, x: torch.Tensor, sel: set[int], theta: float) -> tu
     if isinstance(m.padding, str):
         raise NotImplementedError("string padding is not supported by the loop reference")
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    ph, pw = int(m.padding[0]), int(m.padding[1])
+    top, left, bottom, right = explicit_pads(m)
     o_n, cg = m.out_channels, c_in // m.groups
-    oh_n = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow_n = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = F.pad(x, (pw, pw, ph, ph))
-    valid = F.pad(torch.ones(1, h, w, dtype=torch.bool), (pw, pw, ph, ph))
-    pos = F.pad(torch.arange(h * w).view(1, h, w), (pw, pw, ph, ph), value=-1)
+    oh_n = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow_n = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    xp = F.pad(x, (left, right, top, bottom))
+    valid = F.pad(torch.ones(1, h, w, dtype=torch.bool), (left, right, top, bottom))
+    pos = F.pad(torch.arange(h * w).view(1, h, w), (left, right, top, bottom), value=-1)
     weight = m.weight.detach()
     bias = m.bias.detach() if m.bias is not None else torch.zeros(o_n)
     ids, nxt = [], set()
@@ -133,6 +134,8 @@ def _loop_linear(m: nn.Linear, x: torch.Tensor, sel: set[int], theta: float) -> 
 
 
 def _loop_maxpool(m: nn.MaxPool2d, x: torch.Tensor, sel: set[int]) -> set[int]:
+    if isinstance(m, PaddedMaxPool2d):
+        raise NotImplementedError("four-sided max pool padding is not supported by the loop reference")
     _, idx = F.max_pool2d(x[None], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
     plane, out_plane = x.shape[1] * x.shape[2], idx.shape[2] * idx.shape[3]
     flat = idx.reshape(-1)

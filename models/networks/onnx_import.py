@@ -6,26 +6,31 @@ file's own weights: a chain of layers in which a tensor that feeds two branches 
 becomes a :class:`~pathguard.models.networks.Residual` block (body and shortcut, the shortcut possibly the
 identity). Supported operators, with their attributes:
 
-- ``Conv`` (explicit symmetric ``pads``, ``strides``, ``dilations``, ``group`` including depthwise), followed
-  optionally by ``BatchNormalization`` (folded into the convolution);
+- ``Conv`` (``pads``, also asymmetric, or ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID; ``strides``, ``dilations``,
+  ``group`` including depthwise), followed optionally by ``BatchNormalization`` (folded into the convolution);
 - ``Gemm`` (``transA`` = 0, ``transB``, ``alpha``, ``beta``) and ``MatMul`` + ``Add`` with a constant bias;
 - ``Relu``, ``Clip`` with min 0 and max 6 (ReLU6);
-- ``MaxPool`` (symmetric pads, ``ceil_mode``, ``dilations``), ``AveragePool`` (symmetric pads,
-  ``count_include_pad``), ``GlobalAveragePool``;
+- ``MaxPool`` (``pads`` or ``auto_pad`` as for ``Conv``, ``ceil_mode``, ``dilations``), ``AveragePool`` (``pads``
+  or ``auto_pad``, ``ceil_mode``, ``count_include_pad``), ``GlobalAveragePool``;
 - ``Add`` as the residual merge, ``Flatten`` (axis 1) and ``Reshape`` to (N, -1), ``Identity``, ``Dropout``;
 - a final ``Softmax`` (stripped: the imported network returns logits);
 - ``Sub``, ``Div``, ``Mul``, ``Add`` with a constant before the first Conv/Gemm (input normalization, treated by
   the detectors as part of the input).
 
+Symmetric pads become the ``padding`` of ``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d``; asymmetric pads (and
+pool pads above torch's limit of half the kernel) become the modules of :mod:`~pathguard.models.networks.padding`,
+which pad explicitly and pool as onnxruntime does. ``auto_pad`` SAME_UPPER / SAME_LOWER becomes explicit pads from
+the layer's input size (as the rebuilt torch layers compute it), kernel and stride, an odd total putting the extra
+pad at the end (SAME_UPPER) or at the beginning (SAME_LOWER); it is not supported together with ``dilations``.
+
 Anything else raises :class:`~pathguard.models.errors.UnsupportedModelError` naming the operator, the node and the
-supported list, before any weight is read. Shapes come from ONNX shape inference.
+supported list, before any weight is read.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +43,7 @@ from torch import nn
 from pathguard.models.errors import UnsupportedModelError
 from pathguard.models.networks.blocks import Residual
 from pathguard.models.networks.config import ClassifierConfig
+from pathguard.models.networks.padding import PaddedAvgPool2d, PaddedConv2d, PaddedMaxPool2d, Pads4
 from pathguard.models.networks.taps import TappedSequential, tap_points
 
 __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "ConstantOp", "import_onnx", "import_onnx_tensors", "served_onnx"]
@@ -94,7 +100,7 @@ def import_onnx_tensors(data: bytes) -> tuple[TappedSequential, dict[str, str]]:
         raise UnsupportedModelError(f"not a readable ONNX model: {exc}") from None
     _check_ops(model)
     graph, (c, h, w) = _graph(model)
-    converter = _Converter(graph)
+    converter = _Converter(graph, _input_name(model), (c, h, w))
     layers, _ = converter.chain(_input_name(model), graph.output)
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers.values()):
         raise UnsupportedModelError("the model has no Conv or Gemm/MatMul layer")
@@ -184,18 +190,51 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _symmetric(node: onnx.NodeProto, pads: Sequence[int]) -> tuple[int, int]:
-    if not pads:
-        return (0, 0)
-    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-        raise UnsupportedModelError(f"node {node.name!r} ({node.op_type}): only symmetric pads are supported")
-    return (int(pads[0]), int(pads[1]))
+def _ints2(a: dict[str, Any], name: str) -> tuple[int, int]:
+    """A 2-D layer's attribute ``name`` (``kernel_shape``, ``strides``, ``dilations``; the last two default to 1)."""
+    v = [int(x) for x in a.get(name, (1, 1))]
+    return (v[0], v[1])
 
 
-def _no_auto_pad(node: onnx.NodeProto, a: dict[str, Any]) -> None:
+def _pads(
+    node: onnx.NodeProto,
+    a: dict[str, Any],
+    in_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Pads4:
+    """(top, left, bottom, right) pads of a Conv or pool: its ``pads``, or those ``auto_pad`` implies for an input
+    of ``in_hw``."""
     auto = a.get("auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto == "VALID":
+        return (0, 0, 0, 0)
+    if auto == "NOTSET":
+        pads = [int(p) for p in a.get("pads", (0, 0, 0, 0))]
+        if len(pads) != 4 or min(pads) < 0:
+            raise UnsupportedModelError(f"node {node.name!r} ({node.op_type}): pads {pads} are not 4 pads >= 0")
+        return (pads[0], pads[1], pads[2], pads[3])
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise UnsupportedModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto!r} is not supported")
+    if dilation != (1, 1):
+        raise UnsupportedModelError(
+            f"node {node.name!r} ({node.op_type}): auto_pad {auto} with dilations is not supported"
+        )
+    begin, end = [], []
+    for size, k, s in zip(in_hw, kernel, stride, strict=True):
+        total = max(0, (-(-size // s) - 1) * s + k - size)  # output ceil(size / stride)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else large)
+        end.append(large if auto == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def _symmetric(pads: Pads4, span: tuple[int, int] | None = None) -> bool:
+    """Whether ``pads`` pad both sides of each axis equally (and, for a pool of extent ``span``, by at most half of
+    it, torch's limit)."""
+    top, left, bottom, right = pads
+    return (top, left) == (bottom, right) and (span is None or (2 * top <= span[0] and 2 * left <= span[1]))
 
 
 class ConstantOp(nn.Module):
@@ -220,14 +259,32 @@ class ConstantOp(nn.Module):
 class _Converter:
     """Walks the ONNX graph from a tensor, turning nodes into named torch modules."""
 
-    def __init__(self, graph: _Graph) -> None:
+    def __init__(self, graph: _Graph, source: str, shape: tuple[int, int, int]) -> None:
         self.g = graph
         self._ends: dict[int, str] = {}  # id(module) -> the ONNX tensor it produces
+        self._shapes: dict[str, tuple[int, ...]] = {source: shape}  # ONNX tensor -> per-image shape, as torch runs
         self._weighted = False  # a Conv/Gemm/MatMul was converted: no more input normalization
         self.logits: str | None = None  # the input of a final Softmax
 
     def tensor_of(self, module: nn.Module) -> str:
         return self._ends[id(module)]
+
+    def _track(self, mod: nn.Module | None, source: str, result: str) -> None:
+        """Record the shape of ``result``: ``mod`` applied to ``source`` (``None``: the shape of ``source``)."""
+        if source not in self._shapes:
+            return
+        shape = self._shapes[source]
+        if mod is not None:
+            with torch.no_grad():
+                shape = tuple(mod(torch.zeros(1, *shape)).shape[1:])
+        self._shapes[result] = shape
+
+    def _spatial(self, node: onnx.NodeProto) -> tuple[int, int]:
+        """(H, W) of the input of ``node``."""
+        shape = self._shapes.get(node.input[0])
+        if shape is None or len(shape) != 3:
+            raise UnsupportedModelError(f"node {node.name!r} ({node.op_type}): its input is not (N, C, H, W)")
+        return (shape[1], shape[2])
 
     def chain(self, tensor: str, stop: str | None) -> tuple[OrderedDict[str, nn.Module], str]:
         """Modules from ``tensor`` up to ``stop`` (or up to a residual merge when ``stop`` is None), and the tensor
@@ -265,6 +322,7 @@ class _Converter:
         mod = ConstantOp(node.op_type, const, constant_first)
         out[self.g.unique(node, node.op_type.lower())] = mod
         self._ends[id(mod)] = node.output[0]
+        self._track(mod, node.input[1 if constant_first else 0], node.output[0])
         return node.output[0]
 
     def _residual(self, fork: str, users: list[onnx.NodeProto]) -> tuple[str, nn.Module, str]:
@@ -284,6 +342,7 @@ class _Converter:
         if add_a is not add_b or not body:
             raise UnsupportedModelError(f"the branches from {fork!r} do not meet at one Add")
         block = Residual(nn.Sequential(body), nn.Sequential(short) if short else None)
+        self._track(None, next((t for t in add_a.input if t in self._shapes), fork), add_a.output[0])
         return self.g.unique(add_a, "block"), block, add_a.output[0]
 
     def _node(self, node: onnx.NodeProto, out: OrderedDict[str, nn.Module]) -> str:
@@ -310,11 +369,13 @@ class _Converter:
         elif op in ("Flatten", "Reshape"):
             mod = self._flatten(node, a)
         elif op in ("Identity", "Dropout"):
+            self._track(None, node.input[0], result)
             return result
         elif op == "Softmax":
             if result != self.g.output:
                 raise UnsupportedModelError(f"node {node.name!r}: Softmax is supported only as the last node")
             self.logits = node.input[0]
+            self._track(None, node.input[0], result)
             return result
         elif op == "BatchNormalization":
             raise UnsupportedModelError(f"node {node.name!r}: BatchNormalization must follow a Conv")
@@ -323,18 +384,23 @@ class _Converter:
         out[self.g.unique(node, op.lower())] = mod
         self._ends[id(mod)] = result
         self._weighted |= isinstance(mod, (nn.Conv2d, nn.Linear))
+        self._track(mod, node.input[0], result)
         return result
 
     def _conv(self, node: onnx.NodeProto, a: dict[str, Any]) -> tuple[nn.Conv2d, str]:
-        _no_auto_pad(node, a)
         w = self.g.const(node.input[1], node).astype(np.float64)  # (O, C/g, KH, KW)
         has_bias = len(node.input) > 2 and bool(node.input[2])
         b = self.g.const(node.input[2], node).astype(np.float64) if has_bias else np.zeros(w.shape[0])
         o, cg, kh, kw = w.shape
         groups = int(a.get("group", 1))
-        conv = nn.Conv2d(cg * groups, o, (kh, kw), stride=tuple(a.get("strides", (1, 1))),
-                         padding=_symmetric(node, a.get("pads", ())), dilation=tuple(a.get("dilations", (1, 1))),
-                         groups=groups, bias=True)  # fmt: skip
+        stride, dilation = _ints2(a, "strides"), _ints2(a, "dilations")
+        pads = _pads(node, a, self._spatial(node), (kh, kw), stride, dilation)
+        conv: nn.Conv2d
+        if _symmetric(pads):
+            conv = nn.Conv2d(cg * groups, o, (kh, kw), stride=stride, padding=pads[:2], dilation=dilation,
+                             groups=groups, bias=True)  # fmt: skip
+        else:
+            conv = PaddedConv2d(cg * groups, o, (kh, kw), pads, stride, dilation, groups)
         result = node.output[0]
         users = self.g.consumers.get(result, [])
         if len(users) == 1 and users[0].op_type == "BatchNormalization":  # fold it
@@ -385,22 +451,22 @@ class _Converter:
         raise UnsupportedModelError(f"node {node.name!r}: Clip is supported only as ReLU6 (min 0, max 6)")
 
     def _maxpool(self, node: onnx.NodeProto, a: dict[str, Any]) -> nn.MaxPool2d:
-        _no_auto_pad(node, a)
-        k = tuple(a["kernel_shape"])
-        return nn.MaxPool2d(
-            k,
-            stride=tuple(a.get("strides", (1, 1))),
-            padding=_symmetric(node, a.get("pads", ())),
-            dilation=tuple(a.get("dilations", (1, 1))),
-            ceil_mode=bool(a.get("ceil_mode", 0)),
-        )
+        k, stride, dilation = _ints2(a, "kernel_shape"), _ints2(a, "strides"), _ints2(a, "dilations")
+        pads, ceil = _pads(node, a, self._spatial(node), k, stride, dilation), bool(a.get("ceil_mode", 0))
+        span = (dilation[0] * (k[0] - 1) + 1, dilation[1] * (k[1] - 1) + 1)
+        if _symmetric(pads, span):
+            return nn.MaxPool2d(k, stride=stride, padding=pads[:2], dilation=dilation, ceil_mode=ceil)
+        return PaddedMaxPool2d(k, pads, stride, dilation, ceil)
 
     def _avgpool(self, node: onnx.NodeProto, a: dict[str, Any]) -> nn.AvgPool2d:
-        _no_auto_pad(node, a)
-        k = tuple(a["kernel_shape"])
-        return nn.AvgPool2d(k, stride=tuple(a.get("strides", (1, 1))), padding=_symmetric(node, a.get("pads", ())),
-                            ceil_mode=bool(a.get("ceil_mode", 0)),
-                            count_include_pad=bool(a.get("count_include_pad", 0)))  # fmt: skip
+        k, stride = _ints2(a, "kernel_shape"), _ints2(a, "strides")
+        if _ints2(a, "dilations") != (1, 1):
+            raise UnsupportedModelError(f"node {node.name!r} (AveragePool): dilations are not supported")
+        pads = _pads(node, a, self._spatial(node), k, stride, (1, 1))
+        ceil, count_pad = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
+        if _symmetric(pads, k):
+            return nn.AvgPool2d(k, stride=stride, padding=pads[:2], ceil_mode=ceil, count_include_pad=count_pad)
+        return PaddedAvgPool2d(k, pads, stride, ceil, count_pad)
 
     def _flatten(self, node: onnx.NodeProto, a: dict[str, Any]) -> nn.Flatten:
         if node.op_type == "Flatten":
