@@ -23,6 +23,8 @@ Detectors:
 ``nic_vi``         value invariants only: Fisher combination of the per-layer two-sided VI p-values
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
 ``fused``          the bundle's verdict score (Fisher combination of the components its manifest names)
+``mahalanobis``    only for bundles whose verdict fuses the class-conditional Gaussians: their Fisher
+                   statistic over the per-layer p-values (benign data only)
 ``bundle_supervised`` only for bundles built with ``--supervised-attacks``: the bundle's own supervised
                    detector, trained by the builder on attacks of held-out *training* images, so
                    it is scored on every clean and adversarial test image (no split needed)
@@ -56,6 +58,7 @@ BENIGN = ("ep_benign", "nic", "nic_vi", "nic_pi", "fused")
 SUPERVISED = ("ep_linear", "ep_random_forest")
 DETECTORS = ("ep_benign", "ep_linear", "ep_random_forest", "nic", "nic_vi", "nic_pi", "fused")
 BUNDLE_SUPERVISED = "bundle_supervised"  # added to the detectors when the bundle has a supervised model
+MAHALANOBIS = "mahalanobis"  # added when the bundle's verdict fuses the class Gaussians
 FPRS = (0.01, 0.02, 0.05)  # 2%: the operating point of the MNIST target
 TRAIN_FRACTION = 0.10
 
@@ -113,6 +116,8 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
             "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
+        if MAHALANOBIS in raw:
+            scores[MAHALANOBIS] = raw[MAHALANOBIS]
         if res.supervised is not None:
             scores[BUNDLE_SUPERVISED] = res.supervised.raw
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))
@@ -248,7 +253,7 @@ def evaluate(
     adv_ev = {a: s.take(~is_train[sets[a].source]) for a, s in adv.items()}
 
     eval_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = {}
-    extra = [BUNDLE_SUPERVISED] if BUNDLE_SUPERVISED in clean.scores else []  # the bundle's supervised model
+    extra = [d for d in (MAHALANOBIS, BUNDLE_SUPERVISED) if d in clean.scores]  # what only some bundles have
     for d in [*BENIGN, *extra]:
         eval_scores[d] = (clean.scores[d], {a: s.scores[d] for a, s in adv.items()}, calib.scores[d])
     for d in SUPERVISED:

@@ -174,7 +174,11 @@ def _graph(model: onnx.ModelProto) -> tuple[_Graph, tuple[int, int, int]]:
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     inputs = [i for i in g.input if i.name not in consts]
     if len(inputs) != 1 or len(g.output) != 1:
-        raise UnsupportedModelError(f"need one input and one output, got {len(inputs)} and {len(g.output)}")
+        raise UnsupportedModelError(
+            f"need one input and one output, got {len(inputs)} and {len(g.output)}; export the classifier with "
+            "its image as the only input and its logits (or probabilities) as the only output, e.g. "
+            "pathguard.models.networks.onnx_of_module(module, (C, H, W))"
+        )
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not all(dims[1:]) or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UnsupportedModelError(f"the input must be float (N, C, H, W) with fixed C, H, W; got shape {dims}")
