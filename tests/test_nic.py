@@ -58,6 +58,23 @@ def test_default_layers_of_lenet(lenet):
     assert default_layers(lenet) == ["input", "conv1", "pool1", "conv2", "pool2", "fc1", "fc2", "softmax"]
 
 
+def test_default_layers_of_an_imported_resnet_skip_the_flatten_after_its_pool():
+    """Imported taps are named after ONNX nodes (``pool_GlobalAveragePool``, ``flatten_Flatten``): a Flatten right
+    after a pooling layer repeats its numbers and is not checked twice; the logits are checked as the softmax."""
+    from pathguard.models.networks import import_onnx
+
+    from .test_onnx_import import NETS, _export
+
+    make, shape = NETS["resnet"]
+    model = import_onnx(_export(make(), shape))
+    layers = default_layers(model)
+    flatten = [t for t in model.tap_names if t.startswith("head_head_1")]
+    pooled = [t for t in model.tap_names if "GlobalAveragePool" in t]
+    assert flatten and pooled and flatten[0] not in layers and pooled[0] in layers
+    assert layers[0] == "input" and layers[-1] == "softmax" and model.tap_names[-1] not in layers
+    assert len(layers) == len(model.tap_names) + 2 - 2  # input and softmax in; the flatten and the logits out
+
+
 def test_heads_are_trained_and_improve_with_depth(fitted, lenet, mnist_test):
     acc = fitted.head_accuracy_
     assert list(acc) == fitted.layers_

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = ["INPUT", "SOFTMAX", "default_layers", "layer_activation"]
 
@@ -18,8 +19,15 @@ def default_layers(model: Any) -> list[str]:
     taps = list(model.tap_names)
     if taps and model.weighted_layer_names and taps[-1] == model.weighted_layer_names[-1]:
         taps = taps[:-1]  # the last Linear has no ReLU: its tap is the logits, checked as the softmax
-    keep = [t for i, t in enumerate(taps) if not (t == "flatten" and i > 0 and taps[i - 1].startswith("pool"))]
-    return [INPUT, *keep, SOFTMAX]
+    children = list(model.named_children())
+    index = {name: i for i, (name, _) in enumerate(children)}
+    pools = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+    def repeats_pool(tap: str) -> bool:  # a Flatten right after a pooling layer: the same numbers again
+        i = index.get(tap, 0)
+        return i > 0 and isinstance(children[i][1], nn.Flatten) and isinstance(children[i - 1][1], pools)
+
+    return [INPUT, *(t for t in taps if not repeats_pool(t)), SOFTMAX]
 
 
 def layer_activation(layer: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> torch.Tensor:
