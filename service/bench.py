@@ -234,7 +234,16 @@ def _contention() -> str:
     except OSError:
         return "unknown"
     lines = [ln for ln in found.stdout.splitlines() if "pgrep" not in ln]
-    return "; ".join(lines) if lines else "none"
+    return "; ".join(f"{ln} ({_state(ln.split()[0])})" for ln in lines) if lines else "none"
+
+
+def _state(pid: str) -> str:
+    """``stopped`` for a process paused with SIGSTOP (it uses no CPU), else ``running``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return "state unknown"
+    return "stopped" if fields and fields[0] in ("T", "t") else "running"
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -314,11 +323,14 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
         "Server-side stages (median `timings_ms` of the responses; `classify`, `checks` and its parts are per "
         "batch; `checks_wait`, `nic` and `effective_path` are parts of `checks`):",
         "",
-        "| bundle | checks | route | concurrency | " + " | ".join(STAGES) + " |",
-        "|---|---|---|---|" + "---|" * len(STAGES),
+    ]
+    stages = [k for k in STAGES if any(k in r["server_ms"] for r in report["rows"])]  # those some server reported
+    lines += [
+        "| bundle | checks | route | concurrency | " + " | ".join(stages) + " |",
+        "|---|---|---|---|" + "---|" * len(stages),
     ]
     for r in report["rows"]:
         srv = r["server_ms"]
-        cells = " | ".join(f"{srv[k]:.2f}" if k in srv else "" for k in STAGES)
+        cells = " | ".join(f"{srv[k]:.2f}" if k in srv else "" for k in stages)
         lines.append(f"| {r['bundle']} | {r['checks']} | /v1/{r['route']} | {r['concurrency']} | {cells} |")
     return "\n".join(lines) + "\n"
