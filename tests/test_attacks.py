@@ -15,6 +15,7 @@ from pathguard.models.evaluation.attacks import ATTACKS, DATASETS, get_attack, p
 EXPECTED = {
     "fgsm", "bim", "deepfool", "jsma_next", "jsma_ll", "cw_l2_next", "cw_l2_ll", "cw_linf_next",
     "cw_linf_ll", "cw_l0_next", "cw_l0_ll", "patch", "lighting", "dirt", "rectangle", "noise",
+    "fgsm_2", "fgsm_4", "fgsm_8", "bim_2", "bim_4", "bim_8", "pgd_linf_8", "pgd_l2_0.5", "square_8",
 }  # fmt: skip
 
 # Cheaper settings for the slow optimisers (the defaults run in the benchmark of docs/attacks.md).
@@ -26,6 +27,9 @@ FAST = {
     "cw_linf_next": {"max_iter": 10, "decrease_factor": 0.3, "largest_const": 5.0},
     "cw_linf_ll": {"max_iter": 10, "decrease_factor": 0.3, "largest_const": 5.0},
     "patch": {"max_iter": 5, "train_images": 4},
+    "pgd_linf_8": {"max_iter": 5},
+    "pgd_l2_0.5": {"max_iter": 5},
+    "square_8": {"max_iter": 20},
 }
 
 
@@ -206,3 +210,20 @@ def test_noise_counts_every_input_as_attempted_and_successful(lenet, digits):
     result = run_attack(lenet, "noise", "mnist", x, y)
     assert result.n_attempted == result.n_successful == len(x)
     assert abs(float(result.x_adv.mean()) - 0.5) < 0.02  # uniform pixels, not the digits
+
+
+@pytest.mark.parametrize(
+    ("name", "norm", "eps"),
+    [("fgsm_8", "inf", 8 / 255), ("bim_4", "inf", 4 / 255), ("pgd_linf_8", "inf", 8 / 255),
+     ("pgd_l2_0.5", "2", 0.5), ("square_8", "inf", 8 / 255)],
+)  # fmt: skip
+def test_field_budget_attacks_stay_in_their_balls(lenet, digits, name, norm, eps):
+    """The budget in the name is the budget used: every perturbation lies in its Linf or L2 ball, and the
+    seeded random starts (PGD) and random squares (Square) repeat exactly."""
+    x, y = digits[0][:4], digits[1][:4]
+    attack = _attack(name)
+    out = attack.generate(lenet, x, y)
+    d = (out - x).reshape(len(x), -1).astype(np.float64)
+    size = np.abs(d).max(1) if norm == "inf" else np.linalg.norm(d, axis=1)
+    assert (size <= eps + 1e-5).all() and (size > 0).any(), size
+    assert np.array_equal(out, _attack(name).generate(lenet, x, y))

@@ -77,3 +77,23 @@ def test_figures_markdown_and_attack_cache(report_dir):
     with np.load(cached[0]) as z:
         x_adv = z["x_adv"]
     assert x_adv.dtype == np.float32 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+
+
+def test_cifar_reports_put_the_review_anchors_beside_the_fused_detector(report_dir):
+    """A CIFAR-10 report lists the NIC reimplementation's published rates (at 10.1% FPR) beside the fused
+    detector's DR at 5% and 10% FPR for the attacks the two share; 10% FPR is one of the reported points."""
+    from pathguard.models.evaluation.evaluate import NIC_REVIEW_DR, render_markdown
+
+    out, _ = report_dir
+    r = json.loads((out / "report.json").read_text())
+    assert "dr_at_fpr_0.1" in r["detectors"]["fused"]["per_attack"]["fgsm"]
+    r["bundle"]["dataset"] = "cifar10"  # the same numbers, rendered as if they were a CIFAR-10 bundle's
+    r["attacks"]["fgsm_8"] = r["attacks"].pop("fgsm")
+    for d in r["detectors"].values():
+        d["per_attack"]["fgsm_8"] = d["per_attack"].pop("fgsm")
+    fused = r["detectors"]["fused"]["per_attack"]["fgsm_8"]
+    md = render_markdown(r)
+    row = next(line for line in md.splitlines() if line.startswith("| `fgsm_8` | 43.6% |"))
+    assert f"{100 * fused['dr_at_fpr_0.05']:.1f}%" in row and f"{fused['auc']:.3f}" in row
+    assert "## Detection rate at 10% FPR on the clean test images" in md and NIC_REVIEW_DR["fgsm_8"] == 0.436
+    assert "| `noise` | " not in md.split("review of detectors")[1].split("## Leave")[0]  # no anchor, no row
