@@ -194,3 +194,31 @@ def test_unfitted_and_uncalibrated_use_raise_clear_errors(lenet, mnist_train):
         det.score(lenet, mnist_train.x[:2])
     with pytest.raises(ValueError, match="layers"):
         NICDetector(layers=["input", "nope"], **TINY).fit(lenet, mnist_train.x[:700], mnist_train.y[:700])
+
+
+def test_channel_mean_reduction_is_the_standardized_per_channel_mean(lenet, mnist_train, mnist_test):
+    """``reduction="channel_mean"``: a conv map's features are its per-channel spatial means, standardized on the
+    fitting images (hand-checked below), flat layers are reduced as before; the detector round-trips through its
+    arrays and still separates heavy noise from clean digits."""
+    x, y = mnist_train.x[:1200], mnist_train.y[:1200]
+    det = NICDetector(seed=0, reduction="channel_mean", **TINY).fit(lenet, x, y)
+    det.calibrate(lenet, mnist_train.x[1200:1400])
+    _, taps = det.activations(lenet, x[:300])
+    conv1 = taps["conv1"]  # (N, 6, 24, 24)
+    feats = det.reduce("conv1", conv1)
+    assert feats.shape == (300, 6)
+    with torch.no_grad():
+        _, fit_taps = det.activations(lenet, x[det._split(len(x), 0, holdout=False)["fit"][: TINY["n_pca"]]])
+    means = fit_taps["conv1"].double().mean((2, 3))  # the fitting images' per-channel means
+    expected = (conv1.double().mean((2, 3)) - means.mean(0)) / means.std(0, correction=0)
+    np.testing.assert_allclose(feats.double().numpy(), expected.numpy(), atol=1e-4)
+    assert det.reduce("fc1", taps["fc1"]).shape == (300, TINY["pca_dim"])  # 120 inputs > pca_dim: PCA as before
+    restored = NICDetector.from_arrays(det.to_arrays(), json.loads(json.dumps(det.config())))
+    assert restored.reduction == "channel_mean"
+    clean = mnist_test.x[:200]
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.5, clean.shape), 0, 1).astype(np.float32)
+    a, b = det.score(lenet, clean), restored.score(lenet, clean)
+    np.testing.assert_array_equal(a.final, b.final)
+    assert _auc(det.score(lenet, clean).final, det.score(lenet, noisy).final) > 0.9
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        NICDetector(reduction="pool")

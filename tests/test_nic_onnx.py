@@ -187,3 +187,17 @@ def test_export_refuses_what_it_cannot_score(small):
     assert "pool1" in nic.layers_
     with pytest.raises(ValueError, match="pool1"):
         with_nic_outputs(renamed, nic)
+
+
+def test_channel_mean_reduction_in_the_graph_matches_the_torch_scorer(small, mnist_test):
+    """The per-channel-mean reduction is one affine map like PCA, so the graph export needs nothing new."""
+    onnx_bytes, _, x = small
+    model = _small_net(0)
+    params = dict(pca_dim=8, n_fit=150, n_final=100, n_pca=120, n_head=400, head_epochs=1, holdout=0)
+    nic = NICDetector(reduction="channel_mean", seed=3, **params).fit(model, mnist_test.x[:800], mnist_test.y[:800])
+    assert nic.members_[0].stages["conv1"].weight.shape == (4 * 12 * 12, 4)  # one feature per channel
+    outs = _run(with_nic_outputs(onnx_bytes, nic), x)
+    value, prov, final = _torch_scores(nic, x, outs)
+    _assert_close_to_scale(outs["nic_value"], value)
+    _assert_close_to_scale(outs["nic_provenance"], prov)
+    _assert_close_to_scale(outs["nic_final"], final)

@@ -4,7 +4,9 @@ For every checked layer ``l`` (default: the input, every post-ReLU conv/linear t
 the flatten output when it is not a mere reshape of the pool before it, and the network's softmax):
 
 1. Reduction: flatten, per-neuron standardization, then PCA to ``pca_dim`` for layers wider than that
-   (randomized PCA). Folded into one affine map ``feats = act @ W + b`` (float32).
+   (randomized PCA). Folded into one affine map ``feats = act @ W + b`` (float32). With
+   ``reduction="channel_mean"`` a convolution map is first averaged per channel over its positions (also
+   affine, folded into the same map), which keeps one feature per channel instead of a PCA of every position.
 2. Value invariant VI_l: an RBF one-class SVM on the reduced benign features.
 3. Derived model D_l: a linear softmax head on the frozen reduced features, trained with cross-entropy on
    the training labels; the softmax layer's derived model is the network's own softmax (identity head).
@@ -159,6 +161,9 @@ def _to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+REDUCTIONS = ("pca", "channel_mean")
+
+
 class NICDetector:
     """Value/provenance invariant checker with trained derived heads and a final one-class SVM.
 
@@ -169,6 +174,10 @@ class NICDetector:
         Default: :func:`default_layers`.
     pca_dim : int
         Reduced dimension for layers wider than this (standardization only otherwise).
+    reduction : str
+        ``pca`` (the paper's reading: the flattened activation, standardized per neuron, then PCA to ``pca_dim``)
+        or ``channel_mean`` (a convolution map's per-channel spatial means, standardized, then PCA if there are
+        more than ``pca_dim`` channels; flat layers as with ``pca``). Both are affine maps of the activation.
     nu : float
         One-class SVM ``nu`` of the VI and PI models.
     gamma : float or "scale"
@@ -203,6 +212,7 @@ class NICDetector:
         self,
         layers: Sequence[str] | None = None,
         pca_dim: int = 64,
+        reduction: str = "pca",
         nu: float = 0.1,
         gamma: float | str = "scale",
         n_fit: int = 2000,
@@ -218,8 +228,11 @@ class NICDetector:
         batch_size: int = 500,
         seed: int = 0,
     ) -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.layers = layers
         self.pca_dim = pca_dim
+        self.reduction = reduction
         self.nu = nu
         self.gamma = gamma
         self.n_fit = n_fit
@@ -241,6 +254,7 @@ class NICDetector:
         return {
             "layers": list(self.layers) if self.layers is not None else None,
             "pca_dim": self.pca_dim,
+            "reduction": self.reduction,
             "nu": self.nu,
             "gamma": self.gamma,
             "n_fit": self.n_fit,
@@ -546,8 +560,10 @@ class NICDetector:
         self, model: Any, x: torch.Tensor, y: torch.Tensor, k: int, split: dict[str, torch.Tensor]
     ) -> _Member:
         rng = np.random.default_rng([self.seed, k, 1])
-        raw = _collect_raw(model, x[split["fit"][: self.n_pca]], self.layers_, self.batch_size)
-        stages = {name: self._fit_reducer(name, raw[name], rng if k > 0 else None) for name in self.layers_}
+        raw, shapes = _collect_raw(model, x[split["fit"][: self.n_pca]], self.layers_, self.batch_size)
+        stages = {
+            name: self._fit_reducer(name, raw[name], rng if k > 0 else None, shapes[name]) for name in self.layers_
+        }
         del raw
         member = _Member(stages)
         # features of every sample this member uses, through the same torch path as scoring
@@ -569,7 +585,9 @@ class NICDetector:
         self._fit_final(member, {n: f[pos["final"]] for n, f in feats.items()})
         return member
 
-    def _fit_reducer(self, layer: str, raw: np.ndarray, rng: np.random.Generator | None) -> _Stage:
+    def _fit_reducer(
+        self, layer: str, raw: np.ndarray, rng: np.random.Generator | None, shape: tuple[int, ...] = ()
+    ) -> _Stage:
         scale, ceil = 0.0, False
         if rng is not None:
             sigma = float(raw.std()) or 1.0
@@ -578,6 +596,12 @@ class NICDetector:
         width = raw.shape[1]
         if layer == SOFTMAX:
             return _Stage(torch.eye(width), torch.zeros(width), scale, ceil)
+        pool: np.ndarray | None = None  # (width, C) per-channel spatial averaging, applied before the rest
+        if self.reduction == "channel_mean" and len(shape) == 3 and shape[1] * shape[2] > 1:
+            c, hw = shape[0], shape[1] * shape[2]
+            pool = np.kron(np.eye(c), np.full((hw, 1), 1.0 / hw))  # flat index ch*hw + p -> channel ch
+            raw = raw @ pool
+            width = c
         mu, sd = raw.mean(0), raw.std(0)
         sd = np.where(sd > 1e-6, sd, 1.0)
         if width <= self.pca_dim:
@@ -590,6 +614,8 @@ class NICDetector:
             comp = pca.components_  # (d, width)
             w = (comp / sd[None, :]).T  # (width, d)
             b = -((mu / sd) + pca.mean_) @ comp.T
+        if pool is not None:
+            w = pool @ w  # (C*H*W, d): the averaging folded into the one affine map
         return _Stage(
             torch.from_numpy(np.ascontiguousarray(w, np.float32)), torch.from_numpy(b.astype(np.float32)), scale, ceil
         )
@@ -724,14 +750,18 @@ def _checked_activations(
 
 
 @torch.no_grad()
-def _collect_raw(model: Any, x: torch.Tensor, layers: Sequence[str], batch: int) -> dict[str, np.ndarray]:
-    """Flattened float32 activations (n, width) of every layer."""
+def _collect_raw(
+    model: Any, x: torch.Tensor, layers: Sequence[str], batch: int
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """Flattened float32 activations (n, width) of every layer, and each layer's activation shape (no batch)."""
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    shapes: dict[str, tuple[int, ...]] = {}
     for lo in range(0, len(x), batch):
         _, acts = _checked_activations(model, x[lo : lo + batch], layers)
         for name in layers:
+            shapes[name] = tuple(acts[name].shape[1:])
             chunks[name].append(acts[name].reshape(acts[name].shape[0], -1).numpy().copy())
-    return {name: np.concatenate(c) for name, c in chunks.items()}
+    return {name: np.concatenate(c) for name, c in chunks.items()}, shapes
 
 
 @torch.no_grad()
