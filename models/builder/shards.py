@@ -15,6 +15,7 @@ order). :class:`LocalExecutor` runs the shards one after the other in this proce
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -268,6 +269,23 @@ def run_shard(fn: ShardFn, job: Job, shard: Shard, number: int) -> ShardResult:
     return ShardResult(number, value, skipped, images, time.perf_counter() - t, os.getpid(), rss)
 
 
+def _one_thread(fn: Callable[[Context, Shard], Any]) -> Callable[[Context, Shard], Any]:
+    """Run a pass that returns scores on one torch thread, whatever the process's setting: float32 matrix
+    products sum in an order that depends on the thread count, so a driver with all cores and a cluster worker
+    with one would otherwise write bundles that differ in the last bits of their calibration scores."""
+
+    @functools.wraps(fn)
+    def run(ctx: Context, shard: Shard) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(ctx, shard)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
 @torch.no_grad()
 def paths_pass(ctx: Context, shard: Shard) -> tuple[PathCounts, list[str], int]:
     """Class-path counts (rank-1 paths of the correctly predicted images) of a shard of the fit split."""
@@ -296,6 +314,7 @@ def sample_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarra
     return (x, y), skipped, len(x)
 
 
+@_one_thread
 @torch.no_grad()
 def ep_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarray], list[str], int]:
     """(N, 2L) Effective Path features (rank-1 then rank-2 similarities) and (N,) predicted classes."""
@@ -314,6 +333,7 @@ def ep_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarray], 
     return (f, p), skipped, len(f)
 
 
+@_one_thread
 @torch.no_grad()
 def nic_pass(ctx: Context, shard: Shard) -> tuple[list[list[tuple[np.ndarray, ...]]], list[str], int]:
     """NIC's raw scores of every member, per chunk (what :meth:`NICDetector.calibrate_scores` takes)."""
@@ -327,6 +347,7 @@ def nic_pass(ctx: Context, shard: Shard) -> tuple[list[list[tuple[np.ndarray, ..
     return out, skipped, images
 
 
+@_one_thread
 @torch.no_grad()
 def gaussian_pass(ctx: Context, shard: Shard) -> tuple[np.ndarray, list[str], int]:
     """(N, L) per-layer Mahalanobis scores of the class Gaussians (their calibration scores)."""
@@ -346,6 +367,7 @@ def gaussian_pass(ctx: Context, shard: Shard) -> tuple[np.ndarray, list[str], in
     return scores, skipped, len(scores)
 
 
+@_one_thread
 @torch.no_grad()
 def components_pass(ctx: Context, shard: Shard) -> tuple[dict[str, np.ndarray], list[str], int]:
     """The verdict's raw components (EP, NIC final, NIC VI-only) of a shard of clean images."""
