@@ -30,3 +30,34 @@ def test_committed_bundle_verdicts_are_unchanged(name):
     assert r.adversarial.tolist() == before["adversarial"]
     for key in ("score", "ep_score", "nic_score"):
         np.testing.assert_allclose(getattr(r, key), before[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+RESIDUAL = ARTIFACTS / "cifar10-resnet20"
+
+
+def test_the_committed_residual_bundle_is_an_imported_resnet_that_detects():
+    """The residual CIFAR-10 bundle: built through the ONNX import path (the user's file kept as source.onnx),
+    under 50 MB, classifying the test images as its classifier folder does, and answering every detection field."""
+    from pathguard.models import load_classifier
+    from pathguard.models.bundle import read_verified
+    from pathguard.models.networks import Residual
+
+    files = read_verified(RESIDUAL)
+    assert json.loads(files.bytes("classifier.json"))["format"] == "onnx" and files.has("source.onnx")
+    assert sum(f["size"] for f in files.manifest["files"].values()) <= 50 * 2**20
+    bundle = load_bundle(RESIDUAL)
+    assert sum(isinstance(m, Residual) for m in bundle.classifier.modules()) == 9
+    test = load_dataset("cifar10", "test")
+    x, y = test.x[:500], test.y[:500]
+    r = bundle.pipeline.detect(x)
+    trained = load_classifier(ARTIFACTS / "classifiers" / "cifar10-resnet20")
+    import torch
+
+    with torch.no_grad():
+        expected = trained(torch.from_numpy(x)).argmax(1).numpy()
+    assert (r.predicted == expected).mean() >= 0.998  # the same network, up to float rounding at near-ties
+    assert (r.predicted == y).mean() >= 0.88
+    row = r.row(0)
+    assert row["effective_path"]["layers"] == bundle.manifest["effective_path"]["layers"]
+    assert set(row["nic"]["value_violation"]) == set(bundle.manifest["nic"]["layers"])
+    assert 0.0 <= row["verdict"]["score"] <= 1.0
