@@ -97,3 +97,24 @@ def test_cifar_reports_put_the_review_anchors_beside_the_fused_detector(report_d
     assert f"{100 * fused['dr_at_fpr_0.05']:.1f}%" in row and f"{fused['auc']:.3f}" in row
     assert "## Detection rate at 10% FPR on the clean test images" in md and NIC_REVIEW_DR["fgsm_8"] == 0.436
     assert "| `noise` | " not in md.split("review of detectors")[1].split("## Leave")[0]  # no anchor, no row
+
+
+def test_the_attack_cache_is_keyed_by_the_classifier_also_for_imported_bundles():
+    """Bundles built from a user's ONNX file carry ``source.onnx`` instead of ``classifier.safetensors``; their
+    cached attacks are keyed by that file, so a rebuilt detector reuses them and another classifier does not."""
+    import copy
+    from types import SimpleNamespace
+
+    from pathguard.models.evaluation.evaluate import _attack_key
+
+    manifest = json.loads((ARTIFACTS / "cifar10-resnet20" / "manifest.json").read_text())
+    assert "classifier.safetensors" not in manifest["files"] and "source.onnx" in manifest["files"]
+    imported = SimpleNamespace(dataset="cifar10", manifest=manifest)
+    rebuilt = copy.deepcopy(manifest)
+    rebuilt["files"]["nic.npz"]["sha256"] = "0" * 64  # other detectors, same classifier
+    other = copy.deepcopy(manifest)
+    other["files"]["source.onnx"]["sha256"] = "0" * 64
+    key = _attack_key(imported, "fgsm_8", 10)  # type: ignore[arg-type]
+    assert key == _attack_key(SimpleNamespace(dataset="cifar10", manifest=rebuilt), "fgsm_8", 10)  # type: ignore[arg-type]
+    assert key != _attack_key(SimpleNamespace(dataset="cifar10", manifest=other), "fgsm_8", 10)  # type: ignore[arg-type]
+    assert key != _attack_key(imported, "fgsm_8", 11)  # type: ignore[arg-type]

@@ -147,8 +147,10 @@ class AttackSet:
 
 
 def _attack_key(bundle: Bundle, name: str, n: int) -> str:
+    files = bundle.manifest["files"]
+    weights = next(f for f in ("classifier.safetensors", "source.onnx") if f in files)  # bundled or imported
     spec = {"attack": name, "n": n, "dataset": bundle.dataset, "params": ATTACKS[name].params[bundle.dataset],
-            "classifier": bundle.manifest["files"]["classifier.safetensors"]["sha256"]}  # fmt: skip
+            "classifier": files[weights]["sha256"]}  # fmt: skip
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
