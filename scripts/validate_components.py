@@ -11,7 +11,10 @@ chosen; the test-set report is made once, after.
     scripts/validate_components.py --bundle artifacts/cifar10-cnn --out docs/reports/validation/cifar10-cnn.json
 
 ``--attacks`` adds the field's other budgets (``pgd-linf 8/255``, ``pgd-l2 0.5``, ``square 8/255``);
-``--nic-channel-mean`` adds NIC refitted with per-channel-mean reductions and the combinations with it.
+``--nic-channel-mean`` adds NIC refitted with per-channel-mean reductions and the combinations with it;
+``--gaussian-subset NAME=layer,layer`` adds the Gaussians' Fisher statistic over only those layers (repeatable);
+``--ep-bundle`` adds the Effective Path score of a second bundle of the same classifier and splits (e.g. one built
+with more layers).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathguard.models.data import load_dataset
 from pathguard.models.evaluation.attacks import run_attack
 from pathguard.models.mahalanobis import ClassGaussian, fisher
 from pathguard.models.nic import NICDetector
+from pathguard.models.nic.layers import INPUT, SOFTMAX, default_layers
 from pathguard.models.verdict import two_sided_fisher
 from pathguard.models.verdict.calibration import columnwise_p_values
 
@@ -76,6 +80,14 @@ def main() -> int:
         action="store_true",
         help="also fit NIC with per-channel-mean reductions (the bundle's layers and settings otherwise)",
     )
+    p.add_argument(
+        "--gaussian-subset",
+        action="append",
+        default=[],
+        metavar="NAME=LAYER,LAYER",
+        help="also score the Gaussians' Fisher statistic over only these layers (repeatable)",
+    )
+    p.add_argument("--ep-bundle", type=Path, help="a bundle of the same classifier whose Effective Path to add")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -89,7 +101,8 @@ def main() -> int:
     calib_a = train.subset(idx["calib_a"])
     held = train.subset(idx["calib_b"])
     attacked, clean = held.subset(np.arange(args.n_attack)), held.subset(np.arange(args.n_attack, len(held)))
-    layers = [t for t in model.tap_names if t != "flatten"]
+    # every tap but a Flatten that repeats a pooling tap (NIC's rule), and the logits
+    layers = [t for t in default_layers(model) if t not in (INPUT, SOFTMAX)] + [model.tap_names[-1]]
     t = time.perf_counter()
     candidates: dict[str, ClassGaussian] = {}
     for pool in ("mean", "mean_std"):
@@ -105,6 +118,11 @@ def main() -> int:
         sample = train.subset(idx["fit"][: nic_cm.sample_size])
         nic_cm.fit(model, sample.x, sample.y).calibrate(model, calib_a.x)
 
+    subsets = dict(item.split("=", 1) for item in args.gaussian_subset)
+    subsets = {k: [layers.index(n) for n in v.split(",")] for k, v in subsets.items()}
+    ep_pipe = load_bundle(args.ep_bundle).pipeline if args.ep_bundle else None
+    if ep_pipe is not None and ep_pipe.classifier.tap_names != model.tap_names:
+        raise SystemExit(f"{args.ep_bundle} has another classifier")
     ep_calib = np.sort(pipe.raw_components(calib_a.x)["effective_path"])
 
     def two_sided(ref: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -114,10 +132,16 @@ def main() -> int:
         lower = (1 + np.searchsorted(ref, v, side="right")) / (n + 1)
         return -2 * np.log(np.minimum(1.0, 2 * np.minimum(upper, lower)))
 
+    def harmonic(p: np.ndarray) -> np.ndarray:
+        """-log of the harmonic mean of the columns' p-values: one small p-value is not diluted by large ones."""
+        return np.log(np.mean(1.0 / p, axis=1))
+
     def scores(x: np.ndarray) -> dict[str, np.ndarray]:
         raw = pipe.raw_components(x)
         out = {"effective_path": raw["effective_path"], "nic": raw["nic"], "nic_vi": raw["nic_vi"]}
         out["effective_path two-sided"] = two_sided(ep_calib, raw["effective_path"])
+        if ep_pipe is not None:
+            out["effective_path (other bundle)"] = ep_pipe.raw_components(x)["effective_path"]
         if nic_cm is not None:
             sc = nic_cm.score(model, x)
             out["nic channel-mean"] = sc.final
@@ -126,6 +150,9 @@ def main() -> int:
             ls = layer_scores(g, model, x)
             out[f"gaussian_{pool}"] = fisher(g.p_values(ls))
             out[f"gaussian_{pool} two-sided"] = fisher(g.two_sided_p_values(ls))
+            out[f"gaussian_{pool} harmonic"] = harmonic(g.p_values(ls))
+            for sub, cols in subsets.items():
+                out[f"gaussian_{pool} [{sub}]"] = fisher(g.p_values(ls)[:, cols])
             for j, name in enumerate(g.layers):
                 out[f"gaussian_{pool}/{name}"] = ls[:, j]
         return out
@@ -133,27 +160,35 @@ def main() -> int:
     calib_s = {k: np.sort(v) for k, v in scores(calib_a.x).items()}
 
     def fused(s: dict[str, np.ndarray], parts: list[str]) -> np.ndarray:
-        """Fisher's combination of the parts' upper-tail p-values against their clean calibration scores."""
-        return fisher(np.stack([columnwise_p_values(calib_s[k][:, None], s[k][:, None])[:, 0] for k in parts], 1))
+        """Fisher's combination of the parts' upper-tail p-values against their clean calibration scores
+        (a leading ``harmonic`` part: their harmonic mean instead)."""
+        combine = harmonic if parts[0] == "harmonic" else fisher
+        parts = parts[1:] if parts[0] == "harmonic" else parts
+        return combine(np.stack([columnwise_p_values(calib_s[k][:, None], s[k][:, None])[:, 0] for k in parts], 1))
 
-    combos = {
-        "bundle verdict (EP + NIC)": ["effective_path", "nic"],
-        "EP + NIC + gaussian_mean": ["effective_path", "nic", "gaussian_mean"],
-        "EP + NIC + gaussian_mean_std": ["effective_path", "nic", "gaussian_mean_std"],
-        "EP + NIC + NIC VI + gaussian_mean": ["effective_path", "nic", "nic_vi", "gaussian_mean"],
-        "EP two-sided + NIC + gaussian_mean two-sided": ["effective_path two-sided", "nic", "gaussian_mean two-sided"],
-        "EP two-sided + NIC + NIC VI + gaussian_mean two-sided": [
-            "effective_path two-sided",
-            "nic",
-            "nic_vi",
-            "gaussian_mean two-sided",
-        ],
-    }
-    if nic_cm is not None:
-        combos["EP + NIC channel-mean + gaussian_mean"] = ["effective_path", "nic channel-mean", "gaussian_mean"]
-        combos["EP + NIC + NIC channel-mean + gaussian_mean"] = [
-            "effective_path", "nic", "nic channel-mean", "gaussian_mean",
-        ]  # fmt: skip
+    bundle_parts = [{"mahalanobis": "gaussian_mean"}.get(c, c) for c in cfg.get("fusion", ["effective_path", "nic"])]
+    combos = {f"bundle verdict ({' + '.join(bundle_parts)})": bundle_parts}
+    nics = {"": ["nic", "nic_vi"]} | ({" channel-mean": ["nic channel-mean", "nic_vi channel-mean"]} if nic_cm else {})
+    eps = {"EP": ["effective_path"]} | ({"EP (other bundle)": ["effective_path (other bundle)"]} if ep_pipe else {})
+    gaussians = ["gaussian_mean", "gaussian_mean_std"] + [f"gaussian_mean [{sub}]" for sub in subsets]
+    for nic_label, (nic_final, nic_vi) in nics.items():
+        for ep_label, ep in eps.items():
+            combos[f"{ep_label} + NIC{nic_label}"] = [*ep, nic_final]
+            combos[f"{ep_label} + NIC{nic_label} + NIC VI{nic_label}"] = [*ep, nic_final, nic_vi]
+            for g in gaussians:
+                combos[f"{ep_label} + NIC{nic_label} + {g}"] = [*ep, nic_final, g]
+                combos[f"{ep_label} + NIC{nic_label} + NIC VI{nic_label} + {g}"] = [*ep, nic_final, nic_vi, g]
+        for g in gaussians:
+            combos[f"NIC{nic_label} + NIC VI{nic_label} + {g}"] = [nic_final, nic_vi, g]
+    four = ["effective_path", "nic", "nic_vi", "gaussian_mean"]
+    combos["harmonic(EP, NIC, NIC VI, gaussian_mean)"] = ["harmonic", *four]
+    combos["EP + NIC + NIC VI + gaussian_mean harmonic"] = [*four[:3], "gaussian_mean harmonic"]
+    combos["EP two-sided + NIC + NIC VI + gaussian_mean two-sided"] = [
+        "effective_path two-sided",
+        "nic",
+        "nic_vi",
+        "gaussian_mean two-sided",
+    ]
     clean_s = scores(clean.x)
     for name, parts in combos.items():
         clean_s[name] = fused(clean_s, parts)
