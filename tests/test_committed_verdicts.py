@@ -61,3 +61,9 @@ def test_the_committed_residual_bundle_is_an_imported_resnet_that_detects():
     assert row["effective_path"]["layers"] == bundle.manifest["effective_path"]["layers"]
     assert set(row["nic"]["value_violation"]) == set(bundle.manifest["nic"]["layers"])
     assert 0.0 <= row["verdict"]["score"] <= 1.0
+    # the verdict chosen on attacks of held-out training images (docs/reports/validation/cifar10-resnet20.md):
+    # Effective Path on every weighted layer, NIC's final model, class Gaussians on the last stage and the logits
+    assert len(bundle.manifest["effective_path"]["layers"]) == 22
+    assert bundle.manifest["verdict"]["components"] == ["effective_path", "nic", "mahalanobis"]
+    stage3 = ["block3_0_Add", "block3_1_Add", "block3_2_Add", "pool_GlobalAveragePool", "fc_Gemm"]
+    assert row["mahalanobis"]["layers"] == stage3
