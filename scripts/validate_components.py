@@ -148,11 +148,12 @@ def main() -> int:
             out["nic_vi channel-mean"] = two_sided_fisher(sc.value_violation, nic_cm.calibration_size)
         for pool, g in candidates.items():
             ls = layer_scores(g, model, x)
-            out[f"gaussian_{pool}"] = fisher(g.p_values(ls))
+            pv = g.p_values(ls)
+            out[f"gaussian_{pool}"] = fisher(pv)
             out[f"gaussian_{pool} two-sided"] = fisher(g.two_sided_p_values(ls))
-            out[f"gaussian_{pool} harmonic"] = harmonic(g.p_values(ls))
+            out[f"gaussian_{pool} harmonic"] = harmonic(pv)
             for sub, cols in subsets.items():
-                out[f"gaussian_{pool} [{sub}]"] = fisher(g.p_values(ls)[:, cols])
+                out[f"gaussian_{pool} [{sub}]"] = fisher(pv[:, cols])
             for j, name in enumerate(g.layers):
                 out[f"gaussian_{pool}/{name}"] = ls[:, j]
         return out
