@@ -121,7 +121,7 @@ async def _start(state: ServiceState) -> None:
 
         torch.set_num_threads(s.torch_threads)
     check_pin(s)
-    bundle = load_bundle(s.bundle, target_fpr=s.target_fpr)
+    bundle = load_bundle(s.bundle, target_fpr=s.target_fpr, seed=s.noise_seed)
     check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
     runtime = DetectionRuntime(
         _engine(s, bundle),

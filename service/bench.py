@@ -33,7 +33,10 @@ from pathguard.models.data import load_dataset
 __all__ = ["MODES", "BenchConfig", "render_markdown", "run_bench"]
 
 MODES = ("parallel", "serial", "graph")
-STAGES = ("decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "mahalanobis", "total")
+STAGES = (
+    "decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "mahalanobis", "consistency",
+    "total",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

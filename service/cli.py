@@ -138,6 +138,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             target_fpr=args.target_fpr,
             nic=json.loads(args.nic) if args.nic else {},
             mahalanobis=json.loads(args.mahalanobis) if args.mahalanobis else {},
+            components=json.loads(args.components) if args.components else {},
+            rule=args.rule,
             seed=args.seed,
             **optional,
         )
@@ -190,7 +192,21 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fusion",
         help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
-        "invariants, two-sided), mahalanobis (class-conditional Gaussians per layer); default: the first three",
+        "invariants, two-sided), mahalanobis (class-conditional Gaussians per layer), and the prediction-consistency "
+        "family: margin (logit margin), noise_flip, noise_l1, noise_drop (noise response), squeeze (feature "
+        "squeezing); default: the first three",
+    )
+    p.add_argument(
+        "--rule",
+        default="fisher",
+        help="how the components' p-values combine: fisher (default), tippett (Sidak-corrected minimum), harmonic "
+        "(harmonic mean), or outer(inner), e.g. tippett(fisher): inner within each family (layer statistics, "
+        "consistency), outer across them",
+    )
+    p.add_argument(
+        "--components",
+        help='build parameters per component as JSON, e.g. \'{"noise_flip": {"copies": 8, "flip_rate": 0.02}, '
+        '"squeeze": {"bits": 5}}\'',
     )
     p.add_argument(
         "--mahalanobis",

@@ -131,16 +131,15 @@ def _ms(seconds: float) -> float:
 def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, det: Detected | None, t0: float) -> dict:
     """A response's ``timings_ms``: its own decode and queue time, its batch's forward pass (``classify``) and,
     for a detection, the batch's ``checks`` (forward pass end to verdict) with the parts measured inside it:
-    ``checks_wait`` (waiting for per-layer checks still running beside it), ``nic``, ``effective_path`` and, for a
-    bundle with the class Gaussians, ``mahalanobis`` (their work in the pipeline's finish)."""
+    ``checks_wait`` (waiting for per-layer checks still running beside it) and the components' own stages
+    (``nic``, ``effective_path``, and where the bundle has them ``mahalanobis`` and ``consistency``, the
+    consistency copies' forward pass)."""
     out = {"decode": _ms(decode_s), "queue": _ms(sl.queue_s), "classify": _ms(classify_s)}
     if det is not None:
         out["checks"] = _ms(det.checks_s)
         out["checks_wait"] = _ms(det.wait_s)
         stages = dict(det.result.timings_s)
-        for key in ("nic", "effective_path", "mahalanobis"):
-            if key in stages:
-                out[key] = _ms(stages[key])
+        out.update({key: _ms(seconds) for key, seconds in stages.items()})
     out["total"] = _ms(time.perf_counter() - t0)
     return out
 
@@ -300,7 +299,7 @@ async def _run_detection(
 
 def _observe_batch_stages(state: ServiceState, det: Detected) -> None:
     stages = {"classify": det.classify_s}
-    stages.update({k: v for k, v in dict(det.result.timings_s).items() if k in ("effective_path", "nic")})
+    stages.update(dict(det.result.timings_s))
     state.metrics.observe_stages(stages)
 
 

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         description="Override of the bundle's target false-positive rate (the threshold is re-derived from the "
         "bundle's calibration scores). Unset: the bundle's own threshold.",
     )
+    noise_seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seed of the randomized components' noise (the consistency family's noise copies). Unset: "
+        "drawn afresh for every batch, so a detector-aware attacker must average over it; set it for reproducible "
+        "responses (tests, reports). A cached verdict is served as first computed either way.",
+    )
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address `pathguard serve` binds to.")

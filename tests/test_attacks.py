@@ -15,13 +15,14 @@ from pathguard.models.evaluation.attacks import ATTACKS, DATASETS, get_attack, p
 EXPECTED = {
     "fgsm", "bim", "deepfool", "jsma_next", "jsma_ll", "cw_l2_next", "cw_l2_ll", "cw_linf_next",
     "cw_linf_ll", "cw_l0_next", "cw_l0_ll", "patch", "lighting", "dirt", "rectangle", "noise",
-    "fgsm_2", "fgsm_4", "fgsm_8", "bim_2", "bim_4", "bim_8", "pgd_linf_8", "pgd_l2_0.5", "square_8",
+    "fgsm_2", "fgsm_4", "fgsm_8", "bim_2", "bim_4", "bim_8", "pgd_linf_8", "pgd_l2_0.5", "square_8", "cw_l2_k20",
 }  # fmt: skip
 
 # Cheaper settings for the slow optimisers (the defaults run in the benchmark of docs/attacks.md).
 FAST = {
     "cw_l2_next": {"binary_search_steps": 2, "max_iter": 30},
     "cw_l2_ll": {"binary_search_steps": 2, "max_iter": 30},
+    "cw_l2_k20": {"binary_search_steps": 2, "max_iter": 30},
     "cw_l0_next": {"binary_search_steps": 2, "max_iter": 20, "rounds": 3},
     "cw_l0_ll": {"binary_search_steps": 2, "max_iter": 20, "rounds": 3},
     "cw_linf_next": {"max_iter": 10, "decrease_factor": 0.3, "largest_const": 5.0},

@@ -173,7 +173,7 @@ def test_an_onnx_file_builds_on_a_bundled_dataset(tmp_path, mnist_test, capsys):
 def test_class_gaussian_component_is_built_exported_and_fused(tmp_path, mnist_test):
     """``fusion`` with ``mahalanobis``: the class Gaussians are fitted on NIC's sample, calibrated on split A,
     stored as plain arrays, reloaded with the same scores, fused into the verdict and reported per image."""
-    from pathguard.models.bundle.pipeline import gaussian_activation
+    from pathguard.models.components.mahalanobis import gaussian_activation
     from pathguard.models.mahalanobis import ClassGaussian
 
     layers = ["pool1", "fc1", "logits"]

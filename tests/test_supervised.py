@@ -83,7 +83,7 @@ def test_detects_trained_attack_on_test_images_and_leaves_verdict_unchanged(supe
     assert 0 < row["supervised"]["p_value"] <= 1 and 0 <= row["supervised"]["score"] < 1
     # the same pipeline without the supervised detector gives the very same verdict
     p = bundle.pipeline
-    plain = DetectionPipeline(p.classifier, p.extractor, p.class_paths, p.ep_score, p.nic, p.verdict, p.target_fpr)
+    plain = DetectionPipeline(p.classifier, p.components, p.verdict, p.target_fpr, p.calibration)
     for xs, res in ((x, clean), (x_adv, attacked)):
         other = plain.detect(xs)
         np.testing.assert_array_equal(other.score, res.score)

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from pathguard.models.builder.config import BuildConfig
 from pathguard.models.builder.shards import (
-    CHUNK,
     DatasetSource,
     Executor,
     FolderSource,
@@ -38,35 +37,24 @@ from pathguard.models.builder.shards import (
     ShardFn,
     ShardResult,
     components_pass,
-    ep_pass,
-    gaussian_pass,
-    nic_pass,
-    paths_pass,
     sample_pass,
     shards_of,
 )
 from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
     BENIGN_RANGES,
-    MAHALANOBIS_FILE,
     DetectionPipeline,
     load_classifier,
     npz_bytes,
     read_verified,
     write_bundle,
 )
-from pathguard.models.bundle.pipeline import MAHALANOBIS, gaussian_activation
 from pathguard.models.bundle.splits import calibration_split_indices, training_split_indices
+from pathguard.models.components import ALWAYS_BUILT, BuildContext, Component, build_order, component_class
+from pathguard.models.components.effective_path import ep_features
 from pathguard.models.data import ImageFolder
-from pathguard.models.effective_path import (
-    BenignEPScore,
-    ClassPaths,
-    ClassSimilarityRanges,
-    EffectivePathExtractor,
-    PathCounts,
-)
+from pathguard.models.effective_path import ClassSimilarityRanges
 from pathguard.models.errors import DatasetError
-from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import (
     CLASSIFIER_FILES,
     ONNX_SOURCE,
@@ -76,7 +64,6 @@ from pathguard.models.networks import (
     onnx_of_module,
     served_onnx,
 )
-from pathguard.models.nic import INPUT, NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 
 __all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "build_bundle_from_torch", "model_files"]
@@ -100,7 +87,7 @@ def add_benign_ranges(bundle_dir: str | Path) -> str:
     idx = training_split_indices(len(source), cfg["n_calib"], cfg["seed"], cfg.get("n_train"))
     job = Job.make({n: files.bytes(n) for n in CLASSIFIER_FILES}, ep["theta"], ep.get("last_k"))
     job = job.with_fitted(**{"class_paths.npz": files.bytes("class_paths.npz")})
-    features, predicted = _ep_pass(_Passes(LocalExecutor(), {"ep_fit": (source, idx["ep_fit"])}, set()), job)
+    features, predicted = ep_features(_Passes(LocalExecutor(), {"ep_fit": (source, idx["ep_fit"])}, set()), job)
     ranges = ClassSimilarityRanges().fit(features, predicted, len(m["classes"]))
     blobs = dict(files.blobs) | {BENIGN_RANGES: npz_bytes(ranges.to_arrays())}
     return write_bundle(bundle_dir, blobs, {k: v for k, v in m.items() if k not in ("files", "schema_version")})
@@ -272,110 +259,58 @@ def _build(
     extra: Callable[[], dict[str, Any]] | None = None,
     skipped: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Fit every detector on ``parts`` (split name -> image source and its positions), calibrate the verdict and
+    """Fit every component on ``parts`` (split name -> image source and its positions), calibrate the verdict and
     write the bundle with ``files``.
 
-    The passes over images run on ``executor``; ``extra`` adds manifest entries (a callable: evaluated once
-    every image was read, e.g. to count the unreadable files, which are collected in ``skipped``).
+    The components are built one after the other through the registry (:func:`_build_components`), the verdict is
+    calibrated on splits A and B (:func:`_calibrate`), and the optional supervised detector is trained last. The
+    passes over images run on ``executor``; ``extra`` adds manifest entries (a callable: evaluated once every image
+    was read, e.g. to count the unreadable files, which are collected in ``skipped``).
     """
     passes = _Passes(executor, parts, set() if skipped is None else skipped)
-    nic = NICDetector(**{"seed": cfg.seed, **cfg.nic})
-    nic.check_layers(model)  # a misnamed layer fails now, not after the pass over the training images
-    gaussian = _gaussian(model, cfg) if MAHALANOBIS in cfg.fusion else None
+    names = build_order([*ALWAYS_BUILT, "nic_vi", *cfg.fusion])
+    params = cfg.component_params()
+    for name in names:  # a misnamed layer or parameter fails now, before any image is read
+        component_class(name).check(model, params.get(name, {}))
     job = Job.make(files, cfg.theta, cfg.ep_last_k)
+    ctx = BuildContext(model, len(classes), cfg.seed, _Sampler(passes, job), passes=passes, job=job, timings=timings)
+    components = _build_components(ctx, names, params)
+    ctx.sample.release()  # type: ignore[attr-defined]
+    job = ctx.job = ctx.job.with_components(tuple(components)) if ctx.job is not None else job
 
     t = time.perf_counter()
-    extractor = EffectivePathExtractor(model, theta=cfg.theta, last_k=cfg.ep_last_k)
-    fit_idx = parts["fit"][1]
-    counts: PathCounts | None = None
-    fit_images = 0
-    for r in passes.run(paths_pass, job, "fit", "class paths", fit_idx[: cfg.n_ep_fit]):  # reduced as they finish
-        counts = r.value if counts is None else PathCounts.merge([counts, r.value])
-        fit_images += r.images
-    assert counts is not None
-    class_paths = ClassPaths(len(classes)).fit_counts(extractor, counts)
-    paths_s = time.perf_counter() - t
-    job = job.with_fitted(**{"class_paths.npz": npz_bytes(class_paths.to_arrays())})
-    features, predicted = _ep_pass(passes, job)
-    ep_score = BenignEPScore().fit(features)
-    ranges = ClassSimilarityRanges().fit(features, predicted, len(classes))
-    timings["effective_path"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sample_x, sample_y = _sample(passes, job, nic.sample_size)
-    nic.fit(model, sample_x, sample_y)
-    job = job.with_fitted(**_nic_files(nic))
-    scores = passes.ordered(nic_pass, job, "calib_a", "NIC calibration")
-    nic.calibrate_scores([chunk for r in scores for chunk in r.value])
-    timings["nic"] = time.perf_counter() - t
-
-    gaussian_files: dict[str, bytes] = {}
-    if gaussian is not None:  # fitted on NIC's sample, calibrated on split A (the images the verdict calibrates on)
-        t = time.perf_counter()
-        gaussian.fit(_gaussian_batches(model, gaussian.layers, sample_x, sample_y), len(classes))
-        job = job.with_fitted(**{MAHALANOBIS_FILE: npz_bytes(gaussian.to_arrays())})
-        done = passes.ordered(gaussian_pass, job, "calib_a", "class-Gaussian calibration")
-        gaussian.calibrate(np.concatenate([r.value for r in done if r.images]))
-        gaussian_files = {MAHALANOBIS_FILE: npz_bytes(gaussian.to_arrays())}
-        timings["mahalanobis"] = time.perf_counter() - t
-    del sample_x, sample_y
-
-    t = time.perf_counter()
-    job = job.with_fitted(**{"ep_score.npz": npz_bytes(ep_score.to_arrays())}, **_nic_files(nic), **gaussian_files)
-    raw, held = {}, {"ep_fit": len(features)}
-    for k in ("calib_a", "calib_b"):
-        done = [r for r in passes.ordered(components_pass, job, k, f"calibration {k}") if r.images]
-        if not done:
-            raise DatasetError(f"none of the {len(parts[k][1])} {k} calibration images could be read")
-        raw[k] = {c: np.concatenate([r.value[c] for r in done]) for c in cfg.fusion}
-        held[k] = sum(r.images for r in done)
-    verdict = FusedVerdict.fit(raw["calib_a"], raw["calib_b"], cfg.target_fpr)
+    verdict, calibration, held = _calibrate(passes, job, components, cfg)
     timings["calibration"] = time.perf_counter() - t
-    pipeline = DetectionPipeline(model, extractor, class_paths, ep_score, nic, None, cfg.target_fpr, gaussian=gaussian)
+    pipeline = DetectionPipeline(model, components, None, cfg.target_fpr, calibration, seed=cfg.seed)
 
     supervised: SupervisedDetector | None = None
     if cfg.supervised_attacks:  # the attacks run here, on the held-out images read into memory
         t = time.perf_counter()
-        ep_fit, _ = parts["ep_fit"][0].read(parts["ep_fit"][1])
-        n = len(ep_fit) if cfg.supervised_n is None else min(cfg.supervised_n, len(ep_fit))
-        supervised = fit_supervised(
-            model,
-            dataset,
-            lambda x: pipeline.supervised_features(x, cfg.supervised_features),
-            ep_fit.x[:n],
-            ep_fit.y[:n],
-            parts["calib_b"][0].read(parts["calib_b"][1])[0].x,
-            cfg.supervised_attacks,
-            cfg.supervised_detector,
-            cfg.supervised_features,
-            seed=cfg.seed,
-            progress=lambda msg: tqdm.write(f"supervised {msg}"),
-        )
-        supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
+        supervised = _supervised(model, dataset, parts, pipeline, cfg)
         timings["supervised"] = time.perf_counter() - t
 
-    files = dict(files) | {
-        **{k: job.fitted[k] for k in ("class_paths.npz", "ep_score.npz", "nic.npz", "nic.json")},  # as the workers saw
-        BENIGN_RANGES: npz_bytes(ranges.to_arrays()),
-        "calibration.npz": npz_bytes(verdict.to_arrays()),
-        **gaussian_files,
-    }
+    fitted = {k: v for c in components.values() for k, v in c.to_files().items()}
+    files = dict(files) | {k: job.fitted.get(k, v) for k, v in fitted.items()}  # the bytes the workers saw
+    files["calibration.npz"] = npz_bytes(verdict.to_arrays() | {f"calib_a/{k}": v for k, v in calibration.items()})
     threshold = verdict.threshold_for(cfg.target_fpr)
+    entries = {name: c.manifest() for name, c in components.items()}
     manifest = (
         _manifest(model, dataset, classes, cfg)
         | (extra() if extra is not None else {})
         | {
-            "effective_path": {"theta": cfg.theta, "last_k": cfg.ep_last_k, "layers": extractor.layers},
-            "ep_layer_count": len(extractor.layers),
-            "nic": {"layers": list(nic.layers_), "pairs": list(nic.pairs_), "head_accuracy": nic.head_accuracy_},
-            **({"mahalanobis": gaussian.config()} if gaussian is not None else {}),
+            "effective_path": entries["effective_path"],
+            "ep_layer_count": len(entries["effective_path"]["layers"]),
+            "nic": entries["nic"],
+            **({"mahalanobis": entries["mahalanobis"]} if "mahalanobis" in entries else {}),
+            "components": {name: {"family": components[name].family, **e} for name, e in entries.items()},
             "verdict": {
                 "target_fpr": cfg.target_fpr,
                 "threshold": threshold,
-                "fusion": f"fisher({', '.join(verdict.components)})",
+                "fusion": f"{cfg.rule}({', '.join(verdict.components)})",
+                "rule": cfg.rule,
                 "components": verdict.components,
             },
-            "calibration": {"fit": len(fit_idx), **held},
+            "calibration": {"fit": len(parts["fit"][1]), "ep_fit": ctx.report.get("ep_fit", 0), **held},
             **(
                 {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
                 if supervised is not None
@@ -388,11 +323,12 @@ def _build(
         files |= supervised_files(supervised)
     digest = write_bundle(out_dir, files, manifest)
     sizes = {n: len(b) for n, b in files.items()}
+    fit_images = ctx.report.get("fit_images", 0)
     cluster = {
         "workers": executor.workers,
         "shards": passes.shards,
         "fit_images": fit_images,
-        "fit_images_per_s": round(fit_images / max(paths_s, 1e-9), 1),
+        "fit_images_per_s": round(fit_images / max(ctx.report.get("paths_s", 0.0), 1e-9), 1),
         "peak_rss_bytes": executor.peak_rss(),
     }
     return {
@@ -403,6 +339,88 @@ def _build(
         "bytes": sizes,
         "executor": cluster,
     }
+
+
+def _build_components(ctx: BuildContext, names: list[str], params: dict[str, dict[str, Any]]) -> dict[str, Component]:
+    """Fit each component in build order; the worker job gains each one's files as soon as it is fitted."""
+    assert ctx.job is not None
+    for name in names:
+        t = time.perf_counter()
+        component = component_class(name).build(ctx, params.get(name, {}))
+        ctx.built[name] = component
+        ctx.job = ctx.job.with_fitted(**component.to_files())
+        ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t
+    return dict(ctx.built)
+
+
+def _calibrate(
+    passes: _Passes, job: Job, components: dict[str, Component], cfg: BuildConfig
+) -> tuple[FusedVerdict, dict[str, np.ndarray], dict[str, int]]:
+    """Every component's raw scores on the clean splits A and B; the verdict fitted on them (fused components:
+    p-values on A, threshold on B), and every component's split-A scores."""
+    raw, held = {}, {}
+    for k in ("calib_a", "calib_b"):
+        done = [r for r in passes.ordered(components_pass, job, k, f"calibration {k}") if r.images]
+        if not done:
+            raise DatasetError(f"none of the {len(passes.parts[k][1])} {k} calibration images could be read")
+        raw[k] = {c: np.concatenate([r.value[c] for r in done]) for c in components}
+        held[k] = sum(r.images for r in done)
+    families = {n: components[n].family for n in cfg.fusion}
+    fused = {k: {c: raw[k][c] for c in cfg.fusion} for k in raw}
+    verdict = FusedVerdict.fit(fused["calib_a"], fused["calib_b"], cfg.target_fpr, cfg.rule, families)
+    return verdict, {c: np.sort(v) for c, v in raw["calib_a"].items() if c not in cfg.fusion}, held
+
+
+def _supervised(
+    model: TappedSequential,
+    dataset: str,
+    parts: dict[str, tuple[ImageSource, np.ndarray]],
+    pipeline: DetectionPipeline,
+    cfg: BuildConfig,
+) -> SupervisedDetector:
+    """The supervised detector trained on attacks of the ``ep_fit`` images, calibrated on split B."""
+    ep_fit, _ = parts["ep_fit"][0].read(parts["ep_fit"][1])
+    n = len(ep_fit) if cfg.supervised_n is None else min(cfg.supervised_n, len(ep_fit))
+    supervised = fit_supervised(
+        model,
+        dataset,
+        lambda x: pipeline.supervised_features(x, cfg.supervised_features),
+        ep_fit.x[:n],
+        ep_fit.y[:n],
+        parts["calib_b"][0].read(parts["calib_b"][1])[0].x,
+        cfg.supervised_attacks,
+        cfg.supervised_detector,
+        cfg.supervised_features,
+        seed=cfg.seed,
+        progress=lambda msg: tqdm.write(f"supervised {msg}"),
+    )
+    supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
+    return supervised
+
+
+class _Sampler:
+    """The benign labelled sample of the fit split that components fit on: the first ``n`` readable fit images
+    (a seeded permutation), read once by the executor's workers and grown when a later component asks for more."""
+
+    DEFAULT = 10000
+
+    def __init__(self, passes: _Passes, job: Job) -> None:
+        self.passes = passes
+        self.job = job
+        self.x: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+
+    def __call__(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        want = n if n is not None else (len(self.x) if self.x is not None else self.DEFAULT)
+        if self.x is None or self.y is None or (len(self.x) < want and self._more_available()):
+            self.x, self.y = _sample(self.passes, self.job, want)
+        return self.x[:want], self.y[:want]
+
+    def _more_available(self) -> bool:
+        return self.x is not None and len(self.x) < len(self.passes.parts["fit"][1])
+
+    def release(self) -> None:
+        self.x = self.y = None
 
 
 @dataclass
@@ -437,52 +455,16 @@ class _Passes:
         return sorted(self.run(fn, job, part, desc, **kwargs), key=lambda r: r.shard)
 
 
-def _ep_pass(passes: _Passes, job: Job) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2L) Effective Path features and (N,) predictions of the readable ``ep_fit`` images, in order."""
-    results = passes.ordered(ep_pass, job, "ep_fit", "Effective Path features")
-    features = np.concatenate([r.value[0] for r in results])
-    if not len(features):
-        raise DatasetError(f"none of the {len(passes.parts['ep_fit'][1])} ep_fit calibration images could be read")
-    return features, np.concatenate([r.value[1] for r in results])
-
-
 def _sample(passes: _Passes, job: Job, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` readable fit images (NIC's fitting sample: the fit positions are a seeded permutation),
-    read by the executor's workers; fewer only when the fit split runs out."""
+    """The first ``n`` readable fit images (the fit positions are a seeded permutation), read by the executor's
+    workers; fewer only when the fit split runs out."""
     idx = passes.parts["fit"][1]
     xs, ys, have, start = [], [], 0, 0
     while have < n and start < len(idx):
         part = idx[start : start + n - have]
         start += len(part)
-        for r in passes.ordered(sample_pass, job, "fit", "NIC sample", idx=part, chunks_per_shard=1):
+        for r in passes.ordered(sample_pass, job, "fit", "benign sample", idx=part, chunks_per_shard=1):
             xs.append(r.value[0])
             ys.append(r.value[1])
             have += r.images
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def _gaussian(model: TappedSequential, cfg: BuildConfig) -> ClassGaussian:
-    """The unfitted class-conditional Gaussians of ``cfg.mahalanobis``; a layer the model does not have fails
-    here, before any image is read."""
-    params = dict(cfg.mahalanobis)
-    layers = list(params.pop("layers", None) or model.tap_names)
-    known = [INPUT, *model.tap_names, "logits"]
-    unknown = [n for n in layers if n not in known]
-    if unknown:
-        raise ValueError(f"mahalanobis layers {unknown} are not layers of this model; choose from {known}")
-    return ClassGaussian(layers, **params)
-
-
-def _gaussian_batches(
-    model: TappedSequential, layers: list[str], x: np.ndarray, y: np.ndarray
-) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
-    """(activations of ``layers``, labels) of the images ``x`` in chunks, for :meth:`ClassGaussian.fit`."""
-    for s in range(0, len(x), CHUNK):
-        xb = torch.from_numpy(x[s : s + CHUNK])
-        with torch.no_grad():
-            logits, taps = model.forward_with_taps(xb)
-        yield {n: gaussian_activation(n, xb, logits, taps) for n in layers}, y[s : s + CHUNK]
-
-
-def _nic_files(nic: NICDetector) -> dict[str, bytes]:
-    return {"nic.npz": npz_bytes(nic.to_arrays()), "nic.json": (json.dumps(nic.config(), indent=2) + "\n").encode()}

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pathguard.models.builder.supervised import check_supervised_config
-from pathguard.models.bundle import DEFAULT_FUSION, FUSION_COMPONENTS
-from pathguard.models.mahalanobis import POOLS
+from pathguard.models.components import DEFAULT_FUSION, REGISTRY, component_class
+from pathguard.models.verdict.fusion import parse_rule
 
 __all__ = ["BuildConfig"]
 
@@ -37,9 +37,15 @@ class BuildConfig:
     seed : int
         Seed of the splits and every fitted component.
     fusion : list of str
-        Components of the fused verdict, a subset of ``effective_path``, ``nic`` (NIC's final model), ``nic_vi``
-        (NIC's value invariants, two-sided) and ``mahalanobis`` (class-conditional Gaussians with a tied
-        covariance per layer, beyond the two papers); default: the first three.
+        Components of the fused verdict, registered names (:mod:`pathguard.models.components`): ``effective_path``,
+        ``nic`` (NIC's final model), ``nic_vi`` (NIC's value invariants, two-sided), ``mahalanobis``
+        (class-conditional Gaussians with a tied covariance per layer), the consistency family ``margin``,
+        ``noise_flip``, ``noise_l1``, ``noise_drop`` and ``squeeze``; default: the first three.
+    rule : str
+        How the fused components' p-values combine: ``fisher`` (default), ``tippett``, ``harmonic``, or
+        ``outer(inner)`` of them (``inner`` within each family first).
+    components : dict
+        Build parameters per component name (e.g. ``{"noise_flip": {"copies": 8}}``); see each component.
     mahalanobis : dict
         With ``mahalanobis`` in ``fusion``: :class:`~pathguard.models.mahalanobis.ClassGaussian` parameters
         ``layers`` (tap names, ``input`` or ``logits``; default: every tap), ``pool`` (``mean`` or
@@ -68,6 +74,8 @@ class BuildConfig:
     nic: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     fusion: list[str] = field(default_factory=lambda: list(DEFAULT_FUSION))
+    rule: str = "fisher"
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
     mahalanobis: dict[str, Any] = field(default_factory=dict)
     supervised_attacks: list[str] = field(default_factory=list)
     supervised_detector: str = "logistic"
@@ -75,17 +83,31 @@ class BuildConfig:
     supervised_n: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.fusion if c not in FUSION_COMPONENTS]
+        known = sorted(REGISTRY) if REGISTRY else []
+        unknown = [c for c in self.fusion if c not in REGISTRY]
         if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
-            raise ValueError(f"fusion must list distinct components of {list(FUSION_COMPONENTS)}, got {self.fusion}")
-        unknown_keys = sorted(set(self.mahalanobis) - {"layers", "pool", "shrinkage"})
-        if unknown_keys:
-            raise ValueError(f"unknown mahalanobis parameter(s) {unknown_keys}; known: layers, pool, shrinkage")
-        if self.mahalanobis.get("pool", "mean") not in POOLS:
-            raise ValueError(f"mahalanobis pool must be one of {list(POOLS)}, got {self.mahalanobis['pool']!r}")
+            raise ValueError(f"fusion must list distinct components of {known}, got {self.fusion}")
+        parse_rule(self.rule)
         if self.mahalanobis and "mahalanobis" not in self.fusion:
             raise ValueError("mahalanobis parameters given, but 'mahalanobis' is not among the fusion components")
+        for name, params in self.component_params().items():
+            if name not in REGISTRY:
+                raise ValueError(f"parameters given for unknown component {name!r}; known: {known}")
+            accepted = component_class(name).params
+            extra = sorted(set(params) - set(accepted)) if accepted is not None else []
+            if extra:
+                raise ValueError(f"unknown {name} parameter(s) {extra}; known: {', '.join(accepted or ()) or 'none'}")
         if self.supervised_attacks:
             check_supervised_config(self.supervised_attacks, self.supervised_detector, self.supervised_features)
         if self.supervised_n is not None and self.supervised_n < 1:
             raise ValueError(f"supervised_n must be positive, got {self.supervised_n}")
+
+    def component_params(self) -> dict[str, dict[str, Any]]:
+        """Build parameters per component: ``components``, with ``nic`` and ``mahalanobis`` from their own fields
+        and Effective Path's from ``theta``, ``ep_last_k`` and ``n_ep_fit``."""
+        out = {k: dict(v) for k, v in self.components.items()}
+        out["effective_path"] = {"theta": self.theta, "last_k": self.ep_last_k, "n_fit": self.n_ep_fit}
+        out["nic"] = {**out.get("nic", {}), **self.nic}
+        if self.mahalanobis:
+            out["mahalanobis"] = {**out.get("mahalanobis", {}), **self.mahalanobis}
+        return out

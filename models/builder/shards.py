@@ -15,7 +15,6 @@ order). :class:`LocalExecutor` runs the shards one after the other in this proce
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -30,8 +29,9 @@ import numpy as np
 import torch
 
 from pathguard.models.bundle.format import MAHALANOBIS_FILE
+from pathguard.models.components.base import one_torch_thread
 from pathguard.models.data import ImageFolder, Split, dataset_info, load_dataset
-from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor, PathCounts
+from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
 from pathguard.models.errors import DatasetError
 from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential, classifier_from_files
@@ -167,26 +167,36 @@ def shards_of(source: ImageSource, split: str, idx: np.ndarray, chunks_per_shard
 
 @dataclass(frozen=True)
 class Job:
-    """What a worker needs to run a pass: the classifier's files, the extractor's settings, and the parts fitted
-    so far as the bundle stores them (npz/JSON bytes). ``key`` names the content (workers cache by it)."""
+    """What a worker needs to run a pass: the classifier's files, the extractor's settings, the parts fitted so far
+    as the bundle stores them (npz/JSON bytes) and, once all are fitted, the components' names in build order.
+    ``key`` names the content (workers cache by it)."""
 
     classifier: dict[str, bytes]
     theta: float
     last_k: int | None
     fitted: dict[str, bytes] = field(default_factory=dict)
     key: str = ""
+    components: tuple[str, ...] = ()
 
     @classmethod
     def make(
-        cls, classifier: dict[str, bytes], theta: float, last_k: int | None, fitted: dict[str, bytes] | None = None
+        cls,
+        classifier: dict[str, bytes],
+        theta: float,
+        last_k: int | None,
+        fitted: dict[str, bytes] | None = None,
+        components: tuple[str, ...] = (),
     ) -> Job:
-        h = hashlib.sha256(json.dumps([theta, last_k]).encode())
+        h = hashlib.sha256(json.dumps([theta, last_k, list(components)]).encode())
         for name, blob in sorted({**classifier, **(fitted or {})}.items()):
             h.update(name.encode() + b"\0" + hashlib.sha256(blob).digest())
-        return cls(dict(classifier), theta, last_k, dict(fitted or {}), h.hexdigest())
+        return cls(dict(classifier), theta, last_k, dict(fitted or {}), h.hexdigest(), tuple(components))
 
     def with_fitted(self, **blobs: bytes) -> Job:
-        return Job.make(self.classifier, self.theta, self.last_k, {**self.fitted, **blobs})
+        return Job.make(self.classifier, self.theta, self.last_k, {**self.fitted, **blobs}, self.components)
+
+    def with_components(self, names: tuple[str, ...]) -> Job:
+        return Job.make(self.classifier, self.theta, self.last_k, self.fitted, names)
 
 
 @dataclass
@@ -196,22 +206,34 @@ class Context:
     model: TappedSequential
     extractor: EffectivePathExtractor
     class_paths: ClassPaths | None
-    ep_score: BenignEPScore | None
     nic: NICDetector | None
     gaussian: ClassGaussian | None = None
+    job: Job | None = None
     _pipeline: Any = None
 
     def pipeline(self) -> Any:
-        """The detection pipeline of the fitted parts (no verdict yet), built once."""
+        """The detection pipeline of the job's components (no verdict yet), built once; the noise of randomized
+        components is seeded, so every executor computes the same calibration scores."""
         from pathguard.models.bundle import DetectionPipeline
+        from pathguard.models.components import component_class
 
         if self._pipeline is None:
-            assert self.class_paths is not None and self.ep_score is not None and self.nic is not None
-            self._pipeline = DetectionPipeline(
-                self.model, self.extractor, self.class_paths, self.ep_score, self.nic, None, 0.05,
-                gaussian=self.gaussian if self.gaussian is not None and hasattr(self.gaussian, "calib_") else None,
-            )  # fmt: skip
+            assert self.job is not None and self.job.components, "the job names no components yet"
+            fitted = self.job.fitted
+
+            def read(name: str) -> bytes:
+                return fitted[name]
+
+            built: dict[str, Any] = {}
+            for name in self.job.components:
+                built[name] = component_class(name).from_files(read, self.model, built, _entry(name, self.job))
+            self._pipeline = DetectionPipeline(self.model, built, None, 0.05, seed=0)
         return self._pipeline
+
+
+def _entry(name: str, job: Job) -> dict[str, Any]:
+    """The manifest entry a component reads back (only Effective Path needs one: the extractor's settings)."""
+    return {"theta": job.theta, "last_k": job.last_k} if name == "effective_path" else {}
 
 
 _CONTEXTS: dict[str, Context] = {}
@@ -228,9 +250,9 @@ def context(job: Job) -> Context:
             model,
             EffectivePathExtractor(model, theta=job.theta, last_k=job.last_k),
             ClassPaths.from_arrays(_npz(f["class_paths.npz"])) if "class_paths.npz" in f else None,
-            BenignEPScore.from_arrays(_npz(f["ep_score.npz"])) if "ep_score.npz" in f else None,
             NICDetector.from_arrays(_npz(f["nic.npz"]), json.loads(f["nic.json"])) if "nic.npz" in f else None,
             ClassGaussian.from_arrays(_npz(f[MAHALANOBIS_FILE])) if MAHALANOBIS_FILE in f else None,
+            job,
         )
     return _CONTEXTS[job.key]
 
@@ -269,40 +291,6 @@ def run_shard(fn: ShardFn, job: Job, shard: Shard, number: int) -> ShardResult:
     return ShardResult(number, value, skipped, images, time.perf_counter() - t, os.getpid(), rss)
 
 
-def _one_thread(fn: Callable[[Context, Shard], Any]) -> Callable[[Context, Shard], Any]:
-    """Run a pass that returns scores on one torch thread, whatever the process's setting: float32 matrix
-    products sum in an order that depends on the thread count, so a driver with all cores and a cluster worker
-    with one would otherwise write bundles that differ in the last bits of their calibration scores."""
-
-    @functools.wraps(fn)
-    def run(ctx: Context, shard: Shard) -> Any:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(ctx, shard)
-        finally:
-            torch.set_num_threads(before)
-
-    return run
-
-
-@torch.no_grad()
-def paths_pass(ctx: Context, shard: Shard) -> tuple[PathCounts, list[str], int]:
-    """Class-path counts (rank-1 paths of the correctly predicted images) of a shard of the fit split."""
-    skipped: list[str] = []
-    images = 0
-
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        nonlocal images
-        for split, bad in shard.read():
-            skipped.extend(bad)
-            images += len(split)
-            yield split.x, split.y
-
-    counts = ClassPaths(ctx.model.config.num_classes).accumulate(ctx.extractor, batches())
-    return counts, skipped, images
-
-
 def sample_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarray], list[str], int]:
     """The readable images of a shard (NIC's fitting sample), in position order."""
     xs, ys, skipped = [], [], []
@@ -314,63 +302,10 @@ def sample_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarra
     return (x, y), skipped, len(x)
 
 
-@_one_thread
-@torch.no_grad()
-def ep_pass(ctx: Context, shard: Shard) -> tuple[tuple[np.ndarray, np.ndarray], list[str], int]:
-    """(N, 2L) Effective Path features (rank-1 then rank-2 similarities) and (N,) predicted classes."""
-    assert ctx.class_paths is not None
-    feats, preds, skipped = [], [], []
-    for split, bad in shard.read():
-        skipped.extend(bad)
-        if len(split):
-            pb = ctx.extractor.extract(torch.from_numpy(split.x), ranks=(1, 2))
-            sims = ctx.class_paths.similarity(pb)
-            feats.append(np.concatenate([sims[1], sims[2]], axis=1))
-            preds.append(pb.classes[1].numpy())
-    width = 2 * len(ctx.extractor.layers)
-    f = np.concatenate(feats) if feats else np.empty((0, width))
-    p = np.concatenate(preds) if preds else np.empty(0, np.int64)
-    return (f, p), skipped, len(f)
-
-
-@_one_thread
-@torch.no_grad()
-def nic_pass(ctx: Context, shard: Shard) -> tuple[list[list[tuple[np.ndarray, ...]]], list[str], int]:
-    """NIC's raw scores of every member, per chunk (what :meth:`NICDetector.calibrate_scores` takes)."""
-    assert ctx.nic is not None
-    out, skipped, images = [], [], 0
-    for split, bad in shard.read():
-        skipped.extend(bad)
-        if len(split):
-            out.append(ctx.nic.calibration_scores(ctx.model, split.x))
-            images += len(split)
-    return out, skipped, images
-
-
-@_one_thread
-@torch.no_grad()
-def gaussian_pass(ctx: Context, shard: Shard) -> tuple[np.ndarray, list[str], int]:
-    """(N, L) per-layer Mahalanobis scores of the class Gaussians (their calibration scores)."""
-    from pathguard.models.bundle.pipeline import gaussian_activation
-
-    assert ctx.gaussian is not None
-    out, skipped = [], []
-    for split, bad in shard.read():
-        skipped.extend(bad)
-        if len(split):
-            x = torch.from_numpy(split.x)
-            logits, taps = ctx.model.forward_with_taps(x)
-            out.append(
-                ctx.gaussian.layer_scores({n: gaussian_activation(n, x, logits, taps) for n in ctx.gaussian.layers})
-            )
-    scores = np.concatenate(out) if out else np.empty((0, len(ctx.gaussian.layers)))
-    return scores, skipped, len(scores)
-
-
-@_one_thread
+@one_torch_thread
 @torch.no_grad()
 def components_pass(ctx: Context, shard: Shard) -> tuple[dict[str, np.ndarray], list[str], int]:
-    """The verdict's raw components (EP, NIC final, NIC VI-only) of a shard of clean images."""
+    """Every component's raw score of a shard of clean images."""
     pipeline = ctx.pipeline()
     parts: list[dict[str, np.ndarray]] = []
     skipped: list[str] = []

@@ -18,13 +18,13 @@ from pathguard.models.bundle.format import (
     write_bundle,
 )
 from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
-from pathguard.models.bundle.pipeline import DEFAULT_FUSION, FUSION_COMPONENTS, DetectionPipeline, DetectionResult
+from pathguard.models.bundle.pipeline import DetectionPipeline, DetectionResult
+from pathguard.models.components import DEFAULT_FUSION
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
 
 __all__ = [
     "BENIGN_RANGES",
     "DEFAULT_FUSION",
-    "FUSION_COMPONENTS",
     "MAHALANOBIS_FILE",
     "MANIFEST",
     "SCHEMA_VERSION",

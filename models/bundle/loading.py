@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathguard.models.bundle.format import BENIGN_RANGES, MAHALANOBIS_FILE, MANIFEST, read_verified
-from pathguard.models.bundle.pipeline import FUSION_COMPONENTS, LEGACY_COMPONENTS, MAHALANOBIS, DetectionPipeline
-from pathguard.models.effective_path import BenignEPScore, ClassPaths, ClassSimilarityRanges, EffectivePathExtractor
+from pathguard.models.bundle.format import MANIFEST, VerifiedFiles, read_verified
+from pathguard.models.bundle.pipeline import DetectionPipeline
+from pathguard.models.components import ALWAYS_BUILT, LEGACY_FUSION, Component, build_order, component_class
+from pathguard.models.components.effective_path import EffectivePathComponent
+from pathguard.models.effective_path import ClassSimilarityRanges
 from pathguard.models.errors import BundleIntegrityError, ClassifierLoadError
-from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential, classifier_from_files
-from pathguard.models.nic import NICDetector
 from pathguard.models.verdict import FusedVerdict, SupervisedDetector
 from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, pickled_ensemble_error
 
-__all__ = ["Bundle", "load_bundle", "load_classifier"]
+__all__ = ["Bundle", "built_components", "fused_components", "load_bundle", "load_classifier", "load_components"]
 
 
 @dataclass
@@ -62,10 +62,11 @@ class Bundle:
         return self.path / "classifier.onnx"
 
 
-def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
+def load_bundle(path: str | Path, target_fpr: float | None = None, seed: int | None = None) -> Bundle:
     """Verify every file of the bundle at ``path``, then load it from the verified bytes.
 
-    ``target_fpr`` overrides the manifest's operating point (refused below 1/n of the calibration split).
+    ``target_fpr`` overrides the manifest's operating point (refused below 1/n of the calibration split);
+    ``seed`` fixes the randomized components' noise (default: drawn per request).
     A bundle with a pickled supervised ensemble (``supervised.joblib``, older versions) is refused with a
     :class:`~pathguard.models.errors.BundleCompatibilityError` that says how to rebuild it.
     """
@@ -75,35 +76,61 @@ def load_bundle(path: str | Path, target_fpr: float | None = None) -> Bundle:
     if pickled is not None:  # never unpickled: refused before anything is parsed
         raise pickled
     classifier = classifier_from_files(files.bytes("classifier.json"), files.bytes)
-    ep_cfg = m["effective_path"]
-    extractor = EffectivePathExtractor(classifier, theta=ep_cfg["theta"], last_k=ep_cfg.get("last_k"))
-    class_paths = ClassPaths.from_arrays(files.npz("class_paths.npz"))
-    ep_score = BenignEPScore.from_arrays(files.npz("ep_score.npz"))
-    nic = NICDetector.from_arrays(files.npz("nic.npz"), files.json("nic.json"))
     fpr = float(target_fpr if target_fpr is not None else m["verdict"]["target_fpr"])
-    components = list(m["verdict"].get("components", LEGACY_COMPONENTS))
-    unknown = sorted(set(components) - set(FUSION_COMPONENTS))
-    if unknown:
-        known = list(FUSION_COMPONENTS)
-        raise ValueError(f"bundle {path}: unknown fusion component(s) {unknown}; this pathguard knows {known}")
-    verdict = FusedVerdict.from_arrays(files.npz("calibration.npz"), components, fpr)
+    components = load_components(files, classifier)
+    fused = fused_components(m)
+    calib = files.npz("calibration.npz")
+    rule, families = m["verdict"].get("rule", "fisher"), {n: components[n].family for n in fused}
+    verdict = FusedVerdict.from_arrays(calib, fused, fpr, rule, families)
+    calibration = {k.removeprefix("calib_a/"): v for k, v in calib.items() if k.startswith("calib_a/")}
     sup = None
     if "supervised" in m:  # optional: bundles built with --supervised-attacks
         sup = SupervisedDetector.from_verified(m["supervised"], files.npz)
-    gaussian = None
-    if MAHALANOBIS in components:
-        if not files.has(MAHALANOBIS_FILE):
-            raise BundleIntegrityError(
-                MAHALANOBIS_FILE, f"bundle {path}: its verdict fuses {MAHALANOBIS}, but {MAHALANOBIS_FILE} is missing"
-            )
-        gaussian = ClassGaussian.from_arrays(files.npz(MAHALANOBIS_FILE))
-    pipeline = DetectionPipeline(classifier, extractor, class_paths, ep_score, nic, verdict, fpr, sup, gaussian)
+    pipeline = DetectionPipeline(classifier, components, verdict, fpr, calibration, sup, seed)
     if sup is not None:
         names = pipeline.feature_names(sup.features)
         if m["supervised"].get("feature_names", names) != names:
             raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
-    ranges = ClassSimilarityRanges.from_arrays(files.npz(BENIGN_RANGES)) if files.has(BENIGN_RANGES) else None
+    ep = components["effective_path"]
+    ranges = ep.ranges if isinstance(ep, EffectivePathComponent) else None
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline, ranges)
+
+
+def fused_components(manifest: dict[str, Any]) -> list[str]:
+    """The verdict's components as the manifest names them (bundles that name none fuse EP and NIC)."""
+    return list(manifest["verdict"].get("components", LEGACY_FUSION))
+
+
+def built_components(manifest: dict[str, Any]) -> list[str]:
+    """Every component a bundle holds, in build order: those its manifest lists (bundles built before the
+    registry: Effective Path, NIC and its value invariants) and the fused ones."""
+    listed = list(manifest.get("components", {})) or [*ALWAYS_BUILT, "nic_vi"]
+    return build_order([*listed, *fused_components(manifest)])
+
+
+def load_components(files: VerifiedFiles, classifier: TappedSequential) -> dict[str, Component]:
+    """Every component of a verified bundle, read from its verified bytes through the registry."""
+    m = files.manifest
+    entries = m.get("components", {})
+
+    def read(name: str) -> bytes:
+        if not files.has(name):
+            raise KeyError(name)
+        return files.bytes(name)
+
+    out: dict[str, Component] = {}
+    for name in built_components(m):
+        try:
+            cls = component_class(name)
+        except ValueError as e:
+            raise ValueError(f"bundle {files.root}: {e}") from None
+        try:
+            out[name] = cls.from_files(read, classifier, out, entries.get(name) or m.get(name) or {})
+        except KeyError as e:
+            missing = str(e.args[0]) if e.args else name
+            msg = f"bundle {files.root}: component {name} needs {missing}, which is not in the bundle"
+            raise BundleIntegrityError(missing, msg) from None
+    return out
 
 
 def load_classifier(path: str | Path) -> TappedSequential:

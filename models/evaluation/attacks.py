@@ -10,8 +10,9 @@ Parameters per dataset follow the feature-squeezing paper's settings (which the 
 where a setting exists, scaled down to CPU budgets for the Carlini/Wagner optimisers; see
 ``docs/attacks.md`` for the table and the reasons. Beside them, the budgets the detection literature reports
 on CIFAR-10, under names that carry the budget: ``fgsm_k`` and ``bim_k`` (Linf ``k``/255 for k = 2, 4, 8),
-``pgd_linf_8`` (8/255, step 2/255, 20 iterations, a random start), ``pgd_l2_0.5`` (L2 0.5) and ``square_8``
-(the black-box Square attack in the 8/255 ball, 1000 query rounds).
+``pgd_linf_8`` (8/255, step 2/255, 20 iterations, a random start), ``pgd_l2_0.5`` (L2 0.5), ``square_8``
+(the black-box Square attack in the 8/255 ball, 1000 query rounds) and ``cw_l2_k20`` (CW-L2 towards the next
+class at confidence 20: far past the decision boundary).
 
 Two ART details matter (adversarial-robustness-toolbox 1.20):
 
@@ -677,6 +678,10 @@ def _build_registry() -> dict[str, AttackSpec]:
             _spec(f"cw_l0_{tgt}", "gradient", "L0", tgt, _EVASION + "CarliniL0Method", _run_cw_l0,
                   mnist={**_CW_MNIST, **_CW_L0}, cifar10={**_CW_CIFAR, **_CW_L0}),
         ]  # fmt: skip
+    specs.append(  # high confidence (kappa 20): lands far past the boundary, where consistency checks are blind
+        _spec("cw_l2_k20", "gradient", "L2", "next", _EVASION + "CarliniL2Method", _run_cw_l2,
+              mnist={**_CW_MNIST, **_CW_L2, "confidence": 20.0}, cifar10={**_CW_CIFAR, **_CW_L2, "confidence": 20.0})
+    )  # fmt: skip
     patch = {"target_class": 8, "scale": 0.5, "scale_min": 0.4, "scale_max": 0.6, "rotation_max": 22.5,
              "learning_rate": 0.2, "max_iter": 200, "train_images": 64, "seed": 0}  # fmt: skip
     specs += [

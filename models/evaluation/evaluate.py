@@ -22,9 +22,10 @@ Detectors:
 ``nic``            NIC's final one-class model over all VI and PI decision values
 ``nic_vi``         value invariants only: Fisher combination of the per-layer two-sided VI p-values
 ``nic_pi``         provenance invariants only: the same over the per-pair PI p-values
-``fused``          the bundle's verdict score (Fisher combination of the components its manifest names)
-``mahalanobis``    only for bundles whose verdict fuses the class-conditional Gaussians: their Fisher
-                   statistic over the per-layer p-values (benign data only)
+``fused``          the bundle's verdict score (its rule's combination of the components its manifest names)
+(other names)      every other component the bundle holds, by its registered name (``mahalanobis``: the
+                   class-conditional Gaussians; ``margin``, ``noise_flip``, ``noise_l1``, ``noise_drop``,
+                   ``squeeze``: the prediction-consistency family), raw scores (benign data only)
 ``bundle_supervised`` only for bundles built with ``--supervised-attacks``: the bundle's own supervised
                    detector, trained by the builder on attacks of held-out *training* images, so
                    it is scored on every clean and adversarial test image (no split needed)
@@ -58,7 +59,6 @@ BENIGN = ("ep_benign", "nic", "nic_vi", "nic_pi", "fused")
 SUPERVISED = ("ep_linear", "ep_random_forest")
 DETECTORS = ("ep_benign", "ep_linear", "ep_random_forest", "nic", "nic_vi", "nic_pi", "fused")
 BUNDLE_SUPERVISED = "bundle_supervised"  # added to the detectors when the bundle has a supervised model
-MAHALANOBIS = "mahalanobis"  # added when the bundle's verdict fuses the class Gaussians
 FPRS = (0.01, 0.02, 0.05, 0.1)  # 2%: the operating point of the MNIST target; 10%: the anchors' operating point
 TRAIN_FRACTION = 0.10
 
@@ -122,8 +122,7 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
             "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
-        if MAHALANOBIS in raw:
-            scores[MAHALANOBIS] = raw[MAHALANOBIS]
+        scores |= {k: v for k, v in raw.items() if k not in ("effective_path", "nic", "nic_vi")}  # the bundle's others
         if res.supervised is not None:
             scores[BUNDLE_SUPERVISED] = res.supervised.raw
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))
@@ -261,7 +260,7 @@ def evaluate(
     adv_ev = {a: s.take(~is_train[sets[a].source]) for a, s in adv.items()}
 
     eval_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = {}
-    extra = [d for d in (MAHALANOBIS, BUNDLE_SUPERVISED) if d in clean.scores]  # what only some bundles have
+    extra = [d for d in clean.scores if d not in BENIGN]  # what only some bundles have (their other components)
     for d in [*BENIGN, *extra]:
         eval_scores[d] = (clean.scores[d], {a: s.scores[d] for a, s in adv.items()}, calib.scores[d])
     for d in SUPERVISED:

@@ -1,0 +1,348 @@
+"""The prediction-consistency family: how fragile the prediction is (benign-only, beyond the two papers).
+
+Attacks that stop just past the decision boundary (CW, DeepFool, PGD-L2, Square) leave the layer activations
+inside their class's clean range, but their prediction sits on a knife edge. Each component here turns that into a
+raw score (higher = more anomalous), calibrated to p-values on clean images like every other component:
+
+- ``margin``: the logit margin of the prediction, top-1 minus top-2 (scored negated: a small margin is suspicious);
+- ``noise_flip``, ``noise_l1``, ``noise_drop``: K Gaussian-noise copies of the input (sigma chosen on benign data
+  only: the largest of a grid at which the clean copies' mean class-flip share stays within ``flip_rate``), and
+  the share of copies whose class flips, the mean L1 change of the softmax, the mean drop of the predicted class's
+  logit (Roth et al., ICML 2019, use this noise response);
+- ``squeeze``: feature squeezing (Xu et al., NDSS 2018): bit-depth reduction and median filters, the largest L1
+  distance between the softmax of the input and of a squeezed copy.
+
+Every transformed copy of a batch (of all consistency components in the bundle) runs in ONE forward pass together
+with the original images (:func:`copies_logits`); the noise comes from the observation's generator, drawn per
+request unless a seed is set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pathguard.models.components.base import BuildContext, Component, FileReader, Observation, json_blob
+from pathguard.models.networks import TappedSequential
+
+__all__ = [
+    "ConsistencyComponent",
+    "MarginComponent",
+    "NoiseDropComponent",
+    "NoiseFlipComponent",
+    "NoiseL1Component",
+    "SqueezeComponent",
+    "Transform",
+    "bit_depth",
+    "copies_logits",
+    "median_filter",
+]
+
+SIGMA_GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
+_SIGMA_SAMPLE = 1000  # benign images the sigma is chosen on
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``copies`` transformed versions of a batch: ``apply(x (N, C, H, W), generator) -> (copies, N, C, H, W)``."""
+
+    key: str
+    copies: int
+    apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class ConsistencyComponent(Component):
+    """A component scored from the logits of transformed copies of the input (see :func:`copies_logits`)."""
+
+    family = "consistency"
+
+    def transforms(self) -> list[Transform]:
+        return []
+
+
+def copies_logits(obs: Observation, key: str, own: list[Transform]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of the originals (N, K), logits of the copies of transform ``key`` (copies, N, K)).
+
+    The first call of a batch runs the transforms of every consistency component of the observation's bundle
+    (and ``own``), deduplicated by key, in one forward pass with the originals; later calls read the result."""
+
+    def probe() -> dict[str, torch.Tensor]:
+        todo = {
+            t.key: t for c in obs.components.values() if isinstance(c, ConsistencyComponent) for t in c.transforms()
+        }
+        todo.update({t.key: t for t in own if t.key not in todo})
+        keys = sorted(todo)  # the order the noise is drawn in
+        x = obs.x.float()
+        n, shape = len(x), tuple(x.shape[1:])
+        batch = [x] + [todo[k].apply(x, obs.generator).reshape(-1, *shape) for k in keys]
+        with torch.no_grad():
+            logits = obs.forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
+        out = {"": logits[:n]}
+        start = n
+        for k in keys:
+            m = todo[k].copies * n
+            out[k] = logits[start : start + m].reshape(todo[k].copies, n, -1)
+            start += m
+        return out
+
+    res = obs.get("consistency", probe, timing="consistency")
+    if key not in res:  # a transform not known when the batch's probe ran
+        res.update({key: _run_one(obs, next(t for t in own if t.key == key))})
+    return res[""], res[key]
+
+
+def _run_one(obs: Observation, t: Transform) -> torch.Tensor:
+    x = obs.x.float()
+    with torch.no_grad():
+        logits = obs.forward(t.apply(x, obs.generator).reshape(-1, *x.shape[1:])).double()
+    return logits.reshape(t.copies, len(x), -1)
+
+
+# ------------------------------------------------------------------------------------------------------- margin
+
+
+class MarginComponent(ConsistencyComponent):
+    """Negated logit margin (top-1 minus top-2) of the prediction; needs no fitting and no forward pass."""
+
+    name = "margin"
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> MarginComponent:
+        return cls()
+
+    def to_files(self) -> dict[str, bytes]:
+        return {}
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> MarginComponent:
+        return cls()
+
+    @staticmethod
+    def margin(logits: torch.Tensor) -> np.ndarray:
+        top2 = torch.topk(logits.double(), 2, dim=1).values  # (N, 2)
+        return (top2[:, 0] - top2[:, 1]).numpy()
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        return -self.margin(obs.logits)
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        return {"margin": self.margin(obs.logits), "score": violation}
+
+
+# -------------------------------------------------------------------------------------------------- noise response
+
+
+class _NoiseComponent(ConsistencyComponent):
+    """Statistics of K Gaussian-noise copies of the input, sigma chosen on benign data.
+
+    Build parameters: ``copies`` (K, default 8), ``flip_rate`` (default 0.02: the largest sigma of
+    :data:`SIGMA_GRID` whose clean copies flip class at most this often on average) or ``sigma`` (fixed).
+    """
+
+    params = ("copies", "flip_rate", "sigma")
+    statistic = ""
+
+    def __init__(self, sigma: float, copies: int) -> None:
+        if not sigma > 0 or copies < 1:
+            raise ValueError(f"noise needs sigma > 0 and copies >= 1, got sigma={sigma}, copies={copies}")
+        self.sigma = float(sigma)
+        self.copies = int(copies)
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> _NoiseComponent:
+        copies = int(params.get("copies", 8))
+        if "sigma" in params:
+            return cls(float(params["sigma"]), copies)
+        flip_rate = float(params.get("flip_rate", 0.02))
+        key = f"noise_sigma/{copies}/{flip_rate}"  # the three noise statistics share one search
+        if key not in ctx.shared:
+            x, _ = ctx.sample()
+            ctx.shared[key] = choose_sigma(ctx.model, x[:_SIGMA_SAMPLE], copies, flip_rate, ctx.seed)
+        return cls(ctx.shared[key]["sigma"], copies)
+
+    def to_files(self) -> dict[str, bytes]:
+        return {self.files[0]: json_blob({"sigma": self.sigma, "copies": self.copies})}
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> _NoiseComponent:
+        cfg = json.loads(read(cls.files[0]))
+        return cls(float(cfg["sigma"]), int(cfg["copies"]))
+
+    def manifest(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "copies": self.copies}
+
+    def transforms(self) -> list[Transform]:
+        return [noise_transform(self.sigma, self.copies)]
+
+    def stats(self, obs: Observation) -> dict[str, np.ndarray]:
+        t = self.transforms()
+        return obs.get(t[0].key + "/stats", lambda: noise_statistics(*copies_logits(obs, t[0].key, t)))
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        return self.stats(obs)[self.statistic]
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        return {self.statistic: self.raw(obs), "score": violation}
+
+
+class NoiseFlipComponent(_NoiseComponent):
+    """Share of the noise copies whose predicted class differs from the input's."""
+
+    name = "noise_flip"
+    files = ("noise_flip.json",)
+    statistic = "flip_share"
+
+
+class NoiseL1Component(_NoiseComponent):
+    """Mean L1 change of the softmax under the noise copies."""
+
+    name = "noise_l1"
+    files = ("noise_l1.json",)
+    statistic = "softmax_l1"
+
+
+class NoiseDropComponent(_NoiseComponent):
+    """Mean drop of the predicted class's logit under the noise copies."""
+
+    name = "noise_drop"
+    files = ("noise_drop.json",)
+    statistic = "logit_drop"
+
+
+def noise_transform(sigma: float, copies: int) -> Transform:
+    def apply(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn((copies, *x.shape), generator=gen, dtype=x.dtype) * sigma
+        return (x.unsqueeze(0) + noise).clamp(0.0, 1.0)
+
+    return Transform(f"noise/{sigma:.6g}/{copies}", copies, apply)
+
+
+def noise_statistics(orig: torch.Tensor, copies: torch.Tensor) -> dict[str, np.ndarray]:
+    """Flip share, mean softmax L1 change and mean predicted-logit drop of the copies' logits (M, N, K) against the
+    originals' (N, K); each (N,)."""
+    pred = orig.argmax(1)  # (N,)
+    flips = (copies.argmax(2) != pred.unsqueeze(0)).double().mean(0)
+    l1 = (torch.softmax(copies, 2) - torch.softmax(orig, 1).unsqueeze(0)).abs().sum(2).mean(0)
+    own = orig.gather(1, pred[:, None])[:, 0]  # (N,)
+    drop = (own.unsqueeze(0) - copies.gather(2, pred[None, :, None].expand(copies.shape[0], -1, 1))[..., 0]).mean(0)
+    return {"flip_share": flips.numpy(), "softmax_l1": l1.numpy(), "logit_drop": drop.numpy()}
+
+
+@torch.no_grad()
+def choose_sigma(model: TappedSequential, x: np.ndarray, copies: int, flip_rate: float, seed: int) -> dict[str, Any]:
+    """The largest sigma of :data:`SIGMA_GRID` whose noise copies of the benign images ``x`` flip class at most
+    ``flip_rate`` of the time on average (the smallest sigma of the grid when none does); with every grid point's
+    measured flip rate."""
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    rates = {}
+    for sigma in SIGMA_GRID:
+        flips = []
+        for s in range(0, len(xt), 250):
+            xb = xt[s : s + 250]
+            t = noise_transform(sigma, copies)
+            logits = model(torch.cat([xb, t.apply(xb, gen).reshape(-1, *xb.shape[1:])]))
+            flips.append(
+                noise_statistics(logits[: len(xb)], logits[len(xb) :].reshape(copies, len(xb), -1))["flip_share"]
+            )
+        rates[sigma] = float(np.concatenate(flips).mean())
+    ok = [s for s in SIGMA_GRID if rates[s] <= flip_rate]
+    return {"sigma": max(ok) if ok else SIGMA_GRID[0], "flip_rates": rates}
+
+
+# ------------------------------------------------------------------------------------------------ feature squeezing
+
+
+class SqueezeComponent(ConsistencyComponent):
+    """Largest L1 distance between the softmax of the input and of its squeezed copies.
+
+    Build parameters: ``bits`` (colour bit depth) and ``median`` (median filter sizes). Defaults follow the feature
+    squeezing paper by input: one channel (MNIST-like) 1 bit and 2x2, 3x3 medians; colour images up to 64 pixels
+    wide (CIFAR-10-like) 5 bits and a 2x2 median; larger ones 4 bits and 2x2, 3x3 medians.
+    """
+
+    name = "squeeze"
+    files = ("squeeze.json",)
+    params = ("bits", "median")
+
+    def __init__(self, bits: int, median: list[int]) -> None:
+        if not 1 <= bits <= 8 or any(k < 2 for k in median):
+            raise ValueError(f"squeeze needs 1 <= bits <= 8 and median sizes >= 2, got {bits}, {median}")
+        self.bits = int(bits)
+        self.median = [int(k) for k in median]
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> SqueezeComponent:
+        c, _, w = ctx.model.config.input_shape
+        bits, median = (1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3])
+        return cls(int(params.get("bits", bits)), list(params.get("median", median)))
+
+    def to_files(self) -> dict[str, bytes]:
+        return {"squeeze.json": json_blob(self.manifest())}
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> SqueezeComponent:
+        cfg = json.loads(read("squeeze.json"))
+        return cls(int(cfg["bits"]), list(cfg["median"]))
+
+    def manifest(self) -> dict[str, Any]:
+        return {"bits": self.bits, "median": self.median}
+
+    def transforms(self) -> list[Transform]:
+        bits = self.bits
+
+        def squeeze_bits(x: torch.Tensor, _gen: torch.Generator) -> torch.Tensor:
+            return bit_depth(x, bits).unsqueeze(0)
+
+        def squeeze_median(k: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+            return lambda x, _gen: median_filter(x, k).unsqueeze(0)
+
+        return [Transform(f"bits/{bits}", 1, squeeze_bits)] + [
+            Transform(f"median/{k}", 1, squeeze_median(k)) for k in self.median
+        ]
+
+    def distance(self, obs: Observation) -> np.ndarray:
+        def compute() -> np.ndarray:
+            ts = self.transforms()
+            dists = []
+            for t in ts:
+                orig, copy = copies_logits(obs, t.key, ts)
+                dists.append((torch.softmax(copy[0], 1) - torch.softmax(orig, 1)).abs().sum(1))
+            return torch.stack(dists, 1).max(1).values.numpy()
+
+        return obs.get(self.name, compute)
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        return self.distance(obs)
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        return {"softmax_l1": self.distance(obs), "score": violation}
+
+
+def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] reduced to ``2**bits`` levels."""
+    levels = 2**bits - 1
+    return torch.round(x * levels) / levels
+
+
+def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, C, H, W) median over each pixel's k x k window (reflected at the border; even k: the window reaches
+    right and down, and the median is the mean of the two middle values)."""
+    lo = (k - 1) // 2
+    padded = F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo), mode="reflect")
+    windows = padded.unfold(2, k, 1).unfold(3, k, 1).reshape(*x.shape, k * k)  # (N, C, H, W, k*k)
+    ordered = windows.sort(dim=-1).values
+    mid = k * k // 2
+    return ordered[..., mid] if k % 2 else (ordered[..., mid - 1] + ordered[..., mid]) / 2

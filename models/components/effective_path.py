@@ -1,0 +1,190 @@
+"""Effective Path as a verdict component: per-layer image-vs-class path similarity (rank 1 and 2) and the benign
+Effective Path score over them (Qiu et al., CVPR 2019)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathguard.models.components.base import (
+    BuildContext,
+    Component,
+    FileReader,
+    Observation,
+    npz_blob,
+    one_torch_thread,
+    read_npz,
+)
+from pathguard.models.effective_path import (
+    BenignEPScore,
+    ClassPaths,
+    ClassSimilarityRanges,
+    EffectivePathExtractor,
+    PathCounts,
+)
+from pathguard.models.errors import DatasetError
+from pathguard.models.networks import TappedSequential
+
+__all__ = ["EPPartial", "EffectivePathComponent", "ep_features"]
+
+CLASS_PATHS, EP_SCORE, RANGES = "class_paths.npz", "ep_score.npz", "benign_similarity.npz"
+
+
+@dataclass
+class EPPartial:
+    """Effective Path result for a batch: per-rank similarities (N, L) and the raw benign EP score (N,)."""
+
+    sims: dict[int, np.ndarray]
+    raw: np.ndarray
+    seconds: float
+
+
+class EffectivePathComponent(Component):
+    """Class-path similarity of the image's effective path, scored by :class:`BenignEPScore`.
+
+    Build parameters: ``theta`` (selection threshold), ``last_k`` (only the last k weighted layers) and ``n_fit``
+    (fit-split images aggregated into class paths; ``None`` = all).
+    """
+
+    name = "effective_path"
+    files = (CLASS_PATHS, EP_SCORE)
+    params = ("theta", "last_k", "n_fit")
+
+    def __init__(
+        self,
+        extractor: EffectivePathExtractor,
+        class_paths: ClassPaths,
+        ep_score: BenignEPScore,
+        ranges: ClassSimilarityRanges | None = None,
+    ) -> None:
+        self.extractor = extractor
+        self.class_paths = class_paths
+        self.ep_score = ep_score
+        self.ranges = ranges
+        self.layers: list[str] = list(extractor.layers)
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> EffectivePathComponent:
+        """Class paths over the fit split, then the benign score and per-class ranges on ``ep_fit``."""
+        t = time.perf_counter()
+        extractor = EffectivePathExtractor(ctx.model, theta=params.get("theta", 0.5), last_k=params.get("last_k"))
+        fit_idx = ctx.passes.parts["fit"][1]
+        counts: PathCounts | None = None
+        fit_images = 0
+        for r in ctx.passes.run(paths_pass, ctx.job, "fit", "class paths", fit_idx[: params.get("n_fit")]):
+            counts = r.value if counts is None else PathCounts.merge([counts, r.value])  # reduced as they finish
+            fit_images += r.images
+        assert counts is not None
+        class_paths = ClassPaths(ctx.num_classes).fit_counts(extractor, counts)
+        ctx.report["fit_images"], ctx.report["paths_s"] = fit_images, time.perf_counter() - t
+        assert ctx.job is not None
+        ctx.job = ctx.job.with_fitted(**{CLASS_PATHS: npz_blob(class_paths.to_arrays())})
+        features, predicted = ep_features(ctx.passes, ctx.job)
+        ep_score = BenignEPScore().fit(features)
+        ranges = ClassSimilarityRanges().fit(features, predicted, ctx.num_classes)
+        ctx.report["ep_fit"] = len(features)
+        return cls(extractor, class_paths, ep_score, ranges)
+
+    def to_files(self) -> dict[str, bytes]:
+        out = {CLASS_PATHS: npz_blob(self.class_paths.to_arrays()), EP_SCORE: npz_blob(self.ep_score.to_arrays())}
+        if self.ranges is not None:
+            out[RANGES] = npz_blob(self.ranges.to_arrays())
+        return out
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> EffectivePathComponent:
+        extractor = EffectivePathExtractor(model, theta=entry.get("theta", 0.5), last_k=entry.get("last_k"))
+        try:
+            ranges = ClassSimilarityRanges.from_arrays(read_npz(read(RANGES)))
+        except KeyError:  # bundles built before the per-class ranges
+            ranges = None
+        class_paths = ClassPaths.from_arrays(read_npz(read(CLASS_PATHS)))
+        return cls(extractor, class_paths, BenignEPScore.from_arrays(read_npz(read(EP_SCORE))), ranges)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"theta": self.extractor.theta, "last_k": self.extractor.last_k, "layers": self.layers}
+
+    def warm_up(self) -> None:
+        self.extractor.warm_up()  # compile the small-batch kernels now (numba JIT), not on the first request
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> EPPartial:
+        """Extraction (seeded at the logits), similarities and raw score; thread-safe."""
+        t0 = time.perf_counter()
+        paths = self.extractor.extract_from_taps(x, logits, taps, ranks=(1, 2))
+        sims = self.class_paths.similarity(paths)
+        raw = self.ep_score.score(np.concatenate([sims[1], sims[2]], axis=1))
+        return EPPartial(sims, raw, time.perf_counter() - t0)
+
+    def partial(self, obs: Observation) -> EPPartial:
+        ep: EPPartial = obs.get(self.name, lambda: self.extract(obs.x, obs.logits, obs.taps))
+        obs.timings_s[self.name] = ep.seconds
+        return ep
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        return self.partial(obs).raw
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        ep = self.partial(obs)
+        return {
+            "layers": list(self.layers),
+            "rank1_similarity": ep.sims[1],
+            "rank2_similarity": ep.sims[2],
+            "score": violation,
+        }
+
+
+def ep_features(passes: Any, job: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2L) Effective Path features and (N,) predictions of the readable ``ep_fit`` images, in order."""
+    results = passes.ordered(ep_pass, job, "ep_fit", "Effective Path features")
+    features = np.concatenate([r.value[0] for r in results])
+    if not len(features):
+        raise DatasetError(f"none of the {len(passes.parts['ep_fit'][1])} ep_fit calibration images could be read")
+    return features, np.concatenate([r.value[1] for r in results])
+
+
+# ------------------------------------------------------------------------------ build passes (run on the executor)
+
+
+@torch.no_grad()
+def paths_pass(ctx: Any, shard: Any) -> tuple[PathCounts, list[str], int]:
+    """Class-path counts (rank-1 paths of the correctly predicted images) of a shard of the fit split."""
+    skipped: list[str] = []
+    images = 0
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        nonlocal images
+        for split, bad in shard.read():
+            skipped.extend(bad)
+            images += len(split)
+            yield split.x, split.y
+
+    counts = ClassPaths(ctx.model.config.num_classes).accumulate(ctx.extractor, batches())
+    return counts, skipped, images
+
+
+@one_torch_thread
+@torch.no_grad()
+def ep_pass(ctx: Any, shard: Any) -> tuple[tuple[np.ndarray, np.ndarray], list[str], int]:
+    """(N, 2L) Effective Path features (rank-1 then rank-2 similarities) and (N,) predicted classes."""
+    assert ctx.class_paths is not None
+    feats, preds, skipped = [], [], []
+    for split, bad in shard.read():
+        skipped.extend(bad)
+        if len(split):
+            pb = ctx.extractor.extract(torch.from_numpy(split.x), ranks=(1, 2))
+            sims = ctx.class_paths.similarity(pb)
+            feats.append(np.concatenate([sims[1], sims[2]], axis=1))
+            preds.append(pb.classes[1].numpy())
+    width = 2 * len(ctx.extractor.layers)
+    f = np.concatenate(feats) if feats else np.empty((0, width))
+    p = np.concatenate(preds) if preds else np.empty(0, np.int64)
+    return (f, p), skipped, len(f)

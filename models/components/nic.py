@@ -1,0 +1,198 @@
+"""NIC (Ma et al., NDSS 2019) as verdict components: the final one-class model over the value and provenance
+invariants (``nic``), and the value invariants alone with two-sided per-layer p-values (``nic_vi``).
+
+NIC's per-layer work (reduction, value invariant, derived head) only needs that layer's activation, so the serving
+runtime runs it on worker threads during the forward pass (:meth:`NICComponent.layer_check`) or inside the served
+graph; the pipeline hands those results to the observation (``nic/partials``, ``nic/graph``) and the component
+finishes from them: the softmax layer's check, the provenance invariants and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathguard.models.components.base import (
+    BuildContext,
+    Component,
+    FileReader,
+    Observation,
+    json_blob,
+    npz_blob,
+    one_torch_thread,
+    read_npz,
+)
+from pathguard.models.networks import TappedSequential
+from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
+from pathguard.models.nic.onnx_export import GraphNICScores
+from pathguard.models.verdict.calibration import two_sided_fisher
+
+__all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent"]
+
+NIC_ARRAYS, NIC_CONFIG = "nic.npz", "nic.json"
+PARTIALS, GRAPH = "nic/partials", "nic/graph"
+
+
+@dataclass
+class LayerPartial:
+    """NIC's per-layer result for a batch: VI score (N,) and derived-head probabilities (N, K)."""
+
+    value: torch.Tensor
+    probs: torch.Tensor
+
+
+@dataclass
+class NICAnalysis:
+    """NIC's scores of a batch: raw VI (N, L), PI (N, L-1), final (N,) and the violation probabilities."""
+
+    value: np.ndarray
+    provenance: np.ndarray
+    final: np.ndarray
+    value_violation: np.ndarray
+    provenance_violation: np.ndarray
+
+
+class NICComponent(Component):
+    """NIC's final one-class model (build parameters: :class:`NICDetector`'s)."""
+
+    name = "nic"
+    files = (NIC_ARRAYS, NIC_CONFIG)
+    params = None  # any NICDetector parameter (it checks them)
+
+    def __init__(self, nic: NICDetector) -> None:
+        self.nic = nic
+        self.value_layers: list[str] = list(nic.layers_)
+        self.pairs: list[str] = list(nic.pairs_)
+        self.checked_taps = [n for n in self.value_layers if n not in (INPUT, SOFTMAX)]
+
+    @classmethod
+    def check(cls, model: TappedSequential, params: Mapping[str, Any]) -> None:
+        NICDetector(**params).check_layers(model)  # a misnamed layer fails now, not after a pass over the images
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> NICComponent:
+        """Fit on the benign sample of the fit split, calibrate on split A (streamed through the passes)."""
+        nic = NICDetector(**{"seed": ctx.seed, **params})
+        x, y = ctx.sample(nic.sample_size)
+        nic.fit(ctx.model, x, y)
+        assert ctx.job is not None
+        ctx.job = ctx.job.with_fitted(**cls(nic).to_files())
+        scores = ctx.passes.ordered(nic_pass, ctx.job, "calib_a", "NIC calibration")
+        nic.calibrate_scores([chunk for r in scores for chunk in r.value])
+        return cls(nic)
+
+    def to_files(self) -> dict[str, bytes]:
+        return {NIC_ARRAYS: npz_blob(self.nic.to_arrays()), NIC_CONFIG: json_blob(self.nic.config())}
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> NICComponent:
+        return cls(NICDetector.from_arrays(read_npz(read(NIC_ARRAYS)), json.loads(read(NIC_CONFIG))))
+
+    def manifest(self) -> dict[str, Any]:
+        return {"layers": self.value_layers, "pairs": self.pairs, "head_accuracy": self.nic.head_accuracy_}
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def layer_check(self, name: str, activation: torch.Tensor) -> LayerPartial:
+        """NIC work of one checked layer (``"input"``, a tap name or ``"softmax"``); thread-safe."""
+        value, probs = self.nic.check_layer(name, activation)
+        return LayerPartial(value, probs)
+
+    def analysis(self, obs: Observation) -> NICAnalysis:
+        return obs.get(self.name, lambda: self._analyse(obs), timing=self.name)
+
+    def _analyse(self, obs: Observation) -> NICAnalysis:
+        graph: GraphNICScores | None = obs.memo.get(GRAPH)
+        partials = dict(obs.memo.get(PARTIALS) or {})
+        if graph is not None:
+            # the graph's results stand in for the checks of every layer but the softmax; the derived models'
+            # outputs are torch's softmax of the graph's head logits, one (N, K) slice at a time: one (N, L, K)
+            # softmax is parallelized by torch, and waking its second thread cost 5-8 ms per request on 2 cores
+            partials = {
+                name: LayerPartial(graph.value[:, j], torch.softmax(graph.head_logits[:, j], dim=-1))
+                for j, name in enumerate(self.value_layers)
+                if name != SOFTMAX
+            }
+        for name in self.value_layers:
+            if name not in partials:
+                partials[name] = self.layer_check(name, layer_activation(name, obs.x, obs.logits, obs.taps))
+        value = torch.stack([partials[n].value for n in self.value_layers], dim=1).double()  # (N, L)
+        pairs = zip(self.value_layers, self.value_layers[1:], strict=False)
+        prov = torch.stack(
+            [self.nic.provenance_score(i, partials[a].probs, partials[b].probs) for i, (a, b) in enumerate(pairs)],
+            dim=1,
+        ).double()  # (N, L-1)
+        final = self.nic.final_score(value, prov)
+        v, p = value.numpy(), prov.numpy()
+        return NICAnalysis(v, p, final.numpy(), self.nic.value_violation(v), self.nic.provenance_violation(p))
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        return self.analysis(obs).final
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        a = self.analysis(obs)
+        return {
+            "value_violation": {n: a.value_violation[:, j] for j, n in enumerate(self.value_layers)},
+            "provenance_violation": {n: a.provenance_violation[:, j] for j, n in enumerate(self.pairs)},
+            "score": self.nic.final_violation(a.final),  # NIC's own calibration on split A
+        }
+
+
+class NICValueComponent(Component):
+    """NIC's value invariants alone: Fisher's combination of two-sided per-layer p-values (deep-layer invariants
+    find confident adversarial activations *too* typical). No files of its own: it reads NIC's."""
+
+    name = "nic_vi"
+    requires = ("nic",)
+
+    def __init__(self, nic: NICComponent) -> None:
+        self.nic = nic
+
+    @classmethod
+    def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> NICValueComponent:
+        nic = ctx.built["nic"]
+        assert isinstance(nic, NICComponent)
+        return cls(nic)
+
+    def to_files(self) -> dict[str, bytes]:
+        return {}
+
+    @classmethod
+    def from_files(
+        cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
+    ) -> NICValueComponent:
+        nic = built["nic"]
+        assert isinstance(nic, NICComponent)
+        return cls(nic)
+
+    def raw(self, obs: Observation) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = two_sided_fisher(self.nic.analysis(obs).value_violation, self.nic.nic.calibration_size)
+        obs.timings_s["nic"] = obs.timings_s.get("nic", 0.0) + time.perf_counter() - t0
+        return out
+
+    def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
+        return {}  # reported through NIC's value violations
+
+
+@one_torch_thread
+@torch.no_grad()
+def nic_pass(ctx: Any, shard: Any) -> tuple[list[list[tuple[np.ndarray, ...]]], list[str], int]:
+    """NIC's raw scores of every member, per chunk (what :meth:`NICDetector.calibrate_scores` takes); a build
+    pass run on the executor."""
+    assert ctx.nic is not None
+    out, skipped, images = [], [], 0
+    for split, bad in shard.read():
+        skipped.extend(bad)
+        if len(split):
+            out.append(ctx.nic.calibration_scores(ctx.model, split.x))
+            images += len(split)
+    return out, skipped, images
