@@ -7,30 +7,32 @@ readiness. Nothing heavy happens at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import metadata
+from importlib import metadata, resources
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
 from pathguard.service.cache import DetectionStore
-from pathguard.service.errors import install_error_handlers
+from pathguard.service.errors import NotFound, install_error_handlers
 from pathguard.service.grpc_server import GrpcServer
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
-from pathguard.service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from pathguard.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
 from pathguard.service.routes import health, oip, page, v1
 from pathguard.service.routes import metrics as metrics_routes
 from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 from pathguard.service.settings import Settings
 from pathguard.service.state import ServiceState, require_api_key
 
-__all__ = ["check_pin", "create_app"]
+__all__ = ["check_exposure", "check_pin", "create_app", "default_torch_threads"]
 
 log = logging.getLogger("pathguard.service")
 
@@ -67,14 +69,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.docs:
         _add_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inner
+    # before any body is read: at most max_concurrent_requests bodies in memory at once
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        limit=settings.max_concurrent_requests,
+        retry_after_s=settings.retry_after_s,
+        on_reject=state.metrics.rejected.inc,
+    )
     # outer: also counts (and logs) the body-limit 413s, under the route they were sent to
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, log_requests=settings.access_log)
     return app
 
 
+_DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
+
+
 def _add_docs(app: FastAPI) -> None:
-    """``/openapi.json`` and the Swagger UI at ``/docs``, both under the API key when one is configured."""
+    """``/openapi.json`` and the Swagger UI at ``/docs``, both under the API key when one is configured. The
+    Swagger UI's script and style are served from the installed ``fastapi_offline`` package, not from a CDN, so
+    the docs work on a machine without internet access."""
     guarded = [Depends(require_api_key)]
+    assets = resources.files("fastapi_offline") / "static"
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
     async def openapi() -> JSONResponse:
@@ -82,7 +101,54 @@ def _add_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=guarded)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API docs")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
+
+    @app.get("/docs/assets/{name}", include_in_schema=False, dependencies=guarded)
+    async def docs_asset(name: str) -> FileResponse:
+        if name not in _DOCS_ASSETS:
+            raise NotFound(f"no docs asset {name!r}")
+        return FileResponse(str(assets / name), media_type=_DOCS_ASSETS[name])
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve beyond loopback without an API key unless ``PATHGUARD_INSECURE=true`` says so: without a
+    key every route (detection, /metrics, /docs, /openapi.json) would be open to the network.
+
+    Raises
+    ------
+    ValueError
+        ``settings.host`` is not a loopback address (nor ``localhost``), no API key is set and ``insecure`` is off.
+    """
+    if settings.api_key is not None or settings.insecure or _is_loopback(settings.host):
+        return
+    raise ValueError(
+        f"binding {settings.host} (beyond loopback) without PATHGUARD_API_KEY would expose every route, /metrics "
+        "and /docs included: set PATHGUARD_API_KEY, or PATHGUARD_INSECURE=true to accept that"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def default_torch_threads(settings: Settings) -> int:
+    """Torch's intra-op threads: ``PATHGUARD_TORCH_THREADS``, else the cores available to the process shared
+    among the threads that run torch at the same time (the worker threads and the batcher's), at least 1."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // (settings.worker_threads + 1))
 
 
 def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
@@ -115,11 +181,10 @@ def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
 
 async def _start(state: ServiceState) -> None:
 
-    s = state.settings
-    if s.torch_threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(s.torch_threads)
+    s = state.settings
+    torch.set_num_threads(default_torch_threads(s))
     check_pin(s)
     bundle = load_bundle(s.bundle, target_fpr=s.target_fpr, seed=s.noise_seed)
     check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
@@ -148,6 +213,7 @@ async def _start(state: ServiceState) -> None:
     state.predict_batcher.start()
     state.detect_batcher.start()
     state.metrics.set_bundle(bundle.name, str(bundle.version), bundle.sha256)
+    state.metrics.onnx_split_failed.set(0 if runtime.engine.split_error is None else 1)
     if s.grpc_port:
         state.grpc = GrpcServer(state, s.host, s.grpc_port)
         await state.grpc.start()

@@ -23,8 +23,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -156,44 +157,105 @@ class RedisVerdictCache:
 
 
 class Spool:
-    """Append-only JSON-lines file of flagged entries waiting for Redis (bytes values base64-encoded)."""
+    """Bounded append-only JSON-lines file of flagged entries waiting for Redis (bytes values base64-encoded).
 
-    def __init__(self, path: Path) -> None:
+    At most ``max_bytes`` of file and ``max_entries`` undelivered entries: an entry that does not fit is refused
+    (the caller counts it). Entries are delivered from a read position that moves forward; the file is removed
+    once everything in it was delivered, and compacted (the undelivered tail copied) once the delivered head is
+    over half of it. Every method does blocking file I/O: call it from a worker thread, one call at a time.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, max_entries: int) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.entries = 0  # undelivered entries
+        self.size = 0  # file size in bytes
+        self.offset = 0  # bytes at the head of the file already delivered
 
-    def append(self, entry: Entry) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_encode(entry), separators=(",", ":")) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+    def open(self) -> None:
+        """Count what an earlier run left in the file (read line by line)."""
+        self.entries = self.size = self.offset = 0
+        if self.path.is_file():
+            with self.path.open("rb") as f:
+                for _ in f:
+                    self.entries += 1
+            self.size = self.path.stat().st_size
 
-    def read(self) -> list[Entry]:
-        if not self.path.is_file():
+    def append(self, entries: list[Entry]) -> list[Entry]:
+        """Append ``entries`` (one write, one fsync); returns those refused by the bounds."""
+        lines, refused = [], []
+        for entry in entries:
+            line = (json.dumps(_encode(entry), separators=(",", ":")) + "\n").encode()
+            if self.size + len(line) > self.max_bytes or self.entries >= self.max_entries:
+                refused.append(entry)
+                continue
+            lines.append(line)
+            self.size += len(line)
+            self.entries += 1
+        if lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as f:
+                f.write(b"".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+        return refused
+
+    def read(self, limit: int) -> list[tuple[Entry | None, int]]:
+        """Up to ``limit`` entries from the read position, each with the offset just past its line (``None``
+        for a corrupt line, which is logged and then skipped like a delivered one)."""
+        if self.entries == 0 or not self.path.is_file():
             return []
-        entries = []
-        for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                entries.append(_decode(json.loads(line)))
-            except (ValueError, TypeError, AttributeError):
-                log.error("spool %s line %d is corrupt; skipped", self.path, n)
-        return entries
+        out: list[tuple[Entry | None, int]] = []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            pos = self.offset
+            for line in f:
+                pos += len(line)
+                try:
+                    out.append((_decode(json.loads(line)), pos))
+                except (ValueError, TypeError, AttributeError):
+                    log.error("spool %s: corrupt line at byte %d skipped", self.path, pos - len(line))
+                    out.append((None, pos))
+                if len(out) >= limit:
+                    break
+        return out
 
-    def rewrite(self, entries: list[Entry]) -> None:
-        """Replace the spool content with ``entries`` (atomically)."""
-        if not entries:
+    def advance(self, offset: int, count: int) -> None:
+        """Mark ``count`` entries up to byte ``offset`` delivered; remove or compact the file when worth it."""
+        self.offset, self.entries = offset, max(0, self.entries - count)
+        if self.entries == 0 or self.offset >= self.size:
             self.path.unlink(missing_ok=True)
-            return
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(_encode(e), separators=(",", ":")) + "\n" for e in entries))
-        tmp.replace(self.path)
+            self.entries = self.size = self.offset = 0
+        elif self.offset > self.size // 2:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            with self.path.open("rb") as src, tmp.open("wb") as dst:
+                src.seek(self.offset)
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            tmp.replace(self.path)
+            self.size -= self.offset
+            self.offset = 0
 
     def __len__(self) -> int:
-        if not self.path.is_file():
-            return 0
-        with self.path.open("rb") as f:
-            return sum(1 for _ in f)
+        return self.entries
+
+
+class RateLimitedLog:
+    """At most one warning per ``interval_s`` on ``log``, saying how many events it stands for."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._count = 0
+
+    def warn(self, message: str) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next:
+            log.warning("%s (%d time(s) since the last such warning)", message, self._count)
+            self._count, self._next = 0, now + self.interval_s
 
 
 def _encode(entry: Entry) -> dict[str, Any]:
@@ -250,13 +312,22 @@ def _is_number(v: object) -> bool:
 
 
 class DetectionStore:
-    """Verdict cache + flagged stream of one served bundle."""
+    """Verdict cache + flagged stream of one served bundle.
+
+    :meth:`flag` never blocks: it puts the entry into a bounded backlog in memory, and one delivery task moves
+    the backlog into the stream (XADD) or, while Redis is down or the spool still holds entries, into the spool
+    (appended on a worker thread, one fsync per group). Entries beyond the backlog's or the spool's bounds, and
+    every entry when no Redis is configured, are counted in ``pathguard_flagged_dropped_total{reason}`` and
+    reported by a rate-limited warning. Below the bounds nothing is lost: :meth:`close` delivers the backlog.
+    """
+
+    _GROUP = 256  # entries per spool write / replay read
 
     def __init__(self, settings: Settings, metrics: Metrics, bundle_sha256: str) -> None:
         self.settings = settings
         self.metrics = metrics
         self.bundle_sha256 = bundle_sha256
-        self.spool = Spool(settings.spool_path)
+        self.spool = Spool(settings.spool_path, settings.spool_max_bytes, settings.spool_max_entries)
         self.link: RedisLink | None = None
         self.cache: VerdictCache
         if settings.redis_url:
@@ -264,28 +335,38 @@ class DetectionStore:
             self.cache = RedisVerdictCache(self.link, settings.cache_ttl_s)
         else:
             self.cache = MemoryVerdictCache(settings.cache_max_entries, settings.cache_ttl_s)
-        self._lock = asyncio.Lock()
+        self._backlog: deque[tuple[Entry, int]] = deque()
+        self._backlog_bytes = 0
+        self._wake = asyncio.Event()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._pending = len(self.spool) if self.link else 0
+        self._dropped = RateLimitedLog()
 
     @property
     def pending(self) -> int:
         """Flagged entries waiting in the spool."""
-        return self._pending
+        return self.spool.entries
 
     async def start(self) -> None:
-        """Check Redis, replay a spool left by an earlier run, and start the background replayer."""
+        """Count what an earlier run left in the spool, check Redis, and start the delivery task."""
         if self.link is None:
             return
-        if await self.link.ping():
-            await self.replay()
-        self._task = asyncio.create_task(self._replayer(), name="pathguard-spool-replay")
+        await asyncio.to_thread(self.spool.open)
+        self._publish_spool()
+        await self.link.ping()
+        self._task = asyncio.create_task(self._deliver(), name="pathguard-flagged-delivery")
 
     async def close(self) -> None:
+        """Deliver the backlog (stream or spool), then stop."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._closing = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=30.0)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self.link is not None:
             await self.link.close()
 
@@ -313,38 +394,100 @@ class DetectionStore:
         await self.cache.set(verdict_key(self.bundle_sha256, image_sha256), raw)
 
     async def flag(self, entry: Entry) -> None:
-        """Record one flagged input: XADD to the stream, or the spool when Redis is unset, down or behind."""
+        """Record one flagged input: queued for the stream (or the spool); never waits for I/O."""
         if self.link is None:
-            log.warning("flagged input %s (no Redis configured; entry not stored)", entry.get("id"))
+            self._drop("no_redis", "flagged input not stored: no Redis configured (PATHGUARD_REDIS_URL)")
             return
-        async with self._lock:
-            if self._pending == 0 and self.link.available:
-                try:
-                    await self._xadd(entry)
-                    return
-                except (RedisError, OSError) as exc:
-                    self.link.failed(exc)
-            self.spool.append(entry)
-            self._pending += 1
+        size = sum(len(v) for v in entry.values()) + 64 * len(entry)
+        s = self.settings
+        if len(self._backlog) >= s.flag_backlog or self._backlog_bytes + size > s.flag_backlog_bytes:
+            self._drop("backlog_full", "flagged input dropped: the delivery backlog is full")
+            return
+        self._backlog.append((entry, size))
+        self._backlog_bytes += size
+        self._wake.set()
 
     async def replay(self) -> int:
-        """Move spooled entries into the stream, oldest first; returns how many were delivered."""
+        """Move spooled entries into the stream, oldest first, while Redis takes them; returns how many."""
         if self.link is None:
             return 0
-        async with self._lock:
-            entries = self.spool.read()
-            sent = 0
+        sent = 0
+        while self.spool.entries and self.link.available:
+            group = await asyncio.to_thread(self.spool.read, self._GROUP)
+            if not group:
+                break
+            done, end = 0, self.spool.offset
             try:
-                for entry in entries:
-                    await self._xadd(entry)
-                    sent += 1
+                for entry, offset in group:
+                    if entry is not None:
+                        await self._xadd(entry)
+                        sent += 1
+                    done, end = done + 1, offset
             except (RedisError, OSError) as exc:
                 self.link.failed(exc)
-            self.spool.rewrite(entries[sent:])
-            self._pending = len(entries) - sent
+            await asyncio.to_thread(self.spool.advance, end, done)
+            self._publish_spool()
+            await self._drain_backlog()  # new entries go behind the spooled ones, in order
         if sent:
             log.info("replayed %d flagged entries from %s", sent, self.spool.path)
         return sent
+
+    def _drop(self, reason: str, message: str) -> None:
+        self.metrics.flagged_dropped.labels(reason=reason).inc()
+        self._dropped.warn(message)
+
+    def _publish_spool(self) -> None:
+        self.metrics.spool_entries.set(self.spool.entries)
+        self.metrics.spool_bytes.set(self.spool.size)
+
+    def _take(self, limit: int) -> list[Entry]:
+        out: list[Entry] = []
+        while self._backlog and len(out) < limit:
+            entry, size = self._backlog.popleft()
+            self._backlog_bytes -= size
+            out.append(entry)
+        return out
+
+    async def _drain_backlog(self) -> None:
+        """Everything in the backlog into the stream, or into the spool while Redis is down or behind."""
+        assert self.link is not None
+        while self._backlog:
+            group = self._take(self._GROUP)
+            if self.spool.entries == 0 and self.link.available:
+                try:
+                    while group:
+                        await self._xadd(group[0])
+                        group.pop(0)
+                except (RedisError, OSError) as exc:
+                    self.link.failed(exc)
+            if group:
+                try:
+                    refused = await asyncio.to_thread(self.spool.append, group)
+                except OSError as exc:  # the spool's disk
+                    log.error("flagged spool %s cannot be written: %s", self.spool.path, exc)
+                    for _ in group:
+                        self._drop("spool_error", "flagged input dropped: the spool cannot be written")
+                    continue
+                for _ in refused:
+                    self._drop("spool_full", f"flagged input dropped: the spool {self.spool.path} is full")
+                self._publish_spool()
+
+    async def _deliver(self) -> None:
+        """The delivery task: drain the backlog when woken; replay the spool once Redis answers again."""
+        assert self.link is not None
+        interval = min(self.settings.redis_retry_s, 1.0)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                if self.spool.entries and not self._closing and self.link.available and await self.link.ping():
+                    await self.replay()
+            except OSError as exc:  # reading the spool: its entries stay there for the next try
+                log.error("flagged spool %s cannot be read: %s", self.spool.path, exc)
+            await self._drain_backlog()
+            if self._closing and not self._backlog:
+                return
 
     async def _xadd(self, entry: Entry) -> None:
         assert self.link is not None
@@ -354,11 +497,3 @@ class DetectionStore:
             maxlen=self.settings.stream_maxlen,
             approximate=True,
         )
-
-    async def _replayer(self) -> None:
-        assert self.link is not None
-        interval = min(self.settings.redis_retry_s, 1.0)
-        while True:
-            await asyncio.sleep(interval)
-            if self._pending and self.link.available and await self.link.ping():
-                await self.replay()

@@ -149,6 +149,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.workers is not None and args.ray is None:
         print("error: --workers sets the local Ray's CPUs: use it with --ray", file=sys.stderr)
         return 2
+    refusal = _out_refusal(Path(args.out), args.force)
+    if refusal is not None:  # checked before the build's hours, and again by the writer itself
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         executor = None
         if args.ray is not None:  # an existing cluster's address, or "" for a local Ray with this machine's cores
@@ -162,6 +166,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
             report = build_bundle(args.dataset, classifier, args.out, cfg, executor)
     print(json.dumps(report, indent=2, default=float))
     return 0
+
+
+def _out_refusal(out: Path, force: bool) -> str | None:
+    """Why ``build --out`` must not write to ``out``: never over something that is not a bundle (a file, a folder
+    of other files), and over an existing bundle only with ``--force``."""
+    from pathguard.models.bundle.format import check_bundle_target, is_bundle
+    from pathguard.models.errors import BundleError
+
+    try:
+        check_bundle_target(out)
+    except BundleError as exc:
+        return str(exc)
+    if is_bundle(out) and not force:
+        return f"{out} is an existing bundle; pass --force to replace it"
+    return None
 
 
 def _names(csv: str) -> list[str]:
@@ -179,7 +198,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="with --model: its training images, DIR/<class>/*.png|jpg")
     p.add_argument("--calibration", help="with --model: images the classifier never trained on (same class folders)")
     p.add_argument("--classifier", help="classifier folder (default: artifacts/classifiers/<dataset>-<arch>)")
-    p.add_argument("--out", required=True, help="bundle folder to write, e.g. artifacts/mnist-lenet5")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="bundle folder to write, e.g. artifacts/mnist-lenet5: a new or empty folder, or an existing bundle with "
+        "--force (a folder of other files is refused)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing bundle at --out (atomically, once the build is done)"
+    )
     p.add_argument("--name", help="bundle name (default: the --out folder name)")
     p.add_argument("--version", default="1")
     p.add_argument("--theta", type=float, default=0.5, help="Effective Path selection threshold")
@@ -364,11 +391,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pathguard.models.bundle import BundleError, verify_bundle
-    from pathguard.service.app import check_pin, create_app
+    from pathguard.service.app import check_exposure, check_pin, create_app
     from pathguard.service.settings import Settings
 
     cli = {k: getattr(args, k) for k in ("bundle", "host", "port", "engine", "mode") if getattr(args, k) is not None}
     settings = Settings(**cli)
+    try:
+        check_exposure(settings)
+    except ValueError as exc:
+        print(f"pathguard serve: refusing to start: {exc}", file=sys.stderr)
+        return 2
     try:
         verify_bundle(settings.bundle)
         check_pin(settings)

@@ -76,6 +76,7 @@ _MESSAGES: dict[str, list[tuple[str, int, str, bool]]] = {
                            ("outputs", 5, "InferOutputTensor", True), ("raw_output_contents", 6, "bytes", True)],
 }  # fmt: skip
 _RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+_OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})  # health, never behind the API key (as /v2/health/* over HTTP)
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
            415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -129,7 +130,9 @@ class GrpcServer:
     async def start(self) -> None:
         limit = self.state.settings.max_body_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        self._server = grpc.aio.server(options=options)
+        # at most this many RPCs (and so request messages) at once; beyond it grpc answers RESOURCE_EXHAUSTED
+        concurrent = self.state.settings.max_concurrent_requests
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=concurrent)
         handlers = {rpc: self._unary(rpc, getattr(self, f"_{rpc}")) for rpc in _RPCS}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         if self._server.add_insecure_port(self.address) == 0:
@@ -147,13 +150,19 @@ class GrpcServer:
         route = f"/{SERVICE}/{rpc}"
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0, code = time.perf_counter(), 200
+            t0, code = time.perf_counter(), 500
             try:
-                self._authorize(context)
-                return await fn(request, context)
+                if rpc not in _OPEN_RPCS:
+                    self._authorize(context)
+                response = await fn(request, context)
+                code = 200
+                return response
             except ServiceError as exc:
                 code = exc.status_code
                 await context.abort(_STATUS.get(code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            except Exception:  # a defect: counted as 500, logged with its traceback, no details to the client
+                log.exception("gRPC %s failed", rpc)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 m = self.state.metrics
                 m.requests.labels(route=route, status=str(code)).inc()

@@ -7,7 +7,8 @@ Policy (documented in docs/service.md):
 - empty, truncated or corrupt images are 400;
 - channels: the bundle's input has 1 (grayscale) or 3 (RGB) channels. Under the ``convert`` policy, RGB is
   converted to grayscale with the ITU-R 601-2 luma transform, grayscale is replicated to RGB, alpha is dropped,
-  palette images are expanded, 16-bit grayscale is scaled to [0, 1]. Under ``strict`` a mismatch is 422;
+  palette images are expanded, 16-bit grayscale is scaled by its bit depth (value / 65535, the same at every
+  image size). Under ``strict`` a mismatch is 422;
 - size: under ``convert``, an image with the bundle's aspect ratio (within 2 %) is resized to the bundle's
   height x width (bilinear with antialiasing); any other size is 422. Under ``strict`` the size must match;
 - tensors (OIP): FP32, shape (N, C, H, W) equal to the bundle's (C, H, W), finite values in [0, 1], data length
@@ -26,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pathguard.service.errors import BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
 
-__all__ = ["IMAGE_TYPES", "InputSpec", "check_media_type", "decode_image"]
+__all__ = ["IMAGE_TYPES", "InputSpec", "check_media_type", "decode_image", "decode_images"]
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
@@ -95,17 +96,23 @@ def _open(data: bytes, spec: InputSpec) -> Image.Image:
     return img
 
 
+def _integer_to_float(img: Image.Image, data: bytes) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grayscale image as mode 'F' in [0, 1], scaled by its bit depth: the full
+    scale is 2**depth - 1 whatever the pixel values or the image size (a PNG's IHDR names the depth)."""
+    depth = data[24] if data.startswith(_MAGIC[0][0]) and len(data) > 24 and data[24] in (8, 16) else 16
+    arr = np.asarray(img, dtype=np.float64) / float(2**depth - 1)  # (H, W)
+    return Image.fromarray(np.clip(arr, 0.0, 1.0).astype(np.float32))  # mode F
+
+
 def _to_array(img: Image.Image, channels: int, policy: str) -> np.ndarray:
     """Pixels as float32 (H, W, C) in [0, 1] with the bundle's channel count."""
     mode = img.mode
-    native = 1 if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L") else 3
+    native = 1 if mode in ("1", "L", "LA", "F") else 3
     if policy == "strict" and native != channels:
         kind = {1: "grayscale", 3: "RGB"}
         raise UnprocessableInput(f"image is {kind[native]} but the model expects {kind.get(channels, channels)}")
-    if mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / (65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
-        gray = np.clip(arr, 0.0, 1.0).astype(np.float32)[:, :, None]  # (H, W, 1)
+    if mode == "F":  # 16-bit grayscale, already scaled to [0, 1]
+        gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[:, :, None]  # (H, W, 1)
         return np.repeat(gray, channels, axis=2) if channels == 3 else gray
     if channels not in (1, 3):
         raise UnprocessableInput(f"the model expects {channels} channels; only 1 or 3 are supported for images")
@@ -125,11 +132,7 @@ def _fit_size(img: Image.Image, spec: InputSpec) -> Image.Image:
     if abs((w / h) / (spec.width / spec.height) - 1.0) > _ASPECT_TOLERANCE:
         raise UnprocessableInput(f"image is {w}x{h}; the model expects {expected} or the same aspect ratio")
     if img.mode not in ("L", "RGB", "F"):
-        img = img.convert("F") if img.mode.startswith("I") else img.convert("RGBA" if "A" in img.mode else "RGB")
-    if img.mode == "F":  # keep 16-bit depth through the resize
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8), mode="L")
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
     return img.resize((spec.width, spec.height), Image.Resampling.BILINEAR, reducing_gap=None)
 
 
@@ -150,6 +153,22 @@ def decode_image(data: bytes, spec: InputSpec, declared: str | None = None) -> n
     fmt = _sniff(data, declared)
     if declared is not None and declared != fmt:
         raise BadInput(f"content type says {declared} but the image is {fmt}")
-    img = _fit_size(_open(data, spec), spec)
-    arr = _to_array(img, spec.channels, spec.policy)  # (H, W, C)
+    img = _open(data, spec)
+    if img.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: scaled before any resize
+        img = _integer_to_float(img, data)
+    arr = _to_array(_fit_size(img, spec), spec.channels, spec.policy)  # (H, W, C)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, H, W)
+
+
+def decode_images(items: list[tuple[bytes, str | None]], spec: InputSpec) -> np.ndarray:
+    """Decode several images into one float32 (n, C, H, W) array (one call, for a worker thread); an error in a
+    request of several images names the image's position."""
+    arrays = []
+    for i, (data, declared) in enumerate(items):
+        try:
+            arrays.append(decode_image(data, spec, declared))
+        except (BadInput, PayloadTooLarge, UnprocessableInput, UnsupportedMediaType) as exc:
+            if len(items) > 1:
+                exc.message = f"image {i}: {exc.message}"
+            raise
+    return np.stack(arrays)  # (n, C, H, W)

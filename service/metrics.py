@@ -82,10 +82,40 @@ class Metrics:
             "Shadow-mode verdicts dropped because the shadow backlog was full (their predictions were answered).",
             registry=r,
         )
+        self.flagged_dropped = Counter(
+            "pathguard_flagged_dropped",
+            "Flagged inputs not recorded in the stream: reason = no_redis (none configured), backlog_full (the "
+            "in-memory delivery backlog), spool_full (the spool's byte or entry bound), spool_error (disk error).",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_entries = Gauge(
+            "pathguard_spool_entries", "Flagged entries waiting in the spool for Redis.", registry=r
+        )
+        self.spool_bytes = Gauge("pathguard_spool_bytes", "Size of the spool file in bytes.", registry=r)
+        self.background_dropped = Counter(
+            "pathguard_background_dropped",
+            "After-response tasks (cache writes, flagged entries, shadow verdicts) not started because "
+            "PATHGUARD_MAX_BACKGROUND_TASKS were already running.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "pathguard_rejected_concurrency",
+            "HTTP requests answered 503 before their body was read: PATHGUARD_MAX_CONCURRENT_REQUESTS were in flight.",
+            registry=r,
+        )
+        self.onnx_split_failed = Gauge(
+            "pathguard_onnx_split_failed",
+            "1 when the ONNX graph could not be split at the checked taps, so every layer's checks wait for the "
+            "whole forward pass (parallel checks lose their overlap); 0 otherwise.",
+            registry=r,
+        )
         self.inflight = Gauge("pathguard_inflight_requests", "Requests being processed.", registry=r)
         self.bundle_info = Gauge(
             "pathguard_bundle_info", "The served bundle (value 1).", ["name", "version", "sha256"], registry=r
         )
+        for reason in ("no_redis", "backlog_full", "spool_full", "spool_error"):
+            self.flagged_dropped.labels(reason=reason)
         for verdict in ("adversarial", "benign"):
             self.verdicts.labels(verdict=verdict)
         for stage in STAGES:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.routing import BaseRoute, Match
@@ -15,7 +15,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pathguard.service.errors import PayloadTooLarge
 from pathguard.service.metrics import Metrics
 
-__all__ = ["REQUEST_ID_STATE", "BodyLimitMiddleware", "RequestMetricsMiddleware", "access_log", "safe_request_id"]
+__all__ = [
+    "REQUEST_ID_STATE",
+    "BodyLimitMiddleware",
+    "ConcurrencyLimitMiddleware",
+    "RequestMetricsMiddleware",
+    "access_log",
+    "safe_request_id",
+]
 
 access_log = logging.getLogger("pathguard.access")
 REQUEST_ID_STATE = "pathguard_request_id"  # key in the request's scope["state"]: the id this request answers with
@@ -70,6 +77,37 @@ class BodyLimitMiddleware:
             await _send_error(send, 413, message)
 
 
+class ConcurrencyLimitMiddleware:
+    """503 + Retry-After, before the body is read, for a request that carries a body (POST, PUT, PATCH) while
+    ``limit`` such requests are already being processed: request bodies in memory stay under ``limit`` times the
+    body limit, whatever the number of connections. GETs (health, metrics, metadata, the page) are never refused."""
+
+    _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int = 1, on_reject: Callable[[], None] | None = None):
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.on_reject = on_reject
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in self._WITH_BODY:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            if self.on_reject is not None:
+                self.on_reject()
+            retry = [(b"retry-after", str(self.retry_after_s).encode())]
+            await _send_error(send, 503, f"more than {self.limit} requests in flight; retry later", retry)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -80,9 +118,9 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, status: int, message: str) -> None:
+async def _send_error(send: Send, status: int, message: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

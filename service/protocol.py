@@ -12,13 +12,13 @@ each a numpy array per request, encoded as JSON ``data`` or as raw bytes by the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from pathguard.service.errors import BadInput, PayloadTooLarge
 from pathguard.service.inputs import InputSpec
@@ -56,6 +56,7 @@ _NUMPY: dict[str, np.dtype[Any]] = {
 }
 _JSON_BYTES_PER_ELEMENT = 24  # generous: "0.123456789012345678," is 21 characters
 _JSON_SLACK_BYTES = 64 * 1024  # ids, parameters, output requests
+_MAX_NESTING = 16  # depth of any JSON value but the tensor data (whose nesting is checked against the shape)
 
 
 @dataclass
@@ -180,11 +181,12 @@ def parse_http(body: bytes, header_length: str | None, spec: InputSpec, max_imag
     if len(header) > max_json_bytes(spec, max_images):
         raise PayloadTooLarge(f"inference request JSON of {len(header)} bytes is larger than any valid request")
     try:
-        req = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        req = orjson.loads(header)  # nesting deeper than 1024 is a JSONDecodeError, never a RecursionError
+    except (orjson.JSONDecodeError, RecursionError) as exc:
         raise BadInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(req, dict):
         raise BadInput("request body must be a JSON object")
+    _check_nesting(req)
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         count = len(inputs) if isinstance(inputs, list) else 0
@@ -196,6 +198,20 @@ def parse_http(body: bytes, header_length: str | None, spec: InputSpec, max_imag
     outputs, binary = _http_outputs(req.get("outputs"), bool(params.pop("binary_data_output", False)))
     rid = req.get("id")
     return InferCall(x, str(rid) if rid is not None else None, outputs, binary, params)
+
+
+def _check_nesting(req: dict[str, Any]) -> None:
+    """400 for any value nested deeper than :data:`_MAX_NESTING` outside the tensor data (parameters and ids are
+    echoed back, and no valid request nests them deeply). Walks iteratively, skipping each input's ``data``."""
+    stack: list[tuple[object, int]] = [(req, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_NESTING:
+            raise BadInput(f"request JSON is nested deeper than {_MAX_NESTING} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for k, v in node.items() if not (k == "data" and depth == 3))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _header_length(value: str | None, body_length: int) -> int | None:
@@ -257,7 +273,7 @@ def encode_http(
         else:
             entry["data"] = t.values.tolist()
         outputs.append(entry)
-    header = json.dumps({**response, "outputs": outputs}, separators=(",", ":")).encode()
+    header = orjson.dumps({**response, "outputs": outputs})
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)

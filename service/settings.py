@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         "'Authorization: Bearer <key>' or 'X-API-Key: <key>' (compared in constant time); otherwise 401. That "
         "includes /docs and /openapi.json.",
     )
+    insecure: bool = Field(
+        default=False,
+        description="Allow `pathguard serve` to bind an address beyond loopback (e.g. 0.0.0.0) without "
+        "PATHGUARD_API_KEY, i.e. with /v1, /v2, /metrics, /docs and /openapi.json open to the network. Without it, "
+        "such a start is refused.",
+    )
     docs: bool = Field(
         default=True,
         description="Serve the interactive API docs (/docs) and the OpenAPI schema (/openapi.json); behind the API "
@@ -96,12 +102,23 @@ class Settings(BaseSettings):
     max_request_images: int = Field(
         default=64,
         ge=1,
-        description="Most images in one /v1/detect/batch or Open Inference Protocol request; else 413.",
+        description="Most images in one /v1/detect/batch or Open Inference Protocol request; else 413. At most "
+        "PATHGUARD_MAX_BATCH_SIZE, so that no batch ever runs more images than that.",
+    )
+    max_concurrent_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Most HTTP requests (other than /v2/health/*, /metrics and the page) processed at once; beyond "
+        "that, 503 + Retry-After before the body is read, so memory for request bodies stays under about this "
+        "times PATHGUARD_MAX_BODY_BYTES. Also the gRPC server's maximum_concurrent_rpcs.",
     )
 
     # --- batching and parallelism ------------------------------------------------------------------
     max_batch_size: int = Field(
-        default=32, ge=1, description="Most images the micro-batcher runs through the model at once."
+        default=64,
+        ge=1,
+        description="Most images the micro-batcher runs through the model at once (a hard cap: warm-up runs a batch "
+        "of this size, and no request may carry more, see PATHGUARD_MAX_REQUEST_IMAGES).",
     )
     max_batch_wait_ms: float = Field(
         default=0.0,
@@ -152,7 +169,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="If set, torch.set_num_threads(value) at startup (torch engine and layer checks).",
+        description="torch.set_num_threads(value) at startup (torch engine and layer checks). Unset: the CPU cores "
+        "available to the process divided by the threads that run torch beside each other (PATHGUARD_WORKER_THREADS "
+        "plus the batcher's), at least 1, so they do not oversubscribe the cores.",
     )
     warmup_rounds: int = Field(
         default=3, ge=0, description="Forward + detection passes run at startup before ready flips."
@@ -202,3 +221,42 @@ class Settings(BaseSettings):
         description="File where flagged entries wait (JSON lines) while Redis is unreachable; replayed into the stream "
         "when Redis answers again.",
     )
+    spool_max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=4096,
+        description="Largest spool file in bytes; flagged entries beyond it are dropped and counted "
+        '(pathguard_flagged_dropped_total{reason="spool_full"}).',
+    )
+    spool_max_entries: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most entries waiting in the spool; beyond it flagged entries are dropped and counted "
+        "(reason spool_full).",
+    )
+    flag_backlog: int = Field(
+        default=1024,
+        ge=1,
+        description="Most flagged entries waiting in memory for their XADD or spool write; beyond it they are dropped "
+        "and counted (reason backlog_full).",
+    )
+    flag_backlog_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of flagged entries (images included) waiting in memory; beyond it they are dropped "
+        "and counted (reason backlog_full).",
+    )
+    max_background_tasks: int = Field(
+        default=1024,
+        ge=1,
+        description="Most after-response tasks (cache writes, flagged entries, shadow-mode verdicts) running at once; "
+        "beyond it new ones are not started and counted in pathguard_background_dropped_total.",
+    )
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> Settings:
+        if self.max_request_images > self.max_batch_size:
+            raise ValueError(
+                f"max_request_images ({self.max_request_images}) must not exceed max_batch_size "
+                f"({self.max_batch_size}): one request runs as one batch"
+            )
+        return self

@@ -47,7 +47,13 @@ class ServiceState:
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coro`` after the response (cache writes, stream entries, shadow verdicts); errors are logged."""
+        """Run ``coro`` after the response (cache writes, stream entries, shadow verdicts); errors are logged.
+
+        At most ``max_background_tasks`` run at once: beyond that ``coro`` is not started, and counted."""
+        if len(self._background) >= self.settings.max_background_tasks:
+            coro.close()
+            self.metrics.background_dropped.inc()
+            return
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._reap)

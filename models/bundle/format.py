@@ -36,6 +36,8 @@ __all__ = [
     "BundleIntegrityError",
     "VerifiedFiles",
     "bundle_sha256",
+    "check_bundle_target",
+    "is_bundle",
     "library_versions",
     "npz_bytes",
     "read_verified",
@@ -209,9 +211,18 @@ def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[st
     """Write ``files`` and a manifest listing their digests into ``out_dir``; returns the bundle sha256.
 
     The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves
-    a half-written bundle under the final name. An existing ``out_dir`` is replaced.
+    a half-written bundle under the final name. An existing bundle (a folder with a manifest) at ``out_dir`` is
+    replaced by two renames (the old one moved aside, the new one moved in, then the old one removed); an
+    existing empty folder is replaced too.
+
+    Raises
+    ------
+    BundleError
+        ``out_dir`` exists and is not a bundle (a file, or a folder with files but no manifest): nothing is
+        written and nothing there is touched.
     """
     out = Path(out_dir)
+    check_bundle_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     full = {
         "schema_version": SCHEMA_VERSION,
@@ -228,13 +239,33 @@ def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[st
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_bytes(raw)
+        check_bundle_target(out)  # again: the folder may have changed while the files were written
+        old = None
         if out.exists():
-            shutil.rmtree(out)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            out.replace(old / "bundle")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return _sha256(raw)
+
+
+def is_bundle(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a bundle manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def check_bundle_target(out: Path) -> None:
+    """Raise :class:`BundleError` unless ``out`` is absent, an empty folder or a bundle (safe to replace)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise BundleError(f"{out} exists and is not a bundle folder; refusing to replace it")
+    if not is_bundle(out) and any(out.iterdir()):
+        raise BundleError(f"{out} is a folder with files but no {MANIFEST}, not a bundle; refusing to replace it")
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -82,10 +82,11 @@ def _per_class(ranges: Any, n: int) -> dict[str, Any] | None:
 
 
 @router.get("/model", response_model=ModelInfo)
-async def model(state: Ready) -> dict[str, Any]:
-    """Summary of the served bundle's manifest."""
+async def model(state: Ready) -> JSONResponse:
+    """Summary of the served bundle's manifest. ``onnx_split_error``: why the onnx engine could not split the graph
+    at the checked taps (so the per-layer checks start only after the whole forward pass), else null."""
     b, p, s = state.bundle, state.runtime.pipeline, state.settings
-    return {
+    body = {
         **model_ref(state),
         "dataset": b.dataset,
         "classes": list(b.classes),
@@ -101,6 +102,8 @@ async def model(state: Ready) -> dict[str, Any]:
         "supervised": _supervised_info(p.supervised),
         "benign_similarity": _benign_similarity(state),
     }
+    body["onnx_split_error"] = state.runtime.engine.split_error
+    return JSONResponse(body)
 
 
 @router.post(

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pathguard.service.errors import Overloaded
+from pathguard.service.errors import Overloaded, PayloadTooLarge
 
 __all__ = ["BatchSlice", "MicroBatcher"]
 
@@ -83,7 +83,10 @@ class MicroBatcher(Generic[R]):
         self._executor.shutdown(wait=True)
 
     async def submit(self, x: np.ndarray) -> BatchSlice[R]:
-        """Queue ``x`` (n, C, H, W) and wait for its share of a batch result."""
+        """Queue ``x`` (n, C, H, W) and wait for its share of a batch result; ``n`` above the batch size is 413
+        (settings keep every request within it: no batch ever runs more than ``max_batch`` images)."""
+        if len(x) > self.max_batch:
+            raise PayloadTooLarge(f"at most {self.max_batch} images per request, got {len(x)}")
         fut: asyncio.Future[BatchSlice[Any]] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Item(x, fut, time.perf_counter()))

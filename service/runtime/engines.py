@@ -37,6 +37,7 @@ class ClassifierEngine(Protocol):
 
     name: str
     computes_nic: bool
+    split_error: str | None  # set when the graph could not be split at the checked taps (onnx)
 
     def logits(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -59,6 +60,7 @@ class TorchEngine:
 
     name = "torch"
     computes_nic = False
+    split_error: str | None = None  # stepping through the layers always yields the taps as they come
 
     def __init__(self, model: TappedSequential) -> None:
         self.model = model.eval()
@@ -129,6 +131,7 @@ class OnnxEngine:
         self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._full = self._session(model_bytes)
+        self.split_error: str | None = None  # why the graph could not be split at the checked taps, if it could not
         self.stages = self._split(model, [t for t in self.tap_names if t in set(split_at)])
         self.computes_nic = nic is not None
         self._nic_outputs = list(nic_output_names(0)[:2])  # per-layer VI scores and head logits
@@ -162,15 +165,16 @@ class OnnxEngine:
         for out in outputs:  # stage index = number of cuts strictly upstream of the output
             groups[sum(c in ancestors[out] for c in cuts)].append(out)
         inputs = [self.input_name, *cuts]
-        extractor = onnx.utils.Extractor(model)
         stages = []
         try:
+            extractor = onnx.utils.Extractor(model)
             for inp, outs in zip(inputs, groups, strict=True):
                 if not outs:
                     continue
                 sub = extractor.extract_model([inp], [o for o in outputs if o in outs])
                 stages.append(_Stage(inp, [o for o in outputs if o in outs], self._session(sub.SerializeToString())))
         except Exception as exc:  # any graph that is not a chain of single-input stages
+            self.split_error = f"{type(exc).__name__}: {exc}"
             log.warning("ONNX graph cannot be split at %s (%s); taps will arrive after the full pass", cuts, exc)
             return whole
         return stages

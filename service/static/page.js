@@ -155,6 +155,9 @@ function render(body, file, caption) {
     verdict.dataset.verdict = "none";
     verdict.className = "verdict";
     for (const id of ["v-score", "v-p", "v-fpr"]) $(id).textContent = "-";
+    for (const id of ["ep-table", "nic-value", "nic-prov"]) $(id).querySelector("tbody").replaceChildren();
+    $("benign-note").textContent = "No per-layer evidence: in shadow mode the verdict is computed afterwards " +
+      "and only recorded.";
     return;
   }
   verdict.textContent = v.adversarial ? "adversarial" : "benign";

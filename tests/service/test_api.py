@@ -362,7 +362,7 @@ def test_shadow_mode_answers_prediction_and_records_verdict(make_client, digits)
 
 
 def test_full_queue_answers_503_with_retry_after(make_client, digits):
-    client = make_client(queue_size=1, max_batch_size=1, max_request_images=64, retry_after_s=2, cache=False)
+    client = make_client(queue_size=1, max_batch_size=64, max_request_images=64, retry_after_s=2, cache=False)
     files = [("images", (f"{i}.png", digits[i % 32][0], "image/png")) for i in range(64)]
     statuses: list[tuple[int, str | None]] = []
 
