@@ -54,7 +54,9 @@ class TrainConfig:
 
 
 DEFAULTS = {
-    "mnist": TrainConfig(epochs=12, batch_size=128, lr=3e-3, weight_decay=0.0, optimizer="adam", augment=False),
+    "mnist": TrainConfig(
+        epochs=12, batch_size=128, lr=3e-3, weight_decay=0.0, optimizer="adam", augment=False, holdout=5000
+    ),
     "cifar10": TrainConfig(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", augment=True),
 }
 # per architecture, where it differs from the dataset's default
