@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -529,14 +530,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     line on stderr and exit status 2; ``--debug`` shows its traceback instead. Anything else is a defect and
     keeps its traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        result: int = args.func(args)
-    except Exception as exc:
-        if args.debug or not _is_user_error(exc):
-            raise
-        print(f"pathguard {args.command}: error: {user_error_message(exc)}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores the previous warning filters and display on the way out
+        warnings.filterwarnings("always", category=UserWarning, module=r"pathguard\.")
+        warnings.showwarning = _warning_line(args.command, warnings.showwarning)
+        try:
+            result: int = args.func(args)
+        except Exception as exc:
+            if args.debug or not _is_user_error(exc):
+                raise
+            print(f"pathguard {args.command}: error: {user_error_message(exc)}", file=sys.stderr)
+            return 2
     return result
+
+
+def _warning_line(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """Show pathguard's own warnings (e.g. NIC scaled to a short training set) as one line on stderr; leave
+    every other warning to ``fallback``. (By name: importing pathguard.models would load torch for every
+    command.)"""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if any(
+            c.__module__ == "pathguard.models.errors" and c.__name__ == "PathguardWarning" for c in category.__mro__
+        ):
+            print(f"pathguard {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
 
 
 def _is_user_error(exc: BaseException) -> bool:
