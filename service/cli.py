@@ -266,6 +266,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     n = len(idx)
     out = {
         "bundle": bundle.name,
+        "bundle_sha256": bundle.sha256,
         "split": args.split,
         "n": n,
         "accuracy": correct / n,
@@ -275,7 +276,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     }
     if bundle.pipeline.supervised is not None:
         out["supervised_flagged_rate"] = sup_flagged / n
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -285,6 +290,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--target-fpr", type=float)
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the figures to PATH (e.g. docs/reports/<bundle>/clean-fpr.json, beside its report)",
+    )
     p.set_defaults(func=_cmd_score)
 
 
