@@ -3,6 +3,7 @@
 # the default bundle artifacts/mnist-lenet5 baked in and verified at build time, non-root user.
 #
 #   docker build -t pathguard:0.1.0 .
+#   (offline, with a local base and the CPU torch wheel on this machine: docs/deploy.md, `make image-test`)
 #   docker run --rm -p 8080:8080 pathguard:0.1.0
 #   docker run --rm -p 8080:8080 -e PATHGUARD_MODE=shadow -e PATHGUARD_REDIS_URL=redis://redis:6379/0 pathguard:0.1.0
 #
@@ -10,11 +11,18 @@
 # bundle, mount it and set PATHGUARD_BUNDLE to its folder.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Where pip finds CPU torch: the CPU wheel index. Where that index is unreachable, a folder or URL that holds the
+# CPU wheel, e.g. --build-arg TORCH_SOURCE="--find-links http://127.0.0.1:8765/" (docs/deploy.md, offline builds).
+ARG TORCH_SOURCE="--index-url https://download.pytorch.org/whl/cpu"
+# Extra options for every pip install of the build (a mirror, a CA bundle, a timeout); none by default.
+ARG PIP_OPTIONS=""
 
 # ---------------------------------------------------------------------------------------------------------
 # build: a virtualenv in /opt/venv with CPU torch and the project's runtime dependencies
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_SOURCE
+ARG PIP_OPTIONS
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -25,7 +33,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # CPU torch first, from the CPU wheel index; the constraint keeps every later install on this exact build
 # (a torch requirement that 2.13.0 satisfies then installs nothing, and no CUDA wheel is ever pulled).
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+RUN pip install $PIP_OPTIONS torch==2.13.0 $TORCH_SOURCE \
     && echo "torch==2.13.0" > /opt/constraints.txt \
     && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
 ENV PIP_CONSTRAINT=/opt/constraints.txt
@@ -35,13 +43,13 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+    && pip install $PIP_OPTIONS -r /tmp/requirements.txt
 
 # The project itself (no extras: the attack libraries of [eval] stay out of the serving image).
 COPY README.md LICENSE ./
 COPY models ./models
 COPY service ./service
-RUN pip install --no-deps . \
+RUN pip install $PIP_OPTIONS --no-deps . \
     && pip check \
     && python -c "import pathguard.models, pathguard.service.app"
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(if $(PATHGUARD_DATA_DIR),$(PATHGUARD_DATA_DIR),$(if $(wildcard ../shared/data),../shared/data,$(HOME)/.cache/pathguard/data))
 export PATHGUARD_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: install install-dev serve test lint typecheck clean
+.PHONY: install install-dev serve test lint typecheck clean image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ typecheck:
 	ln -sfn ../../models .typecheck/pathguard/models
 	ln -sfn ../../service .typecheck/pathguard/service
 	$(BIN)/mypy
+
+# The serving image built, run and used for real (needs a Docker daemon; offline it builds through build arguments).
+image-test:
+	scripts/image-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .typecheck

@@ -16,12 +16,18 @@ __all__ = [
     "NotCalibratedError",
     "NotFittedError",
     "PathguardError",
+    "PathguardWarning",
     "UnsupportedModelError",
 ]
 
 
 class PathguardError(Exception):
     """Base of every pathguard domain error."""
+
+
+class PathguardWarning(UserWarning):
+    """Base of pathguard's warnings: something worked, at a cost the user should know (the command line prints
+    each as one line)."""
 
 
 class NotFittedError(PathguardError, ValueError, AttributeError):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     n = len(idx)
     out = {
         "bundle": bundle.name,
+        "bundle_sha256": bundle.sha256,
         "split": args.split,
         "n": n,
         "accuracy": correct / n,
@@ -317,7 +319,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     }
     if bundle.pipeline.supervised is not None:
         out["supervised_flagged_rate"] = sup_flagged / n
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -327,6 +333,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--target-fpr", type=float)
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the figures to PATH (e.g. docs/reports/<bundle>/clean-fpr.json, beside its report)",
+    )
     p.set_defaults(func=_cmd_score)
 
 
@@ -577,14 +588,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     line on stderr and exit status 2; ``--debug`` shows its traceback instead. Anything else is a defect and
     keeps its traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        result: int = args.func(args)
-    except Exception as exc:
-        if args.debug or not _is_user_error(exc):
-            raise
-        print(f"pathguard {args.command}: error: {user_error_message(exc)}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores the previous warning filters and display on the way out
+        warnings.filterwarnings("always", category=UserWarning, module=r"pathguard\.")
+        warnings.showwarning = _warning_line(args.command, warnings.showwarning)
+        try:
+            result: int = args.func(args)
+        except Exception as exc:
+            if args.debug or not _is_user_error(exc):
+                raise
+            print(f"pathguard {args.command}: error: {user_error_message(exc)}", file=sys.stderr)
+            return 2
     return result
+
+
+def _warning_line(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """Show pathguard's own warnings (e.g. NIC scaled to a short training set) as one line on stderr; leave
+    every other warning to ``fallback``. (By name: importing pathguard.models would load torch for every
+    command.)"""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if any(
+            c.__module__ == "pathguard.models.errors" and c.__name__ == "PathguardWarning" for c in category.__mro__
+        ):
+            print(f"pathguard {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from pathguard.models.bundle import load_bundle
 from pathguard.models.evaluation.evaluate import DETECTORS, SUPERVISED
 from pathguard.service.cli import main
 from tests.conftest import ARTIFACTS
@@ -52,17 +53,34 @@ def test_report_has_the_issue_schema(report_dir):
         assert all({"auc", "dr_at_fpr_0.05"} <= set(v) for v in per.values())
 
 
-def test_detection_is_real_and_thresholds_hold_on_calibration(report_dir):
+def test_detection_is_real(report_dir):
     out, _ = report_dir
     r = json.loads((out / "report.json").read_text())
     # Uniform noise images are far off the data manifold: every benign-only detector must separate them.
     for d in ("ep_benign", "nic", "fused"):
         assert r["detectors"][d]["per_attack"]["noise"]["auc"] > 0.95, d
-    # The fused threshold is the bundle's; on its own calibration split it meets the target FPR.
+    # FGSM (eps 0.3) on MNIST: the committed report has the fused AUC at 0.997 and DR 100% at 5% FPR on 231
+    # examples; with the smoke run's few examples it must still be detected far above chance (AUC 0.5).
+    assert r["attacks"]["fgsm"]["n_successful"] >= 20
+    fgsm = {d: r["detectors"][d]["per_attack"]["fgsm"] for d in ("ep_benign", "nic", "fused")}
+    assert fgsm["fused"]["auc"] > 0.9 and fgsm["fused"]["dr_at_fpr_0.05"] > 0.6, fgsm["fused"]
+    assert fgsm["nic"]["auc"] > 0.9 and fgsm["ep_benign"]["auc"] > 0.75, fgsm
+    # The fused threshold is the bundle's.
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert r["detectors"]["fused"]["threshold"] == pytest.approx(manifest["verdict"]["threshold"])
-    for d in DETECTORS:
-        assert r["detectors"][d]["calibration_fpr"] <= r["settings"]["target_fpr"] + 1e-9, d
+
+
+def test_clean_fpr_on_images_the_bundle_never_saw_is_near_its_target(mnist_test):
+    """The verdict's threshold was set on held-out training images; on 2,000 test images (never used by the
+    build) the share of clean images flagged is within 2.5 points of the target (binomial sd here: about 0.5
+    point from the test sample, 0.5 from the 2,000 calibration images that set the threshold)."""
+    bundle = load_bundle(BUNDLE)
+    target = bundle.pipeline.target_fpr
+    assert target == json.loads((BUNDLE / "manifest.json").read_text())["verdict"]["target_fpr"]
+    flagged = np.concatenate(
+        [bundle.pipeline.detect(mnist_test.x[s : s + 500]).adversarial for s in range(0, 2000, 500)]
+    )
+    assert abs(flagged.mean() - target) <= 0.025, (flagged.mean(), target)
 
 
 def test_figures_markdown_and_attack_cache(report_dir):

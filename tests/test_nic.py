@@ -208,7 +208,7 @@ def test_channel_mean_reduction_is_the_standardized_per_channel_mean(lenet, mnis
     feats = det.reduce("conv1", conv1)
     assert feats.shape == (300, 6)
     with torch.no_grad():
-        _, fit_taps = det.activations(lenet, x[det._split(len(x), 0, holdout=False)["fit"][: TINY["n_pca"]]])
+        _, fit_taps = det.activations(lenet, x[det._split(len(x), 0)["fit"][: det.sizes_.n_pca]])
     means = fit_taps["conv1"].double().mean((2, 3))  # the fitting images' per-channel means
     expected = (conv1.double().mean((2, 3)) - means.mean(0)) / means.std(0, correction=0)
     np.testing.assert_allclose(feats.double().numpy(), expected.numpy(), atol=1e-4)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 from pathguard.models.errors import NotCalibratedError, NotFittedError
 from pathguard.models.nic.layers import INPUT, SOFTMAX, default_layers, layer_activation
+from pathguard.models.nic.sizing import NICSizes, NICSizeWarning, size_to_data
 from pathguard.models.nic.svm import BatchedOCSVM, ExportedOCSVM, fit_ocsvm
 from pathguard.models.verdict import columnwise_p_values, threshold_at_fpr, violation_probability
 
@@ -515,8 +517,15 @@ class NICDetector:
         Returns
         -------
         NICDetector
-            ``self``, with ``layers_``, ``members_``, ``n_classes_``, ``head_accuracy_`` (per layer, member 0)
-            and ``fit_seconds_``.
+            ``self``, with ``layers_``, ``members_``, ``n_classes_``, ``head_accuracy_`` (per layer, member 0),
+            ``sizes_`` (the sizes used: the parameters, or scaled down to ``len(x)`` with a
+            :class:`~pathguard.models.nic.sizing.NICSizeWarning` stating the cost, see
+            :func:`~pathguard.models.nic.sizing.size_to_data`; ``scaled_`` says which) and ``fit_seconds_``.
+
+        Raises
+        ------
+        DatasetError
+            Too few images for NIC at all (the message says how many it needs and for what).
         """
         t0 = time.perf_counter()
         xt, yt = _to_tensor(x), torch.as_tensor(np.asarray(y), dtype=torch.long)
@@ -526,7 +535,11 @@ class NICDetector:
         with torch.no_grad():
             self.n_classes_ = int(model(xt[:1]).shape[1])
         has_val = x_val is not None and y_val is not None
-        splits = [self._split(len(xt), k, holdout=not has_val) for k in range(self.n_random + 1)]
+        self.sizes_, note = size_to_data(self._configured_sizes(), len(xt), has_validation=has_val)
+        self.scaled_ = note is not None
+        if note is not None:
+            warnings.warn(note, NICSizeWarning, stacklevel=2)
+        splits = [self._split(len(xt), k) for k in range(self.n_random + 1)]
         self.members_ = [self._fit_member(model, xt, yt, k, splits[k]) for k in range(self.n_random + 1)]
         if has_val:
             assert x_val is not None and y_val is not None
@@ -542,17 +555,18 @@ class NICDetector:
         if self.layers is not None:
             _validate_layers(list(self.layers), model)
 
-    def _split(self, n: int, member: int, holdout: bool) -> dict[str, torch.Tensor]:
-        n_hold = self.holdout if holdout else 0
-        need = n_hold + self.n_fit + self.n_final
-        if n < need or self.n_pca > self.n_fit:
-            raise ValueError(f"need n_pca <= n_fit and at least {need} training samples (holdout + n_fit + n_final)")
+    def _configured_sizes(self) -> NICSizes:
+        return NICSizes(self.n_fit, self.n_final, self.n_pca, self.holdout, self.pca_dim)
+
+    def _split(self, n: int, member: int) -> dict[str, torch.Tensor]:
+        """Seeded disjoint positions of ``sizes_`` (``hold``, ``fit``, ``final``; ``head`` overlaps ``fit``)."""
+        size = self.sizes_
         perm = torch.from_numpy(np.random.default_rng([self.seed, member]).permutation(n))
-        rest = perm[n_hold:]
+        rest = perm[size.holdout :]
         return {
-            "hold": perm[:n_hold],
-            "fit": rest[: self.n_fit],
-            "final": rest[self.n_fit : self.n_fit + self.n_final],
+            "hold": perm[: size.holdout],
+            "fit": rest[: size.n_fit],
+            "final": rest[size.n_fit : size.n_fit + size.n_final],
             "head": rest[: max(self.n_head, 1)],
         }
 
@@ -560,7 +574,7 @@ class NICDetector:
         self, model: Any, x: torch.Tensor, y: torch.Tensor, k: int, split: dict[str, torch.Tensor]
     ) -> _Member:
         rng = np.random.default_rng([self.seed, k, 1])
-        raw, shapes = _collect_raw(model, x[split["fit"][: self.n_pca]], self.layers_, self.batch_size)
+        raw, shapes = _collect_raw(model, x[split["fit"][: self.sizes_.n_pca]], self.layers_, self.batch_size)
         stages = {
             name: self._fit_reducer(name, raw[name], rng if k > 0 else None, shapes[name]) for name in self.layers_
         }
@@ -604,12 +618,12 @@ class NICDetector:
             width = c
         mu, sd = raw.mean(0), raw.std(0)
         sd = np.where(sd > 1e-6, sd, 1.0)
-        if width <= self.pca_dim:
+        if width <= self.sizes_.pca_dim:
             w, b = np.diag(1.0 / sd), -mu / sd
         else:
             from sklearn.decomposition import PCA
 
-            pca = PCA(self.pca_dim, svd_solver="randomized", iterated_power=4, random_state=self.seed)
+            pca = PCA(self.sizes_.pca_dim, svd_solver="randomized", iterated_power=4, random_state=self.seed)
             pca.fit((raw - mu) / sd)
             comp = pca.components_  # (d, width)
             w = (comp / sd[None, :]).T  # (width, d)
@@ -698,7 +712,7 @@ class NICDetector:
     def config(self) -> dict[str, Any]:
         """Small JSON-able description needed (with :meth:`to_arrays`) to restore the detector."""
         self._check_fitted()
-        return {
+        out = {
             "format": _FORMAT,
             "params": self.get_params(),
             "layers": list(self.layers_),
@@ -708,6 +722,9 @@ class NICDetector:
             "calibrated": self.calibrated,
             "head_accuracy": dict(self.head_accuracy_),
         }
+        if self.scaled_:  # scaled to a short training set: record what was used
+            out["fitted_sizes"] = self.sizes_.to_dict()
+        return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Every learned number as named numpy arrays (for npz / safetensors; no pickle)."""
@@ -727,6 +744,8 @@ class NICDetector:
         det = cls(**params)
         det.layers_ = list(config["layers"])
         det.n_classes_ = int(config["n_classes"])
+        det.scaled_ = "fitted_sizes" in config
+        det.sizes_ = NICSizes(**config["fitted_sizes"]) if det.scaled_ else det._configured_sizes()
         det.head_accuracy_ = {str(k): float(v) for k, v in config["head_accuracy"].items()}
         if config.get("fit_seconds") is not None:
             det.fit_seconds_ = float(config["fit_seconds"])

@@ -152,3 +152,12 @@ def test_grafana_provisioning_matches_the_mounts(services):
     home = svc["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert _host_path(svc, home) == dash_file
     assert svc["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_top_level_keys_both_compose_implementations_accept(compose):
+    """Only keys that Compose v2 and Debian's docker-compose 1.29 both accept: 1.29 rejects the top-level ``name``
+    ("'name' does not match any of the regexes: '^x-'") and v2 ignores ``version``."""
+    allowed = {"services", "volumes", "networks", "configs", "secrets"}
+    extra = {k for k in compose if k not in allowed and not k.startswith("x-")}
+    assert not extra, f"top-level keys docker-compose 1.29 or Compose v2 rejects: {sorted(extra)}"
+    assert compose["services"]["pathguard"]["image"] == "pathguard:0.1.0", "the image `docker build -t` names"
