@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--flip-rates", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--copies", type=int, default=8)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    p.add_argument("--cache", type=Path, help="folder keeping every scored set's raw scores (same bundle and options)")
     args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -94,17 +95,27 @@ def main() -> int:
     comps["squeeze"] = SqueezeComponent(*((1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3])))
     scorer = DetectionPipeline(model, comps, None, 0.05, seed=cfg["seed"])
 
-    def raw(x: np.ndarray) -> dict[str, np.ndarray]:
-        return scorer.raw_components(x, batch_size=250)
+    def raw(x: np.ndarray, key: str) -> dict[str, np.ndarray]:
+        """Every candidate's raw scores of ``x``, kept in ``--cache`` under ``key`` (re-runs score new sets only)."""
+        path = args.cache / f"{key.replace(' ', '_').replace('/', '-')}.npz" if args.cache else None
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                if set(z.files) == set(comps) and len(z[z.files[0]]) == len(x):
+                    return {k: z[k] for k in z.files}
+        out = scorer.raw_components(x, batch_size=250)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **out)
+        return out
 
-    calib_s = {k: np.sort(v) for k, v in raw(calib_a).items()}
+    calib_s = {k: np.sort(v) for k, v in raw(calib_a, "calib_a").items()}
     names = list(calib_s)
 
     def p_values(s: dict[str, np.ndarray]) -> np.ndarray:
         return columnwise_p_values(np.stack([calib_s[k] for k in names], 1), np.stack([s[k] for k in names], 1))
 
-    clean_p = p_values(raw(clean))
-    adv_p = {label: p_values(raw(x)) for label, (x, _, _) in attacks.items() if len(x) >= 20}
+    clean_p = p_values(raw(clean, "clean"))
+    adv_p = {label: p_values(raw(x, f"attack {label}")) for label, (x, _, _) in attacks.items() if len(x) >= 20}
     scored_s = time.perf_counter() - t0
 
     layer_groups = {"EP+NIC": ["effective_path", "nic"], "EP+NIC+NIC VI": ["effective_path", "nic", "nic_vi"]}
@@ -152,7 +163,9 @@ def main() -> int:
         "n_clean": len(clean),
         "sigmas": {f"{r:g}": s for r, s in sigmas.items()},
         "copies": args.copies,
-        "attacks": {a: {"successful": len(x), "attempted": n, "params": m["params"]} for a, (x, n, m) in attacks.items()},
+        "attacks": {
+            a: {"successful": len(x), "attempted": n, "params": m["params"]} for a, (x, n, m) in attacks.items()
+        },
         "standard_attacks": standard,
         "seconds": round(time.perf_counter() - t0, 1),
         "scoring_seconds": round(scored_s, 1),

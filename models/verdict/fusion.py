@@ -190,6 +190,21 @@ class FusedVerdict:
         per_family = np.stack([combine_p_values(p_values[:, cols], inner) for cols in fams.values()], axis=1)
         return 1.0 - combine_p_values(per_family, outer)
 
+    def family_scores(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """(N,) score of each family's fused components alone, combined as the rule combines within a family (its
+        inner rule, else the rule itself): what each family contributes, for reports."""
+        outer, inner = parse_rule(self.rule)
+        p = self.component_p_values(raw)
+        fams: dict[str, list[str]] = {}
+        for name in self.components:
+            fams.setdefault(self.families.get(name, "layer"), []).append(name)
+        rule = inner or outer
+        out = {}
+        for fam, names in fams.items():
+            pv = np.stack([p[k] for k in names], axis=1)
+            out[fam] = fisher_score(pv) if rule == "fisher" else 1.0 - combine_p_values(pv, rule)
+        return out
+
     def threshold_for(self, target_fpr: float) -> float:
         """Smallest fused-score threshold with clean FPR <= ``target_fpr`` on split B."""
         return threshold_at_fpr(self.fused_calib, target_fpr)
