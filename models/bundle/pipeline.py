@@ -22,7 +22,9 @@ when one is set (reproducible responses, the builder's calibration), else from f
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from pathguard.models.components import Component, Observation, row_of
+from pathguard.models.components.consistency import PROBE, probe
 from pathguard.models.components.effective_path import EffectivePathComponent, EPPartial
 from pathguard.models.components.mahalanobis import GaussianComponent
 from pathguard.models.components.nic import GRAPH, PARTIALS, LayerPartial, NICComponent
@@ -153,6 +156,7 @@ class DetectionPipeline:
         self.verdict = verdict
         self.target_fpr = float(target_fpr)
         self.seed = seed
+        self._probe_thread: ThreadPoolExecutor | None = None
         self.threshold = verdict.threshold_for(self.target_fpr) if verdict is not None else float("nan")
         calib = {k: np.asarray(v, dtype=np.float64) for k, v in (calibration or {}).items()}
         if verdict is not None:
@@ -244,8 +248,28 @@ class DetectionPipeline:
         return self._result(obs, self.raw(obs), probabilities)
 
     def raw(self, obs: Observation) -> dict[str, np.ndarray]:
-        """(N,) raw score of every component on the observation (higher = more anomalous)."""
-        return {name: np.asarray(c.raw(obs), dtype=np.float64) for name, c in self.components.items()}
+        """(N,) raw score of every component on the observation (higher = more anomalous).
+
+        With consistency components, their copies' forward pass runs on the pipeline's own thread while the layer
+        components score here (torch's kernels release the GIL, so the two overlap on a second core)."""
+        consistency = [n for n, c in self.components.items() if c.family == "consistency"]
+        pending = None
+        if consistency and PROBE not in obs.memo:
+            pending = self._prober().submit(_timed_probe, obs)
+        out = {}
+        for name in [n for n in self.components if n not in consistency] + consistency:
+            if pending is not None and name in consistency:
+                result, seconds = pending.result()
+                obs.put(PROBE, result)
+                obs.timings_s[PROBE] = seconds
+                pending = None
+            out[name] = np.asarray(self.components[name].raw(obs), dtype=np.float64)
+        return {name: out[name] for name in self.components}
+
+    def _prober(self) -> ThreadPoolExecutor:
+        if self._probe_thread is None:
+            self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="pathguard-consistency")
+        return self._probe_thread
 
     def _result(self, obs: Observation, raw: dict[str, np.ndarray], probs: np.ndarray | None = None) -> DetectionResult:
         if self.verdict is None:
@@ -345,3 +369,8 @@ class DetectionPipeline:
             obs = self.observe(xb, logits, taps)
             out.append(self._features(obs, self.raw(obs), feature_set))
         return np.concatenate(out)
+
+
+def _timed_probe(obs: Observation) -> tuple[dict[str, torch.Tensor], float]:
+    t0 = time.perf_counter()
+    return probe(obs), time.perf_counter() - t0

@@ -42,6 +42,7 @@ __all__ = [
     "bit_depth",
     "copies_logits",
     "median_filter",
+    "probe",
 ]
 
 SIGMA_GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
@@ -66,32 +67,37 @@ class ConsistencyComponent(Component):
         return []
 
 
+PROBE = "consistency"  # the observation's key (and timing) of the copies' forward pass
+
+
+def probe(obs: Observation, own: list[Transform] | None = None) -> dict[str, torch.Tensor]:
+    """The logits of the originals (key ``""``, (N, K)) and of every transform's copies (its key, (copies, N, K))
+    of every consistency component of the observation's bundle (and ``own``), deduplicated by key, from ONE forward
+    pass. Thread-safe: it reads the observation and draws from its generator only."""
+    family = [c for c in obs.components.values() if isinstance(c, ConsistencyComponent)]
+    todo = {t.key: t for c in family for t in c.transforms()}
+    todo.update({t.key: t for t in own or [] if t.key not in todo})
+    keys = sorted(todo)  # the order the noise is drawn in
+    x = obs.x.float()
+    n, shape = len(x), tuple(x.shape[1:])
+    batch = [x] + [todo[k].apply(x, obs.generator).reshape(-1, *shape) for k in keys]
+    with torch.no_grad():
+        logits = obs.forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
+    out = {"": logits[:n]}
+    start = n
+    for k in keys:
+        m = todo[k].copies * n
+        out[k] = logits[start : start + m].reshape(todo[k].copies, n, -1)
+        start += m
+    return out
+
+
 def copies_logits(obs: Observation, key: str, own: list[Transform]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of the originals (N, K), logits of the copies of transform ``key`` (copies, N, K)).
 
-    The first call of a batch runs the transforms of every consistency component of the observation's bundle
-    (and ``own``), deduplicated by key, in one forward pass with the originals; later calls read the result."""
-
-    def probe() -> dict[str, torch.Tensor]:
-        todo = {
-            t.key: t for c in obs.components.values() if isinstance(c, ConsistencyComponent) for t in c.transforms()
-        }
-        todo.update({t.key: t for t in own if t.key not in todo})
-        keys = sorted(todo)  # the order the noise is drawn in
-        x = obs.x.float()
-        n, shape = len(x), tuple(x.shape[1:])
-        batch = [x] + [todo[k].apply(x, obs.generator).reshape(-1, *shape) for k in keys]
-        with torch.no_grad():
-            logits = obs.forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
-        out = {"": logits[:n]}
-        start = n
-        for k in keys:
-            m = todo[k].copies * n
-            out[k] = logits[start : start + m].reshape(todo[k].copies, n, -1)
-            start += m
-        return out
-
-    res = obs.get("consistency", probe, timing="consistency")
+    The first call of a batch runs :func:`probe` (unless the pipeline ran it already, beside the other components);
+    later calls read its result."""
+    res = obs.get(PROBE, lambda: probe(obs, own), timing=PROBE)
     if key not in res:  # a transform not known when the batch's probe ran
         res.update({key: _run_one(obs, next(t for t in own if t.key == key))})
     return res[""], res[key]
