@@ -457,7 +457,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathguard.service.bench import BenchConfig, render_markdown, run_bench
+    from pathguard.models.evaluation.bench_http import BenchConfig, render_markdown, run_bench
 
     cfg = BenchConfig(
         bundles=[Path(b) for b in args.bundle or ["artifacts/mnist-lenet5"]],

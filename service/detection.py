@@ -1,4 +1,5 @@
-"""Request handling shared by the REST and OIP routes: reading images, cache, batching, responses, recording."""
+"""Request handling shared by the REST and OIP routes: reading images, cache, batching, recording; the bodies are
+built by :mod:`pathguard.service.responses`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pathguard.service.cache import Entry
 from pathguard.service.errors import BadInput, PayloadTooLarge
 from pathguard.service.inputs import check_media_type, decode_images
+from pathguard.service.responses import (
+    DetectResponse,
+    ModelRef,
+    PredictResponse,
+    cacheable,
+    cached_response,
+    detect_response,
+    predict_response,
+    prediction,
+)
 from pathguard.service.runtime import BatchSlice, Detected, ShadowStarted
 from pathguard.service.state import ServiceState
 
@@ -93,22 +104,12 @@ async def _decode_all(state: ServiceState, uploads: list[Upload]) -> np.ndarray:
     return await run_in_threadpool(decode_images, [(up.data, up.declared) for up in uploads], state.spec)
 
 
-# --------------------------------------------------------------------------------------------------- responses
+# --------------------------------------------------------------------------------------------------- bodies
 
 
-def model_ref(state: ServiceState) -> dict[str, str]:
+def model_ref(state: ServiceState) -> ModelRef:
     b = state.bundle
-    return {"name": b.name, "version": str(b.version), "bundle_sha256": b.sha256}
-
-
-def _prediction(state: ServiceState, probs: np.ndarray) -> dict[str, Any]:
-    k = int(np.argmax(probs))
-    return {
-        "class_index": k,
-        "label": state.bundle.classes[k],
-        "confidence": float(probs[k]),
-        "probabilities": [float(p) for p in probs],
-    }
+    return ModelRef(name=b.name, version=str(b.version), bundle_sha256=b.sha256)
 
 
 def _ms(seconds: float) -> float:
@@ -131,35 +132,37 @@ def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, det: Detec
     return out
 
 
-def _record(state: ServiceState, row: dict[str, Any]) -> None:
-    """Verdict and per-layer metrics of one image's detection row (PRODUCT.md shape)."""
-    ep, nic, verdict = row["effective_path"], row["nic"], row["verdict"]
+def _record(state: ServiceState, body: DetectResponse) -> None:
+    """Verdict and per-layer metrics of one image's detection."""
+    ep, nic, verdict = body.effective_path, body.nic, body.verdict
+    assert ep is not None and nic is not None and verdict is not None
     state.metrics.observe_detection(
-        bool(verdict["adversarial"]),
-        float(verdict["score"]),
-        ep["layers"],
-        ep["rank1_similarity"],
-        nic["value_violation"],
-        nic["provenance_violation"],
+        verdict.adversarial,
+        verdict.score,
+        ep.layers,
+        ep.rank1_similarity,
+        nic.value_violation,
+        nic.provenance_violation,
     )
 
 
-def _flag_entry(state: ServiceState, rid: str, image_sha: str, payload: bytes, ctype: str, body: dict) -> Entry:
-    verdict, pred = body["verdict"], body["prediction"]
+def _flag_entry(state: ServiceState, image_sha: str, payload: bytes, ctype: str, body: DetectResponse) -> Entry:
+    verdict, pred, ep, nic = body.verdict, body.prediction, body.effective_path, body.nic
+    assert verdict is not None and ep is not None and nic is not None
     entry: Entry = {
-        "id": rid,
+        "id": body.id,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "bundle": state.bundle.sha256,
         "bundle_name": state.bundle.name,
         "image_sha256": image_sha,
-        "class_index": str(pred["class_index"]),
-        "label": str(pred["label"]),
-        "confidence": repr(pred["confidence"]),
-        "score": repr(verdict["score"]),
-        "threshold": repr(verdict["threshold"]),
-        "p_value": repr(verdict["p_value"]),
-        "effective_path_score": repr(body["effective_path"]["score"]),
-        "nic_score": repr(body["nic"]["score"]),
+        "class_index": str(pred.class_index),
+        "label": str(pred.label),
+        "confidence": repr(pred.confidence),
+        "score": repr(verdict.score),
+        "threshold": repr(verdict.threshold),
+        "p_value": repr(verdict.p_value),
+        "effective_path_score": repr(ep.score),
+        "nic_score": repr(nic.score),
         "mode": state.settings.mode,
         "content_type": ctype,
         "image_size": str(len(payload)),
@@ -171,15 +174,14 @@ def _flag_entry(state: ServiceState, rid: str, image_sha: str, payload: bytes, c
     return entry
 
 
-async def _after_detection(state: ServiceState, rid: str, items: list[tuple[Upload, dict]], cache: bool) -> None:
+async def _after_detection(state: ServiceState, items: list[tuple[Upload, DetectResponse]], cache: bool) -> None:
     """Cache writes and flagged-stream entries, off the response path."""
     assert state.store is not None
     for up, body in items:
         if cache:
-            await state.store.put_verdict(up.sha256, _cacheable(body))
-        if body["verdict"]["adversarial"]:
-            item_id = body.get("id", rid)  # a batch item's own id, `<request id>-<index>`
-            await state.store.flag(_flag_entry(state, item_id, up.sha256, up.data, up.content_type, body))
+            await state.store.put_verdict(up.sha256, cacheable(body))
+        if body.verdict is not None and body.verdict.adversarial:
+            await state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body))
 
 
 def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
@@ -188,14 +190,10 @@ def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
     return isinstance(value, float | int) and abs(float(value) - threshold) <= 1e-6
 
 
-def _cacheable(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in ("id", "timings_ms", "cached")}
-
-
 # --------------------------------------------------------------------------------------------------- flows
 
 
-async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> dict[str, Any]:
+async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> PredictResponse:
     """Classification only: the baseline for the detection overhead."""
     t0 = time.perf_counter()
     x = await _decode_all(state, uploads)
@@ -205,12 +203,12 @@ async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) 
     state.metrics.observe_stages({"decode": decode_s, "classify": sl.batch.classify_s})
     timings = _timings(decode_s, sl, sl.batch.classify_s, None, t0)
     state.metrics.observe_stages({"total": timings["total"] / 1000.0})
-    return {"id": rid, "model": model_ref(state), "prediction": _prediction(state, probs), "timings_ms": timings}
+    return predict_response(rid, model_ref(state), prediction(state.bundle.classes, probs), timings)
 
 
 async def detect_uploads(
     state: ServiceState, rid: str, uploads: list[Upload], item_ids: bool = False
-) -> list[dict[str, Any]]:
+) -> list[DetectResponse]:
     """Detection for each upload, in order: cache hits answered from the cache, the rest batched together.
 
     Every upload is decoded (and so validated) before the cache is consulted: a cached verdict is only returned
@@ -223,13 +221,13 @@ async def detect_uploads(
     state.metrics.observe_stages({"decode": decode_s})
     ids = [f"{rid}-{i}" for i in range(len(uploads))] if item_ids else [rid] * len(uploads)
     use_cache = state.settings.cache and state.settings.mode == "enforce"
-    bodies: list[dict[str, Any] | None] = [None] * len(uploads)
+    bodies: list[DetectResponse | None] = [None] * len(uploads)
     if use_cache:
         for i, up in enumerate(uploads):
             bodies[i] = await _cached(state, ids[i], up, decode_s)
     todo = [i for i, b in enumerate(bodies) if b is None]
     if todo:
-        fresh = await _run_detection(
+        fresh = await _detect(
             state, [ids[i] for i in todo], [uploads[i] for i in todo], x[todo], decode_s, t0, use_cache
         )
         for i, body in zip(todo, fresh, strict=True):
@@ -239,20 +237,22 @@ async def detect_uploads(
     return [b for b in bodies if b is not None]
 
 
-async def _cached(state: ServiceState, rid: str, up: Upload, decode_s: float) -> dict[str, Any] | None:
+async def _cached(state: ServiceState, rid: str, up: Upload, decode_s: float) -> DetectResponse | None:
     t0 = time.perf_counter()
     hit = await state.store.get_verdict(up.sha256)
     if hit is None or not _same_threshold(hit, state.runtime.pipeline.threshold):
         return None
     timings = {"decode": _ms(decode_s), "cache": _ms(time.perf_counter() - t0)}
-    body = {"id": rid, **hit, "cached": True, "timings_ms": timings}
+    body = cached_response(rid, hit, timings)
+    if body is None:  # an entry of another response shape: a miss, overwritten by the fresh detection
+        return None
     _record(state, body)
-    if body["verdict"]["adversarial"]:
-        state.spawn(state.store.flag(_flag_entry(state, rid, up.sha256, up.data, up.content_type, body)))
+    if body.verdict is not None and body.verdict.adversarial:
+        state.spawn(state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body)))
     return body
 
 
-async def _run_detection(
+async def _detect(
     state: ServiceState,
     ids: list[str],
     uploads: list[Upload],
@@ -260,97 +260,67 @@ async def _run_detection(
     decode_s: float,
     t0: float,
     use_cache: bool,
-) -> list[dict[str, Any]]:
-    """Detection of the decoded images ``x`` (n, C, H, W); ``ids[j]`` is the id of the j-th result."""
+) -> list[DetectResponse]:
+    """Detection of the decoded images ``x`` (n, C, H, W), enforce and shadow mode alike; ``ids[j]`` is the id of
+    the j-th body. Enforce: the bodies carry the verdict, recorded now. Shadow: they carry the prediction only; the
+    verdict is recorded once the detection finishes, off the response path."""
     sl = await state.detect_batcher.submit(x)
-    if isinstance(sl.batch, ShadowStarted):
-        return _shadow_bodies(state, ids, uploads, sl, decode_s, t0)
-    det: Detected = sl.batch
-    bodies = []
-    for j, i in enumerate(sl.rows):
-        body = {
-            "id": ids[j],
-            "model": model_ref(state),
-            "prediction": _prediction(state, det.probabilities[i]),
-            **det.result.row(i),
-            "mode": "enforce",
-            "cached": False,
-            "timings_ms": _timings(decode_s, sl, det.classify_s, det, t0),
-        }
-        _record(state, body)
-        bodies.append(body)
-    _observe_batch_stages(state, det)
-    state.spawn(_after_detection(state, ids[0], list(zip(uploads, bodies, strict=True)), use_cache))
+    det = None if isinstance(sl.batch, ShadowStarted) else sl.batch
+    classified = sl.batch.classified if isinstance(sl.batch, ShadowStarted) else sl.batch
+    mode = "shadow" if det is None else "enforce"
+    ref, classes = model_ref(state), state.bundle.classes
+    bodies = [
+        detect_response(
+            ids[j],
+            ref,
+            prediction(classes, classified.probabilities[i]),
+            None if det is None else det.result.row(i),
+            mode,
+            _timings(decode_s, sl, classified.classify_s, det, t0),
+        )
+        for j, i in enumerate(sl.rows)
+    ]
+    if det is None:
+        state.spawn(_shadow_verdicts(state, uploads, sl, bodies))
+    else:
+        _recorded(state, det, uploads, bodies, use_cache)
     return bodies
 
 
-def _observe_batch_stages(state: ServiceState, det: Detected) -> None:
+def _recorded(
+    state: ServiceState, det: Detected, uploads: list[Upload], bodies: list[DetectResponse], cache: bool
+) -> None:
+    """Metrics of a finished detection now; cache writes and flagged entries off the response path."""
+    for body in bodies:
+        _record(state, body)
     stages = {"classify": det.classify_s}
     stages.update(dict(det.result.timings_s))
     state.metrics.observe_stages(stages)
-
-
-def _shadow_bodies(
-    state: ServiceState, ids: list[str], uploads: list[Upload], sl: BatchSlice[Any], decode_s: float, t0: float
-) -> list[dict[str, Any]]:
-    started: ShadowStarted = sl.batch
-    bodies = []
-    for j, i in enumerate(sl.rows):
-        bodies.append(
-            {
-                "id": ids[j],
-                "model": model_ref(state),
-                "prediction": _prediction(state, started.classified.probabilities[i]),
-                "effective_path": None,
-                "nic": None,
-                "verdict": None,
-                "mode": "shadow",
-                "cached": False,
-                "timings_ms": _timings(decode_s, sl, started.classified.classify_s, None, t0),
-            }
-        )
-    state.spawn(_shadow_verdicts(state, ids[0], uploads, sl, bodies))
-    return bodies
+    state.spawn(_after_detection(state, list(zip(uploads, bodies, strict=True)), cache))
 
 
 async def _shadow_verdicts(
-    state: ServiceState, rid: str, uploads: list[Upload], sl: BatchSlice[Any], bodies: list[dict[str, Any]]
+    state: ServiceState, uploads: list[Upload], sl: BatchSlice[Any], bodies: list[DetectResponse]
 ) -> None:
     """Shadow mode: wait for the detection, then record it (metrics, flagged stream); the client never sees it."""
     started: ShadowStarted = sl.batch
     if started.detection is None:  # dropped: the shadow backlog was full (counted in pathguard_shadow_dropped_total)
         return
     det = await asyncio.wrap_future(started.detection)
-    items = []
-    for i, body in zip(sl.rows, bodies, strict=True):
-        full = {**body, **det.result.row(i)}
-        _record(state, full)
-        items.append(full)
-    _observe_batch_stages(state, det)
-    await _after_detection(state, rid, list(zip(uploads, items, strict=True)), cache=False)
+    full = [
+        detect_response(b.id, b.model, b.prediction, det.result.row(i), "shadow", b.timings_ms)
+        for i, b in zip(sl.rows, bodies, strict=True)
+    ]
+    _recorded(state, det, uploads, full, cache=False)
 
 
-async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[dict[str, Any]]:
-    """Detection of an OIP tensor (N, C, H, W): one body per image with ``prediction`` and, in enforce mode,
-    ``effective_path``, ``nic`` and ``verdict`` (shadow mode: the verdict is recorded later, not returned)."""
-    sl = await state.detect_batcher.submit(x)
+async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[DetectResponse]:
+    """Detection of an OIP tensor (N, C, H, W): one body per image, built as for /v1/detect (shadow mode: no
+    verdict; it is recorded later). A several-image tensor's j-th body has the id ``<rid>-<j>``."""
+    t0 = time.perf_counter()
     per_image = x[0].nbytes
     payload = x.tobytes()
     ctype = "application/x-pathguard-fp32; shape=" + ",".join(map(str, x.shape[1:]))
     uploads = [Upload(payload[j * per_image : (j + 1) * per_image], None, ctype) for j in range(x.shape[0])]
-    if isinstance(sl.batch, ShadowStarted):
-        probs = sl.batch.classified.probabilities
-        shadow = [{"prediction": _prediction(state, probs[i]), "mode": "shadow"} for i in sl.rows]
-        state.spawn(_shadow_verdicts(state, rid, uploads, sl, shadow))
-        return shadow
-    det: Detected = sl.batch
-    bodies = []
-    for j, i in enumerate(sl.rows):
-        body = {"prediction": _prediction(state, det.probabilities[i]), **det.result.row(i), "mode": "enforce"}
-        if len(sl.rows) > 1:  # each image of a several-image tensor is flagged under its own id
-            body["id"] = f"{rid}-{j}"
-        _record(state, body)
-        bodies.append(body)
-    _observe_batch_stages(state, det)
-    state.spawn(_after_detection(state, rid, list(zip(uploads, bodies, strict=True)), cache=False))
-    return bodies
+    ids = [rid] if len(uploads) == 1 else [f"{rid}-{j}" for j in range(len(uploads))]
+    return await _detect(state, ids, uploads, x, 0.0, t0, use_cache=False)

@@ -235,9 +235,9 @@ class GrpcServer:
         rows = await detect_tensor(state, rid, x)
         response = _CLASSES["ModelInferResponse"](model_name=b.name, model_version=str(b.version), id=rid)
         params = {"mode": state.settings.mode, "bundle_sha256": b.sha256}
-        if rows[0].get("verdict") is not None:
-            v = rows[0]["verdict"]
-            params |= {"threshold": float(v["threshold"]), "target_fpr": float(v["target_fpr"])}
+        v = rows[0].verdict
+        if v is not None:
+            params |= {"threshold": float(v.threshold), "target_fpr": float(v.target_fpr)}
         for k, value in params.items():
             _set_parameter(response.parameters[k], value)
         for t in output_tensors(rows, wanted, available):

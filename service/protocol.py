@@ -22,6 +22,7 @@ import orjson
 
 from pathguard.service.errors import BadInput, PayloadTooLarge
 from pathguard.service.inputs import InputSpec
+from pathguard.service.responses import DetectResponse
 
 __all__ = [
     "OUTPUTS",
@@ -297,10 +298,10 @@ def requested_outputs(names: list[str] | None, available: Mapping[str, tuple[str
 
 
 def output_tensors(
-    rows: list[dict[str, Any]], names: list[str], available: Mapping[str, tuple[str, bool]]
+    rows: Sequence[DetectResponse], names: list[str], available: Mapping[str, tuple[str, bool]]
 ) -> list[OutputTensor]:
-    """One tensor per requested output over the N result rows (verdict outputs only when rows carry one)."""
-    with_verdict = rows[0].get("verdict") is not None
+    """One tensor per requested output over the N detection bodies (verdict outputs only when they carry one)."""
+    with_verdict = rows[0].verdict is not None
     out = []
     for name in names:
         datatype, needs_verdict = available[name]
@@ -313,23 +314,24 @@ def output_tensors(
     return out
 
 
-def _column(name: str, row: dict[str, Any]) -> list[Any]:
+def _column(name: str, row: DetectResponse) -> list[Any]:
+    pred, verdict, sup, ep, nic = row.prediction, row.verdict, row.supervised, row.effective_path, row.nic
     if name == "predicted_class":
-        return [row["prediction"]["class_index"]]
+        return [pred.class_index]
     if name == "probabilities":
-        return list(row["prediction"]["probabilities"])
+        return list(pred.probabilities)
+    assert verdict is not None and ep is not None and nic is not None
     if name == "is_adversarial":
-        return [bool(row["verdict"]["adversarial"])]
+        return [verdict.adversarial]
     if name == "instance_score":
-        return [row["verdict"]["score"]]
+        return [verdict.score]
     if name == "p_value":
-        return [row["verdict"]["p_value"]]
-    if name == "supervised_is_adversarial":
-        return [bool(row["supervised"]["adversarial"])]
-    if name == "supervised_score":
-        return [row["supervised"]["score"]]
+        return [verdict.p_value]
+    if name in ("supervised_is_adversarial", "supervised_score"):
+        assert sup is not None
+        return [sup.adversarial if name == "supervised_is_adversarial" else sup.score]
     if name == "path_similarity":
-        return list(row["effective_path"]["rank1_similarity"])
+        return list(ep.rank1_similarity)
     if name == "value_violation":
-        return list(row["nic"]["value_violation"].values())
-    return list(row["nic"]["provenance_violation"].values())
+        return list(nic.value_violation.values())
+    return list(nic.provenance_violation.values())

@@ -245,3 +245,48 @@ def test_the_installed_distribution_ships_the_page(installed):
     shipped = ["index.html", "page.js", "page.css", *(f"samples/{s['file']}" for s in index["samples"])]
     for name in shipped:
         assert (static / name).read_bytes() == (ROOT / "service" / "static" / name).read_bytes(), name
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_the_domain_errors_load_no_heavy_library():
+    """``pathguard.models`` loads its parts on first use: its errors need neither torch, numba nor onnx."""
+    loaded = _loaded_after("import pathguard.models.errors")
+    assert "pathguard.models.errors" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in ("torch", "numba", "onnx", "onnxruntime")) == []
+    assert "pathguard.models.bundle.loading" in _loaded_after("from pathguard.models import load_classifier")
+
+
+def test_the_builder_imports_the_attacks_only_for_supervised_builds():
+    loaded = _loaded_after("import pathguard.models.builder, pathguard.models.builder.supervised")
+    assert "pathguard.models.builder.builder" in loaded
+    assert sorted(m for m in loaded if m.startswith("pathguard.models.evaluation")) == []
+    for path in sorted((ROOT / "models" / "builder").glob("*.py")):  # never at module level
+        top = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom)]
+        names = _imported_names(ast.Module(body=top, type_ignores=[]), "pathguard.models.builder.x", False)
+        assert not [n for n in names if n.startswith("pathguard.models.evaluation")], path.name
+
+
+def test_the_supervised_scorer_does_not_load_effective_path_trees():
+    """The tree ensembles are the supervised scorer's models and live beside it in ``verdict/``."""
+    loaded = _loaded_after("import pathguard.models.verdict.supervised")
+    assert "pathguard.models.verdict.trees" in loaded
+    assert "pathguard.models.effective_path.trees" not in loaded
+    _, imported = _graph()
+    assert not [n for n in imported["pathguard.models.verdict.supervised"] if n.endswith(".TreeEnsemble")
+                and not n.startswith("pathguard.models.verdict.trees")]  # fmt: skip
+
+
+def test_benchmarks_live_outside_the_served_package():
+    """``pathguard bench`` runs from ``models/evaluation``; no module of the service is a benchmark."""
+    sources = _sources()
+    assert [m for m in sources if m.startswith("pathguard.service") and "bench" in m.rsplit(".", 1)[-1]] == []
+    assert "pathguard.models.evaluation.bench_http" in sources
+    _, imported = _graph()
+    assert "pathguard.models.evaluation.bench_http" in imported["pathguard.service.cli"]

@@ -21,10 +21,11 @@ from pathguard.models.bundle import (
     verify_bundle,
     write_bundle,
 )
-from pathguard.models.effective_path import TREE_KINDS, LinearJointSimilarity, TreeEnsemble
+from pathguard.models.effective_path import LinearJointSimilarity
 from pathguard.models.evaluation.attacks import run_attack
 from pathguard.models.verdict import threshold_at_fpr
 from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, SUPERVISED_NPZ, SupervisedDetector
+from pathguard.models.verdict.trees import TREE_KINDS, TreeEnsemble
 
 from .conftest import ARTIFACTS
 

@@ -1,8 +1,9 @@
 """Fitting a bundle's optional supervised detector (``pathguard build --supervised-attacks ...``).
 
 Scoring lives in :mod:`pathguard.models.verdict.supervised`; fitting needs attacks (the ``eval`` extra), so it
-lives with the builder. Data (training set only; the test set is never used): the builder's ``ep_fit`` split and
-the successful adversarial examples of each requested attack run on it; calibration on the clean split ``B``.
+lives with the builder, and imports the attack library only when a build asks for supervised attacks. Data
+(training set only; the test set is never used): the builder's ``ep_fit`` split and the successful adversarial
+examples of each requested attack run on it; calibration on the clean split ``B``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from pathguard.models.bundle import npz_bytes
-from pathguard.models.effective_path import SklearnDetector, TreeEnsemble, make_detector
-from pathguard.models.evaluation.attacks import ATTACKS, run_attack
+from pathguard.models.effective_path import SklearnDetector, make_detector
 from pathguard.models.verdict.supervised import (
     FEATURE_SETS,
     SUPERVISED_DETECTORS,
@@ -24,6 +24,7 @@ from pathguard.models.verdict.supervised import (
     Model,
     SupervisedDetector,
 )
+from pathguard.models.verdict.trees import TreeEnsemble
 
 __all__ = ["check_supervised_config", "fit_supervised", "supervised_files"]
 
@@ -33,6 +34,8 @@ _LIBRARY_ATTACKS = ("gradient", "patch")  # families that run through adversaria
 def check_supervised_config(attacks: Sequence[str], detector: str, features: str = "all") -> None:
     """Fail early (before any fitting) on an unknown attack, detector or feature set, a combination that does not
     exist, or a missing ``eval`` extra."""
+    from pathguard.models.evaluation.attacks import ATTACKS
+
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown supervised attack(s) {unknown}; known: {sorted(ATTACKS)}")
@@ -98,6 +101,8 @@ def fit_supervised(
     calib_x : np.ndarray
         Clean calibration images, disjoint from ``train_x``.
     """
+    from pathguard.models.evaluation.attacks import run_attack
+
     check_supervised_config(attacks, detector, feature_set)
     clean = features(train_x)
     adv_parts, counts = [], {}

@@ -4,8 +4,8 @@ and the detectors built on image-vs-class path similarity.
 Modules, in the order data flows through them: :mod:`.selection` (the selection rule), :mod:`.steps` and
 :mod:`.plan` (a network compiled into steps that walk the selection backwards), :mod:`.extractor` (the batched
 extractor), :mod:`.paths` (its results), :mod:`.class_paths` (per-class bitmaps and similarity),
-:mod:`.detectors` (benign and supervised scores on the similarities), :mod:`.trees` (the supervised tree ensembles
-as plain arrays).
+:mod:`.detectors` (benign and supervised scores on the similarities; a fitted ensemble is stored as plain arrays
+by :class:`pathguard.models.verdict.trees.TreeEnsemble`).
 """
 
 from pathguard.models.effective_path.benign import ClassSimilarityRanges
@@ -21,12 +21,10 @@ from pathguard.models.effective_path.detectors import (
 from pathguard.models.effective_path.extractor import EffectivePathExtractor, extract_effective_paths
 from pathguard.models.effective_path.paths import DEFAULT_THETA, LayerInfo, PathBatch
 from pathguard.models.effective_path.selection import select_synapses
-from pathguard.models.effective_path.trees import TREE_KINDS, TreeEnsemble
 
 __all__ = [
     "DEFAULT_THETA",
     "DETECTORS",
-    "TREE_KINDS",
     "BenignEPScore",
     "ClassPaths",
     "ClassSimilarityRanges",
@@ -36,7 +34,6 @@ __all__ = [
     "PathBatch",
     "PathCounts",
     "SklearnDetector",
-    "TreeEnsemble",
     "ep_features",
     "extract_effective_paths",
     "make_detector",

@@ -10,7 +10,7 @@ Every detector has ``fit(...) -> self`` and ``score(features) -> (N,)`` float, h
   with ``w, w' >= 0`` (hinge loss, elastic net with l1_ratio 0.5), fitted by projected subgradient descent
   so the sign constraints hold exactly. Plain arrays, no pickle.
 - :class:`SklearnDetector`: random forest (100 trees), AdaBoost (50), gradient boosting (100), as in the paper;
-  stored as plain arrays through :class:`~pathguard.models.effective_path.trees.TreeEnsemble`.
+  stored as plain arrays through :class:`~pathguard.models.verdict.trees.TreeEnsemble`.
 - :class:`BenignEPScore`: attack-agnostic, fitted on benign features only: one-sided robust z-scores of how far
   below the benign rank-1 similarity and above the benign rank-2 similarity an input lies. Plain arrays.
 """
@@ -173,7 +173,7 @@ class SklearnDetector:
     ----------
     estimator_ : sklearn classifier
         The fitted ensemble. Persist it as plain arrays with
-        :meth:`~pathguard.models.effective_path.TreeEnsemble.from_sklearn` (scored with numpy to 1e-9 of
+        :meth:`~pathguard.models.verdict.trees.TreeEnsemble.from_sklearn` (scored with numpy to 1e-9 of
         ``predict_proba``); it is never pickled.
     """
 

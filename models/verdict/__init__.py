@@ -1,5 +1,6 @@
 """From scores to a verdict: empirical p-values and thresholds on benign calibration data, the fused benign-only
-verdict, and the scorer of the optional supervised detector (fitting it lives with the builder)."""
+verdict, and the scorer of the optional supervised detector (fitting it lives with the builder) with its tree
+ensembles as plain arrays (`trees.py`)."""
 
 from pathguard.models.verdict.calibration import (
     columnwise_p_values,

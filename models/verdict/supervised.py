@@ -24,7 +24,7 @@ Data (training set only; the test set is never used):
 
 Files: ``supervised.npz`` only: the calibration scores and the model as plain arrays, under ``{detector}/``: the
 weights of ``logistic`` and ``linear``, the trees of the ensembles (node features, thresholds, children, leaf
-values, per-tree weights; :class:`~pathguard.models.effective_path.TreeEnsemble`, scored with numpy). Nothing is
+values, per-tree weights; :class:`~pathguard.models.verdict.trees.TreeEnsemble`, scored with numpy). Nothing is
 pickled. Bundles from older versions that stored an ensemble pickled (``supervised.joblib``) are refused at load
 (:func:`pickled_ensemble_error`): rebuild them.
 """
@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from pathguard.models.effective_path import TREE_KINDS, LinearJointSimilarity, TreeEnsemble
+from pathguard.models.effective_path.detectors import LinearJointSimilarity
 from pathguard.models.errors import BundleCompatibilityError
 from pathguard.models.verdict.calibration import empirical_p_values, threshold_at_fpr
+from pathguard.models.verdict.trees import TREE_KINDS, TreeEnsemble
 
 __all__ = [
     "FEATURE_SETS",

@@ -157,9 +157,9 @@ async def _infer(name: str, version: str | None, request: Request, state: Ready)
     rid = request_id(request, call.request_id)
     rows = await detect_tensor(state, rid, call.x)
     params = {**call.parameters, "mode": state.settings.mode, "bundle_sha256": b.sha256}
-    if rows[0].get("verdict") is not None:
-        v = rows[0]["verdict"]
-        params.update(threshold=v["threshold"], target_fpr=v["target_fpr"])
+    v = rows[0].verdict
+    if v is not None:
+        params.update(threshold=v.threshold, target_fpr=v.target_fpr)
     resp = {"model_name": b.name, "model_version": str(b.version), "id": rid, "parameters": params}
     content, json_length = encode_http(resp, output_tensors(rows, wanted, available), call.binary_outputs)
     headers = {"X-Request-ID": rid}

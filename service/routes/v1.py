@@ -7,10 +7,17 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from pathguard.service.detection import detect_uploads, model_ref, predict_uploads, read_uploads
-from pathguard.service.schemas import BatchResponse, DetectResponse, ErrorBody, ModelInfo, PredictResponse
+from pathguard.service.responses import (
+    BatchResponse,
+    DetectResponse,
+    ModelInfo,
+    ModelResponse,
+    PredictResponse,
+    batch_response,
+)
+from pathguard.service.schemas import ErrorBody
 from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
@@ -82,12 +89,12 @@ def _per_class(ranges: Any, n: int) -> dict[str, Any] | None:
 
 
 @router.get("/model", response_model=ModelInfo)
-async def model(state: Ready) -> JSONResponse:
+async def model(state: Ready) -> ModelResponse:
     """Summary of the served bundle's manifest. ``onnx_split_error``: why the onnx engine could not split the graph
     at the checked taps (so the per-layer checks start only after the whole forward pass), else null."""
     b, p, s = state.bundle, state.runtime.pipeline, state.settings
     body = {
-        **model_ref(state),
+        **model_ref(state).model_dump(),
         "dataset": b.dataset,
         "classes": list(b.classes),
         "input_shape": list(b.input_shape),
@@ -101,9 +108,9 @@ async def model(state: Ready) -> JSONResponse:
         "parallel_checks": s.parallel_checks,
         "supervised": _supervised_info(p.supervised),
         "benign_similarity": _benign_similarity(state),
+        "onnx_split_error": state.runtime.engine.split_error,
     }
-    body["onnx_split_error"] = state.runtime.engine.split_error
-    return JSONResponse(body)
+    return ModelResponse(ModelInfo.model_validate(body))
 
 
 @router.post(
@@ -112,12 +119,12 @@ async def model(state: Ready) -> JSONResponse:
     responses=_ERRORS,
     openapi_extra=_image_body("image", many=False),
 )
-async def predict(request: Request, state: Ready) -> JSONResponse:
+async def predict(request: Request, state: Ready) -> ModelResponse:
     """Classify one image (no layer checks): the baseline the detection overhead is measured against."""
     rid = request_id(request)
     uploads = await read_uploads(request, state, "image", many=False)
     body = await predict_uploads(state, rid, uploads)
-    return JSONResponse(body, headers={"X-Request-ID": rid})
+    return ModelResponse(body, headers={"X-Request-ID": rid})
 
 
 @router.post(
@@ -126,12 +133,12 @@ async def predict(request: Request, state: Ready) -> JSONResponse:
     responses=_ERRORS,
     openapi_extra=_image_body("image", many=False),
 )
-async def detect(request: Request, state: Ready) -> JSONResponse:
+async def detect(request: Request, state: Ready) -> ModelResponse:
     """Classify one image and check it: per-layer path similarity, invariant violations, verdict."""
     rid = request_id(request)
     uploads = await read_uploads(request, state, "image", many=False)
     (body,) = await detect_uploads(state, rid, uploads)
-    return JSONResponse(body, headers={"X-Request-ID": rid})
+    return ModelResponse(body, headers={"X-Request-ID": rid})
 
 
 @router.post(
@@ -140,10 +147,10 @@ async def detect(request: Request, state: Ready) -> JSONResponse:
     responses=_ERRORS,
     openapi_extra=_image_body("images", many=True),
 )
-async def detect_batch(request: Request, state: Ready) -> JSONResponse:
+async def detect_batch(request: Request, state: Ready) -> ModelResponse:
     """Several images (multipart field ``images``, repeated); results in the order sent, the i-th with id
     ``<request id>-<i>``."""
     rid = request_id(request)
     uploads = await read_uploads(request, state, "images", many=True)
     results = await detect_uploads(state, rid, uploads, item_ids=True)
-    return JSONResponse({"results": results}, headers={"X-Request-ID": rid})
+    return ModelResponse(batch_response(results), headers={"X-Request-ID": rid})
