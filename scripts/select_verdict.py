@@ -38,7 +38,8 @@ from pathguard.models.components.consistency import (
     NoiseFlipComponent,
     NoiseL1Component,
     SqueezeComponent,
-    choose_sigma,
+    flip_rates,
+    pick_sigma,
 )
 from pathguard.models.data import load_dataset
 from pathguard.models.verdict.calibration import columnwise_p_values
@@ -85,8 +86,10 @@ def main() -> int:
     fit = train.x[idx["fit"][:1000]]
     comps = dict(pipe.components)
     sigmas = {}
+    rates = flip_rates(model, fit, args.copies, cfg["seed"], stop_above=max(args.flip_rates))
+    print("benign flip rates by sigma:", rates, flush=True)
     for rate in args.flip_rates:
-        sigma = choose_sigma(model, fit, args.copies, rate, cfg["seed"])["sigma"]
+        sigma = pick_sigma(rates, rate)
         sigmas[rate] = sigma
         for cls in (NoiseFlipComponent, NoiseL1Component, NoiseDropComponent):
             comps[f"{cls.name}@{rate:g}"] = cls(sigma, args.copies)

@@ -40,7 +40,9 @@ __all__ = [
     "SqueezeComponent",
     "Transform",
     "bit_depth",
+    "choose_sigma",
     "copies_logits",
+    "flip_rates",
     "median_filter",
     "probe",
 ]
@@ -245,25 +247,40 @@ def noise_statistics(orig: torch.Tensor, copies: torch.Tensor) -> dict[str, np.n
 
 
 @torch.no_grad()
-def choose_sigma(model: TappedSequential, x: np.ndarray, copies: int, flip_rate: float, seed: int) -> dict[str, Any]:
-    """The largest sigma of :data:`SIGMA_GRID` whose noise copies of the benign images ``x`` flip class at most
-    ``flip_rate`` of the time on average (the smallest sigma of the grid when none does); with every grid point's
-    measured flip rate."""
+def flip_rates(
+    model: TappedSequential, x: np.ndarray, copies: int, seed: int, stop_above: float = 1.0
+) -> dict[float, float]:
+    """Mean class-flip share of ``copies`` noise copies of the benign images ``x`` at each sigma of
+    :data:`SIGMA_GRID`, ascending; the grid stops after the first sigma whose rate exceeds ``stop_above``."""
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    rates = {}
+    rates: dict[float, float] = {}
     for sigma in SIGMA_GRID:
+        t = noise_transform(sigma, copies)
         flips = []
         for s in range(0, len(xt), 250):
             xb = xt[s : s + 250]
-            t = noise_transform(sigma, copies)
             logits = model(torch.cat([xb, t.apply(xb, gen).reshape(-1, *xb.shape[1:])]))
-            flips.append(
-                noise_statistics(logits[: len(xb)], logits[len(xb) :].reshape(copies, len(xb), -1))["flip_share"]
-            )
+            stats = noise_statistics(logits[: len(xb)], logits[len(xb) :].reshape(copies, len(xb), -1))
+            flips.append(stats["flip_share"])
         rates[sigma] = float(np.concatenate(flips).mean())
-    ok = [s for s in SIGMA_GRID if rates[s] <= flip_rate]
-    return {"sigma": max(ok) if ok else SIGMA_GRID[0], "flip_rates": rates}
+        if rates[sigma] > stop_above:
+            break
+    return rates
+
+
+def pick_sigma(rates: dict[float, float], flip_rate: float) -> float:
+    """The largest sigma whose flip rate is at most ``flip_rate`` (the smallest of the grid when none is)."""
+    ok = [s for s, r in rates.items() if r <= flip_rate]
+    return max(ok) if ok else SIGMA_GRID[0]
+
+
+def choose_sigma(model: TappedSequential, x: np.ndarray, copies: int, flip_rate: float, seed: int) -> dict[str, Any]:
+    """The largest sigma of :data:`SIGMA_GRID` whose noise copies of the benign images ``x`` flip class at most
+    ``flip_rate`` of the time on average (the smallest sigma of the grid when none does), with the flip rates
+    measured up to the first sigma above it."""
+    rates = flip_rates(model, x, copies, seed, stop_above=flip_rate)
+    return {"sigma": pick_sigma(rates, flip_rate), "flip_rates": rates}
 
 
 # ------------------------------------------------------------------------------------------------ feature squeezing
