@@ -43,6 +43,16 @@ def as_served(x: np.ndarray) -> np.ndarray:
     return (np.round(np.clip(x, 0.0, 1.0) * 255) / 255.0).astype(np.float32)
 
 
+def detect_each(bundle: Any, xs: np.ndarray) -> Any:
+    """The bundle's verdict on every image alone (batch 1, noise seed 0), as the server scores one upload with
+    ``PATHGUARD_NOISE_SEED=0``: the noise copies depend on the batch's shape."""
+    from types import SimpleNamespace
+
+    parts = [bundle.pipeline.detect(xs[i : i + 1]) for i in range(len(xs))]
+    cat = {k: np.concatenate([getattr(r, k) for r in parts]) for k in ("predicted", "adversarial", "score")}
+    return SimpleNamespace(threshold=parts[0].threshold, **cat)
+
+
 def _entry(kind: str, attack: str | None, index: int, y: int, res: Any, i: int, classes: list[str]) -> dict[str, Any]:
     return {
         "kind": kind,
@@ -60,7 +70,7 @@ def pick_clean(
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """The first ``n`` test images with distinct labels, classified correctly, scored under ``margin`` x threshold."""
     xs = as_served(x)
-    res = bundle.pipeline.detect(xs)
+    res = detect_each(bundle, xs)
     out, labels = [], set()
     for i in range(len(xs)):
         clear = res.score[i] <= margin * res.threshold  # well below the threshold, not a borderline case
@@ -80,7 +90,7 @@ def pick_adversarial(
 
     result = run_attack(bundle.classifier, attack, bundle.dataset, x, y, batch_size=len(x))
     xs = as_served(result.x_adv)
-    res = bundle.pipeline.detect(xs)
+    res = detect_each(bundle, xs)
     out = []
     for i in np.flatnonzero(result.attempted):
         if res.predicted[i] != y[i] and res.adversarial[i]:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathguard.models.data import load_dataset
 
     torch.manual_seed(0)
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, seed=0)
     test = load_dataset(bundle.dataset, "test")
     x, y = test.x[: args.n].astype(np.float32), np.asarray(test.y[: args.n], dtype=np.int64)
     picked = pick_clean(bundle, test.x[:200].astype(np.float32), np.asarray(test.y[:200]), args.clean)
@@ -128,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": {"name": bundle.name, "version": str(bundle.version), "bundle_sha256": bundle.sha256},
         "made_by": "scripts/make-samples.py",
         "note": "MNIST test images; 'adversarial' ones were made with the named evaluation attack. 'score' and "
-        "'adversarial' are the bundle's verdict on these PNG pixels at its own threshold.",
+        "'adversarial' are the bundle's verdict on these PNG pixels at its own threshold, each image alone with the "
+        "noise seed 0 (PATHGUARD_NOISE_SEED=0).",
         "samples": samples,
     }
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")

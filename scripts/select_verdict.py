@@ -159,6 +159,10 @@ def main() -> int:
             }
     ranked = sorted(rows, key=lambda k: (rows[k]["mean_dr"], rows[k]["mean_auc"]), reverse=True)
     singles = {k: rows[f"fisher: {k}"] for k in names if f"fisher: {k}" in rows}
+    m = bundle.manifest["verdict"]
+    before = f"{m.get('rule', 'fisher')}: {' + '.join(m.get('components', ['effective_path', 'nic']))}"
+    best = {g: next(k for k in ranked if rows[k]["layer_group"] == g) for g in layer_groups}
+    kept = dict.fromkeys([*ranked[:40], *best.values(), *(k for k in [before] if k in rows)])
     result = {
         "bundle": str(args.bundle),
         "bundle_sha256": bundle.sha256,
@@ -173,9 +177,11 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "scoring_seconds": round(scored_s, 1),
         "chosen": ranked[0],
-        "ranked": ranked[:40],
+        "bundle_verdict": before,
+        "best_per_layer_group": best,
+        "n_candidates": len(rows),
         "singles": singles,
-        "rows": rows,
+        "rows": {k: rows[k] for k in kept},  # the 40 best, the best of each layer group and the bundle's verdict
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -189,10 +195,10 @@ def main() -> int:
     md = [head, "|---|" + "---|" * (len(attacks_order) + 2)]
     md += [line(f"single: {k}", r) for k, r in singles.items()]
     md += [line(("**chosen** " if i == 0 else "") + k, rows[k]) for i, k in enumerate(ranked[:25])]
-    for lname in layer_groups:  # the best of each layer group, and the bundle's verdict before
-        best = next((k for k in ranked if rows[k]["layer_group"] == lname), None)
-        if best:
-            md.append(line(f"best with layer group {lname}: {best}", rows[best]))
+    for lname, k in best.items():  # the best of each layer group, and the bundle's verdict before
+        md.append(line(f"best with layer group {lname}: {k}", rows[k]))
+    if before in rows:
+        md.append(line(f"the bundle's verdict before: {before}", rows[before]))
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md[:2] + md[2 + len(singles) : 2 + len(singles) + 5]))
     return 0

@@ -296,7 +296,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from pathguard.models.bundle import load_bundle
     from pathguard.models.data import load_dataset
 
-    bundle = load_bundle(args.bundle, target_fpr=args.target_fpr)
+    bundle = load_bundle(args.bundle, target_fpr=args.target_fpr, seed=0)  # noise seeded: figures reproduce
     split = load_dataset(bundle.dataset, args.split)
     idx = np.arange(min(args.n, len(split)))
     flagged, correct, sup_flagged = 0, 0, 0

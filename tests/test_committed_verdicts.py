@@ -1,8 +1,11 @@
-"""The committed bundles give the same verdicts as before the restructuring into the pathguard namespace.
+"""The committed bundles give the same verdicts as when their reference verdicts were taken.
 
-`tests/data/verdicts_before_restructure.json` was computed once with the code of commit 70df9a4 (the last one
-before it; `models.pipeline.load_bundle(...).pipeline.detect` on the first test images of each dataset), on the
-same bundle files (only the manifests have changed since: the per-class ranges were added).
+`tests/data/verdicts_before_restructure.json` holds `load_bundle(...).pipeline.detect` on the first test images of
+each dataset. The CIFAR-10 CNN's entry was computed once with the code of commit 70df9a4 (the last one before the
+restructuring into the pathguard namespace), on the same bundle files (only the manifest has changed since: the
+per-class ranges were added). The MNIST entry was retaken when that bundle was rebuilt on the retrained LeNet-5 with
+the consistency components (noise seed 0), right after the component registry replaced the pipeline's hand-written
+components, whose verdicts on the CNN bundle it reproduces.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ DATASETS = {"mnist-lenet5": "mnist", "cifar10-cnn": "cifar10"}
 def test_committed_bundle_verdicts_are_unchanged(name):
     before = BEFORE[name]
     x = load_dataset(DATASETS[name], "test").x[: before["n"]]
-    r = load_bundle(ARTIFACTS / name).pipeline.detect(x)
+    r = load_bundle(ARTIFACTS / name, seed=0).pipeline.detect(x)
     assert r.predicted.tolist() == before["predicted"]
     assert r.adversarial.tolist() == before["adversarial"]
     for key in ("score", "ep_score", "nic_score"):

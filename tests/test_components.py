@@ -157,7 +157,8 @@ def _obs(x: torch.Tensor, components: dict[str, Component], seed: int = 0, calls
             calls.append(len(batch))
         return net(batch)
 
-    return Observation(x, net(x), {}, forward, torch.Generator().manual_seed(seed), components)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(x))]
+    return Observation(x, net(x), {}, forward, gens, components)
 
 
 def test_noise_flips_half_the_copies_on_the_boundary_and_none_far_from_it():
@@ -179,14 +180,15 @@ def test_every_consistency_copy_runs_in_one_forward_pass_equal_to_separate_passe
     obs = _obs(x, {"noise_flip": noise, "squeeze": squeeze}, seed=7, calls=calls)
     noise.raw(obs), squeeze.raw(obs)
     assert calls == [3 * (1 + 5 + 1 + 1)]  # originals + 5 noise copies + 2 squeezed copies, once
-    # the same copies run one transform at a time: the noise drawn first (keys sorted: bits, median, noise)
-    gen = torch.Generator().manual_seed(7)
+    # the same copies run one transform at a time, from the same per-input generators (keys sorted: bits, median,
+    # noise)
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(3)]
     keys = sorted(t.key for c in (noise, squeeze) for t in c.transforms())
     transforms = {t.key: t for c in (noise, squeeze) for t in c.transforms()}
     net = _Linear()
     for key in keys:
         t = transforms[key]
-        separate = net(t.apply(x, gen).reshape(-1, 1, 2, 2)).double().reshape(t.copies, 3, -1)
+        separate = net(t.apply(x, gens).reshape(-1, 1, 2, 2)).double().reshape(t.copies, 3, -1)
         torch.testing.assert_close(copies_logits(obs, key, [])[1], separate)
 
 
@@ -206,7 +208,8 @@ def test_noise_statistics_of_identical_copies_are_zero():
     stats = noise_statistics(logits, logits.unsqueeze(0).repeat(4, 1, 1))
     assert all(np.allclose(v, 0) for v in stats.values())
     t = noise_transform(0.1, 3)
-    assert t.apply(torch.zeros(2, 1, 2, 2), torch.Generator().manual_seed(0)).shape == (3, 2, 1, 2, 2)
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert t.apply(torch.zeros(2, 1, 2, 2), gens).shape == (3, 2, 1, 2, 2)
 
 
 # -------------------------------------------------------------------------------------- calibration and seeding
@@ -221,9 +224,15 @@ def test_benign_p_values_are_uniform_and_a_seed_makes_requests_reproducible(toy_
         p = empirical_p_values(pipe.calibration[name], raw[name])
         for a in (0.1, 0.25, 0.5):
             assert abs(float((p <= a).mean()) - a) < 0.06, (name, a)
-    first = pipe.raw_components(held[:200])  # the same request twice (the noise depends on the batch's shape)
     again = load_bundle(toy_bundle, seed=3).pipeline.raw_components(held[:200])
-    np.testing.assert_array_equal(again["noise_flip"], first["noise_flip"])
+    np.testing.assert_array_equal(again["noise_flip"], raw["noise_flip"][:200])
+    # seeded, an input's noise follows its pixels: the same scores alone as in any batch
+    xt = torch.from_numpy(held[:8])
+    logits, taps = pipe.classifier.forward_with_taps(xt)
+    together = pipe.components["noise_flip"].stats(pipe.observe(xt, logits, taps))["softmax_l1"]
+    alone = [pipe.components["noise_flip"].stats(pipe.observe(xt[i : i + 1], logits[i : i + 1], {}))["softmax_l1"][0]
+             for i in (0, 5)]  # fmt: skip
+    np.testing.assert_allclose(alone, together[[0, 5]], rtol=1e-5)  # float32 convolutions of other batch sizes
     unseeded = load_bundle(toy_bundle).pipeline
     xt = torch.from_numpy(held[:50])
     logits, taps = unseeded.classifier.forward_with_taps(xt)
@@ -252,7 +261,12 @@ def test_fusion_rules_on_known_values():
 
 
 def test_bundles_built_before_the_registry_load_with_their_components():
-    for name, extra in (("mnist-lenet5", []), ("cifar10-cnn", []), ("cifar10-resnet20", ["mahalanobis"])):
+    """The CIFAR-10 bundles predate the registry (no ``components`` in their manifests)."""
+    for name, extra in (("cifar10-cnn", []), ("cifar10-resnet20", ["mahalanobis"])):
         pipe = load_bundle(ARTIFACTS / name).pipeline
         assert list(pipe.components) == ["effective_path", "nic", "nic_vi", *extra]
         assert pipe.verdict is not None and pipe.verdict.rule == "fisher"
+    # the MNIST bundle is built with the registry: its manifest lists its components and rule
+    mnist = load_bundle(ARTIFACTS / "mnist-lenet5").pipeline
+    assert list(mnist.components) == ["effective_path", "nic", "nic_vi", "noise_drop", "squeeze"]
+    assert mnist.verdict is not None and mnist.verdict.components == list(mnist.components)

@@ -55,7 +55,7 @@ def committed(request):
     from pathguard.models.data import load_dataset
 
     name, dataset = request.param
-    bundle = load_bundle(ARTIFACTS / name)
+    bundle = load_bundle(ARTIFACTS / name, seed=0)  # noise copies seeded
     return bundle.onnx_bytes, bundle.pipeline.nic, load_dataset(dataset, "test").x[:N_IMAGES]
 
 
@@ -66,9 +66,10 @@ def test_committed_bundle_graph_scores_match_the_torch_scorer(committed):
     value, prov, final = _torch_scores(nic, x, outs)
     assert outs["nic_value"].shape == (N_IMAGES, len(nic.layers_))
     assert outs["nic_provenance"].shape == (N_IMAGES, len(nic.pairs_))
-    _assert_close_to_scale(outs["nic_value"], value)
-    _assert_close_to_scale(outs["nic_provenance"], prov)
-    _assert_close_to_scale(outs["nic_final"], final)
+    # float32 reductions of the retrained LeNet-5's bundle agree to 2e-5 of the scale (the earlier one's to 1e-5)
+    _assert_close_to_scale(outs["nic_value"], value, rel=3e-5)
+    _assert_close_to_scale(outs["nic_provenance"], prov, rel=3e-5)
+    _assert_close_to_scale(outs["nic_final"], final, rel=3e-5)
     # the scores separate images: parity is not two constant outputs agreeing
     assert outs["nic_final"].std() > 0.1
     # the classifier's own outputs are untouched

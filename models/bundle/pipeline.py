@@ -15,12 +15,14 @@ bit, and the scores of confidently classified inputs pile up so closely (358 of 
 softmax-layer calibration scores within one interval 5.2e-6 wide) that a last-bit change can move a violation
 probability by up to 0.44.
 
-Randomized components (the noise response) draw their noise from a generator seeded per batch: from ``seed``
-when one is set (reproducible responses, the builder's calibration), else from fresh entropy per request.
+Randomized components (the noise response) draw each input's noise from its own generator: with ``seed`` set
+(reproducible responses, the builder's calibration) seeded from the seed and the input's pixels, so an input gets
+the same noise alone or in any batch; else from fresh entropy per request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Mapping
@@ -216,14 +218,24 @@ class DetectionPipeline:
         nic_graph: GraphNICScores | None = None,
     ) -> Observation:
         """The observation of a batch's forward pass, with the partial results already computed."""
-        gen = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
-        obs = Observation(x, logits, taps, self._forward, gen, self.components)
+        obs = Observation(x, logits, taps, self._forward, self._generators(x), self.components)
         obs.put(PARTIALS, dict(partials or {}))
         if nic_graph is not None:
             obs.put(GRAPH, nic_graph)
         if ep is not None:
             obs.put(EP, ep)
         return obs
+
+    def _generators(self, x: torch.Tensor) -> list[torch.Generator]:
+        """One generator per input: seeded from ``seed`` and the input's pixels, or from fresh entropy."""
+        if self.seed is None:
+            return [torch.Generator().manual_seed(secrets.randbits(63)) for _ in range(len(x))]
+        key = str(self.seed).encode()
+        out = []
+        for xi in x.detach().float().contiguous().numpy():
+            digest = hashlib.blake2b(xi.tobytes(), digest_size=8, key=key).digest()
+            out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+        return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -23,7 +23,7 @@ import io
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -157,8 +157,9 @@ class Observation:
         The tapped activations of the same pass.
     forward : callable
         Logits (M, K) of further inputs (M, C, H, W) through the same classifier (the consistency copies).
-    generator : torch.Generator
-        The randomness of this batch's checks (drawn per request unless a seed is set).
+    generators : sequence of torch.Generator
+        The randomness of each input's checks, one generator per input (drawn per request unless a seed is set;
+        seeded, it derives from the input's pixels, so an input gets the same noise alone or in any batch).
     """
 
     def __init__(
@@ -167,12 +168,14 @@ class Observation:
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
         forward: Callable[[torch.Tensor], torch.Tensor],
-        generator: torch.Generator,
+        generators: Sequence[torch.Generator],
         components: Mapping[str, Component] | None = None,
     ) -> None:
         self.x, self.logits, self.taps = x, logits, taps
         self.forward = forward
-        self.generator = generator
+        self.generators = list(generators)
+        if len(self.generators) != len(x):
+            raise ValueError(f"{len(self.generators)} generators for a batch of {len(x)}")
         self.components: Mapping[str, Component] = components or {}
         self.memo: dict[str, Any] = {}
         self.timings_s: dict[str, float] = {}

@@ -13,14 +13,14 @@ raw score (higher = more anomalous), calibrated to p-values on clean images like
   distance between the softmax of the input and of a squeezed copy.
 
 Every transformed copy of a batch (of all consistency components in the bundle) runs in ONE forward pass together
-with the original images (:func:`copies_logits`); the noise comes from the observation's generator, drawn per
-request unless a seed is set.
+with the original images (:func:`copies_logits`); each input's noise comes from its own generator of the
+observation, drawn per request unless a seed is set.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +53,12 @@ _SIGMA_SAMPLE = 1000  # benign images the sigma is chosen on
 
 @dataclass(frozen=True)
 class Transform:
-    """``copies`` transformed versions of a batch: ``apply(x (N, C, H, W), generator) -> (copies, N, C, H, W)``."""
+    """``copies`` transformed versions of a batch: ``apply(x (N, C, H, W), generators) -> (copies, N, C, H, W)``,
+    one generator per input."""
 
     key: str
     copies: int
-    apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    apply: Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
 
 
 class ConsistencyComponent(Component):
@@ -75,14 +76,14 @@ PROBE = "consistency"  # the observation's key (and timing) of the copies' forwa
 def probe(obs: Observation, own: list[Transform] | None = None) -> dict[str, torch.Tensor]:
     """The logits of the originals (key ``""``, (N, K)) and of every transform's copies (its key, (copies, N, K))
     of every consistency component of the observation's bundle (and ``own``), deduplicated by key, from ONE forward
-    pass. Thread-safe: it reads the observation and draws from its generator only."""
+    pass. Thread-safe: it reads the observation and draws from its generators only."""
     family = [c for c in obs.components.values() if isinstance(c, ConsistencyComponent)]
     todo = {t.key: t for c in family for t in c.transforms()}
     todo.update({t.key: t for t in own or [] if t.key not in todo})
     keys = sorted(todo)  # the order the noise is drawn in
     x = obs.x.float()
     n, shape = len(x), tuple(x.shape[1:])
-    batch = [x] + [todo[k].apply(x, obs.generator).reshape(-1, *shape) for k in keys]
+    batch = [x] + [todo[k].apply(x, obs.generators).reshape(-1, *shape) for k in keys]
     with torch.no_grad():
         logits = obs.forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
     out = {"": logits[:n]}
@@ -108,7 +109,7 @@ def copies_logits(obs: Observation, key: str, own: list[Transform]) -> tuple[tor
 def _run_one(obs: Observation, t: Transform) -> torch.Tensor:
     x = obs.x.float()
     with torch.no_grad():
-        logits = obs.forward(t.apply(x, obs.generator).reshape(-1, *x.shape[1:])).double()
+        logits = obs.forward(t.apply(x, obs.generators).reshape(-1, *x.shape[1:])).double()
     return logits.reshape(t.copies, len(x), -1)
 
 
@@ -228,8 +229,9 @@ class NoiseDropComponent(_NoiseComponent):
 
 
 def noise_transform(sigma: float, copies: int) -> Transform:
-    def apply(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn((copies, *x.shape), generator=gen, dtype=x.dtype) * sigma
+    def apply(x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        per_input = [torch.randn((copies, *x.shape[1:]), generator=g, dtype=x.dtype) for g in gens]
+        noise = torch.stack(per_input, dim=1) * sigma  # (copies, N, C, H, W)
         return (x.unsqueeze(0) + noise).clamp(0.0, 1.0)
 
     return Transform(f"noise/{sigma:.6g}/{copies}", copies, apply)
@@ -260,7 +262,7 @@ def flip_rates(
         flips = []
         for s in range(0, len(xt), 250):
             xb = xt[s : s + 250]
-            logits = model(torch.cat([xb, t.apply(xb, gen).reshape(-1, *xb.shape[1:])]))
+            logits = model(torch.cat([xb, t.apply(xb, [gen] * len(xb)).reshape(-1, *xb.shape[1:])]))
             stats = noise_statistics(logits[: len(xb)], logits[len(xb) :].reshape(copies, len(xb), -1))
             flips.append(stats["flip_share"])
         rates[sigma] = float(np.concatenate(flips).mean())
@@ -326,11 +328,11 @@ class SqueezeComponent(ConsistencyComponent):
     def transforms(self) -> list[Transform]:
         bits = self.bits
 
-        def squeeze_bits(x: torch.Tensor, _gen: torch.Generator) -> torch.Tensor:
+        def squeeze_bits(x: torch.Tensor, _gens: Sequence[torch.Generator]) -> torch.Tensor:
             return bit_depth(x, bits).unsqueeze(0)
 
-        def squeeze_median(k: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-            return lambda x, _gen: median_filter(x, k).unsqueeze(0)
+        def squeeze_median(k: int) -> Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]:
+            return lambda x, _gens: median_filter(x, k).unsqueeze(0)
 
         return [Transform(f"bits/{bits}", 1, squeeze_bits)] + [
             Transform(f"median/{k}", 1, squeeze_median(k)) for k in self.median

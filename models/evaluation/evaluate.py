@@ -216,12 +216,14 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Run the evaluation and write ``report.json``, ``report.md`` and the PNGs into ``out_dir``."""
+    """Run the evaluation and write ``report.json``, ``report.md`` and the PNGs into ``out_dir``.
+
+    ``seed`` also fixes the noise of randomized components (the consistency family), so a report reproduces."""
     t_start = time.perf_counter()
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise KeyError(f"unknown attack(s) {unknown}; known: {sorted(ATTACKS)}")
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, seed=seed)
     m = bundle.manifest
     target_fpr = float(m["verdict"]["target_fpr"])
     test = load_dataset(bundle.dataset, "test")

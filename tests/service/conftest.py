@@ -56,6 +56,7 @@ def make_client(tmp_path, bundle_dir) -> Iterator[Callable[..., TestClient]]:
             "spool_path": tmp_path / "spool.jsonl",
             "warmup_rounds": 1,
             "redis_url": None,
+            "noise_seed": 0,  # the bundle's noise copies seeded: repeated requests compare equal
         }
         client = TestClient(create_app(Settings(**{**base, **overrides})))
         client.__enter__()

@@ -57,9 +57,15 @@ def _assert_detect_body(body: dict, model: dict) -> None:
     assert v["threshold"] == pytest.approx(model["threshold"], abs=1e-6)
     assert v["target_fpr"] == pytest.approx(model["target_fpr"])
     assert v["adversarial"] == (v["score"] > v["threshold"])
+    # the committed MNIST bundle's consistency components: their statistics and scores
+    assert set(body["noise_drop"]) == {"logit_drop", "score"} and set(body["squeeze"]) == {"softmax_l1", "score"}
+    assert 0 <= body["noise_drop"]["score"] <= 1 and 0 <= body["squeeze"]["score"] <= 1
+    assert body["squeeze"]["softmax_l1"] >= 0
     t = body["timings_ms"]
-    assert {"decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "total"} == set(t)
+    stages = {"decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "consistency", "total"}
+    assert stages == set(t)
     assert t["checks_wait"] + t["nic"] + t["effective_path"] <= t["checks"] <= t["total"]  # parts of the checks
+    assert t["consistency"] <= t["checks"]  # the copies' forward pass runs beside EP and NIC, inside the checks
 
 
 def test_health_before_and_after_lifespan(bundle_dir, tmp_path, digits):

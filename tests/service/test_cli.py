@@ -85,7 +85,7 @@ def test_bench_writes_a_table(tmp_path):
     assert all(q["throughput_ratio"] > 0 for q in report["ratios"])
     for r in report["rows"]:  # the server's own stage times, as its responses reported them
         stages = {"decode", "queue", "classify", "total"} | (
-            {"checks", "checks_wait", "nic", "effective_path"} if r["route"] == "detect" else set()
+            {"checks", "checks_wait", "nic", "effective_path", "consistency"} if r["route"] == "detect" else set()
         )
         assert set(r["server_ms"]) == stages, r
     text = out.read_text()

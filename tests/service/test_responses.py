@@ -68,7 +68,7 @@ def test_every_other_component_keeps_its_key_score_and_statistic(detection):
     extra = {"margin": {"margin": 2.5, "score": 0.25}, "mahalanobis": {"layers": ["conv1", "fc1"], "score": 0.5}}
     row = {**res.row(0), **extra}
     body = detect_response("r1", REF, prediction(bundle.classes, res.probabilities[0]), row, "enforce", TIMINGS)
-    assert set(body.components()) == {"margin", "mahalanobis"}
+    assert set(body.components()) == {"margin", "mahalanobis", "noise_drop", "squeeze"}  # the bundle's own two too
     assert isinstance(body.components()["margin"], ComponentPart)
     assert orjson.loads(encode(body)) == _by_hand("r1", bundle, res, 0, extra)
     with pytest.raises(ValidationError):  # a component's part always carries its score
