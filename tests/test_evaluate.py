@@ -35,7 +35,7 @@ def test_report_has_the_issue_schema(report_dir):
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert r["bundle"]["name"] == manifest["name"] and len(r["bundle"]["sha256"]) == 64
     assert r["clean"]["n"] == 60 and r["clean"]["accuracy"] >= 0.95
-    others = {"noise_drop", "squeeze", "family:layer", "family:consistency"}  # the bundle's consistency family
+    others = {"noise_drop", "squeeze", "family_layer", "family_consistency"}  # the bundle's consistency family
     assert set(r["clean"]["fpr"]) == set(DETECTORS) | others and all(_unit(v) for v in r["clean"]["fpr"].values())
     assert set(r["attacks"]) == {"fgsm", "noise"}
     for a in r["attacks"].values():

@@ -26,7 +26,7 @@ Detectors:
 (other names)      every other component the bundle holds, by its registered name (``mahalanobis``: the
                    class-conditional Gaussians; ``margin``, ``noise_flip``, ``noise_l1``, ``noise_drop``,
                    ``squeeze``: the prediction-consistency family), raw scores (benign data only);
-                   ``family:layer``, ``family:consistency``: the verdict's fused components of one family alone
+                   ``family_layer``, ``family_consistency``: the verdict's fused components of one family alone
 ``bundle_supervised`` only for bundles built with ``--supervised-attacks``: the bundle's own supervised
                    detector, trained by the builder on attacks of held-out *training* images, so
                    it is scored on every clean and adversarial test image (no split needed)
@@ -126,7 +126,7 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
         scores |= {k: v for k, v in raw.items() if k not in ("effective_path", "nic", "nic_vi")}  # the bundle's others
         verdict = pipe.verdict
         if verdict is not None and len(set(verdict.families.values())) > 1:  # each family's part of the verdict
-            scores |= {f"family:{f}": v for f, v in verdict.family_scores(raw).items()}
+            scores |= {f"family_{f}": v for f, v in verdict.family_scores(raw).items()}
         if res.supervised is not None:
             scores[BUNDLE_SUPERVISED] = res.supervised.raw
         parts.append(Scored(res.predicted, res.rank1_similarity, res.rank2_similarity, scores))
