@@ -196,6 +196,15 @@ def test_browser_checks_samples_and_shows_errors(server, browser, tmp_path):
     assert error.startswith("413: request body of") and f"exceeds the limit of {BODY_LIMIT}" in error, error
     assert _text(browser, "v-id") == adv_id  # the last good result stays
 
+    # A shadow-mode answer (no verdict) clears the previous image's per-layer tables instead of leaving them on screen.
+    browser.execute_script(
+        'render({id: "shadow-1", prediction: {label: "3", confidence: 0.5}, verdict: null}, new Blob([]), "shadow")'
+    )
+    assert _text(browser, "v-id") == "shadow-1" and _text(browser, "v-score") == "-"
+    for table in ("ep-table", "nic-value", "nic-prov"):
+        assert browser.find_elements("css selector", f"#{table} tbody tr") == [], table
+    assert "shadow mode" in _text(browser, "benign-note")
+
     # 360 px wide: nothing wider than the viewport.
     browser.set_window_size(360, 900)
     _wait(browser, lambda d: d.execute_script("return window.innerWidth") <= 360, "the narrow window")
