@@ -29,6 +29,7 @@ from pathguard.models.components.consistency import (
     NoiseFlipComponent,
     NoiseL1Component,
     SqueezeComponent,
+    default_squeezers,
 )
 from pathguard.models.data import load_dataset
 
@@ -36,13 +37,12 @@ FAMILY = ("margin", "noise_flip", "noise_l1", "noise_drop", "squeeze")
 
 
 def family(bundle_input: tuple[int, int, int], sigma: float, copies: int) -> dict:
-    c, _, w = bundle_input
     return {
         "margin": MarginComponent(),
         "noise_flip": NoiseFlipComponent(sigma, copies),
         "noise_l1": NoiseL1Component(sigma, copies),
         "noise_drop": NoiseDropComponent(sigma, copies),
-        "squeeze": SqueezeComponent(*((1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3]))),
+        "squeeze": SqueezeComponent(*default_squeezers(bundle_input)),
     }
 
 

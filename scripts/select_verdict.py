@@ -38,6 +38,7 @@ from pathguard.models.components.consistency import (
     NoiseFlipComponent,
     NoiseL1Component,
     SqueezeComponent,
+    default_squeezers,
     flip_rates,
     pick_sigma,
 )
@@ -94,8 +95,7 @@ def main() -> int:
         for cls in (NoiseFlipComponent, NoiseL1Component, NoiseDropComponent):
             comps[f"{cls.name}@{rate:g}"] = cls(sigma, args.copies)
     comps["margin"] = MarginComponent()
-    c, _, w = bundle.input_shape
-    comps["squeeze"] = SqueezeComponent(*((1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3])))
+    comps["squeeze"] = SqueezeComponent(*default_squeezers(bundle.input_shape))
     scorer = DetectionPipeline(model, comps, None, 0.05, seed=cfg["seed"])
 
     def raw(x: np.ndarray, key: str) -> dict[str, np.ndarray]:

@@ -42,6 +42,7 @@ __all__ = [
     "bit_depth",
     "choose_sigma",
     "copies_logits",
+    "default_squeezers",
     "flip_rates",
     "median_filter",
     "probe",
@@ -308,8 +309,7 @@ class SqueezeComponent(ConsistencyComponent):
 
     @classmethod
     def build(cls, ctx: BuildContext, params: Mapping[str, Any]) -> SqueezeComponent:
-        c, _, w = ctx.model.config.input_shape
-        bits, median = (1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3])
+        bits, median = default_squeezers(ctx.model.config.input_shape)
         return cls(int(params.get("bits", bits)), list(params.get("median", median)))
 
     def to_files(self) -> dict[str, bytes]:
@@ -354,6 +354,13 @@ class SqueezeComponent(ConsistencyComponent):
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"softmax_l1": self.distance(obs), "score": violation}
+
+
+def default_squeezers(input_shape: tuple[int, int, int]) -> tuple[int, list[int]]:
+    """(bits, median sizes) of feature squeezing for inputs (C, H, W): one channel 1 bit and 2x2, 3x3 medians;
+    colour images up to 64 pixels wide 5 bits and a 2x2 median; larger ones 4 bits and 2x2, 3x3 medians."""
+    c, _, w = input_shape
+    return (1, [2, 3]) if c == 1 else (5, [2]) if w <= 64 else (4, [2, 3])
 
 
 def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
