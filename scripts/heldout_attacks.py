@@ -38,6 +38,7 @@ ATTACKS: dict[str, tuple[str, dict, int | None]] = {
     "pgd-linf 8/255": ("pgd_linf_8", {}, None),
     "pgd-l2 0.5": ("pgd_l2_0.5", {}, None),
     "deepfool": ("deepfool", {}, None),
+    "deepfool 0.02": ("deepfool_0.02", {}, None),
     "square 8/255": ("square_8", {}, None),
     "cw-l2 k0": ("cw_l2_next", {"confidence": 0.0, "binary_search_steps": 3, "max_iter": 50}, 150),
     "cw-l2 k20": ("cw_l2_k20", {"binary_search_steps": 3, "max_iter": 50}, 150),
@@ -55,7 +56,7 @@ ATTACKS: dict[str, tuple[str, dict, int | None]] = {
 DEFAULTS = {  # per dataset
     "cifar10": [
         "fgsm 2/255", "fgsm 8/255", "bim 2/255", "bim 8/255", "pgd-linf 8/255", "pgd-l2 0.5", "deepfool",
-        "square 8/255", "cw-l2 k0", "cw-l2 k20", "cw-linf",
+        "square 8/255", "cw-l2 k0", "cw-l2 k20", "cw-linf", "deepfool 0.02",
     ],
     "mnist": [
         "fgsm", "bim", "deepfool", "jsma", "cw-l2", "cw-l2 k20", "cw-linf", "patch", "lighting", "dirt", "rectangle",

@@ -264,7 +264,7 @@ def test_the_domain_errors_load_no_heavy_library():
 
 
 def test_the_builder_imports_the_attacks_only_for_supervised_builds():
-    loaded = _loaded_after("import pathguard.models.builder, pathguard.models.builder.supervised")
+    loaded = _loaded_after("import pathguard.models.builder, pathguard.models.components.supervised")
     assert "pathguard.models.builder.builder" in loaded
     assert sorted(m for m in loaded if m.startswith("pathguard.models.evaluation")) == []
     for path in sorted((ROOT / "models" / "builder").glob("*.py")):  # never at module level

@@ -16,6 +16,7 @@ EXPECTED = {
     "fgsm", "bim", "deepfool", "jsma_next", "jsma_ll", "cw_l2_next", "cw_l2_ll", "cw_linf_next",
     "cw_linf_ll", "cw_l0_next", "cw_l0_ll", "patch", "lighting", "dirt", "rectangle", "noise",
     "fgsm_2", "fgsm_4", "fgsm_8", "bim_2", "bim_4", "bim_8", "pgd_linf_8", "pgd_l2_0.5", "square_8", "cw_l2_k20",
+    "deepfool_0.02",
 }  # fmt: skip
 
 # Cheaper settings for the slow optimisers (the defaults run in the benchmark of docs/attacks.md).

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
     BundleCompatibilityError,
     BundleIntegrityError,
@@ -21,6 +20,7 @@ from pathguard.models.bundle import (
     verify_bundle,
     write_bundle,
 )
+from pathguard.models.components.supervised import fit_supervised, supervised_files
 from pathguard.models.effective_path import LinearJointSimilarity
 from pathguard.models.evaluation.attacks import run_attack
 from pathguard.models.verdict import threshold_at_fpr
@@ -38,6 +38,8 @@ def test_manifest_records_training_and_files(supervised_bundle):
     assert len(sup["feature_names"]) == 2 * m["ep_layer_count"] + n_nic + (n_nic - 1) + 3
     assert sup["feature_names"][0] == "rank1_similarity/conv1" and sup["feature_names"][-1] == "raw/nic_vi"
     assert sup["files"] == [SUPERVISED_NPZ] and SUPERVISED_NPZ in m["files"] and SUPERVISED_JOBLIB not in m["files"]
+    # a registry component of the family that is reported beside the verdict, never fused
+    assert m["components"]["supervised"]["family"] == "reported" and "supervised" not in m["verdict"]["components"]
     tr = sup["training"]
     # trained on the held-out ep_fit split (20% of n_calib), calibrated on split B: never the test set
     assert tr["clean"] == m["calibration"]["ep_fit"] == 300 and sup["n_calibration"] == m["calibration"]["calib_b"]
@@ -88,7 +90,9 @@ def test_detects_trained_attack_on_test_images_and_leaves_verdict_unchanged(supe
     assert 0 < row["supervised"]["p_value"] <= 1 and 0 <= row["supervised"]["score"] < 1
     # the same pipeline without the supervised detector gives the very same verdict
     p = bundle.pipeline
-    plain = DetectionPipeline(p.classifier, p.components, p.verdict, p.target_fpr, p.calibration)
+    assert p.components["supervised"].family == "reported" and "supervised" not in p.verdict.components
+    without = {k: c for k, c in p.components.items() if k != "supervised"}
+    plain = DetectionPipeline(p.classifier, without, p.verdict, p.target_fpr, p.calibration)
     for xs, res in ((x, clean), (x_adv, attacked)):
         other = plain.detect(xs)
         np.testing.assert_array_equal(other.score, res.score)
@@ -263,7 +267,9 @@ def test_fit_supervised_linear_on_real_attacks_keeps_the_paper_sign_constraints(
         return ep_features(paths.similarity(extractor.extract(x, ranks=(1, 2))))
 
     x, y = mnist_test.x, mnist_test.y
-    det = fit_supervised(lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "linear", "effective_path")
+    det = fit_supervised(
+        run_attack, lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "linear", "effective_path"
+    )
     assert det.detector == "linear" and det.training["clean"] == 80 and len(det.calib) == 40
     assert seen[0] == 80 and seen[-1] == 40  # clean training features first, calibration last
     assert seen[1] == det.training["attacks"]["fgsm"]["successful"] == det.training["adversarial"]
@@ -288,7 +294,7 @@ def test_fit_supervised_ensemble_is_calibrated_with_the_exported_scorer(lenet, m
 
     x, y = mnist_test.x, mnist_test.y
     det = fit_supervised(
-        lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "gradient_boosting", "effective_path"
+        run_attack, lenet, "mnist", features, x[:80], y[:80], x[80:120], ["fgsm"], "gradient_boosting", "effective_path"
     )
     assert isinstance(det.model, TreeEnsemble) and det.model.kind == "gradient_boosting"
     np.testing.assert_array_equal(det.calib, np.sort(det.model.score(features(x[80:120]))))
@@ -304,6 +310,7 @@ def test_fit_supervised_ensemble_is_calibrated_with_the_exported_scorer(lenet, m
         ({"supervised_attacks": ["fgsm"], "supervised_features": "pixels"}, "unknown supervised feature set"),
         ({"supervised_attacks": ["fgsm"], "supervised_detector": "linear"}, "needs features='effective_path'"),
         ({"supervised_attacks": ["fgsm"], "supervised_n": 0}, "supervised_n must be positive"),
+        ({"fusion": ["effective_path", "nic", "supervised"]}, "reported beside the verdict, never fused"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -40,10 +40,8 @@ from pathguard.models.builder.shards import (
     sample_pass,
     shards_of,
 )
-from pathguard.models.builder.supervised import fit_supervised, supervised_files
 from pathguard.models.bundle import (
     BENIGN_RANGES,
-    DetectionPipeline,
     load_classifier,
     npz_bytes,
     read_verified,
@@ -64,7 +62,7 @@ from pathguard.models.networks import (
     onnx_of_module,
     served_onnx,
 )
-from pathguard.models.verdict import FusedVerdict, SupervisedDetector
+from pathguard.models.verdict import FusedVerdict
 
 __all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "build_bundle_from_torch", "model_files"]
 
@@ -270,10 +268,14 @@ def _build(
     passes = _Passes(executor, parts, set() if skipped is None else skipped)
     names = build_order([*ALWAYS_BUILT, "nic_vi", *cfg.fusion])
     params = cfg.component_params()
-    for name in names:  # a misnamed layer or parameter fails now, before any image is read
+    for name in [*names, *cfg.reported]:  # a misnamed layer or parameter fails now, before any image is read
         component_class(name).check(model, params.get(name, {}))
     job = Job.make(files, cfg.theta, cfg.ep_last_k)
-    ctx = BuildContext(model, len(classes), cfg.seed, _Sampler(passes, job), passes=passes, job=job, timings=timings)
+    ctx = BuildContext(
+        model, len(classes), cfg.seed, _Sampler(passes, job), passes=passes, job=job, timings=timings,
+        dataset=dataset if dataset in _DATASET_SHAPES else None, progress=lambda msg: tqdm.write(msg),
+        run_attack=_run_attack,
+    )  # fmt: skip
     components = _build_components(ctx, names, params)
     ctx.sample.release()  # type: ignore[attr-defined]
     job = ctx.job = ctx.job.with_components(tuple(components)) if ctx.job is not None else job
@@ -281,13 +283,8 @@ def _build(
     t = time.perf_counter()
     verdict, calibration, held = _calibrate(passes, job, components, cfg)
     timings["calibration"] = time.perf_counter() - t
-    pipeline = DetectionPipeline(model, components, None, cfg.target_fpr, calibration, seed=cfg.seed)
-
-    supervised: SupervisedDetector | None = None
-    if cfg.supervised_attacks:  # the attacks run here, on the held-out images read into memory
-        t = time.perf_counter()
-        supervised = _supervised(model, dataset, parts, pipeline, cfg)
-        timings["supervised"] = time.perf_counter() - t
+    if cfg.reported:  # the supervised detector: its attacks run here, on the held-out images read into memory
+        components |= _build_components(ctx, cfg.reported, params)
 
     fitted = {k: v for c in components.values() for k, v in c.to_files().items()}
     files = dict(files) | {k: job.fitted.get(k, v) for k, v in fitted.items()}  # the bytes the workers saw
@@ -311,16 +308,10 @@ def _build(
                 "components": verdict.components,
             },
             "calibration": {"fit": len(parts["fit"][1]), "ep_fit": ctx.report.get("ep_fit", 0), **held},
-            **(
-                {"supervised": supervised.manifest() | {"feature_names": pipeline.feature_names(supervised.features)}}
-                if supervised is not None
-                else {}
-            ),
+            **({"supervised": entries["supervised"]} if "supervised" in entries else {}),
             "build": {"config": asdict(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()}},
         }
     )
-    if supervised is not None:
-        files |= supervised_files(supervised)
     digest = write_bundle(out_dir, files, manifest)
     sizes = {n: len(b) for n, b in files.items()}
     fit_images = ctx.report.get("fit_images", 0)
@@ -371,31 +362,11 @@ def _calibrate(
     return verdict, {c: np.sort(v) for c, v in raw["calib_a"].items() if c not in cfg.fusion}, held
 
 
-def _supervised(
-    model: TappedSequential,
-    dataset: str,
-    parts: dict[str, tuple[ImageSource, np.ndarray]],
-    pipeline: DetectionPipeline,
-    cfg: BuildConfig,
-) -> SupervisedDetector:
-    """The supervised detector trained on attacks of the ``ep_fit`` images, calibrated on split B."""
-    ep_fit, _ = parts["ep_fit"][0].read(parts["ep_fit"][1])
-    n = len(ep_fit) if cfg.supervised_n is None else min(cfg.supervised_n, len(ep_fit))
-    supervised = fit_supervised(
-        model,
-        dataset,
-        lambda x: pipeline.supervised_features(x, cfg.supervised_features),
-        ep_fit.x[:n],
-        ep_fit.y[:n],
-        parts["calib_b"][0].read(parts["calib_b"][1])[0].x,
-        cfg.supervised_attacks,
-        cfg.supervised_detector,
-        cfg.supervised_features,
-        seed=cfg.seed,
-        progress=lambda msg: tqdm.write(f"supervised {msg}"),
-    )
-    supervised.threshold_for(cfg.target_fpr)  # the calibration split must support the target FPR
-    return supervised
+def _run_attack(*args: Any, **kwargs: Any) -> Any:
+    """:func:`pathguard.models.evaluation.attacks.run_attack`, imported on first use (the ``eval`` extra)."""
+    from pathguard.models.evaluation.attacks import run_attack
+
+    return run_attack(*args, **kwargs)
 
 
 class _Sampler:

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pathguard.models.builder.supervised import check_supervised_config
 from pathguard.models.components import DEFAULT_FUSION, REGISTRY, component_class
 from pathguard.models.verdict.fusion import parse_rule
+from pathguard.models.verdict.supervised import FEATURE_SETS, SUPERVISED_DETECTORS
 
-__all__ = ["BuildConfig"]
+__all__ = ["BuildConfig", "check_supervised_config"]
+
+_LIBRARY_ATTACKS = ("gradient", "patch")  # families that run through adversarial-robustness-toolbox
+
+
+def check_supervised_config(attacks: Sequence[str], detector: str, features: str = "all") -> None:
+    """Fail early (before any fitting) on an unknown attack, detector or feature set, a combination that does not
+    exist, or a missing ``eval`` extra."""
+    from pathguard.models.evaluation.attacks import ATTACKS
+
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown supervised attack(s) {unknown}; known: {sorted(ATTACKS)}")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"supervised attacks must be distinct, got {list(attacks)}")
+    if detector not in SUPERVISED_DETECTORS:
+        raise ValueError(f"unknown supervised detector {detector!r}; choose from {list(SUPERVISED_DETECTORS)}")
+    if features not in FEATURE_SETS:
+        raise ValueError(f"unknown supervised feature set {features!r}; choose from {list(FEATURE_SETS)}")
+    if detector == "linear" and features != "effective_path":
+        raise ValueError("the linear joint-similarity detector needs features='effective_path' (its sign constraints)")
+    needs_art = [a for a in attacks if ATTACKS[a].family in _LIBRARY_ATTACKS]
+    if needs_art and importlib.util.find_spec("art") is None:
+        raise ValueError(
+            f"supervised attack(s) {needs_art} need adversarial-robustness-toolbox: pip install 'pathguard[eval]'"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,9 @@ class BuildConfig:
         unknown = [c for c in self.fusion if c not in REGISTRY]
         if unknown or not self.fusion or len(set(self.fusion)) != len(self.fusion):
             raise ValueError(f"fusion must list distinct components of {known}, got {self.fusion}")
+        reported = [c for c in self.fusion if component_class(c).family == "reported"]
+        if reported:
+            raise ValueError(f"{reported} are reported beside the verdict, never fused: build them with their options")
         parse_rule(self.rule)
         if self.mahalanobis and "mahalanobis" not in self.fusion:
             raise ValueError("mahalanobis parameters given, but 'mahalanobis' is not among the fusion components")
@@ -110,4 +140,12 @@ class BuildConfig:
         out["nic"] = {**out.get("nic", {}), **self.nic}
         if self.mahalanobis:
             out["mahalanobis"] = {**out.get("mahalanobis", {}), **self.mahalanobis}
+        if self.supervised_attacks:
+            out["supervised"] = {"attacks": list(self.supervised_attacks), "detector": self.supervised_detector,
+                                 "features": self.supervised_features, "n": self.supervised_n}  # fmt: skip
         return out
+
+    @property
+    def reported(self) -> list[str]:
+        """Components built after the verdict's calibration and reported beside it, never fused."""
+        return ["supervised"] if self.supervised_attacks else []

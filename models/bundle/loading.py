@@ -14,7 +14,7 @@ from pathguard.models.components.effective_path import EffectivePathComponent
 from pathguard.models.effective_path import ClassSimilarityRanges
 from pathguard.models.errors import BundleIntegrityError, ClassifierLoadError
 from pathguard.models.networks import TappedSequential, classifier_from_files
-from pathguard.models.verdict import FusedVerdict, SupervisedDetector
+from pathguard.models.verdict import FusedVerdict
 from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, pickled_ensemble_error
 
 __all__ = ["Bundle", "built_components", "fused_components", "load_bundle", "load_classifier", "load_components"]
@@ -83,14 +83,7 @@ def load_bundle(path: str | Path, target_fpr: float | None = None, seed: int | N
     rule, families = m["verdict"].get("rule", "fisher"), {n: components[n].family for n in fused}
     verdict = FusedVerdict.from_arrays(calib, fused, fpr, rule, families)
     calibration = {k.removeprefix("calib_a/"): v for k, v in calib.items() if k.startswith("calib_a/")}
-    sup = None
-    if "supervised" in m:  # optional: bundles built with --supervised-attacks
-        sup = SupervisedDetector.from_verified(m["supervised"], files.npz)
-    pipeline = DetectionPipeline(classifier, components, verdict, fpr, calibration, sup, seed)
-    if sup is not None:
-        names = pipeline.feature_names(sup.features)
-        if m["supervised"].get("feature_names", names) != names:
-            raise ValueError(f"bundle {path}: the supervised detector's features do not match this pipeline's")
+    pipeline = DetectionPipeline(classifier, components, verdict, fpr, calibration, seed)
     ep = components["effective_path"]
     ranges = ep.ranges if isinstance(ep, EffectivePathComponent) else None
     return Bundle(Path(path), m, files.sha256, classifier, files.bytes("classifier.onnx"), pipeline, ranges)
@@ -105,7 +98,8 @@ def built_components(manifest: dict[str, Any]) -> list[str]:
     """Every component a bundle holds, in build order: those its manifest lists (bundles built before the
     registry: Effective Path, NIC and its value invariants) and the fused ones."""
     listed = list(manifest.get("components", {})) or [*ALWAYS_BUILT, "nic_vi"]
-    return build_order([*listed, *fused_components(manifest)])
+    reported = ["supervised"] if "supervised" in manifest else []  # bundles built with --supervised-attacks
+    return build_order([*listed, *fused_components(manifest), *reported])
 
 
 def load_components(files: VerifiedFiles, classifier: TappedSequential) -> dict[str, Component]:
@@ -125,11 +119,15 @@ def load_components(files: VerifiedFiles, classifier: TappedSequential) -> dict[
         except ValueError as e:
             raise ValueError(f"bundle {files.root}: {e}") from None
         try:
-            out[name] = cls.from_files(read, classifier, out, entries.get(name) or m.get(name) or {})
+            published = m.get(name)  # a component's published manifest section wins over its ``components`` entry
+            entry = published if isinstance(published, dict) else entries.get(name, {})
+            out[name] = cls.from_files(read, classifier, out, entry)
         except KeyError as e:
             missing = str(e.args[0]) if e.args else name
             msg = f"bundle {files.root}: component {name} needs {missing}, which is not in the bundle"
             raise BundleIntegrityError(missing, msg) from None
+        except ValueError as e:
+            raise ValueError(f"bundle {files.root}: component {name}: {e}") from None
     return out
 
 

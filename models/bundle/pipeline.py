@@ -38,6 +38,7 @@ from pathguard.models.components.consistency import PROBE, probe
 from pathguard.models.components.effective_path import EffectivePathComponent, EPPartial
 from pathguard.models.components.mahalanobis import GaussianComponent
 from pathguard.models.components.nic import GRAPH, PARTIALS, LayerPartial, NICComponent
+from pathguard.models.components.supervised import SupervisedComponent, feature_names, features_of
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.models.verdict import FusedVerdict, violation_probability
@@ -45,7 +46,7 @@ from pathguard.models.verdict.supervised import SupervisedAssessment, Supervised
 
 __all__ = ["DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial"]
 
-EP, NIC, NIC_VI, MAHALANOBIS = "effective_path", "nic", "nic_vi", "mahalanobis"
+EP, NIC, NIC_VI, MAHALANOBIS, SUPERVISED = "effective_path", "nic", "nic_vi", "mahalanobis", "supervised"
 
 
 @dataclass
@@ -63,7 +64,6 @@ class DetectionResult:
     threshold: float
     target_fpr: float
     timings_s: dict[str, float] = field(default_factory=dict)
-    supervised: SupervisedAssessment | None = None  # bundles built with supervised attacks only
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -97,9 +97,17 @@ class DetectionResult:
     def nic_score(self) -> np.ndarray:
         return np.asarray(self.fields[NIC]["score"])
 
+    @property
+    def supervised(self) -> SupervisedAssessment | None:
+        """The supervised detector's results (bundles built with supervised attacks only)."""
+        f = self.fields.get(SUPERVISED)
+        if not f:
+            return None
+        return SupervisedAssessment(f["detector"], f["score"], f["p_value"], f["adversarial"], self.raw[SUPERVISED])
+
     def row(self, i: int) -> dict[str, Any]:
         """Input ``i``'s part of the /v1/detect response: every component's fields (``effective_path``, ``nic``,
-        ...), the ``verdict`` and, for supervised bundles, ``supervised``."""
+        ..., and for supervised bundles ``supervised``) and the ``verdict``."""
 
         def r(v: float) -> float:
             return round(float(v), 6)
@@ -112,13 +120,6 @@ class DetectionResult:
             "p_value": r(self.p_value[i]),
             "target_fpr": float(self.target_fpr),
         }
-        if self.supervised is not None:
-            out["supervised"] = {
-                "detector": self.supervised.detector,
-                "adversarial": bool(self.supervised.adversarial[i]),
-                "score": r(self.supervised.score[i]),
-                "p_value": r(self.supervised.p_value[i]),
-            }
         return out
 
 
@@ -133,12 +134,11 @@ class DetectionPipeline:
     verdict : FusedVerdict or None
         None only while building (before the fused calibration exists).
     target_fpr : float
-        Operating point; the threshold is read from the calibration for it (and the supervised detector's).
+        Operating point; the threshold is read from the calibration for it (and set on every component that
+        decides by itself: the supervised detector, reported beside the verdict and never fused).
     calibration : mapping of str to np.ndarray
         Clean split-A raw scores of every component (for the ``score`` each reports; the fused ones' are the
         verdict's).
-    supervised : SupervisedDetector, optional
-        Reported beside the verdict (bundles built with supervised attacks); never changes the verdict.
     seed : int, optional
         Seed of the randomized components' noise (None: fresh per batch).
     """
@@ -150,7 +150,6 @@ class DetectionPipeline:
         verdict: FusedVerdict | None,
         target_fpr: float,
         calibration: Mapping[str, np.ndarray] | None = None,
-        supervised: SupervisedDetector | None = None,
         seed: int | None = None,
     ) -> None:
         self.classifier = classifier
@@ -164,8 +163,6 @@ class DetectionPipeline:
         if verdict is not None:
             calib |= {k: verdict.sorted_calib(k) for k in verdict.components}
         self.calibration = {k: np.sort(v) for k, v in calib.items()}
-        self.supervised = supervised
-        self.supervised_threshold = supervised.threshold_for(self.target_fpr) if supervised is not None else None
         ep, nic = self.components[EP], self.components[NIC]
         assert isinstance(ep, EffectivePathComponent) and isinstance(nic, NICComponent)
         self._ep, self._nic = ep, nic
@@ -174,6 +171,7 @@ class DetectionPipeline:
         self.nic_provenance_pairs: list[str] = list(nic.pairs)
         self.checked_taps = list(nic.checked_taps)
         for c in self.components.values():
+            c.operate_at(self.target_fpr)
             c.warm_up()
 
     # the detectors older callers reach by name
@@ -192,6 +190,18 @@ class DetectionPipeline:
     @property
     def nic(self) -> Any:
         return self._nic.nic
+
+    @property
+    def supervised(self) -> SupervisedDetector | None:
+        """The supervised detector (bundles built with supervised attacks), reported beside the verdict."""
+        c = self.components.get(SUPERVISED)
+        return c.detector if isinstance(c, SupervisedComponent) else None
+
+    @property
+    def supervised_threshold(self) -> float | None:
+        """The supervised detector's raw-score threshold at the pipeline's target FPR (its own calibration)."""
+        c = self.components.get(SUPERVISED)
+        return c.threshold if isinstance(c, SupervisedComponent) else None
 
     @property
     def gaussian(self) -> Any:
@@ -298,9 +308,6 @@ class DetectionPipeline:
                 else np.full(len(obs), np.nan)
             )
             fields[name] = c.fields(obs, violation)
-        sup = None
-        if self.supervised is not None and self.supervised_threshold is not None:
-            sup = self.supervised.assess(self._features(obs, raw, self.supervised.features), self.supervised_threshold)
         return DetectionResult(
             probabilities=probs,
             predicted=probs.argmax(1),
@@ -313,7 +320,6 @@ class DetectionPipeline:
             threshold=self.threshold,
             target_fpr=self.target_fpr,
             timings_s=dict(obs.timings_s),
-            supervised=sup,
         )
 
     @torch.no_grad()
@@ -351,24 +357,9 @@ class DetectionPipeline:
         return {k: np.concatenate(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ supervised features
-    def _features(self, obs: Observation, raw: dict[str, np.ndarray], feature_set: str) -> np.ndarray:
-        """(N, F) supervised features (see :mod:`pathguard.models.verdict.supervised`) of one observed batch."""
-        ep = self._ep.partial(obs)
-        sims = [ep.sims[1], ep.sims[2]]
-        if feature_set == "effective_path":
-            return np.concatenate(sims, axis=1)
-        nic = self._nic.analysis(obs)
-        comps = np.stack([raw[EP], raw[NIC], raw[NIC_VI]], axis=1)
-        return np.concatenate([*sims, nic.value_violation, nic.provenance_violation, comps], axis=1)
-
     def feature_names(self, feature_set: str) -> list[str]:
         """Column names of :meth:`supervised_features`."""
-        names = [f"rank{r}_similarity/{n}" for r in (1, 2) for n in self.ep_layers]
-        if feature_set == "effective_path":
-            return names
-        names += [f"value_violation/{n}" for n in self.nic_value_layers]
-        names += [f"provenance_violation/{n}" for n in self.nic_provenance_pairs]
-        return [*names, f"raw/{EP}", f"raw/{NIC}", f"raw/{NIC_VI}"]
+        return feature_names(feature_set, self.components)
 
     @torch.no_grad()
     def supervised_features(self, x: torch.Tensor | np.ndarray, feature_set: str, batch_size: int = 500) -> np.ndarray:
@@ -378,8 +369,7 @@ class DetectionPipeline:
         for s in range(0, len(xt), batch_size):
             xb = xt[s : s + batch_size]
             logits, taps = self.classifier.forward_with_taps(xb)
-            obs = self.observe(xb, logits, taps)
-            out.append(self._features(obs, self.raw(obs), feature_set))
+            out.append(features_of(self.observe(xb, logits, taps), feature_set, self.components))
         return np.concatenate(out)
 
 

@@ -63,7 +63,9 @@ class Component(ABC):
         Registry key; the fusion name in the manifest and the key of its fields in the /v1/detect response.
     family : str
         ``layer`` (statistics of the activations) or ``consistency`` (how the prediction responds to small
-        input changes); the fusion may combine within a family first.
+        input changes); the fusion may combine within a family first. ``reported`` components (the supervised
+        detector) are built, stored and served like the others but never fused: they decide at their own
+        threshold (:meth:`operate_at`).
     files : tuple of str
         The bundle files it owns (empty when it derives everything from another component).
     requires : tuple of str
@@ -113,6 +115,10 @@ class Component(ABC):
         image by :func:`row_of`), constants (lists of names) and nested dicts. ``violation`` (N,) is ``1 - p`` of
         :meth:`raw` against the clean calibration split."""
         return {"score": violation}
+
+    def operate_at(self, target_fpr: float) -> None:
+        """Set the operating point of a component that decides by itself (family ``reported``; default: none)."""
+        return None
 
     def warm_up(self) -> None:
         """Prepare for serving (e.g. compile kernels) so the first request pays no setup cost."""
@@ -223,6 +229,13 @@ class BuildContext:
         The worker job with every file fitted so far.
     timings : dict[str, float]
         Seconds per build step (a component may add its own).
+    dataset : str or None
+        The bundled dataset's name (``mnist``, ``cifar10``: the attacks' budgets); None for a user's images.
+    progress : callable, optional
+        Where a long build step reports its progress (one line per call).
+    run_attack : callable, optional
+        Runs a registered attack, ``(classifier, name, dataset, x, y)`` -> its result, for components trained on
+        attacks (the supervised detector); given by the builder, which owns the ``eval`` extra.
     """
 
     model: TappedSequential
@@ -235,6 +248,9 @@ class BuildContext:
     timings: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)  # results several components' builds share
+    dataset: str | None = None
+    progress: Callable[[str], None] | None = None
+    run_attack: Callable[..., Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ utilities

@@ -11,6 +11,7 @@ from pathguard.models.components.consistency import (
 from pathguard.models.components.effective_path import EffectivePathComponent
 from pathguard.models.components.mahalanobis import GaussianComponent
 from pathguard.models.components.nic import NICComponent, NICValueComponent
+from pathguard.models.components.supervised import SupervisedComponent
 
 for _cls in (
     EffectivePathComponent,
@@ -22,5 +23,6 @@ for _cls in (
     NoiseL1Component,
     NoiseDropComponent,
     SqueezeComponent,
+    SupervisedComponent,
 ):
     register(_cls)

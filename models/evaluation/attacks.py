@@ -12,7 +12,8 @@ where a setting exists, scaled down to CPU budgets for the Carlini/Wagner optimi
 on CIFAR-10, under names that carry the budget: ``fgsm_k`` and ``bim_k`` (Linf ``k``/255 for k = 2, 4, 8),
 ``pgd_linf_8`` (8/255, step 2/255, 20 iterations, a random start), ``pgd_l2_0.5`` (L2 0.5), ``square_8``
 (the black-box Square attack in the 8/255 ball, 1000 query rounds) and ``cw_l2_k20`` (CW-L2 towards the next
-class at confidence 20: far past the decision boundary).
+class at confidence 20: far past the decision boundary) and ``deepfool_0.02`` (DeepFool at its authors' overshoot
+0.02, just past the boundary; ``deepfool`` on CIFAR-10 keeps feature squeezing's overshoot 10).
 
 Two ART details matter (adversarial-robustness-toolbox 1.20):
 
@@ -681,6 +682,10 @@ def _build_registry() -> dict[str, AttackSpec]:
     specs.append(  # high confidence (kappa 20): lands far past the boundary, where consistency checks are blind
         _spec("cw_l2_k20", "gradient", "L2", "next", _EVASION + "CarliniL2Method", _run_cw_l2,
               mnist={**_CW_MNIST, **_CW_L2, "confidence": 20.0}, cifar10={**_CW_CIFAR, **_CW_L2, "confidence": 20.0})
+    )  # fmt: skip
+    specs.append(  # the DeepFool authors' overshoot: stops just past the boundary (``deepfool`` on CIFAR-10 uses 10)
+        _spec("deepfool_0.02", "gradient", "L2", None, _EVASION + "DeepFool", _run_deepfool,
+              **_same({"overshoot": 0.02, "max_iter": 50, "nb_grads": 10}))
     )  # fmt: skip
     patch = {"target_class": 8, "scale": 0.5, "scale_min": 0.4, "scale_max": 0.6, "rotation_max": 22.5,
              "learning_rate": 0.2, "max_iter": 200, "train_images": 64, "seed": 0}  # fmt: skip

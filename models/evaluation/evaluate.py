@@ -123,7 +123,8 @@ def score_inputs(bundle: Bundle, x: np.ndarray, batch_size: int = 256) -> Scored
             "nic_pi": two_sided_fisher(np.stack(list(res.provenance_violation.values()), axis=1), n_calib),
             "fused": res.score,
         }
-        scores |= {k: v for k, v in raw.items() if k not in ("effective_path", "nic", "nic_vi")}  # the bundle's others
+        own = ("effective_path", "nic", "nic_vi", "supervised")  # above, or below as the bundle's supervised model
+        scores |= {k: v for k, v in raw.items() if k not in own}  # the bundle's other components
         verdict = pipe.verdict
         if verdict is not None and len(set(verdict.families.values())) > 1:  # each family's part of the verdict
             scores |= {f"family_{f}": v for f, v in verdict.family_scores(raw).items()}
