@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pathguard.models.builder import BuildConfig, build_bundle
-from pathguard.models.bundle import load_bundle
+from pathguard.models.bundle import DetectionPipeline, load_bundle
 from pathguard.models.components import REGISTRY, BuildContext, Component, FileReader, Observation, register
 from pathguard.models.components.base import json_blob
 from pathguard.models.components.consistency import (
@@ -239,6 +239,29 @@ def test_benign_p_values_are_uniform_and_a_seed_makes_requests_reproducible(toy_
     noise = unseeded.components["noise_flip"]
     a, b = (noise.stats(unseeded.observe(xt, logits, taps))["softmax_l1"] for _ in range(2))
     assert not np.array_equal(a, b)  # unseeded: fresh noise per batch
+
+
+def test_a_probe_begun_before_the_forward_pass_gives_the_same_detection(toy_bundle, mnist_test):
+    """The service starts the consistency copies' pass before the classifier's forward pass (it needs the inputs
+    only); seeded, the result equals the one whose probe runs inside ``finish``."""
+    pipe = load_bundle(toy_bundle, seed=5).pipeline
+    xt = torch.from_numpy(mnist_test.x[:6])
+    started = pipe.start_probe(xt)
+    assert started is not None and len(started.generators) == 6
+    logits, taps = pipe.classifier.forward_with_taps(xt)
+    early = pipe.finish(xt, logits, taps, probe=started)
+    late = pipe.finish(xt, logits, taps)
+    for name in ("noise_flip", "squeeze", "margin"):
+        np.testing.assert_array_equal(early.raw[name], late.raw[name])
+    np.testing.assert_array_equal(early.score, late.score)
+    assert "consistency" in early.timings_s
+    # the margin reads the logits: a pipeline whose only consistency component is the margin starts no probe
+    only_margin = {k: c for k, c in pipe.components.items() if k not in ("noise_flip", "squeeze")}
+    plain = DetectionPipeline(pipe.classifier, only_margin, None, 0.1, seed=0)
+    assert plain.start_probe(xt) is None
+    obs = plain.observe(xt, logits.detach(), taps)
+    plain.raw(obs)
+    assert "consistency" not in obs.memo and "consistency" not in obs.timings_s
 
 
 # ------------------------------------------------------------------------------------------------- fusion rules

@@ -26,7 +26,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pathguard.models.components import Component, Observation, row_of
-from pathguard.models.components.consistency import PROBE, probe
+from pathguard.models.components.consistency import PROBE, has_copies, probe_inputs
 from pathguard.models.components.effective_path import EffectivePathComponent, EPPartial
 from pathguard.models.components.mahalanobis import GaussianComponent
 from pathguard.models.components.nic import GRAPH, PARTIALS, LayerPartial, NICComponent
@@ -44,9 +44,21 @@ from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.models.verdict import FusedVerdict, violation_probability
 from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
 
-__all__ = ["DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial"]
+__all__ = ["DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial", "ProbeStart"]
 
 EP, NIC, NIC_VI, MAHALANOBIS, SUPERVISED = "effective_path", "nic", "nic_vi", "mahalanobis", "supervised"
+
+
+_STARTED = "consistency/started"  # the observation's key of a probe begun by ``start_probe``
+
+
+@dataclass
+class ProbeStart:
+    """A batch's consistency probe begun before its forward pass (:meth:`DetectionPipeline.start_probe`): the
+    inputs' generators (the observation reuses them) and the future of the copies' logits and seconds."""
+
+    generators: list[torch.Generator]
+    future: Future[tuple[dict[str, torch.Tensor], float]]
 
 
 @dataclass
@@ -170,6 +182,7 @@ class DetectionPipeline:
         self.nic_value_layers: list[str] = list(nic.value_layers)
         self.nic_provenance_pairs: list[str] = list(nic.pairs)
         self.checked_taps = list(nic.checked_taps)
+        self._copies = has_copies(self.components)
         for c in self.components.values():
             c.operate_at(self.target_fpr)
             c.warm_up()
@@ -226,15 +239,29 @@ class DetectionPipeline:
         partials: dict[str, LayerPartial] | None = None,
         ep: EPPartial | None = None,
         nic_graph: GraphNICScores | None = None,
+        probe: ProbeStart | None = None,
     ) -> Observation:
         """The observation of a batch's forward pass, with the partial results already computed."""
-        obs = Observation(x, logits, taps, self._forward, self._generators(x), self.components)
+        generators = probe.generators if probe is not None else self._generators(x)
+        obs = Observation(x, logits, taps, self._forward, generators, self.components)
+        if probe is not None:
+            obs.put(_STARTED, probe.future)
         obs.put(PARTIALS, dict(partials or {}))
         if nic_graph is not None:
             obs.put(GRAPH, nic_graph)
         if ep is not None:
             obs.put(EP, ep)
         return obs
+
+    def start_probe(self, x: torch.Tensor) -> ProbeStart | None:
+        """Start the consistency copies' forward pass of a batch now, on the pipeline's own thread: it needs the
+        inputs only, so it can run beside the classifier's forward pass and the layer checks. Hand the result to
+        :meth:`finish` (``probe=``); None when the bundle scores no copies."""
+        if not self._copies:
+            return None
+        generators = self._generators(x)
+        future = self._prober().submit(_timed_probe, x, generators, self.components, self._forward)
+        return ProbeStart(generators, future)
 
     def _generators(self, x: torch.Tensor) -> list[torch.Generator]:
         """One generator per input: seeded from ``seed`` and the input's pixels, or from fresh entropy."""
@@ -262,11 +289,13 @@ class DetectionPipeline:
         ep: EPPartial | None = None,
         probabilities: np.ndarray | None = None,
         nic_graph: GraphNICScores | None = None,
+        probe: ProbeStart | None = None,
     ) -> DetectionResult:
         """Complete detection for a batch given the forward pass and any partial results already computed
-        (per-layer NIC checks, the EP check, the softmax (N, K) of the logits, or NIC's scores from the served
-        graph, which replace the per-layer checks); whatever is missing is computed here."""
-        obs = self.observe(x, logits, taps, partials, ep, nic_graph)
+        (per-layer NIC checks, the EP check, the softmax (N, K) of the logits, NIC's scores from the served
+        graph, which replace the per-layer checks, or the consistency copies' pass begun by :meth:`start_probe`);
+        whatever is missing is computed here."""
+        obs = self.observe(x, logits, taps, partials, ep, nic_graph, probe)
         return self._result(obs, self.raw(obs), probabilities)
 
     def raw(self, obs: Observation) -> dict[str, np.ndarray]:
@@ -275,9 +304,9 @@ class DetectionPipeline:
         With consistency components, their copies' forward pass runs on the pipeline's own thread while the layer
         components score here (torch's kernels release the GIL, so the two overlap on a second core)."""
         consistency = [n for n, c in self.components.items() if c.family == "consistency"]
-        pending = None
-        if consistency and PROBE not in obs.memo:
-            pending = self._prober().submit(_timed_probe, obs)
+        pending: Future[tuple[dict[str, torch.Tensor], float]] | None = obs.memo.pop(_STARTED, None)
+        if pending is None and self._copies and PROBE not in obs.memo:
+            pending = self._prober().submit(_timed_probe, obs.x, obs.generators, self.components, self._forward)
         out = {}
         for name in [n for n in self.components if n not in consistency] + consistency:
             if pending is not None and name in consistency:
@@ -373,6 +402,6 @@ class DetectionPipeline:
         return np.concatenate(out)
 
 
-def _timed_probe(obs: Observation) -> tuple[dict[str, torch.Tensor], float]:
+def _timed_probe(x: torch.Tensor, *args: Any) -> tuple[dict[str, torch.Tensor], float]:
     t0 = time.perf_counter()
-    return probe(obs), time.perf_counter() - t0
+    return probe_inputs(x, *args), time.perf_counter() - t0

@@ -44,8 +44,10 @@ __all__ = [
     "copies_logits",
     "default_squeezers",
     "flip_rates",
+    "has_copies",
     "median_filter",
     "probe",
+    "probe_inputs",
 ]
 
 SIGMA_GRID = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
@@ -78,15 +80,32 @@ def probe(obs: Observation, own: list[Transform] | None = None) -> dict[str, tor
     """The logits of the originals (key ``""``, (N, K)) and of every transform's copies (its key, (copies, N, K))
     of every consistency component of the observation's bundle (and ``own``), deduplicated by key, from ONE forward
     pass. Thread-safe: it reads the observation and draws from its generators only."""
-    family = [c for c in obs.components.values() if isinstance(c, ConsistencyComponent)]
+    return probe_inputs(obs.x, obs.generators, obs.components, obs.forward, own)
+
+
+def has_copies(components: Mapping[str, Component]) -> bool:
+    """Whether any of ``components`` scores transformed copies (the margin alone reads the logits: no probe)."""
+    return any(isinstance(c, ConsistencyComponent) and c.transforms() for c in components.values())
+
+
+def probe_inputs(
+    x: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    components: Mapping[str, Component],
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    own: list[Transform] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`probe` given the inputs alone: it needs neither their logits nor their taps, so it can start before
+    the classifier's forward pass of the same batch."""
+    family = [c for c in components.values() if isinstance(c, ConsistencyComponent)]
     todo = {t.key: t for c in family for t in c.transforms()}
     todo.update({t.key: t for t in own or [] if t.key not in todo})
     keys = sorted(todo)  # the order the noise is drawn in
-    x = obs.x.float()
+    x = x.float()
     n, shape = len(x), tuple(x.shape[1:])
-    batch = [x] + [todo[k].apply(x, obs.generators).reshape(-1, *shape) for k in keys]
+    batch = [x] + [todo[k].apply(x, generators).reshape(-1, *shape) for k in keys]
     with torch.no_grad():
-        logits = obs.forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
+        logits = forward(torch.cat(batch)).double()  # ((1 + sum copies) * N, K)
     out = {"": logits[:n]}
     start = n
     for k in keys:

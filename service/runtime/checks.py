@@ -5,7 +5,8 @@ Data flow for one batch (N, C, H, W):
 1. the classifier engine runs the forward pass and reports every tap as soon as it exists;
 2. with ``parallel_checks`` the pipeline's per-layer check of each checked tap starts at once on a worker thread
    while the forward pass continues (onnxruntime: the ONNX graph is split into stages at the checked taps;
-   torch: the runtime steps through the named children of the TappedSequential);
+   torch: the runtime steps through the named children of the TappedSequential), and the consistency copies'
+   forward pass (bundles with noise or squeezing components) starts before it on the pipeline's own thread;
 3. when the forward pass and all layer checks are done, ``pipeline.finish`` runs Effective Path (it needs the
    logits) and the fusion into the verdict.
 
@@ -46,6 +47,8 @@ class Pipeline(Protocol):
 
     def layer_check(self, name: str, activation: torch.Tensor) -> Any: ...
 
+    def start_probe(self, x: torch.Tensor) -> Any: ...
+
     def finish(
         self,
         x: torch.Tensor,
@@ -55,6 +58,7 @@ class Pipeline(Protocol):
         *,
         probabilities: np.ndarray | None = None,
         nic_graph: GraphNICScores | None = None,
+        probe: Any = None,
     ) -> Any: ...
 
 
@@ -68,6 +72,7 @@ class _Forward:
     checks: dict[str, Any]
     classify_s: float
     nic_graph: GraphNICScores | None = None
+    probe: Any = None  # the consistency copies' pass, begun before the forward pass (None: the bundle has none)
 
 
 @dataclass
@@ -153,12 +158,14 @@ class DetectionRuntime:
         exists, and the remaining checked layers (e.g. the softmax) as soon as the logits exist. An engine that
         computes NIC returns its scores instead (no per-layer checks).
         """
+        xt = torch.from_numpy(x)
+        # the consistency copies need the inputs only: in parallel mode their pass runs beside the forward pass
+        probe = self.pipeline.start_probe(xt) if self.parallel else None
         if self.engine.computes_nic:
             t0 = time.perf_counter()
             logits, taps, nic_graph = self.engine.forward_with_nic(x)
-            return _Forward(logits, taps, {}, time.perf_counter() - t0, nic_graph)
+            return _Forward(logits, taps, {}, time.perf_counter() - t0, nic_graph, probe)
         checks: dict[str, Any] = {}
-        xt = torch.from_numpy(x)
 
         def launch(name: str, activation: torch.Tensor) -> None:
             if name in self.checked:
@@ -167,7 +174,7 @@ class DetectionRuntime:
         t0 = time.perf_counter()
         if not self.parallel:
             logits, taps = self.engine.forward(x, None)
-            return _Forward(logits, taps, checks, time.perf_counter() - t0)
+            return _Forward(logits, taps, checks, time.perf_counter() - t0, probe=probe)
         if INPUT in self.pipeline.nic_value_layers:
             checks[INPUT] = self._workers.submit(self.pipeline.layer_check, INPUT, xt)
         logits, taps = self.engine.forward(x, launch)
@@ -177,7 +184,7 @@ class DetectionRuntime:
                 checks[name] = self._workers.submit(
                     self.pipeline.layer_check, name, layer_activation(name, xt, logits, taps)
                 )
-        return _Forward(logits, taps, checks, classify_s)
+        return _Forward(logits, taps, checks, classify_s, probe=probe)
 
     def _finish(self, x: np.ndarray, fwd: _Forward, probabilities: np.ndarray) -> tuple[Any, float]:
         """Collect the layer checks (serial mode: the pipeline runs them itself) and compute the verdict; returns
@@ -186,8 +193,9 @@ class DetectionRuntime:
         partials = {name: fut.result() for name, fut in fwd.checks.items()}
         wait_s = time.perf_counter() - t0
         result = self.pipeline.finish(
-            torch.from_numpy(x), fwd.logits, fwd.taps, partials, probabilities=probabilities, nic_graph=fwd.nic_graph
-        )
+            torch.from_numpy(x), fwd.logits, fwd.taps, partials, probabilities=probabilities, nic_graph=fwd.nic_graph,
+            probe=fwd.probe,
+        )  # fmt: skip
         return result, wait_s
 
     def detect(self, x: np.ndarray) -> Detected:
@@ -209,6 +217,8 @@ class DetectionRuntime:
         if not self._admit_shadow():
             for fut in fwd.checks.values():
                 fut.cancel()
+            if fwd.probe is not None:
+                fwd.probe.future.cancel()
             if self.on_drop is not None:
                 self.on_drop(len(x))
             return ShadowStarted(classified, None)
