@@ -46,6 +46,7 @@ from pathguard.service.inputs import InputSpec, decode_image
 from pathguard.service.protocol import decode_input
 from pathguard.service.responses import DetectResponse
 from pathguard.service.sink import EventSink
+from pathguard.service.state import ServiceState
 
 __all__ = [
     "CARRIED_EXTENSIONS",
@@ -335,7 +336,7 @@ class EventRelay:
     shutdown).
     """
 
-    def __init__(self, state: Any, sink: EventSink | None, source: str) -> None:
+    def __init__(self, state: ServiceState, sink: EventSink | None, source: str) -> None:
         self.state = state
         self.sink = sink
         self.source = source

@@ -172,8 +172,12 @@ def test_base64_images_seldon_ids_and_structured_results(events_client, sink, mn
     assert _post(client, _event(v2, "b64-v2"), "structured").status_code == 202
     seldon_event = _event(seldon, "ce-1", "io.seldon.serving.inference.request", requestid="seldon-req", modelid="m")
     assert _post(client, seldon_event).json()["request_id"] == "seldon-req"
-    results = {e.get_id(): e for e in sink.wait(5)}
-    assert sorted(results) == ["b64-v1-0", "b64-v1-1", "b64-v1-2", "b64-v2", "seldon-req"]
+    as_bytes = _event({}, "bytes-data")  # data as bytes: structured mode carries it as data_base64
+    as_bytes = CloudEvent(as_bytes.get_attributes(), json.dumps(seldon).encode())
+    assert b"data_base64" in to_structured_event(as_bytes).body
+    assert _post(client, as_bytes, "structured").status_code == 202
+    results = {e.get_id(): e for e in sink.wait(6)}
+    assert sorted(results) == ["b64-v1-0", "b64-v1-1", "b64-v1-2", "b64-v2", "bytes-data", "seldon-req"]
     assert set(sink.modes) == {"structured"}
     for rid, i in [("b64-v1-0", 0), ("b64-v1-1", 1), ("b64-v1-2", 2), ("b64-v2", 0)]:
         assert results[rid].get_data()["prediction"]["class_index"] == int(mnist_test.y[i])
@@ -293,6 +297,32 @@ def test_a_failing_sink_is_retried_and_every_result_is_accounted_for(events_clie
     )
     assert (results, delivered, dropped) == (4, 2, 2)
     assert _metric(client, "pathguard_events_sink_backlog") == 0
+
+
+def test_a_failed_detection_is_counted_and_sends_nothing(events_client, sink, mnist_test):
+    client = events_client()
+    batcher = client.app.state.pathguard.detect_batcher
+
+    def broken(x: np.ndarray) -> Any:
+        raise RuntimeError("engine failure")
+
+    real, batcher.work = batcher.work, broken
+    assert _post(client, _event(_v2(mnist_test.x[:2]), "broken")).status_code == 202
+    _wait_for(lambda: _metric(client, "pathguard_events_dropped_total", '{reason="detection_failed"}') == 2)
+    batcher.work = real
+    assert _post(client, _event(_v2(mnist_test.x[:1]), "fine")).status_code == 202
+    assert [e.get_id() for e in sink.wait(1)] == ["fine"]
+    assert _metric(client, "pathguard_event_results_total") == 1 and _metric(client, "pathguard_events_pending") == 0
+
+
+def test_events_need_the_api_key_when_one_is_set(make_client, mnist_test):
+    client = make_client(api_key="s3cret")
+    event = _event({"instances": [mnist_test.x[0].tolist()]})
+    assert _post(client, event).status_code == 401
+    message = to_binary_event(event)
+    r = client.post("/", content=message.body, headers={**message.headers, "x-api-key": "s3cret"})
+    assert r.status_code == 202
+    assert client.get("/").status_code == 200  # the page stays open
 
 
 def test_a_sink_that_is_down_drops_after_the_bounded_retry(make_client, mnist_test):
