@@ -119,7 +119,8 @@ def parse_event(headers: Mapping[str, str], body: bytes, spec: InputSpec, max_im
     attrs = event.get_attributes()
     etype = event.get_type()
     if etype not in REQUEST_TYPES + RESPONSE_TYPES:
-        raise BadInput(f"event type {etype!r} is not a payload-logger type; accepted: {', '.join(REQUEST_TYPES)}")
+        accepted = ", ".join(REQUEST_TYPES + RESPONSE_TYPES)
+        raise BadInput(f"event type {etype!r} is not a payload-logger type; accepted: {accepted}")
     carried = {k: attrs[k] for k in CARRIED_EXTENSIONS if isinstance(attrs.get(k), str) and attrs[k]}
     requestid = attrs.get("requestid")
     rid = requestid if isinstance(requestid, str) and requestid else event.get_id()
