@@ -22,14 +22,16 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
 from pathguard.service.cache import DetectionStore
 from pathguard.service.errors import NotFound, install_error_handlers
+from pathguard.service.events import EventRelay
 from pathguard.service.grpc_server import GrpcServer
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
-from pathguard.service.routes import health, oip, page, v1
+from pathguard.service.routes import events, health, oip, page, v1
 from pathguard.service.routes import metrics as metrics_routes
 from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 from pathguard.service.settings import Settings
+from pathguard.service.sink import EventSink
 from pathguard.service.state import ServiceState, require_api_key
 
 __all__ = ["check_exposure", "check_pin", "create_app", "default_torch_threads"]
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pathguard = state
     install_error_handlers(app)
-    routers = (health.router, v1.router, oip.router, metrics_routes.router, page.router)
+    routers = (health.router, v1.router, oip.router, metrics_routes.router, page.router, events.router)
     for router in routers:
         app.include_router(router)
     page.mount_static(app)
@@ -212,6 +214,10 @@ async def _start(state: ServiceState) -> None:
     state.detect_batcher = MicroBatcher("detect", detect_work, s.max_batch_size, wait_s, s.queue_size, s.retry_after_s)
     state.predict_batcher.start()
     state.detect_batcher.start()
+    sink = EventSink(s.events_sink, s, state.metrics) if s.events_sink else None
+    if sink is not None:
+        sink.start()
+    state.events = EventRelay(state, sink, s.events_source or f"/pathguard/{bundle.name}")
     state.metrics.set_bundle(bundle.name, str(bundle.version), bundle.sha256)
     state.metrics.onnx_split_failed.set(0 if runtime.engine.split_error is None else 1)
     if s.grpc_port:
@@ -233,6 +239,8 @@ async def _stop(state: ServiceState) -> None:
     state.ready = False
     if state.grpc is not None:
         await state.grpc.stop()
+    if state.events is not None:  # before the batchers stop: pending logger events finish, results go out
+        await state.events.close(state.settings.events_drain_s)
     for batcher in (state.predict_batcher, state.detect_batcher):
         if batcher is not None:
             await batcher.stop()

@@ -35,6 +35,7 @@ from pathguard.service.state import ServiceState
 
 __all__ = [
     "Upload",
+    "detect_queued",
     "detect_tensor",
     "detect_uploads",
     "model_ref",
@@ -146,7 +147,9 @@ def _record(state: ServiceState, body: DetectResponse) -> None:
     )
 
 
-def _flag_entry(state: ServiceState, image_sha: str, payload: bytes, ctype: str, body: DetectResponse) -> Entry:
+def _flag_entry(
+    state: ServiceState, image_sha: str, payload: bytes, ctype: str, body: DetectResponse, extra: Entry | None = None
+) -> Entry:
     verdict, pred, ep, nic = body.verdict, body.prediction, body.effective_path, body.nic
     assert verdict is not None and ep is not None and nic is not None
     entry: Entry = {
@@ -166,6 +169,7 @@ def _flag_entry(state: ServiceState, image_sha: str, payload: bytes, ctype: str,
         "mode": state.settings.mode,
         "content_type": ctype,
         "image_size": str(len(payload)),
+        **(extra or {}),
     }
     if len(payload) <= state.settings.stream_image_max_bytes:
         entry["image"] = payload
@@ -174,14 +178,16 @@ def _flag_entry(state: ServiceState, image_sha: str, payload: bytes, ctype: str,
     return entry
 
 
-async def _after_detection(state: ServiceState, items: list[tuple[Upload, DetectResponse]], cache: bool) -> None:
-    """Cache writes and flagged-stream entries, off the response path."""
+async def _after_detection(
+    state: ServiceState, items: list[tuple[Upload, DetectResponse]], cache: bool, extra: Entry | None = None
+) -> None:
+    """Cache writes and flagged-stream entries (with the fields of ``extra``), off the response path."""
     assert state.store is not None
     for up, body in items:
         if cache:
             await state.store.put_verdict(up.sha256, cacheable(body))
         if body.verdict is not None and body.verdict.adversarial:
-            await state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body))
+            await state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body, extra))
 
 
 def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
@@ -288,7 +294,12 @@ async def _detect(
 
 
 def _recorded(
-    state: ServiceState, det: Detected, uploads: list[Upload], bodies: list[DetectResponse], cache: bool
+    state: ServiceState,
+    det: Detected,
+    uploads: list[Upload],
+    bodies: list[DetectResponse],
+    cache: bool,
+    extra: Entry | None = None,
 ) -> None:
     """Metrics of a finished detection now; cache writes and flagged entries off the response path."""
     for body in bodies:
@@ -296,7 +307,7 @@ def _recorded(
     stages = {"classify": det.classify_s}
     stages.update(dict(det.result.timings_s))
     state.metrics.observe_stages(stages)
-    state.spawn(_after_detection(state, list(zip(uploads, bodies, strict=True)), cache))
+    state.spawn(_after_detection(state, list(zip(uploads, bodies, strict=True)), cache, extra))
 
 
 async def _shadow_verdicts(
@@ -324,3 +335,35 @@ async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[De
     uploads = [Upload(payload[j * per_image : (j + 1) * per_image], None, ctype) for j in range(x.shape[0])]
     ids = [rid] if len(uploads) == 1 else [f"{rid}-{j}" for j in range(len(uploads))]
     return await _detect(state, ids, uploads, x, 0.0, t0, use_cache=False)
+
+
+async def detect_queued(
+    state: ServiceState,
+    ids: list[str],
+    uploads: list[Upload],
+    queued: asyncio.Future[BatchSlice[Any]],
+    decode_s: float,
+    t0: float,
+    extra: Entry | None = None,
+) -> list[DetectResponse] | None:
+    """The verdict bodies of a detection queued with ``detect_batcher.enqueue`` (the j-th with id ``ids[j]``),
+    recorded like any other (metrics, flagged-stream entries with the fields of ``extra``; no verdict cache).
+
+    Always with the verdict, in shadow mode too (``mode`` says which mode recorded it). None when shadow mode's
+    backlog dropped the batch's verdicts (counted in ``pathguard_shadow_dropped_total``)."""
+    sl = await queued
+    if isinstance(sl.batch, ShadowStarted):
+        if sl.batch.detection is None:
+            return None
+        det: Detected = await asyncio.wrap_future(sl.batch.detection)
+    else:
+        det = sl.batch
+    ref, classes, mode = model_ref(state), state.bundle.classes, state.settings.mode
+    timings = _timings(decode_s, sl, det.classify_s, det, t0)
+    bodies = [
+        detect_response(ids[j], ref, prediction(classes, det.probabilities[i]), det.result.row(i), mode, timings)
+        for j, i in enumerate(sl.rows)
+    ]
+    _recorded(state, det, uploads, bodies, cache=False, extra=extra)
+    state.metrics.observe_stages({"total": time.perf_counter() - t0})
+    return bodies

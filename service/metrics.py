@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LATENCY_BUCKETS", "STAGES", "Metrics"]
+__all__ = ["EVENT_DROP_REASONS", "LATENCY_BUCKETS", "STAGES", "Metrics"]
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -33,6 +33,15 @@ LATENCY_BUCKETS = (
 )
 _UNIT_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
 STAGES = ("decode", "classify", "effective_path", "nic", "total")
+EVENT_DROP_REASONS = (
+    "detection_failed",
+    "shadow_backlog",
+    "unfinished",
+    "sink_backlog_full",
+    "retries_exhausted",
+    "sink_rejected",
+    "shutdown",
+)
 
 
 class Metrics:
@@ -110,12 +119,59 @@ class Metrics:
             "whole forward pass (parallel checks lose their overlap); 0 otherwise.",
             registry=r,
         )
+        self.events_received = Counter(
+            "pathguard_events_received",
+            "Payload-logger CloudEvents accepted on POST /, by type: request (its images are checked) or response "
+            "(no input in it: counted only).",
+            ["type"],
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "pathguard_events_rejected",
+            "Logger events answered 503 + Retry-After: PATHGUARD_EVENTS_BACKLOG events were waiting for detection, "
+            "or the detection queue was full.",
+            registry=r,
+        )
+        self.events_pending = Gauge(
+            "pathguard_events_pending", "Accepted logger events whose detection has not finished.", registry=r
+        )
+        self.event_results = Counter(
+            "pathguard_event_results",
+            "Detection result events produced (one per image of an accepted logger event).",
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "pathguard_events_delivered",
+            "Result events the sink (PATHGUARD_EVENTS_SINK) answered with a 2xx.",
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "pathguard_events_dropped",
+            "Images of accepted logger events without a result (reason detection_failed, shadow_backlog, unfinished "
+            "at shutdown), and result events not delivered (sink_backlog_full, retries_exhausted, sink_rejected, "
+            "shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.events_sink_backlog = Gauge(
+            "pathguard_events_sink_backlog", "Result events waiting for delivery (in flight included).", registry=r
+        )
+        self.events_sink_failures = Counter(
+            "pathguard_events_sink_failures",
+            "Failed delivery attempts to the sink (connection error, timeout, 408, 429, 5xx); each is retried until "
+            "PATHGUARD_EVENTS_SINK_ATTEMPTS.",
+            registry=r,
+        )
         self.inflight = Gauge("pathguard_inflight_requests", "Requests being processed.", registry=r)
         self.bundle_info = Gauge(
             "pathguard_bundle_info", "The served bundle (value 1).", ["name", "version", "sha256"], registry=r
         )
         for reason in ("no_redis", "backlog_full", "spool_full", "spool_error"):
             self.flagged_dropped.labels(reason=reason)
+        for reason in EVENT_DROP_REASONS:
+            self.events_dropped.labels(reason=reason)
+        for kind in ("request", "response"):
+            self.events_received.labels(type=kind)
         for verdict in ("adversarial", "benign"):
             self.verdicts.labels(verdict=verdict)
         for stage in STAGES:

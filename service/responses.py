@@ -24,6 +24,7 @@ __all__ = [
     "BatchResponse",
     "ComponentPart",
     "DetectResponse",
+    "EventAccepted",
     "ModelInfo",
     "ModelRef",
     "ModelResponse",
@@ -136,6 +137,16 @@ class DetectResponse(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[DetectResponse]
+
+
+class EventAccepted(BaseModel):
+    """The answer to a payload-logger CloudEvent (``POST /``): its results follow as CloudEvents."""
+
+    id: str = Field(description="The event's id.")
+    request_id: str = Field(description="The logged request's id, carried over to the result events.")
+    type: str = Field(description="The event's type.")
+    status: str = Field(description="'accepted': its images are being checked; 'ignored': a response event.")
+    images: int = Field(description="Images queued for detection (one result event each).")
 
 
 class ModelInfo(BaseModel):

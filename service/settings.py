@@ -252,6 +252,65 @@ class Settings(BaseSettings):
         "beyond it new ones are not started and counted in pathguard_background_dropped_total.",
     )
 
+    # --- CloudEvents: payload-logger events in (POST /), detection results out ---------------------
+    events_backlog: int = Field(
+        default=256,
+        ge=1,
+        description="Most accepted logger events (POST /) whose detection has not finished; beyond it new events get "
+        "503 + Retry-After (counted in pathguard_events_rejected_total), as they do when the detection queue "
+        "(PATHGUARD_QUEUE_SIZE) is full.",
+    )
+    events_sink: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="URL that receives one 'pathguard.detection.result' CloudEvent per image of every logger event "
+        "(e.g. a Knative broker). Unset: results go to the metrics and the flagged stream only.",
+    )
+    events_sink_mode: Literal["binary", "structured"] = Field(
+        default="binary",
+        description="CloudEvents HTTP content mode of the result events: 'binary' (attributes in ce-* headers, the "
+        "result as the JSON body) or 'structured' (one application/cloudevents+json body).",
+    )
+    events_source: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The 'source' attribute of the result events. Unset: '/pathguard/<bundle name>'.",
+    )
+    events_sink_timeout_s: float = Field(
+        default=2.0, gt=0.0, description="Connect and read timeout of one delivery to the sink."
+    )
+    events_sink_attempts: int = Field(
+        default=6,
+        ge=1,
+        description="Deliveries tried per result event (connection errors, timeouts, 408, 429 and 5xx are retried); "
+        "a result still undelivered after them is dropped and counted "
+        '(pathguard_events_dropped_total{reason="retries_exhausted"}). Another 4xx drops it at once '
+        '(reason "sink_rejected").',
+    )
+    events_sink_backoff_s: float = Field(
+        default=0.1,
+        gt=0.0,
+        description="Wait after the first failed delivery; doubled after each further consecutive failure up to "
+        "PATHGUARD_EVENTS_SINK_BACKOFF_MAX_S. While the sink fails, one delivery at a time probes it; the first "
+        "success resets the wait and restores PATHGUARD_EVENTS_SINK_CONCURRENCY.",
+    )
+    events_sink_backoff_max_s: float = Field(
+        default=2.0, gt=0.0, description="Longest wait between two delivery attempts while the sink fails."
+    )
+    events_sink_concurrency: int = Field(default=4, ge=1, description="Deliveries to a healthy sink in flight at once.")
+    events_sink_backlog: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most result events waiting for delivery in memory; beyond it new results are dropped and "
+        'counted (pathguard_events_dropped_total{reason="sink_backlog_full"}).',
+    )
+    events_drain_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="At shutdown: how long pending logger events may finish and waiting results be delivered; what "
+        'is left is counted as dropped (reason "shutdown").',
+    )
+
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> Settings:
         if self.max_request_images > self.max_batch_size:

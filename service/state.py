@@ -44,6 +44,7 @@ class ServiceState:
     predict_batcher: Any = None
     detect_batcher: Any = None
     grpc: Any = None  # the gRPC server, when PATHGUARD_GRPC_PORT is not 0
+    events: Any = None  # the EventRelay of POST / (payload-logger CloudEvents)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

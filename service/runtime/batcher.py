@@ -85,6 +85,11 @@ class MicroBatcher(Generic[R]):
     async def submit(self, x: np.ndarray) -> BatchSlice[R]:
         """Queue ``x`` (n, C, H, W) and wait for its share of a batch result; ``n`` above the batch size is 413
         (settings keep every request within it: no batch ever runs more than ``max_batch`` images)."""
+        return await self.enqueue(x)
+
+    def enqueue(self, x: np.ndarray) -> asyncio.Future[BatchSlice[R]]:
+        """Queue ``x`` (n, C, H, W) without waiting: the future of its share of a batch result. Raises
+        :class:`Overloaded` at once when the queue is full (and :class:`PayloadTooLarge` as :meth:`submit`)."""
         if len(x) > self.max_batch:
             raise PayloadTooLarge(f"at most {self.max_batch} images per request, got {len(x)}")
         fut: asyncio.Future[BatchSlice[Any]] = asyncio.get_running_loop().create_future()
@@ -92,7 +97,7 @@ class MicroBatcher(Generic[R]):
             self._queue.put_nowait(_Item(x, fut, time.perf_counter()))
         except asyncio.QueueFull:
             raise Overloaded(f"{self.name} queue is full; retry later", self.retry_after_s) from None
-        return await fut
+        return fut
 
     async def _next(self, timeout: float | None) -> _Item | None:
         if self._carry is not None:

@@ -30,6 +30,7 @@ EXPECTED_KINDS = {
     "kubernetes/sidecar.yaml": ["Deployment", "Service", "NetworkPolicy"],
     "kubernetes/podmonitor.yaml": ["PodMonitor"],
     "kserve/inferenceservice.yaml": ["InferenceService"],
+    "kserve/payload-logger.yaml": ["Broker", "InferenceService", "Service", "Trigger", "Trigger"],
 }
 API_VERSIONS = {
     "ConfigMap": "v1",
@@ -40,7 +41,11 @@ API_VERSIONS = {
     "NetworkPolicy": "networking.k8s.io/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
     "InferenceService": "serving.kserve.io/v1beta1",
+    "Broker": "eventing.knative.dev/v1",
+    "Trigger": "eventing.knative.dev/v1",
 }
+KNATIVE_SERVICE = "serving.knative.dev/v1"  # kind Service, but Knative's
+KNATIVE_FILES = {"kserve/payload-logger.yaml"}
 _FINAL_STAGE = parse_dockerfile()[1][-1]
 IMAGE_UID = int(_FINAL_STAGE.all("USER")[-1].args.split(":")[0])
 
@@ -60,10 +65,10 @@ def _pod_specs(docs) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
     out = []
     for file, ds in docs.items():
         for d in ds:
-            if d["kind"] == "Deployment":
+            if d["kind"] == "Deployment" or (d["kind"] == "Service" and d["apiVersion"] == KNATIVE_SERVICE):
                 tpl = d["spec"]["template"]
                 out.append((f"{file}:{d['metadata']['name']}", tpl["spec"], tpl["metadata"]["labels"]))
-            elif d["kind"] == "InferenceService":
+            elif d["kind"] == "InferenceService" and _pathguard_containers(d["spec"]["predictor"]):
                 pred = d["spec"]["predictor"]
                 out.append((f"{file}:{d['metadata']['name']}", pred, pred["labels"]))
     return out
@@ -110,7 +115,8 @@ def test_every_manifest_parses_with_the_expected_kinds(docs):
     for file, kinds in EXPECTED_KINDS.items():
         assert [d["kind"] for d in docs[file]] == kinds, file
         for d in docs[file]:
-            assert d["apiVersion"] == API_VERSIONS[d["kind"]], (file, d["kind"])
+            knative = file in KNATIVE_FILES and d["kind"] == "Service"
+            assert d["apiVersion"] == (KNATIVE_SERVICE if knative else API_VERSIONS[d["kind"]]), (file, d["kind"])
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), d["metadata"]["name"]
 
 
@@ -125,7 +131,7 @@ def test_configmap_keys_are_settings_and_values_validate(monkeypatch):
 
 def test_pathguard_containers_ports_probes_env(docs, monkeypatch):
     pods = _pod_specs(docs)
-    assert len(pods) == 3  # standalone, sidecar, KServe
+    assert len(pods) == 4  # standalone, sidecar, KServe predictor, KServe payload-logger detector
     for where, spec, _ in pods:
         (c,) = _pathguard_containers(spec)
         env = _effective_env(c)
@@ -247,6 +253,31 @@ def test_kserve_inference_service_custom_container():
     manifest = json.loads((ARTIFACTS / "mnist-lenet5" / "manifest.json").read_text())
     assert isvc["metadata"]["name"] == manifest["name"], "KServe model name == the bundle's OIP model name"
     assert pred["minReplicas"] >= 1, "no scale-to-zero: the warm-up takes seconds"
+
+
+def test_kserve_payload_logger_feeds_pathguard_and_routes_its_results(docs, monkeypatch):
+    from pathguard.service.events import REQUEST_TYPES, RESULT_TYPE
+
+    file = "kserve/payload-logger.yaml"
+    broker = _one(docs, file, "Broker")["metadata"]["name"]
+    isvc = _one(docs, file, "InferenceService")
+    detector = _one(docs, file, "Service")
+    requests, flagged = [d for d in docs[file] if d["kind"] == "Trigger"]
+    broker_url = f"http://broker-ingress.knative-eventing.svc.cluster.local/default/{broker}"
+    assert isvc["spec"]["predictor"]["logger"]["url"] == broker_url
+    assert isvc["spec"]["predictor"]["logger"]["mode"] in {"request", "all"}, "the request events carry the images"
+    assert requests["spec"]["broker"] == flagged["spec"]["broker"] == broker
+    assert requests["spec"]["filter"]["attributes"] == {
+        "type": REQUEST_TYPES[0],
+        "inferenceservicename": isvc["metadata"]["name"],
+    }
+    ref = requests["spec"]["subscriber"]["ref"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (KNATIVE_SERVICE, "Service", detector["metadata"]["name"])
+    assert flagged["spec"]["filter"]["attributes"] == {"type": RESULT_TYPE, "adversarial": "true"}
+    (c,) = detector["spec"]["template"]["spec"]["containers"]
+    settings = settings_from_env(_effective_env(c), monkeypatch)
+    assert settings.events_sink == broker_url, "results go back to the broker"
+    assert settings.grpc_port == 0, "Knative: one port per container"
 
 
 def test_podmonitor_and_scrape_config_select_exactly_the_pathguard_ports(docs):
