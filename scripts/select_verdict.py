@@ -11,7 +11,8 @@ Data: the attacks cached by ``scripts/heldout_attacks.py`` (the first ``n`` imag
 successful adversarial examples count), and as clean negatives the rest of ``calib_b``. No test image is touched.
 
 The rule: the highest mean detection rate at 5% FPR over the standard attacks (every attack weighs the same, so
-lifting one attack from 13% to 80% counts for what it is), then the highest mean AUC.
+lifting one attack from 13% to 80% counts for what it is); among the candidates within one binomial standard error
+of that best mean (which these attacks cannot tell apart), the highest mean AUC.
 
     scripts/select_verdict.py --bundle artifacts/cifar10-resnet20 \\
         --attacks ~/.cache/pathguard/heldout/cifar10-resnet20 --out docs/reports/validation/cifar10-resnet20-consistency
@@ -158,6 +159,15 @@ def main() -> int:
                 "mean_auc": float(np.mean([cells[a]["auc"] for a in standard])),
             }
     ranked = sorted(rows, key=lambda k: (rows[k]["mean_dr"], rows[k]["mean_auc"]), reverse=True)
+    # one standard error: candidates whose mean detection rate is within one binomial standard error of the best
+    # one's are not told apart by these attacks; among them the highest mean AUC is chosen
+    counts = {a: len(attacks[a][0]) for a in standard}
+    best_cells = rows[ranked[0]]["cells"]
+    var = sum(best_cells[a]["dr"] * (1 - best_cells[a]["dr"]) / counts[a] for a in standard)
+    se = float(np.sqrt(var)) / len(standard)
+    tied = [k for k in ranked if rows[k]["mean_dr"] >= rows[ranked[0]]["mean_dr"] - se]
+    chosen = max(tied, key=lambda k: (rows[k]["mean_auc"], rows[k]["mean_dr"]))
+    ranked = [chosen, *(k for k in ranked if k != chosen)]
     singles = {k: rows[f"fisher: {k}"] for k in names if f"fisher: {k}" in rows}
     m = bundle.manifest["verdict"]
     before = f"{m.get('rule', 'fisher')}: {' + '.join(m.get('components', ['effective_path', 'nic']))}"
@@ -177,6 +187,9 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "scoring_seconds": round(scored_s, 1),
         "chosen": ranked[0],
+        "best_mean_dr": max(r["mean_dr"] for r in rows.values()),
+        "standard_error": se,
+        "within_one_se": len(tied),
         "bundle_verdict": before,
         "best_per_layer_group": best,
         "n_candidates": len(rows),

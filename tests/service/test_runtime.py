@@ -103,7 +103,8 @@ def test_onnx_engine_returns_nic_scores_beside_the_logits(bundle, mnist_test):
     assert scores.head_logits.shape == (16, len(nic.layers_), nic.n_classes_)
     for j, name in enumerate(nic.layers_):
         probs = nic.head_probs(name, nic.reduce(name, acts[name]))
-        torch.testing.assert_close(torch.softmax(scores.head_logits[:, j], -1), probs, atol=1e-5, rtol=0)
+        # float32 in two runtimes (onnxruntime's kernels split their sums by its thread pool): a few 1e-5 apart
+        torch.testing.assert_close(torch.softmax(scores.head_logits[:, j], -1), probs, atol=5e-5, rtol=0)
     assert scores.provenance is None and scores.final is None  # the provenance checks run in the pipeline
     with pytest.raises(RuntimeError):
         plain.forward_with_nic(x)
