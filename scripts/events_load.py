@@ -13,7 +13,6 @@ backlog is empty. Exit status 1 when a logger request got a 5xx or a result is u
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -26,21 +25,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import reliability  # scripts/reliability.py: this script's folder is on sys.path when it runs
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 SINK_DROPS = ("sink_backlog_full", "retries_exhausted", "sink_rejected", "shutdown")
 DETECTION_DROPS = ("detection_failed", "shadow_backlog", "unfinished")
-
-
-def _reliability() -> Any:
-    spec = importlib.util.spec_from_file_location("pathguard_reliability", ROOT / "scripts" / "reliability.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class FlakySink:
@@ -156,7 +147,7 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=120.0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    rel = _reliability()
+    rel = reliability
     events = _events(args.events)
     sink = FlakySink(rel.free_port(), args.down)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,29 +8,19 @@ dropped-entry counter, so one sees the spool reach its bound and stay flat there
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
+import reliability  # scripts/reliability.py: this script's folder is on sys.path when it runs
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _reliability() -> Any:
-    spec = importlib.util.spec_from_file_location("pathguard_reliability", ROOT / "scripts" / "reliability.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _noise(rng: np.random.Generator) -> bytes:
@@ -50,7 +40,7 @@ def main() -> int:
     ap.add_argument("--spool-max-bytes", type=int, default=20_000_000)
     ap.add_argument("--senders", type=int, default=2)
     args = ap.parse_args()
-    rel = _reliability()
+    rel = reliability
     with tempfile.TemporaryDirectory() as tmp:
         spool = Path(tmp) / "spool.jsonl"
         env = {

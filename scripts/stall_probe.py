@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import io
 import json
 import multiprocessing
@@ -26,19 +25,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import reliability  # scripts/reliability.py: this script's folder is on sys.path when it runs
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mnist-lenet5"
-
-
-def _reliability() -> Any:
-    spec = importlib.util.spec_from_file_location("pathguard_reliability", ROOT / "scripts" / "reliability.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _heavy_png() -> bytes:
@@ -123,7 +114,7 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=1, help="threads per kind of traffic")
     ap.add_argument("--bundle", default=str(ROOT / "artifacts" / MODEL))
     args = ap.parse_args()
-    rel = _reliability()
+    rel = reliability
     codes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     with tempfile.TemporaryDirectory() as tmp:
         server = rel.Server(Path(args.bundle), Path(tmp), {"PATHGUARD_WARMUP_ROUNDS": "1"}).start()
