@@ -1,8 +1,9 @@
 """The FastAPI application factory.
 
-``create_app(settings)`` builds the app without touching the bundle; its lifespan verifies and loads the bundle,
-creates the classifier engine, warms up, starts the micro-batchers and the Redis link, and only then flips
-readiness. Nothing heavy happens at import time.
+``create_app(settings)`` builds the app without touching a bundle; its lifespan starts the Redis link and the
+model manager, which verifies and loads the bundles the control mode requires (``PATHGUARD_BUNDLE``, or the model
+repository), creates each one's classifier engine, warms it up and starts its micro-batchers; readiness follows
+from the manager. Nothing heavy happens at import time.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256, load_bundle
+from pathguard.models.bundle import MANIFEST, BundleIntegrityError, bundle_sha256
 from pathguard.service.cache import DetectionStore
 from pathguard.service.errors import NotFound, install_error_handlers
 from pathguard.service.events import EventRelay
 from pathguard.service.grpc_server import GrpcServer
-from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
-from pathguard.service.routes import events, health, oip, page, v1
+from pathguard.service.repository import ModelManager
+from pathguard.service.routes import events, health, oip, page, repository, v1
 from pathguard.service.routes import metrics as metrics_routes
-from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
 from pathguard.service.settings import Settings
 from pathguard.service.sink import EventSink
 from pathguard.service.state import ServiceState, require_api_key
@@ -63,7 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pathguard = state
     install_error_handlers(app)
-    routers = (health.router, v1.router, oip.router, metrics_routes.router, page.router, events.router)
+    routers = (
+        health.router,
+        v1.router,
+        oip.router,
+        repository.router,
+        metrics_routes.router,
+        page.router,
+        events.router,
+    )
     for router in routers:
         app.include_router(router)
     page.mount_static(app)
@@ -153,20 +161,6 @@ def default_torch_threads(settings: Settings) -> int:
     return max(1, cores // (settings.worker_threads + 1))
 
 
-def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
-    if settings.engine == "torch":
-        return TorchEngine(bundle.classifier)
-    if settings.nic_in_graph:  # no tap-by-tap stages needed: NIC's checks run inside the graph
-        return OnnxEngine(
-            bundle.onnx_bytes,
-            [],
-            threads=settings.engine_threads,
-            nic=bundle.pipeline.nic,
-            inter_op_threads=settings.graph_inter_op_threads,
-        )
-    return OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, threads=settings.engine_threads)
-
-
 def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
     """Refuse a bundle whose id differs from ``settings.bundle_sha256`` (when that pin is set)."""
 
@@ -187,65 +181,40 @@ async def _start(state: ServiceState) -> None:
 
     s = state.settings
     torch.set_num_threads(default_torch_threads(s))
-    check_pin(s)
-    bundle = load_bundle(s.bundle, target_fpr=s.target_fpr, seed=s.noise_seed)
-    check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
-    runtime = DetectionRuntime(
-        _engine(s, bundle),
-        bundle.pipeline,
-        s.worker_threads,
-        s.parallel_checks,
-        shadow_backlog=s.shadow_backlog,
-        on_drop=state.metrics.shadow_dropped.inc,
-    )
-    c, h, w = (int(v) for v in bundle.input_shape)
-    shape = (c, h, w)
-    runtime.warm_up(shape, [1], s.warmup_rounds)
-    runtime.warm_up(shape, [s.max_batch_size], min(s.warmup_rounds, 1))
-    state.bundle, state.runtime = bundle, runtime
-    state.spec = InputSpec(c, h, w, max_pixels=s.max_image_pixels, policy=s.input_policy)
-    state.store = DetectionStore(s, state.metrics, bundle.sha256)
+    check = None
+    if s.model_repository is None:  # PATHGUARD_BUNDLE: a repository of one, with its optional pin
+        check_pin(s)
+
+        def check(bundle: Any) -> None:
+            check_pin(s, bundle.sha256)  # authoritative: the digest of the manifest bytes actually loaded
+
+    state.store = DetectionStore(s, state.metrics)
     await state.store.start()
-    wait_s = s.max_batch_wait_ms / 1000.0
-    detect_work = runtime.detect if s.mode == "enforce" else runtime.detect_shadow
-    state.predict_batcher = MicroBatcher(
-        "predict", runtime.classify, s.max_batch_size, wait_s, s.queue_size, s.retry_after_s
-    )
-    state.detect_batcher = MicroBatcher("detect", detect_work, s.max_batch_size, wait_s, s.queue_size, s.retry_after_s)
-    state.predict_batcher.start()
-    state.detect_batcher.start()
     sink = EventSink(s.events_sink, s, state.metrics) if s.events_sink else None
     if sink is not None:
         sink.start()
-    state.events = EventRelay(state, sink, s.events_source or f"/pathguard/{bundle.name}")
-    state.metrics.set_bundle(bundle.name, str(bundle.version), bundle.sha256)
-    state.metrics.onnx_split_failed.set(0 if runtime.engine.split_error is None else 1)
+    state.events = EventRelay(state, sink, s.events_source)
+    state.models = ModelManager(s, state.metrics, state.store, state.spawn, check)
+    await state.models.start()
     if s.grpc_port:
         state.grpc = GrpcServer(state, s.host, s.grpc_port)
         await state.grpc.start()
-    state.ready = True
     log.info(
-        "serving bundle %s v%s (%s) with the %s engine, mode %s, %s",
-        bundle.name,
-        bundle.version,
-        bundle.sha256[:12],
+        "serving %s with the %s engine, mode %s, %s",
+        ", ".join(f"{m.name} v{m.version} ({m.sha256[:12]})" for m in state.models.models.values()) or "no model",
         s.engine,
         s.mode,
-        "NIC in the graph" if runtime.engine.computes_nic else f"parallel checks {s.parallel_checks}",
+        "NIC in the graph" if s.nic_in_graph and s.engine == "onnx" else f"parallel checks {s.parallel_checks}",
     )
 
 
 async def _stop(state: ServiceState) -> None:
-    state.ready = False
     if state.grpc is not None:
         await state.grpc.stop()
-    if state.events is not None:  # before the batchers stop: pending logger events finish, results go out
+    if state.events is not None:  # before the models stop: pending logger events finish, results go out
         await state.events.close(state.settings.events_drain_s)
-    for batcher in (state.predict_batcher, state.detect_batcher):
-        if batcher is not None:
-            await batcher.stop()
+    if state.models is not None:
+        await state.models.close()
     await state.drain()
     if state.store is not None:
         await state.store.close()
-    if state.runtime is not None:
-        state.runtime.close()

@@ -312,7 +312,7 @@ def _is_number(v: object) -> bool:
 
 
 class DetectionStore:
-    """Verdict cache + flagged stream of one served bundle.
+    """Verdict cache + flagged stream of the server (every model's verdicts keyed by its bundle's sha256).
 
     :meth:`flag` never blocks: it puts the entry into a bounded backlog in memory, and one delivery task moves
     the backlog into the stream (XADD) or, while Redis is down or the spool still holds entries, into the spool
@@ -323,10 +323,9 @@ class DetectionStore:
 
     _GROUP = 256  # entries per spool write / replay read
 
-    def __init__(self, settings: Settings, metrics: Metrics, bundle_sha256: str) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.bundle_sha256 = bundle_sha256
         self.spool = Spool(settings.spool_path, settings.spool_max_bytes, settings.spool_max_entries)
         self.link: RedisLink | None = None
         self.cache: VerdictCache
@@ -370,28 +369,28 @@ class DetectionStore:
         if self.link is not None:
             await self.link.close()
 
-    async def get_verdict(self, image_sha256: str) -> dict[str, Any] | None:
-        """Cached response for this image under the served bundle, counting hits and misses.
+    async def get_verdict(self, bundle_sha256: str, image_sha256: str, model: str) -> dict[str, Any] | None:
+        """Cached response for this image under bundle ``bundle_sha256``, counting hits and misses of ``model``.
 
         Anything unusable under the key (not JSON, another schema version or bundle, a body without the parts a
         response needs) is a miss: logged, counted, and overwritten by the fresh detection."""
-        key = verdict_key(self.bundle_sha256, image_sha256)
+        key = verdict_key(bundle_sha256, image_sha256)
         raw = await self.cache.get(key)
         if raw is None:
-            self.metrics.cache_misses.inc()
+            self.metrics.cache_misses.labels(model=model).inc()
             return None
-        body, why = _unwrap(raw, self.bundle_sha256)
+        body, why = _unwrap(raw, bundle_sha256)
         if body is None:
-            self.metrics.cache_misses.inc()
+            self.metrics.cache_misses.labels(model=model).inc()
             log.warning("verdict cache entry %s is unusable (%s); treated as a miss", key, why)
             return None
-        self.metrics.cache_hits.inc()
+        self.metrics.cache_hits.labels(model=model).inc()
         return body
 
-    async def put_verdict(self, image_sha256: str, response: dict[str, Any]) -> None:
-        entry = {"schema": CACHE_SCHEMA, "bundle": self.bundle_sha256, "body": response}
+    async def put_verdict(self, bundle_sha256: str, image_sha256: str, response: dict[str, Any]) -> None:
+        entry = {"schema": CACHE_SCHEMA, "bundle": bundle_sha256, "body": response}
         raw = json.dumps(entry, separators=(",", ":")).encode()
-        await self.cache.set(verdict_key(self.bundle_sha256, image_sha256), raw)
+        await self.cache.set(verdict_key(bundle_sha256, image_sha256), raw)
 
     async def flag(self, entry: Entry) -> None:
         """Record one flagged input: queued for the stream (or the spool); never waits for I/O."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -405,19 +406,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathguard.service.app import check_exposure, check_pin, create_app
     from pathguard.service.settings import Settings
 
-    cli = {k: getattr(args, k) for k in ("bundle", "host", "port", "engine", "mode") if getattr(args, k) is not None}
+    names = {"bundle": "bundle", "host": "host", "port": "port", "engine": "engine", "mode": "mode",
+             "repository": "model_repository", "control_mode": "model_control_mode",
+             "load_model": "load_models"}  # fmt: skip
+    cli = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     settings = Settings(**cli)
     try:
         check_exposure(settings)
     except ValueError as exc:
         print(f"pathguard serve: refusing to start: {exc}", file=sys.stderr)
         return 2
-    try:
-        verify_bundle(settings.bundle)
-        check_pin(settings)
-    except BundleError as exc:
-        print(f"pathguard serve: refusing to start: {user_error_message(exc)}", file=sys.stderr)
-        return 2
+    if settings.model_repository is not None:
+        if not settings.model_repository.is_dir():
+            print(f"pathguard serve: model repository {settings.model_repository} is not a folder", file=sys.stderr)
+            return 2
+    else:
+        try:
+            verify_bundle(settings.bundle)
+            check_pin(settings)
+        except BundleError as exc:
+            print(f"pathguard serve: refusing to start: {user_error_message(exc)}", file=sys.stderr)
+            return 2
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -448,6 +457,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(see docs/service.md); the options below override them.",
     )
     p.add_argument("--bundle", help="bundle folder (PATHGUARD_BUNDLE, default artifacts/mnist-lenet5)")
+    p.add_argument(
+        "--repository",
+        help="model repository: DIR/<name>/ or DIR/<name>/<version>/ bundles (PATHGUARD_MODEL_REPOSITORY)",
+    )
+    p.add_argument(
+        "--control-mode",
+        choices=["none", "poll", "explicit"],
+        help="how the repository's models load (PATHGUARD_MODEL_CONTROL_MODE, default none: all at start)",
+    )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        help="explicit mode: a model to load at start (repeatable; PATHGUARD_LOAD_MODELS)",
+    )
     p.add_argument("--host", help="bind address (PATHGUARD_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (PATHGUARD_PORT, default 8080)")
     p.add_argument("--engine", choices=["onnx", "torch"], help="classifier runtime (PATHGUARD_ENGINE, default onnx)")
@@ -501,7 +524,66 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-SUBCOMMANDS += [_add_serve, _add_bench]
+def _cmd_repo(args: argparse.Namespace) -> int:
+    """A thin client of the model repository API: POST /v2/repository/index, .../models/<name>/load|unload."""
+    import httpx
+
+    headers = {"x-api-key": args.api_key} if args.api_key else {}
+    base = args.url.rstrip("/")
+    path = "/v2/repository/index" if args.action == "list" else f"/v2/repository/models/{args.name}/{args.action}"
+    try:
+        resp = httpx.post(base + path, json={}, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"pathguard repo: cannot reach {base}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"error": resp.text.strip()[:500]}
+    if resp.status_code >= 400:
+        error = body.get("error") if isinstance(body, dict) else None
+        print(f"pathguard repo {args.action}: HTTP {resp.status_code}: {error or body}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif args.action == "list":
+        rows = [("NAME", "VERSION", "STATE", "REASON")]
+        rows += [(m["name"], m.get("version", "-"), m["state"], m.get("reason", "")) for m in body]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  ".join(str(v).ljust(w) for v, w in zip(r[:3], widths, strict=True)), r[3])
+    elif args.action == "load":
+        print(f"{body['name']}: version {body['version']} ({body['bundle_sha256'][:12]}) is serving")
+    else:
+        print(f"{body['name']}: unloaded")
+    return 0
+
+
+def _add_repo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "repo",
+        help="list, load or unload the models of a running server (its model repository API)",
+        description="list: every model of the server's repository with its state. load NAME: load or reload a "
+        "model (explicit control mode); the version serving keeps serving if the new one fails. unload NAME.",
+    )
+    p.add_argument("action", choices=["list", "load", "unload"])
+    p.add_argument("name", nargs="?", help="the model (load, unload)")
+    p.add_argument("--url", default=os.environ.get("PATHGUARD_URL", "http://127.0.0.1:8080"),
+                   help="the server (PATHGUARD_URL, default http://127.0.0.1:8080)")  # fmt: skip
+    p.add_argument("--api-key", default=os.environ.get("PATHGUARD_API_KEY"), help="(PATHGUARD_API_KEY)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (a load verifies and warms up)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    p.set_defaults(func=_cmd_repo_checked)
+
+
+def _cmd_repo_checked(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        print(f"pathguard repo {args.action}: name the model", file=sys.stderr)
+        return 2
+    return _cmd_repo(args)
+
+
+SUBCOMMANDS += [_add_serve, _add_bench, _add_repo]
 
 
 def _cmd_bench_ep(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from pathguard.service.responses import (
     prediction,
 )
 from pathguard.service.runtime import BatchSlice, Detected, ShadowStarted
-from pathguard.service.state import ServiceState
+from pathguard.service.served import ServedModel
 
 __all__ = [
     "Upload",
@@ -60,11 +60,11 @@ class Upload:
 # --------------------------------------------------------------------------------------------------- reading
 
 
-async def read_uploads(request: Request, state: ServiceState, field: str, many: bool) -> list[Upload]:
+async def read_uploads(request: Request, served: ServedModel, field: str, many: bool) -> list[Upload]:
     """Images from a raw PNG/JPEG body or from multipart field ``field`` (all its files when ``many``)."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";", 1)[0].strip().lower() == "multipart/form-data":
-        uploads = await _read_multipart(request, state, field)
+        uploads = await _read_multipart(request, served, field)
         if not many and len(uploads) > 1:
             raise BadInput(f"send one image in field {field!r}; use /v1/detect/batch for several")
         return uploads
@@ -75,8 +75,8 @@ async def read_uploads(request: Request, state: ServiceState, field: str, many: 
     return [Upload(data, declared, ctype)]
 
 
-async def _read_multipart(request: Request, state: ServiceState, field: str) -> list[Upload]:
-    limit = state.settings.max_request_images
+async def _read_multipart(request: Request, served: ServedModel, field: str) -> list[Upload]:
+    limit = served.settings.max_request_images
     try:
         form = await request.form(max_files=limit + 1, max_fields=limit + 16)
     except StarletteHTTPException as exc:
@@ -98,19 +98,20 @@ async def _read_multipart(request: Request, state: ServiceState, field: str) -> 
     return uploads
 
 
-async def _decode_all(state: ServiceState, uploads: list[Upload]) -> np.ndarray:
+async def _decode_all(served: ServedModel, uploads: list[Upload]) -> np.ndarray:
     """Decode every upload into one float32 (n, C, H, W) array on a worker thread, never on the event loop: the
     compressed size says nothing about the decode cost (a 12 KB PNG can hold 4 megapixels of one colour)."""
-    assert state.spec is not None
-    return await run_in_threadpool(decode_images, [(up.data, up.declared) for up in uploads], state.spec)
+    assert served.spec is not None
+    return await run_in_threadpool(decode_images, [(up.data, up.declared) for up in uploads], served.spec)
 
 
 # --------------------------------------------------------------------------------------------------- bodies
 
 
-def model_ref(state: ServiceState) -> ModelRef:
-    b = state.bundle
-    return ModelRef(name=b.name, version=str(b.version), bundle_sha256=b.sha256)
+def model_ref(served: ServedModel) -> ModelRef:
+    """The model as responses name it: the repository's name and served version (with PATHGUARD_BUNDLE, the
+    bundle's own), and the bundle id."""
+    return ModelRef(name=served.name, version=served.version, bundle_sha256=served.sha256)
 
 
 def _ms(seconds: float) -> float:
@@ -133,11 +134,11 @@ def _timings(decode_s: float, sl: BatchSlice[Any], classify_s: float, det: Detec
     return out
 
 
-def _record(state: ServiceState, body: DetectResponse) -> None:
+def _record(served: ServedModel, body: DetectResponse) -> None:
     """Verdict and per-layer metrics of one image's detection."""
     ep, nic, verdict = body.effective_path, body.nic, body.verdict
     assert ep is not None and nic is not None and verdict is not None
-    state.metrics.observe_detection(
+    served.metrics.observe_detection(
         verdict.adversarial,
         verdict.score,
         ep.layers,
@@ -148,15 +149,15 @@ def _record(state: ServiceState, body: DetectResponse) -> None:
 
 
 def _flag_entry(
-    state: ServiceState, image_sha: str, payload: bytes, ctype: str, body: DetectResponse, extra: Entry | None = None
+    served: ServedModel, image_sha: str, payload: bytes, ctype: str, body: DetectResponse, extra: Entry | None = None
 ) -> Entry:
     verdict, pred, ep, nic = body.verdict, body.prediction, body.effective_path, body.nic
     assert verdict is not None and ep is not None and nic is not None
     entry: Entry = {
         "id": body.id,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "bundle": state.bundle.sha256,
-        "bundle_name": state.bundle.name,
+        "bundle": served.bundle.sha256,
+        "bundle_name": served.bundle.name,
         "image_sha256": image_sha,
         "class_index": str(pred.class_index),
         "label": str(pred.label),
@@ -166,12 +167,12 @@ def _flag_entry(
         "p_value": repr(verdict.p_value),
         "effective_path_score": repr(ep.score),
         "nic_score": repr(nic.score),
-        "mode": state.settings.mode,
+        "mode": served.settings.mode,
         "content_type": ctype,
         "image_size": str(len(payload)),
         **(extra or {}),
     }
-    if len(payload) <= state.settings.stream_image_max_bytes:
+    if len(payload) <= served.settings.stream_image_max_bytes:
         entry["image"] = payload
     else:
         entry["image_omitted"] = "1"
@@ -179,15 +180,15 @@ def _flag_entry(
 
 
 async def _after_detection(
-    state: ServiceState, items: list[tuple[Upload, DetectResponse]], cache: bool, extra: Entry | None = None
+    served: ServedModel, items: list[tuple[Upload, DetectResponse]], cache: bool, extra: Entry | None = None
 ) -> None:
     """Cache writes and flagged-stream entries (with the fields of ``extra``), off the response path."""
-    assert state.store is not None
+    assert served.store is not None
     for up, body in items:
         if cache:
-            await state.store.put_verdict(up.sha256, cacheable(body))
+            await served.store.put_verdict(up.sha256, cacheable(body))
         if body.verdict is not None and body.verdict.adversarial:
-            await state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body, extra))
+            await served.store.flag(_flag_entry(served, up.sha256, up.data, up.content_type, body, extra))
 
 
 def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
@@ -199,21 +200,22 @@ def _same_threshold(cached: dict[str, Any], threshold: float) -> bool:
 # --------------------------------------------------------------------------------------------------- flows
 
 
-async def predict_uploads(state: ServiceState, rid: str, uploads: list[Upload]) -> PredictResponse:
+async def predict_uploads(served: ServedModel, rid: str, uploads: list[Upload]) -> PredictResponse:
     """Classification only: the baseline for the detection overhead."""
     t0 = time.perf_counter()
-    x = await _decode_all(state, uploads)
+    x = await _decode_all(served, uploads)
     decode_s = time.perf_counter() - t0
-    sl = await state.predict_batcher.submit(x)
+    sl = await served.predict_batcher.submit(x)
     probs = sl.batch.probabilities[sl.start]
-    state.metrics.observe_stages({"decode": decode_s, "classify": sl.batch.classify_s})
+    served.metrics.observe_stages({"decode": decode_s, "classify": sl.batch.classify_s})
     timings = _timings(decode_s, sl, sl.batch.classify_s, None, t0)
-    state.metrics.observe_stages({"total": timings["total"] / 1000.0})
-    return predict_response(rid, model_ref(state), prediction(state.bundle.classes, probs), timings)
+    served.metrics.observe_stages({"total": timings["total"] / 1000.0})
+    served.observe(timings)
+    return predict_response(rid, model_ref(served), prediction(served.bundle.classes, probs), timings)
 
 
 async def detect_uploads(
-    state: ServiceState, rid: str, uploads: list[Upload], item_ids: bool = False
+    served: ServedModel, rid: str, uploads: list[Upload], item_ids: bool = False
 ) -> list[DetectResponse]:
     """Detection for each upload, in order: cache hits answered from the cache, the rest batched together.
 
@@ -222,44 +224,47 @@ async def detect_uploads(
     id is ``<rid>-<i>``; otherwise every result carries ``rid``.
     """
     t0 = time.perf_counter()
-    x = await _decode_all(state, uploads)  # (n, C, H, W)
+    x = await _decode_all(served, uploads)  # (n, C, H, W)
     decode_s = (time.perf_counter() - t0) / len(uploads)
-    state.metrics.observe_stages({"decode": decode_s})
+    served.metrics.observe_stages({"decode": decode_s})
     ids = [f"{rid}-{i}" for i in range(len(uploads))] if item_ids else [rid] * len(uploads)
-    use_cache = state.settings.cache and state.settings.mode == "enforce"
+    use_cache = served.settings.cache and served.settings.mode == "enforce"
     bodies: list[DetectResponse | None] = [None] * len(uploads)
     if use_cache:
         for i, up in enumerate(uploads):
-            bodies[i] = await _cached(state, ids[i], up, decode_s)
+            bodies[i] = await _cached(served, ids[i], up, decode_s)
     todo = [i for i, b in enumerate(bodies) if b is None]
     if todo:
         fresh = await _detect(
-            state, [ids[i] for i in todo], [uploads[i] for i in todo], x[todo], decode_s, t0, use_cache
+            served, [ids[i] for i in todo], [uploads[i] for i in todo], x[todo], decode_s, t0, use_cache
         )
         for i, body in zip(todo, fresh, strict=True):
             bodies[i] = body
     total = time.perf_counter() - t0
-    state.metrics.observe_stages({"total": total})
+    served.metrics.observe_stages({"total": total})
     return [b for b in bodies if b is not None]
 
 
-async def _cached(state: ServiceState, rid: str, up: Upload, decode_s: float) -> DetectResponse | None:
+async def _cached(served: ServedModel, rid: str, up: Upload, decode_s: float) -> DetectResponse | None:
     t0 = time.perf_counter()
-    hit = await state.store.get_verdict(up.sha256)
-    if hit is None or not _same_threshold(hit, state.runtime.pipeline.threshold):
+    hit = await served.store.get_verdict(up.sha256)
+    lookup_s = time.perf_counter() - t0
+    body = None
+    if hit is not None and _same_threshold(hit, served.runtime.pipeline.threshold):
+        # None for an entry of another response shape: a miss, overwritten by the fresh detection
+        body = cached_response(rid, model_ref(served), hit, {"decode": _ms(decode_s), "cache": _ms(lookup_s)})
+    served.stats.add("cache_miss" if body is None else "cache_hit", lookup_s)
+    if body is None:
         return None
-    timings = {"decode": _ms(decode_s), "cache": _ms(time.perf_counter() - t0)}
-    body = cached_response(rid, hit, timings)
-    if body is None:  # an entry of another response shape: a miss, overwritten by the fresh detection
-        return None
-    _record(state, body)
+    served.observe({"decode": body.timings_ms["decode"]})
+    _record(served, body)
     if body.verdict is not None and body.verdict.adversarial:
-        state.spawn(state.store.flag(_flag_entry(state, up.sha256, up.data, up.content_type, body)))
+        served.spawn(served.store.flag(_flag_entry(served, up.sha256, up.data, up.content_type, body)))
     return body
 
 
 async def _detect(
-    state: ServiceState,
+    served: ServedModel,
     ids: list[str],
     uploads: list[Upload],
     x: np.ndarray,
@@ -270,11 +275,11 @@ async def _detect(
     """Detection of the decoded images ``x`` (n, C, H, W), enforce and shadow mode alike; ``ids[j]`` is the id of
     the j-th body. Enforce: the bodies carry the verdict, recorded now. Shadow: they carry the prediction only; the
     verdict is recorded once the detection finishes, off the response path."""
-    sl = await state.detect_batcher.submit(x)
+    sl = await served.detect_batcher.submit(x)
     det = None if isinstance(sl.batch, ShadowStarted) else sl.batch
     classified = sl.batch.classified if isinstance(sl.batch, ShadowStarted) else sl.batch
     mode = "shadow" if det is None else "enforce"
-    ref, classes = model_ref(state), state.bundle.classes
+    ref, classes = model_ref(served), served.bundle.classes
     bodies = [
         detect_response(
             ids[j],
@@ -286,15 +291,17 @@ async def _detect(
         )
         for j, i in enumerate(sl.rows)
     ]
+    for body in bodies:
+        served.observe(body.timings_ms)
     if det is None:
-        state.spawn(_shadow_verdicts(state, uploads, sl, bodies))
+        served.spawn(_shadow_verdicts(served, uploads, sl, bodies))
     else:
-        _recorded(state, det, uploads, bodies, use_cache)
+        _recorded(served, det, uploads, bodies, use_cache)
     return bodies
 
 
 def _recorded(
-    state: ServiceState,
+    served: ServedModel,
     det: Detected,
     uploads: list[Upload],
     bodies: list[DetectResponse],
@@ -303,15 +310,15 @@ def _recorded(
 ) -> None:
     """Metrics of a finished detection now; cache writes and flagged entries off the response path."""
     for body in bodies:
-        _record(state, body)
+        _record(served, body)
     stages = {"classify": det.classify_s}
     stages.update(dict(det.result.timings_s))
-    state.metrics.observe_stages(stages)
-    state.spawn(_after_detection(state, list(zip(uploads, bodies, strict=True)), cache, extra))
+    served.metrics.observe_stages(stages)
+    served.spawn(_after_detection(served, list(zip(uploads, bodies, strict=True)), cache, extra))
 
 
 async def _shadow_verdicts(
-    state: ServiceState, uploads: list[Upload], sl: BatchSlice[Any], bodies: list[DetectResponse]
+    served: ServedModel, uploads: list[Upload], sl: BatchSlice[Any], bodies: list[DetectResponse]
 ) -> None:
     """Shadow mode: wait for the detection, then record it (metrics, flagged stream); the client never sees it."""
     started: ShadowStarted = sl.batch
@@ -322,10 +329,10 @@ async def _shadow_verdicts(
         detect_response(b.id, b.model, b.prediction, det.result.row(i), "shadow", b.timings_ms)
         for i, b in zip(sl.rows, bodies, strict=True)
     ]
-    _recorded(state, det, uploads, full, cache=False)
+    _recorded(served, det, uploads, full, cache=False)
 
 
-async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[DetectResponse]:
+async def detect_tensor(served: ServedModel, rid: str, x: np.ndarray) -> list[DetectResponse]:
     """Detection of an OIP tensor (N, C, H, W): one body per image, built as for /v1/detect (shadow mode: no
     verdict; it is recorded later). A several-image tensor's j-th body has the id ``<rid>-<j>``."""
     t0 = time.perf_counter()
@@ -334,11 +341,11 @@ async def detect_tensor(state: ServiceState, rid: str, x: np.ndarray) -> list[De
     ctype = "application/x-pathguard-fp32; shape=" + ",".join(map(str, x.shape[1:]))
     uploads = [Upload(payload[j * per_image : (j + 1) * per_image], None, ctype) for j in range(x.shape[0])]
     ids = [rid] if len(uploads) == 1 else [f"{rid}-{j}" for j in range(len(uploads))]
-    return await _detect(state, ids, uploads, x, 0.0, t0, use_cache=False)
+    return await _detect(served, ids, uploads, x, 0.0, t0, use_cache=False)
 
 
 async def detect_queued(
-    state: ServiceState,
+    served: ServedModel,
     ids: list[str],
     uploads: list[Upload],
     queued: asyncio.Future[BatchSlice[Any]],
@@ -358,12 +365,14 @@ async def detect_queued(
         det: Detected = await asyncio.wrap_future(sl.batch.detection)
     else:
         det = sl.batch
-    ref, classes, mode = model_ref(state), state.bundle.classes, state.settings.mode
+    ref, classes, mode = model_ref(served), served.bundle.classes, served.settings.mode
     timings = _timings(decode_s, sl, det.classify_s, det, t0)
     bodies = [
         detect_response(ids[j], ref, prediction(classes, det.probabilities[i]), det.result.row(i), mode, timings)
         for j, i in enumerate(sl.rows)
     ]
-    _recorded(state, det, uploads, bodies, cache=False, extra=extra)
-    state.metrics.observe_stages({"total": time.perf_counter() - t0})
+    _recorded(served, det, uploads, bodies, cache=False, extra=extra)
+    served.metrics.observe_stages({"total": time.perf_counter() - t0})
+    for body in bodies:
+        served.observe(body.timings_ms)
     return bodies

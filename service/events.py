@@ -26,7 +26,7 @@ import binascii
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from pathguard.service.errors import BadInput, Overloaded, PayloadTooLarge, Serv
 from pathguard.service.inputs import InputSpec, decode_image
 from pathguard.service.protocol import decode_input
 from pathguard.service.responses import DetectResponse
+from pathguard.service.served import ServedModel
 from pathguard.service.sink import EventSink
 from pathguard.service.state import ServiceState
 
@@ -93,6 +94,7 @@ class LoggerEvent:
     x: np.ndarray | None = None  # (N, C, H, W) float32 in [0, 1]; None for a response event
     uploads: list[Upload] = field(default_factory=list)  # what the flagged stream keeps of each image
     decode_s: float = 0.0  # parsing and decoding, per image
+    model: Any = None  # the ServedModel that checks a request event's images
 
     @property
     def images(self) -> int:
@@ -102,8 +104,11 @@ class LoggerEvent:
 # --------------------------------------------------------------------------------------------------- in
 
 
-def parse_event(headers: Mapping[str, str], body: bytes, spec: InputSpec, max_images: int) -> LoggerEvent:
-    """A payload-logger CloudEvent from an HTTP request, its images decoded (runs on a worker thread).
+def parse_event(
+    headers: Mapping[str, str], body: bytes, pick: Callable[[dict[str, str]], ServedModel], max_images: int
+) -> LoggerEvent:
+    """A payload-logger CloudEvent from an HTTP request, its images decoded (runs on a worker thread) for the model
+    ``pick(carried)`` chooses from the event's carried extensions (``inferenceservicename`` among them).
 
     Raises
     ------
@@ -131,7 +136,8 @@ def parse_event(headers: Mapping[str, str], body: bytes, spec: InputSpec, max_im
     if etype in RESPONSE_TYPES:
         out.kind = "response"
         return out
-    out.x, out.uploads = _images(_payload(event.get_data()), spec, max_images)
+    out.model = pick(carried)
+    out.x, out.uploads = _images(_payload(event.get_data()), out.model.spec, max_images)
     out.decode_s = (time.perf_counter() - t0) / len(out.x)
     return out
 
@@ -337,10 +343,10 @@ class EventRelay:
     shutdown).
     """
 
-    def __init__(self, state: ServiceState, sink: EventSink | None, source: str) -> None:
+    def __init__(self, state: ServiceState, sink: EventSink | None, source: str | None) -> None:
         self.state = state
         self.sink = sink
-        self.source = source
+        self.source = source  # None: /pathguard/<model name>
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -355,10 +361,16 @@ class EventRelay:
             m.events_rejected.inc()
             message = f"{s.events_backlog} logger events are waiting for detection; retry later"
             raise Overloaded(message, s.retry_after_s)
+        served: ServedModel = event.model
+        served.acquire()  # held until the detection is recorded: a swap lets it finish on this version
         try:
-            queued = self.state.detect_batcher.enqueue(event.x)
+            queued = served.detect_batcher.enqueue(event.x)
         except Overloaded:
+            served.release()
             m.events_rejected.inc()
+            raise
+        except BaseException:
+            served.release()
             raise
         task = asyncio.get_running_loop().create_task(self._finish(event, queued, time.perf_counter()))
         self._tasks.add(task)
@@ -373,8 +385,9 @@ class EventRelay:
         m = self.state.metrics
         ids = [event.request_id] if event.images == 1 else [f"{event.request_id}-{j}" for j in range(event.images)]
         extra: Entry = {"source": "event", "event_type": event.type, **event.carried}
+        served: ServedModel = event.model
         try:
-            bodies = await detect_queued(self.state, ids, event.uploads, queued, event.decode_s, t0, extra)
+            bodies = await detect_queued(served, ids, event.uploads, queued, event.decode_s, t0, extra)
         except asyncio.CancelledError:
             m.events_dropped.labels(reason="unfinished").inc(event.images)
             raise
@@ -382,13 +395,15 @@ class EventRelay:
             log.exception("detection of logger event %s failed", event.id)
             m.events_dropped.labels(reason="detection_failed").inc(event.images)
             return
+        finally:
+            served.release()
         if bodies is None:
             m.events_dropped.labels(reason="shadow_backlog").inc(event.images)
             return
         for body in bodies:
             m.event_results.inc()
             if self.sink is not None:
-                self.sink.offer(result_event(body, event, self.source))
+                self.sink.offer(result_event(body, event, self.source or f"/pathguard/{served.name}"))
 
     async def close(self, timeout_s: float) -> None:
         """Let pending detections finish (at most ``timeout_s``; the rest are counted as ``unfinished``), then

@@ -22,9 +22,10 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from pathguard.service.detection import detect_tensor
-from pathguard.service.errors import BadInput, NotFound, NotReady, ServiceError
+from pathguard.service.errors import BadInput, NotFound, ServiceError
 from pathguard.service.middleware import safe_request_id
 from pathguard.service.protocol import available_outputs, decode_input, output_tensors, requested_outputs
+from pathguard.service.served import ServedModel
 from pathguard.service.state import ServiceState, check_api_key
 
 __all__ = ["SERVICE", "GrpcServer", "messages"]
@@ -176,18 +177,12 @@ class GrpcServer:
         meta = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         check_api_key(self.state.settings, meta.get("x-api-key"), meta.get("authorization"))
 
-    def _ready(self) -> ServiceState:
-        if not self.state.ready:
-            raise NotReady("bundle is not loaded yet", self.state.settings.retry_after_s)
-        return self.state
-
-    def _bundle(self, name: str, version: str) -> Any:
-        b = self._ready().bundle
-        if name != b.name:
-            raise NotFound(f"unknown model {name!r}; this server serves {b.name!r}")
-        if version and version != str(b.version):
-            raise NotFound(f"model {name!r} has no version {version!r}; served: {b.version}")
-        return b
+    def _model(self, name: str, version: str) -> ServedModel:
+        """The served model ``name`` (NOT_FOUND when unknown, UNAVAILABLE while it loads), at ``version`` if set."""
+        served = self.state.model(name)
+        if version and version != served.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; served: {served.version}")
+        return served
 
     # ---- RPCs -----------------------------------------------------------------------------------
 
@@ -198,15 +193,15 @@ class GrpcServer:
         return _CLASSES["ServerReadyResponse"](ready=self.state.ready)
 
     async def _ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._bundle(request.name, request.version)
+        self._model(request.name, request.version)
         return _CLASSES["ModelReadyResponse"](ready=True)
 
     async def _ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return _CLASSES["ServerMetadataResponse"](name="pathguard", version=metadata.version("pathguard"))
 
     async def _ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        b = self._bundle(request.name, request.version)
-        p, tensor = self.state.runtime.pipeline, _CLASSES["TensorMetadata"]
+        served = self._model(request.name, request.version)
+        b, p, tensor = served.bundle, served.runtime.pipeline, _CLASSES["TensorMetadata"]
         widths = {
             "probabilities": len(b.classes),
             "path_similarity": len(p.ep_layers),
@@ -218,23 +213,25 @@ class GrpcServer:
             for n, (d, _) in available_outputs(p.supervised is not None).items()
         ]
         return _CLASSES["ModelMetadataResponse"](
-            name=b.name,
-            versions=[str(b.version)],
-            platform=f"pathguard-{self.state.settings.engine}",
+            name=served.name,
+            versions=[served.version],
+            platform=f"pathguard-{served.settings.engine}",
             inputs=[tensor(name="input", datatype="FP32", shape=[-1, *b.input_shape])],
             outputs=outputs,
         )
 
     async def _ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        b = self._bundle(request.model_name, request.model_version)  # also 503 until ready
-        state = self.state
-        x = await asyncio.to_thread(_decode, request, state)
-        available = available_outputs(state.runtime.pipeline.supervised is not None)
+        async with self._model(request.model_name, request.model_version).use() as served:
+            return await self._infer(served, request)
+
+    async def _infer(self, served: ServedModel, request: Any) -> Any:
+        x = await asyncio.to_thread(_decode, request, served)
+        available = available_outputs(served.runtime.pipeline.supervised is not None)
         wanted = requested_outputs([o.name for o in request.outputs] or None, available)
         rid = safe_request_id(request.id or None) or uuid.uuid4().hex
-        rows = await detect_tensor(state, rid, x)
-        response = _CLASSES["ModelInferResponse"](model_name=b.name, model_version=str(b.version), id=rid)
-        params = {"mode": state.settings.mode, "bundle_sha256": b.sha256}
+        rows = await detect_tensor(served, rid, x)
+        response = _CLASSES["ModelInferResponse"](model_name=served.name, model_version=served.version, id=rid)
+        params: dict[str, object] = {"mode": served.settings.mode, "bundle_sha256": served.sha256}
         v = rows[0].verdict
         if v is not None:
             params |= {"threshold": float(v.threshold), "target_fpr": float(v.target_fpr)}
@@ -246,7 +243,7 @@ class GrpcServer:
         return response
 
 
-def _decode(request: Any, state: ServiceState) -> Any:
+def _decode(request: Any, state: ServedModel) -> Any:
     """The request's one input tensor as float32 (N, C, H, W), size-checked before its data is read."""
     if len(request.inputs) != 1:
         raise BadInput(f"expected exactly one input tensor, got {len(request.inputs)}")

@@ -1,7 +1,8 @@
 """Prometheus metrics, defined once per app on a dedicated registry (names fixed by docs/PRODUCT.md).
 
-Labels are low-cardinality by construction: route templates (never raw paths), status codes, stage and layer
-names from the bundle, verdict in {adversarial, benign}. No label ever carries a request id or image hash.
+Labels are low-cardinality by construction: route templates (never raw paths), status codes, model names (the
+repository's folders), stage and layer names from the bundle, verdict in {adversarial, benign}. No label ever
+carries a request id or image hash. Every metric of a model's work carries its ``model`` label.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["EVENT_DROP_REASONS", "LATENCY_BUCKETS", "STAGES", "Metrics"]
+__all__ = ["EVENT_DROP_REASONS", "LATENCY_BUCKETS", "STAGES", "Metrics", "ModelMetrics"]
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -49,6 +50,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._info: dict[str, tuple[str, str, str, str]] = {}  # model -> bundle_info labels
         r = self.registry
         self.requests = Counter("pathguard_requests", "HTTP requests answered.", ["route", "status"], registry=r)
         self.request_duration = Histogram(
@@ -61,34 +63,39 @@ class Metrics:
         self.stage_duration = Histogram(
             "pathguard_stage_duration_seconds",
             "Time per processing stage (per request; batched stages count once per request in the batch).",
-            ["stage"],
+            ["model", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.verdicts = Counter("pathguard_verdicts", "Detection verdicts.", ["verdict"], registry=r)
+        self.verdicts = Counter("pathguard_verdicts", "Detection verdicts.", ["model", "verdict"], registry=r)
         self.detection_score = Histogram(
-            "pathguard_detection_score", "Fused detection score in [0, 1].", buckets=_UNIT_BUCKETS, registry=r
+            "pathguard_detection_score",
+            "Fused detection score in [0, 1].",
+            ["model"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
         )
         self.path_similarity = Histogram(
             "pathguard_layer_path_similarity",
             "Rank-1 effective-path similarity per layer.",
-            ["layer"],
+            ["model", "layer"],
             buckets=_UNIT_BUCKETS,
             registry=r,
         )
         self.violation = Histogram(
             "pathguard_layer_violation_probability",
             "NIC invariant violation probability per layer (value) or layer pair (provenance).",
-            ["layer", "invariant"],
+            ["model", "layer", "invariant"],
             buckets=_UNIT_BUCKETS,
             registry=r,
         )
-        self.cache_hits = Counter("pathguard_cache_hits", "Verdict cache hits.", registry=r)
-        self.cache_misses = Counter("pathguard_cache_misses", "Verdict cache misses.", registry=r)
+        self.cache_hits = Counter("pathguard_cache_hits", "Verdict cache hits.", ["model"], registry=r)
+        self.cache_misses = Counter("pathguard_cache_misses", "Verdict cache misses.", ["model"], registry=r)
         self.redis_errors = Counter("pathguard_redis_errors", "Failed Redis operations.", registry=r)
         self.shadow_dropped = Counter(
             "pathguard_shadow_dropped",
             "Shadow-mode verdicts dropped because the shadow backlog was full (their predictions were answered).",
+            ["model"],
             registry=r,
         )
         self.flagged_dropped = Counter(
@@ -117,6 +124,7 @@ class Metrics:
             "pathguard_onnx_split_failed",
             "1 when the ONNX graph could not be split at the checked taps, so every layer's checks wait for the "
             "whole forward pass (parallel checks lose their overlap); 0 otherwise.",
+            ["model"],
             registry=r,
         )
         self.events_received = Counter(
@@ -164,7 +172,20 @@ class Metrics:
         )
         self.inflight = Gauge("pathguard_inflight_requests", "Requests being processed.", registry=r)
         self.bundle_info = Gauge(
-            "pathguard_bundle_info", "The served bundle (value 1).", ["name", "version", "sha256"], registry=r
+            "pathguard_bundle_info",
+            "The bundle each model serves (value 1; name and version from its manifest).",
+            ["model", "name", "version", "sha256"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "pathguard_model_ready", "1 while the model is loaded, warmed up and serving.", ["model"], registry=r
+        )
+        self.model_loads = Counter(
+            "pathguard_model_loads",
+            "Model loads (at start, by the repository poll or through the load API), by outcome: success (verified, "
+            "loaded, warmed up and swapped in) or failed (the previous version, if any, kept serving).",
+            ["model", "outcome"],
+            registry=r,
         )
         for reason in ("no_redis", "backlog_full", "spool_full", "spool_error"):
             self.flagged_dropped.labels(reason=reason)
@@ -172,21 +193,45 @@ class Metrics:
             self.events_dropped.labels(reason=reason)
         for kind in ("request", "response"):
             self.events_received.labels(type=kind)
-        for verdict in ("adversarial", "benign"):
-            self.verdicts.labels(verdict=verdict)
-        for stage in STAGES:
-            self.stage_duration.labels(stage=stage)
 
-    def set_bundle(self, name: str, version: str, sha256: str) -> None:
-        """Publish the served bundle's identity."""
-        self.bundle_info.clear()
-        self.bundle_info.labels(name=name, version=version, sha256=sha256).set(1)
+    def for_model(self, model: str) -> ModelMetrics:
+        """The metrics of one model's work (its series created at zero)."""
+        return ModelMetrics(self, model)
+
+    def set_bundle(self, model: str, name: str, version: str, sha256: str) -> None:
+        """Publish the bundle ``model`` serves (replacing the one it served before)."""
+        self.drop_bundle(model)
+        self._info[model] = (model, name, version, sha256)
+        self.bundle_info.labels(*self._info[model]).set(1)
+        self.model_ready.labels(model=model).set(1)
+
+    def drop_bundle(self, model: str) -> None:
+        """``model`` serves nothing any more: its info series removed, ready 0."""
+        labels = self._info.pop(model, None)
+        if labels is not None:
+            self.bundle_info.remove(*labels)
+        self.model_ready.labels(model=model).set(0)
+
+
+class ModelMetrics:
+    """One model's view of :class:`Metrics`: the same series, with its ``model`` label filled in."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.cache_hits = metrics.cache_hits.labels(model=model)
+        self.cache_misses = metrics.cache_misses.labels(model=model)
+        self.shadow_dropped = metrics.shadow_dropped.labels(model=model)
+        self.detection_score = metrics.detection_score.labels(model=model)
+        self._verdicts = {v: metrics.verdicts.labels(model=model, verdict=v) for v in ("adversarial", "benign")}
+        self._stages = {stage: metrics.stage_duration.labels(model=model, stage=stage) for stage in STAGES}
+        for outcome in ("success", "failed"):
+            metrics.model_loads.labels(model=model, outcome=outcome)
 
     def observe_stages(self, seconds: Mapping[str, float]) -> None:
         """Record the stage durations present in ``seconds`` (keys from :data:`STAGES`)."""
         for stage, value in seconds.items():
-            if stage in STAGES:
-                self.stage_duration.labels(stage=stage).observe(value)
+            if stage in self._stages:
+                self._stages[stage].observe(value)
 
     def observe_detection(
         self,
@@ -198,11 +243,12 @@ class Metrics:
         provenance_violation: Mapping[str, float],
     ) -> None:
         """Record one image's verdict and per-layer scores."""
-        self.verdicts.labels(verdict="adversarial" if adversarial else "benign").inc()
+        m, model = self.metrics, self.model
+        self._verdicts["adversarial" if adversarial else "benign"].inc()
         self.detection_score.observe(score)
         for layer, sim in zip(layers, similarity, strict=True):
-            self.path_similarity.labels(layer=layer).observe(sim)
+            m.path_similarity.labels(model=model, layer=layer).observe(sim)
         for layer, p in value_violation.items():
-            self.violation.labels(layer=layer, invariant="value").observe(p)
+            m.violation.labels(model=model, layer=layer, invariant="value").observe(p)
         for pair, p in provenance_violation.items():
-            self.violation.labels(layer=pair, invariant="provenance").observe(p)
+            m.violation.labels(model=model, layer=pair, invariant="provenance").observe(p)

@@ -230,11 +230,15 @@ def cacheable(body: DetectResponse) -> dict[str, Any]:
     return body.model_dump(mode="json", exclude={"id", "timings_ms", "cached"}, exclude_unset=True)
 
 
-def cached_response(rid: str, hit: Mapping[str, Any], timings: dict[str, float]) -> DetectResponse | None:
-    """A body from a verdict-cache entry (as :func:`cacheable` wrote it); None when the entry does not fit the
-    response schema (then it is a miss)."""
+def cached_response(
+    rid: str, model: ModelRef, hit: Mapping[str, Any], timings: dict[str, float]
+) -> DetectResponse | None:
+    """A body from a verdict-cache entry (as :func:`cacheable` wrote it), named after ``model``: the entry is keyed
+    by the bundle, which two models of one repository may share. None when the entry does not fit the response
+    schema (then it is a miss)."""
     try:
-        return DetectResponse.model_validate({"id": rid, **hit, "cached": True, "timings_ms": timings})
+        body = {"id": rid, **hit, "model": model.model_dump(), "cached": True, "timings_ms": timings}
+        return DetectResponse.model_validate(body)
     except ValidationError:
         return None
 

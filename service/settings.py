@@ -32,6 +32,32 @@ class Settings(BaseSettings):
         description="Pin: the expected bundle id (sha256 of its manifest.json, as in /v1/model and "
         "pathguard_bundle_info). When set, the server refuses to start on any other bundle.",
     )
+    model_repository: Path | None = Field(
+        default=None,
+        description="A model repository: one bundle per model as DIR/<name>/ or DIR/<name>/<version>/ (the highest "
+        "integer version is served); the folder name is the model's name. Set, it replaces PATHGUARD_BUNDLE.",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        default="none",
+        description="How the repository's models are loaded: 'none' (every model at start; a model that fails to "
+        "load fails the start), 'poll' (the folder is watched: new, changed and removed models are loaded, "
+        "reloaded and unloaded), 'explicit' (only PATHGUARD_LOAD_MODELS at start, then through POST "
+        "/v2/repository/models/<name>/load and /unload).",
+    )
+    load_models: list[str] = Field(
+        default_factory=list,
+        description='explicit mode: the models loaded at start (a JSON list, e.g. \'["mnist", "cifar"]\'); the '
+        "server is ready once they are.",
+    )
+    repository_poll_s: float = Field(
+        default=5.0, gt=0.0, description="poll mode: seconds between two scans of the repository."
+    )
+    unload_drain_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="How long a replaced or unloaded model may finish the requests already on it before its "
+        "batchers and runtime stop (requests still on it then fail with 503).",
+    )
     engine: Literal["onnx", "torch"] = Field(
         default="onnx",
         description="Classifier runtime: 'onnx' (onnxruntime on the bundle's ONNX export, split into stages at the "

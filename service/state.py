@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import Request
 
 from pathguard.service.errors import NotReady, Unauthorized
-from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics
 from pathguard.service.middleware import REQUEST_ID_STATE, safe_request_id
+from pathguard.service.served import ServedModel
 from pathguard.service.settings import Settings
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "get_state",
     "ready_state",
     "request_id",
+    "requested_model",
     "require_api_key",
 ]
 
@@ -32,20 +33,27 @@ log = logging.getLogger("pathguard.service")
 
 @dataclass
 class ServiceState:
-    """Everything a request handler needs; ``bundle`` and the rest are set once the lifespan has loaded them."""
+    """Everything a request handler needs; ``models`` and ``store`` are set by the lifespan."""
 
     settings: Settings
     metrics: Metrics
-    ready: bool = False
-    bundle: Any = None
-    runtime: Any = None
-    store: Any = None
-    spec: InputSpec | None = None
-    predict_batcher: Any = None
-    detect_batcher: Any = None
+    models: Any = None  # the ModelManager: the served models by name
+    store: Any = None  # the DetectionStore: verdict cache and flagged stream, shared by the models
     grpc: Any = None  # the gRPC server, when PATHGUARD_GRPC_PORT is not 0
     events: Any = None  # the EventRelay of POST / (payload-logger CloudEvents)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def ready(self) -> bool:
+        """Every model the control mode requires is loaded and warmed up."""
+        return self.models is not None and bool(self.models.ready)
+
+    def model(self, name: str | None) -> ServedModel:
+        """The served model ``name`` (None: the only one); 503 before start-up, 404 for an unknown name."""
+        if self.models is None:
+            raise NotReady("no model is loaded yet", self.settings.retry_after_s)
+        served: ServedModel = self.models.get(name)
+        return served
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` after the response (cache writes, stream entries, shadow verdicts); errors are logged.
@@ -76,11 +84,21 @@ def get_state(request: Request) -> ServiceState:
 
 
 def ready_state(request: Request) -> ServiceState:
-    """The state, or 503 + Retry-After while the bundle is not loaded and warmed up."""
+    """The state, or 503 + Retry-After while the models are not loaded and warmed up."""
     state = get_state(request)
     if not state.ready:
         raise NotReady("bundle is not loaded yet", state.settings.retry_after_s)
     return state
+
+
+MODEL_HEADER = "x-pathguard-model"
+
+
+def requested_model(request: Request) -> str | None:
+    """The model a /v1 request names: query parameter ``model``, else header ``X-Pathguard-Model``, else None
+    (the server's only model)."""
+    name = request.query_params.get("model") or request.headers.get(MODEL_HEADER)
+    return name or None
 
 
 def require_api_key(request: Request) -> None:

@@ -19,33 +19,50 @@ from pathguard.service.protocol import (
     requested_outputs,
 )
 from pathguard.service.schemas import ErrorBody, InferRequest, InferResponse
-from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
+from pathguard.service.served import ServedModel
+from pathguard.service.state import ServiceState, get_state, request_id, require_api_key
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], dependencies=[Depends(require_api_key)])
-Ready = Annotated[ServiceState, Depends(ready_state)]
+State = Annotated[ServiceState, Depends(get_state)]
+# the protocol extensions served: Triton's model repository (index, load, unload) and statistics
+EXTENSIONS = ("model_repository", "statistics")
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}
 
 
-def _outputs(state: ServiceState) -> dict[str, tuple[str, bool]]:
-    return available_outputs(state.runtime.pipeline.supervised is not None)
+def _outputs(served: ServedModel) -> dict[str, tuple[str, bool]]:
+    return available_outputs(served.runtime.pipeline.supervised is not None)
 
 
-def _model(state: ServiceState, name: str) -> Any:
-    if name != state.bundle.name:
-        raise NotFound(f"unknown model {name!r}; this server serves {state.bundle.name!r}")
-    return state.bundle
+def _model(state: ServiceState, name: str, version: str | None = None) -> ServedModel:
+    """The served model ``name`` (404 unknown, 503 while it loads); with ``version``, only if that is served."""
+    served = state.model(name)
+    if version is not None and version != served.version:
+        raise NotFound(f"model {name!r} has no version {version!r}; served: {served.version}")
+    return served
 
 
 @router.get("")
 async def server_metadata(request: Request) -> dict[str, Any]:
     """Server metadata."""
-    return {"name": "pathguard", "version": metadata.version("pathguard"), "extensions": []}
+    return {"name": "pathguard", "version": metadata.version("pathguard"), "extensions": list(EXTENSIONS)}
+
+
+@router.get("/models/stats", responses=_ERRORS)
+async def all_model_stats(state: State) -> dict[str, Any]:
+    """Statistics of every served model (Triton's statistics extension; declared before
+    ``/models/{name}``, which would take ``stats`` for a model name)."""
+    served = list(state.models.models.values()) if state.models is not None else []
+    return {"model_stats": [m.stats.snapshot(m.name, m.version) for m in served]}
 
 
 @router.get("/models/{name}", responses=_ERRORS)
-async def model_metadata(name: str, state: Ready) -> dict[str, Any]:
+async def model_metadata(name: str, state: State) -> dict[str, Any]:
     """Model metadata: the input tensor and the outputs ``infer`` returns."""
-    b, p = _model(state, name), state.runtime.pipeline
+    return _metadata(_model(state, name))
+
+
+def _metadata(served: ServedModel) -> dict[str, Any]:
+    b, p = served.bundle, served.runtime.pipeline
     k, layers = len(b.classes), list(p.ep_layers)
     shapes = {
         "predicted_class": [-1],
@@ -57,12 +74,12 @@ async def model_metadata(name: str, state: Ready) -> dict[str, Any]:
         "value_violation": [-1, len(p.nic_value_layers)],
         "provenance_violation": [-1, len(p.nic_provenance_pairs)],
     }
-    available = _outputs(state)
+    available = _outputs(served)
     shapes |= {n: [-1] for n in SUPERVISED_OUTPUTS if n in available}
     return {
-        "name": b.name,
-        "versions": [str(b.version)],
-        "platform": f"pathguard-{state.settings.engine}",
+        "name": served.name,
+        "versions": [served.version],
+        "platform": f"pathguard-{served.settings.engine}",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *b.input_shape]}],
         "outputs": [{"name": n, "datatype": available[n][0], "shape": s} for n, s in shapes.items()],
         "parameters": {
@@ -75,31 +92,39 @@ async def model_metadata(name: str, state: Ready) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/versions/{version}", responses=_ERRORS)
-async def model_version_metadata(name: str, version: str, state: Ready) -> dict[str, Any]:
+async def model_version_metadata(name: str, version: str, state: State) -> dict[str, Any]:
     """Model metadata of a named version (only the served one exists)."""
-    _version(state, name, version)
-    return await model_metadata(name, state)
+    return _metadata(_model(state, name, version))
 
 
 @router.get("/models/{name}/ready", responses=_ERRORS)
-async def model_ready(name: str, request: Request) -> dict[str, Any]:
-    """200 once the model is loaded and warmed up; 503 before."""
-    _model(ready_state(request), name)
+async def model_ready(name: str, state: State) -> dict[str, Any]:
+    """200 once the model is loaded and warmed up; 503 while it loads; 404 when it is not served."""
+    _model(state, name)
     return {"name": name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS)
-async def model_version_ready(name: str, version: str, request: Request) -> dict[str, Any]:
+async def model_version_ready(name: str, version: str, state: State) -> dict[str, Any]:
     """Readiness of a named version."""
-    _version(ready_state(request), name, version)
+    _model(state, name, version)
     return {"name": name, "version": version, "ready": True}
 
 
-def _version(state: ServiceState, name: str, version: str) -> Any:
-    b = _model(state, name)
-    if version != str(b.version):
-        raise NotFound(f"model {name!r} has no version {version!r}; served: {b.version}")
-    return b
+@router.get("/models/{name}/stats", responses=_ERRORS)
+async def model_stats(name: str, state: State) -> dict[str, Any]:
+    """Statistics of one model in Triton's shape: request success and failure counts and cumulative durations
+    (ns), per stage (queue, compute_input = decoding, compute_infer = forward pass, compute_output = the checks,
+    cache_hit, cache_miss) and per detection stage (``detection_stats``)."""
+    m = _model(state, name)
+    return {"model_stats": [m.stats.snapshot(m.name, m.version)]}
+
+
+@router.get("/models/{name}/versions/{version}/stats", responses=_ERRORS)
+async def model_version_stats(name: str, version: str, state: State) -> dict[str, Any]:
+    """Statistics of a named version (only the served one exists)."""
+    m = _model(state, name, version)
+    return {"model_stats": [m.stats.snapshot(m.name, m.version)]}
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +154,7 @@ _INFER_BODY = {
 
 
 @router.post("/models/{name}/infer", response_model=InferResponse, responses=_ERRORS, openapi_extra=_INFER_BODY)
-async def infer(name: str, request: Request, state: Ready) -> Response:
+async def infer(name: str, request: Request, state: State) -> Response:
     """Inference on a tensor (N, C, H, W): FP32 in [0, 1] or UINT8 in [0, 255], JSON or binary."""
     return await _infer(name, None, request, state)
 
@@ -140,27 +165,30 @@ async def infer(name: str, request: Request, state: Ready) -> Response:
     responses=_ERRORS,
     openapi_extra=_INFER_BODY,
 )
-async def infer_version(name: str, version: str, request: Request, state: Ready) -> Response:
+async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
     """Inference on a named version (only the served one exists)."""
     return await _infer(name, version, request, state)
 
 
-async def _infer(name: str, version: str | None, request: Request, state: Ready) -> Response:
-    b = _model(state, name) if version is None else _version(state, name, version)
-    assert state.spec is not None
+async def _infer(name: str, version: str | None, request: Request, state: State) -> Response:
+    async with _model(state, name, version).use() as served:
+        return await _infer_on(served, request)
+
+
+async def _infer_on(served: ServedModel, request: Request) -> Response:
     body = await request.body()
     header_length = request.headers.get("inference-header-content-length")
-    max_images = state.settings.max_request_images
-    call = await run_in_threadpool(parse_http, body, header_length, state.spec, max_images)
-    available = _outputs(state)
+    max_images = served.settings.max_request_images
+    call = await run_in_threadpool(parse_http, body, header_length, served.spec, max_images)
+    available = _outputs(served)
     wanted = requested_outputs(call.outputs, available)
     rid = request_id(request, call.request_id)
-    rows = await detect_tensor(state, rid, call.x)
-    params = {**call.parameters, "mode": state.settings.mode, "bundle_sha256": b.sha256}
+    rows = await detect_tensor(served, rid, call.x)
+    params = {**call.parameters, "mode": served.settings.mode, "bundle_sha256": served.sha256}
     v = rows[0].verdict
     if v is not None:
         params.update(threshold=v.threshold, target_fpr=v.target_fpr)
-    resp = {"model_name": b.name, "model_version": str(b.version), "id": rid, "parameters": params}
+    resp = {"model_name": served.name, "model_version": served.version, "id": rid, "parameters": params}
     content, json_length = encode_http(resp, output_tensors(rows, wanted, available), call.binary_outputs)
     headers = {"X-Request-ID": rid}
     if json_length is None:

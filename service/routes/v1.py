@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -18,10 +18,10 @@ from pathguard.service.responses import (
     batch_response,
 )
 from pathguard.service.schemas import ErrorBody
-from pathguard.service.state import ServiceState, ready_state, request_id, require_api_key
+from pathguard.service.served import ServedModel
+from pathguard.service.state import get_state, request_id, requested_model, require_api_key
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
-Ready = Annotated[ServiceState, Depends(ready_state)]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
@@ -41,7 +41,7 @@ def _supervised_info(sup: Any) -> dict[str, Any] | None:
     return None if sup is None else {"detector": sup.detector, "features": sup.features, "attacks": list(sup.attacks)}
 
 
-def _benign_similarity(state: ServiceState) -> dict[str, Any]:
+def _benign_similarity(served: ServedModel) -> dict[str, Any]:
     """The benign path-similarity statistics the bundle holds: those of its benign Effective Path score, fitted
     on held-out training images of all classes together (a bundle keeps no per-class similarity statistics).
 
@@ -49,8 +49,8 @@ def _benign_similarity(state: ServiceState) -> dict[str, Any]:
     tail quantile, ``median -/+ scale * z(1 - tail)``. Where the fitted scale sits at its floor, the bound is the
     floor's, i.e. at least as far from the median as the real quantile.
     """
-    ep = state.runtime.pipeline.ep_score
-    n = len(state.runtime.pipeline.ep_layers)
+    ep = served.runtime.pipeline.ep_score
+    n = len(served.runtime.pipeline.ep_layers)
     z = NormalDist().inv_cdf(1.0 - ep.tail)
     bound = np.clip(ep.median_ + ep.orientation_ * ep.scale_ * z, 0.0, 1.0)  # (2L,): rank-1 | rank-2
 
@@ -60,14 +60,14 @@ def _benign_similarity(state: ServiceState) -> dict[str, Any]:
             "bound": [round(float(v), 6) for v in bound[sl]],
         }
 
-    images = (state.bundle.manifest.get("calibration") or {}).get("ep_fit")
+    images = (served.bundle.manifest.get("calibration") or {}).get("ep_fit")
     return {
         "scope": "all classes",
         "images": images,
         "tail": float(ep.tail),
         "rank1": part(slice(0, n)),
         "rank2": part(slice(n, 2 * n)),
-        "per_class": _per_class(state.bundle.benign_ranges, n),
+        "per_class": _per_class(served.bundle.benign_ranges, n),
     }
 
 
@@ -88,13 +88,32 @@ def _per_class(ranges: Any, n: int) -> dict[str, Any] | None:
     }
 
 
-@router.get("/model", response_model=ModelInfo)
-async def model(state: Ready) -> ModelResponse:
+_MODEL_PARAM = {
+    "parameters": [
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "The model to use (also as header X-Pathguard-Model); needed only when the server serves "
+            "several.",
+        }
+    ]
+}
+
+
+def _served(request: Request) -> ServedModel:
+    return get_state(request).model(requested_model(request))
+
+
+@router.get("/model", response_model=ModelInfo, openapi_extra=_MODEL_PARAM)
+async def model(request: Request) -> ModelResponse:
     """Summary of the served bundle's manifest. ``onnx_split_error``: why the onnx engine could not split the graph
     at the checked taps (so the per-layer checks start only after the whole forward pass), else null."""
-    b, p, s = state.bundle, state.runtime.pipeline, state.settings
+    served = _served(request)
+    b, p, s = served.bundle, served.runtime.pipeline, served.settings
     body = {
-        **model_ref(state).model_dump(),
+        **model_ref(served).model_dump(),
         "dataset": b.dataset,
         "classes": list(b.classes),
         "input_shape": list(b.input_shape),
@@ -107,8 +126,8 @@ async def model(state: Ready) -> ModelResponse:
         "engine": s.engine,
         "parallel_checks": s.parallel_checks,
         "supervised": _supervised_info(p.supervised),
-        "benign_similarity": _benign_similarity(state),
-        "onnx_split_error": state.runtime.engine.split_error,
+        "benign_similarity": _benign_similarity(served),
+        "onnx_split_error": served.runtime.engine.split_error,
     }
     return ModelResponse(ModelInfo.model_validate(body))
 
@@ -117,40 +136,43 @@ async def model(state: Ready) -> ModelResponse:
     "/predict",
     response_model=PredictResponse,
     responses=_ERRORS,
-    openapi_extra=_image_body("image", many=False),
+    openapi_extra=_image_body("image", many=False) | _MODEL_PARAM,
 )
-async def predict(request: Request, state: Ready) -> ModelResponse:
+async def predict(request: Request) -> ModelResponse:
     """Classify one image (no layer checks): the baseline the detection overhead is measured against."""
     rid = request_id(request)
-    uploads = await read_uploads(request, state, "image", many=False)
-    body = await predict_uploads(state, rid, uploads)
-    return ModelResponse(body, headers={"X-Request-ID": rid})
+    async with _served(request).use() as served:
+        uploads = await read_uploads(request, served, "image", many=False)
+        body = await predict_uploads(served, rid, uploads)
+        return ModelResponse(body, headers={"X-Request-ID": rid})
 
 
 @router.post(
     "/detect",
     response_model=DetectResponse,
     responses=_ERRORS,
-    openapi_extra=_image_body("image", many=False),
+    openapi_extra=_image_body("image", many=False) | _MODEL_PARAM,
 )
-async def detect(request: Request, state: Ready) -> ModelResponse:
+async def detect(request: Request) -> ModelResponse:
     """Classify one image and check it: per-layer path similarity, invariant violations, verdict."""
     rid = request_id(request)
-    uploads = await read_uploads(request, state, "image", many=False)
-    (body,) = await detect_uploads(state, rid, uploads)
-    return ModelResponse(body, headers={"X-Request-ID": rid})
+    async with _served(request).use() as served:
+        uploads = await read_uploads(request, served, "image", many=False)
+        (body,) = await detect_uploads(served, rid, uploads)
+        return ModelResponse(body, headers={"X-Request-ID": rid})
 
 
 @router.post(
     "/detect/batch",
     response_model=BatchResponse,
     responses=_ERRORS,
-    openapi_extra=_image_body("images", many=True),
+    openapi_extra=_image_body("images", many=True) | _MODEL_PARAM,
 )
-async def detect_batch(request: Request, state: Ready) -> ModelResponse:
+async def detect_batch(request: Request) -> ModelResponse:
     """Several images (multipart field ``images``, repeated); results in the order sent, the i-th with id
     ``<request id>-<i>``."""
     rid = request_id(request)
-    uploads = await read_uploads(request, state, "images", many=True)
-    results = await detect_uploads(state, rid, uploads, item_ids=True)
-    return ModelResponse(batch_response(results), headers={"X-Request-ID": rid})
+    async with _served(request).use() as served:
+        uploads = await read_uploads(request, served, "images", many=True)
+        results = await detect_uploads(served, rid, uploads, item_ids=True)
+        return ModelResponse(batch_response(results), headers={"X-Request-ID": rid})

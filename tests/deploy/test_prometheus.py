@@ -37,13 +37,15 @@ def exported_metrics() -> dict[str, set[str]]:
     m = Metrics()
     m.requests.labels(route="/v1/detect", status="200").inc()
     m.request_duration.labels(route="/v1/detect").observe(0.01)
-    m.observe_stages({"decode": 0.001})
-    m.observe_detection(True, 0.9, ["conv1"], [0.5], {"conv1": 0.1}, {"conv1->conv2": 0.2})
-    m.cache_hits.inc()
-    m.cache_misses.inc()
+    model = m.for_model("mnist")
+    model.observe_stages({"decode": 0.001})
+    model.observe_detection(True, 0.9, ["conv1"], [0.5], {"conv1": 0.1}, {"conv1->conv2": 0.2})
+    model.cache_hits.inc()
+    model.cache_misses.inc()
     m.redis_errors.inc()
     m.inflight.inc()
-    m.set_bundle("mnist-lenet5", "1", "0" * 64)
+    m.set_bundle("mnist", "mnist-lenet5", "1", "0" * 64)
+    m.model_loads.labels(model="mnist", outcome="success").inc()
     out: dict[str, set[str]] = {}
     for family in m.registry.collect():
         for sample in family.samples:
@@ -136,16 +138,18 @@ def test_exported_metrics_match_the_product_contract():
     contract = {
         "pathguard_requests_total": {"route", "status"},
         "pathguard_request_duration_seconds_bucket": {"route", "le"},
-        "pathguard_stage_duration_seconds_bucket": {"stage", "le"},
-        "pathguard_verdicts_total": {"verdict"},
-        "pathguard_detection_score_bucket": {"le"},
-        "pathguard_layer_path_similarity_bucket": {"layer", "le"},
-        "pathguard_layer_violation_probability_bucket": {"layer", "invariant", "le"},
-        "pathguard_cache_hits_total": set(),
-        "pathguard_cache_misses_total": set(),
+        "pathguard_stage_duration_seconds_bucket": {"model", "stage", "le"},
+        "pathguard_verdicts_total": {"model", "verdict"},
+        "pathguard_detection_score_bucket": {"model", "le"},
+        "pathguard_layer_path_similarity_bucket": {"model", "layer", "le"},
+        "pathguard_layer_violation_probability_bucket": {"model", "layer", "invariant", "le"},
+        "pathguard_cache_hits_total": {"model"},
+        "pathguard_cache_misses_total": {"model"},
         "pathguard_redis_errors_total": set(),
         "pathguard_inflight_requests": set(),
-        "pathguard_bundle_info": {"name", "version", "sha256"},
+        "pathguard_bundle_info": {"model", "name", "version", "sha256"},
+        "pathguard_model_ready": {"model"},
+        "pathguard_model_loads_total": {"model", "outcome"},
     }
     for name, labels in contract.items():
         assert metrics.get(name) == labels, name

@@ -17,6 +17,7 @@ from pathguard.service.settings import Settings
 from tests.service.conftest import png_bytes
 
 PNG = {"content-type": "image/png"}
+MODEL = "mnist-lenet5"  # the served model's name: the bundle's, with PATHGUARD_BUNDLE
 
 
 def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -103,8 +104,8 @@ def test_real_digits_are_classified_with_complete_responses(make_client, digits)
 def test_nic_in_the_graph_answers_like_the_per_layer_checks(make_client, digits):
     """PATHGUARD_NIC_IN_GRAPH: the same answers (within float32 rounding of the NIC scores) from one onnxruntime run."""
     graph, classic = make_client(cache=False, nic_in_graph=True), make_client(cache=False)
-    assert graph.app.state.pathguard.runtime.engine.computes_nic
-    assert not classic.app.state.pathguard.runtime.engine.computes_nic
+    assert graph.app.state.pathguard.model(None).runtime.engine.computes_nic
+    assert not classic.app.state.pathguard.model(None).runtime.engine.computes_nic
     model = graph.get("/v1/model").json()
     for png, _ in digits[:12]:
         a = graph.post("/v1/detect", content=png, headers=PNG).json()
@@ -115,7 +116,7 @@ def test_nic_in_the_graph_answers_like_the_per_layer_checks(make_client, digits)
         assert a["nic"]["provenance_violation"] == pytest.approx(b["nic"]["provenance_violation"], abs=1e-3)
         assert a["verdict"]["score"] == pytest.approx(b["verdict"]["score"], abs=1e-3)
     s = _samples(graph)
-    assert _value(s, "pathguard_stage_duration_seconds_count", stage="nic") == 12
+    assert _value(s, "pathguard_stage_duration_seconds_count", model=MODEL, stage="nic") == 12
 
 
 def test_multipart_jpeg_and_batch_keep_order(make_client, digits, mnist_test):
@@ -236,23 +237,29 @@ def test_metrics_after_requests(make_client, digits):
     assert _value(s, "pathguard_requests_total", route="/v1/detect", status="400") == 1
     assert _value(s, "pathguard_requests_total", route="/v1/predict", status="200") == 1
     assert _value(s, "pathguard_request_duration_seconds_count", route="/v1/detect") == 6
-    verdicts = _value(s, "pathguard_verdicts_total", verdict="benign") + _value(
-        s, "pathguard_verdicts_total", verdict="adversarial"
+    verdicts = _value(s, "pathguard_verdicts_total", model=MODEL, verdict="benign") + _value(
+        s, "pathguard_verdicts_total", model=MODEL, verdict="adversarial"
     )
     assert verdicts == 5
-    assert _value(s, "pathguard_detection_score_count") == 5
+    assert _value(s, "pathguard_detection_score_count", model=MODEL) == 5
     for stage in ("decode", "classify", "effective_path", "nic", "total"):
-        assert _value(s, "pathguard_stage_duration_seconds_count", stage=stage) >= 5, stage
+        assert _value(s, "pathguard_stage_duration_seconds_count", model=MODEL, stage=stage) >= 5, stage
     for layer in model["layers"]:
-        assert _value(s, "pathguard_layer_path_similarity_count", layer=layer) == 5
+        assert _value(s, "pathguard_layer_path_similarity_count", model=MODEL, layer=layer) == 5
     for layer in model["value_layers"]:
-        assert _value(s, "pathguard_layer_violation_probability_count", invariant="value", layer=layer) == 5
+        assert (
+            _value(s, "pathguard_layer_violation_probability_count", model=MODEL, invariant="value", layer=layer) == 5
+        )
     for pair in model["provenance_pairs"]:
-        assert _value(s, "pathguard_layer_violation_probability_count", invariant="provenance", layer=pair) == 5
-    info = ("pathguard_bundle_info", (("name", model["name"]), ("sha256", model["bundle_sha256"]), ("version", "1")))
+        assert (
+            _value(s, "pathguard_layer_violation_probability_count", model=MODEL, invariant="provenance", layer=pair)
+            == 5
+        )
+    info_labels = {"model": MODEL, "name": model["name"], "sha256": model["bundle_sha256"], "version": "1"}
+    info = ("pathguard_bundle_info", tuple(sorted(info_labels.items())))
     assert s[info] == 1
     assert _value(s, "pathguard_inflight_requests") == 1  # the /metrics request itself
-    assert ("pathguard_redis_errors_total", ()) in s and ("pathguard_cache_hits_total", ()) in s
+    assert ("pathguard_redis_errors_total", ()) in s and ("pathguard_cache_hits_total", (("model", MODEL),)) in s
     label_values = {v for (_, labels) in s for _, v in labels}
     assert not any(len(v) == 32 and v.isalnum() for v in label_values)  # no request ids
 
@@ -358,14 +365,14 @@ def test_shadow_mode_answers_prediction_and_records_verdict(make_client, digits)
     assert body["prediction"]["class_index"] == label
     for _ in range(100):  # the verdict is computed after the answer
         s = _samples(client)
-        total = _value(s, "pathguard_verdicts_total", verdict="benign") + _value(
-            s, "pathguard_verdicts_total", verdict="adversarial"
+        total = _value(s, "pathguard_verdicts_total", model=MODEL, verdict="benign") + _value(
+            s, "pathguard_verdicts_total", model=MODEL, verdict="adversarial"
         )
         if total == 1:
             break
         threading.Event().wait(0.05)
     assert total == 1
-    assert _value(s, "pathguard_detection_score_count") == 1
+    assert _value(s, "pathguard_detection_score_count", model=MODEL) == 1
 
 
 def test_full_queue_answers_503_with_retry_after(make_client, digits):
@@ -462,7 +469,7 @@ def test_docs_and_schema_follow_the_api_key_or_are_switched_off(make_client):
 def test_shadow_backlog_drops_verdicts_beyond_the_bound_and_still_answers(make_client, digits):
     backlog, sent = 3, 8
     client = make_client(mode="shadow", shadow_backlog=backlog)
-    pipeline = client.app.state.pathguard.runtime.pipeline
+    pipeline = client.app.state.pathguard.model(None).runtime.pipeline
     gate, entered = threading.Event(), threading.Event()
     finish = pipeline.finish
 
@@ -480,15 +487,15 @@ def test_shadow_backlog_drops_verdicts_beyond_the_bound_and_still_answers(make_c
         assert entered.wait(10)
         s = _samples(client)
         # the first `backlog` batches hold the places (one being finished, the rest queued); the others are dropped
-        assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog
+        assert _value(s, "pathguard_shadow_dropped_total", model=MODEL) == sent - backlog
         assert _value(s, "pathguard_requests_total", route="/v1/detect", status="200") == sent
     finally:
         gate.set()
     verdicts = 0.0
     for _ in range(200):  # the admitted verdicts are still recorded once the finisher moves again
         s = _samples(client)
-        verdicts = _value(s, "pathguard_verdicts_total", verdict="benign") + _value(
-            s, "pathguard_verdicts_total", verdict="adversarial"
+        verdicts = _value(s, "pathguard_verdicts_total", model=MODEL, verdict="benign") + _value(
+            s, "pathguard_verdicts_total", model=MODEL, verdict="adversarial"
         )
         if verdicts == backlog:
             break
@@ -498,8 +505,8 @@ def test_shadow_backlog_drops_verdicts_beyond_the_bound_and_still_answers(make_c
     assert client.post("/v1/detect", content=digits[9][0], headers=PNG).status_code == 200
     for _ in range(200):
         s = _samples(client)
-        if _value(s, "pathguard_detection_score_count") == backlog + 1:
+        if _value(s, "pathguard_detection_score_count", model=MODEL) == backlog + 1:
             break
         threading.Event().wait(0.05)
-    assert _value(s, "pathguard_detection_score_count") == backlog + 1
-    assert _value(s, "pathguard_shadow_dropped_total") == sent - backlog
+    assert _value(s, "pathguard_detection_score_count", model=MODEL) == backlog + 1
+    assert _value(s, "pathguard_shadow_dropped_total", model=MODEL) == sent - backlog

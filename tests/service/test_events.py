@@ -155,8 +155,8 @@ def test_binary_and_structured_v1_and_v2_events_give_one_result_event_per_image(
     assert _metric(client, "pathguard_events_received_total", '{type="request"}') == 4
     assert _metric(client, "pathguard_event_results_total") == 5
     assert (
-        _metric(client, "pathguard_verdicts_total", '{verdict="benign"}')
-        + _metric(client, "pathguard_verdicts_total", '{verdict="adversarial"}')
+        _metric(client, "pathguard_verdicts_total", '{model="mnist-lenet5",verdict="benign"}')
+        + _metric(client, "pathguard_verdicts_total", '{model="mnist-lenet5",verdict="adversarial"}')
         == 8
     )  # 3 /v1/detect + 5 events
     assert _metric(client, "pathguard_requests_total", '{route="/",status="202"}') == 4
@@ -253,7 +253,7 @@ def test_malformed_events_are_4xx_with_a_clear_message(plain_client, headers, bo
 
 def test_full_backlog_is_503_with_retry_after_and_counted(events_client, sink, mnist_test):
     client = events_client(events_backlog=1, retry_after_s=3)
-    batcher = client.app.state.pathguard.detect_batcher
+    batcher = client.app.state.pathguard.model(None).detect_batcher
     release = threading.Event()
     real = batcher.work
 
@@ -301,7 +301,7 @@ def test_a_failing_sink_is_retried_and_every_result_is_accounted_for(events_clie
 
 def test_a_failed_detection_is_counted_and_sends_nothing(events_client, sink, mnist_test):
     client = events_client()
-    batcher = client.app.state.pathguard.detect_batcher
+    batcher = client.app.state.pathguard.model(None).detect_batcher
 
     def broken(x: np.ndarray) -> Any:
         raise RuntimeError("engine failure")

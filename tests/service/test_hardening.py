@@ -117,7 +117,7 @@ def _dead_redis_store(tmp_path: Path, **overrides: Any) -> tuple[DetectionStore,
         **overrides,
     )
     metrics = Metrics()
-    return DetectionStore(settings, metrics, "b" * 64), metrics
+    return DetectionStore(settings, metrics), metrics
 
 
 def _dropped(metrics: Metrics, reason: str) -> float:
@@ -183,7 +183,7 @@ def test_flag_never_writes_on_the_event_loop(tmp_path, monkeypatch):
 def test_without_redis_flagged_inputs_are_counted_with_one_warning(tmp_path, caplog):
     async def run() -> Metrics:
         metrics = Metrics()
-        store = DetectionStore(Settings(spool_path=tmp_path / "s.jsonl"), metrics, "b" * 64)
+        store = DetectionStore(Settings(spool_path=tmp_path / "s.jsonl"), metrics)
         await store.start()
         for i in range(500):
             await store.flag(_entry(i))
@@ -268,7 +268,7 @@ def test_no_batch_runs_more_than_max_batch_size(make_client, digits):
     with pytest.raises(ValueError, match="must not exceed max_batch_size"):
         Settings(max_batch_size=8, max_request_images=16)
     client = make_client(max_batch_size=4, max_request_images=4, cache=False)
-    batcher = client.app.state.pathguard.detect_batcher
+    batcher = client.app.state.pathguard.model(None).detect_batcher
     with pytest.raises(PayloadTooLarge):
         client.portal.call(batcher.submit, np.zeros((5, 1, 28, 28), np.float32))
     sizes: list[int] = []
@@ -438,7 +438,7 @@ def test_torch_threads_default_shares_the_cores_with_the_workers(make_client, mo
     import torch
 
     def threads_where_torch_runs(client: Any) -> int:  # the detect batcher's thread, where the forward pass runs
-        executor = client.app.state.pathguard.detect_batcher._executor
+        executor = client.app.state.pathguard.model(None).detect_batcher._executor
         return int(executor.submit(torch.get_num_threads).result())
 
     before = torch.get_num_threads()

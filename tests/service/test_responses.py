@@ -91,7 +91,7 @@ def test_a_cached_body_round_trips_and_a_malformed_entry_is_a_miss(detection):
         "r3", REF, prediction(bundle.classes, res.probabilities[2]), {**res.row(2), **extra}, "enforce", TIMINGS
     )
     stored = orjson.loads(orjson.dumps(cacheable(fresh)))  # as the cache writes and reads it
-    hit = cached_response("r4", stored, {"decode": 0.1, "cache": 0.2})
+    hit = cached_response("r4", REF, stored, {"decode": 0.1, "cache": 0.2})
     assert hit is not None and hit.cached and hit.id == "r4"
     assert orjson.loads(encode(hit)) == {
         **orjson.loads(encode(fresh)),
@@ -99,8 +99,8 @@ def test_a_cached_body_round_trips_and_a_malformed_entry_is_a_miss(detection):
         "cached": True,
         "timings_ms": {"decode": 0.1, "cache": 0.2},
     }
-    assert cached_response("r5", {k: v for k, v in stored.items() if k != "prediction"}, {}) is None
-    assert cached_response("r5", {**stored, "margin": {"margin": 1.0}}, {}) is None
+    assert cached_response("r5", REF, {k: v for k, v in stored.items() if k != "prediction"}, {}) is None
+    assert cached_response("r5", REF, {**stored, "margin": {"margin": 1.0}}, {}) is None
 
 
 def test_the_schema_documents_every_component_and_the_split_error(make_client):

@@ -1,0 +1,275 @@
+"""One served model: its bundle, classifier runtime, micro-batchers, metrics and statistics.
+
+:func:`open_model` does the slow part (verify, load, warm up) on a worker thread; :meth:`ServedModel.start` starts
+its batchers on the event loop; :meth:`ServedModel.stop` stops them once the requests on it have finished. Requests
+hold a model through :meth:`ServedModel.use` for as long as they work on it, so a model replaced by a newer version
+finishes them before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathguard.models.bundle import load_bundle
+from pathguard.service.cache import DetectionStore, Entry
+from pathguard.service.errors import NotReady
+from pathguard.service.inputs import InputSpec
+from pathguard.service.metrics import Metrics, ModelMetrics
+from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+from pathguard.service.settings import Settings
+
+__all__ = ["ModelStats", "ModelStore", "ServedModel", "open_model"]
+
+
+class ModelStats:
+    """Counts and cumulative durations of one model's work, in the shape of Triton's model statistics.
+
+    Requests: ``success`` / ``fail`` (count, total duration). Stages (per image or per request as recorded):
+    ``queue``, ``compute_input`` (decoding), ``compute_infer`` (the forward pass), ``compute_output`` (the checks
+    after the forward pass up to the verdict), ``cache_hit`` / ``cache_miss``, and the detection's own stages
+    (``effective_path``, ``nic``, ``mahalanobis``, ``consistency``, ``checks_wait``). Thread-safe."""
+
+    TRITON_STAGES = ("queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._durations: dict[str, list[int]] = {}  # stage -> [count, ns]
+        self.inference_count = 0  # images answered
+        self.execution_count = 0  # batches run through the classifier
+        self.last_inference_ms = 0
+
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        with self._lock:
+            slot = self._durations.setdefault(stage, [0, 0])
+            slot[0] += count
+            slot[1] += int(seconds * 1e9)
+
+    def answered(self, images: int) -> None:
+        with self._lock:
+            self.inference_count += images
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def executed(self) -> None:
+        with self._lock:
+            self.execution_count += 1
+
+    def snapshot(self, name: str, version: str) -> dict[str, Any]:
+        """This model's entry of ``GET /v2/models/{name}/stats``."""
+        with self._lock:
+            d = {k: {"count": c, "ns": ns} for k, (c, ns) in self._durations.items()}
+            counts = (self.inference_count, self.execution_count, self.last_inference_ms)
+        zero = {"count": 0, "ns": 0}
+        inference = {k: d.get(k, zero) for k in ("success", "fail", *self.TRITON_STAGES)}
+        detection = {k: v for k, v in sorted(d.items()) if k not in inference}
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": counts[2],
+            "inference_count": counts[0],
+            "execution_count": counts[1],
+            "inference_stats": inference,
+            "detection_stats": detection,
+        }
+
+
+# the stages of a response's timings_ms -> the statistics' names (the rest keep theirs)
+_STAT_NAMES = {"decode": "compute_input", "classify": "compute_infer", "checks": "compute_output"}
+_NOT_STAGES = {"total", "cache"}
+
+
+class ModelStore:
+    """One model's view of the server's :class:`DetectionStore`: its verdicts keyed by its bundle."""
+
+    def __init__(self, store: DetectionStore, bundle_sha256: str, model: str) -> None:
+        self.store, self.bundle_sha256, self.model = store, bundle_sha256, model
+
+    async def get_verdict(self, image_sha256: str) -> dict[str, Any] | None:
+        return await self.store.get_verdict(self.bundle_sha256, image_sha256, self.model)
+
+    async def put_verdict(self, image_sha256: str, response: dict[str, Any]) -> None:
+        await self.store.put_verdict(self.bundle_sha256, image_sha256, response)
+
+    async def flag(self, entry: Entry) -> None:
+        await self.store.flag({**entry, "model": self.model})
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A loaded, warmed-up model. ``name`` is the repository's (the folder name), ``version`` the served version
+    (the version folder's name, else the manifest's), ``path`` the bundle folder."""
+
+    name: str
+    version: str
+    path: Path
+    bundle: Any
+    runtime: Any  # DetectionRuntime (its pipeline typed loosely: the bundle's DetectionPipeline)
+    spec: InputSpec
+    settings: Settings
+    metrics: ModelMetrics
+    stats: ModelStats
+    spawn: Callable[[Coroutine[Any, Any, Any]], None]
+    store: Any = None  # ModelStore, attached by start()
+    predict_batcher: Any = None
+    detect_batcher: Any = None
+    loaded_at: float = field(default_factory=time.time)
+    _inflight: int = 0
+    _idle: asyncio.Event | None = None
+    _stopped: bool = False
+
+    @property
+    def sha256(self) -> str:
+        return str(self.bundle.sha256)
+
+    # ---- lifecycle (event loop) -------------------------------------------------------------------
+
+    def start(self, store: DetectionStore) -> None:
+        """Start the batchers (on the running loop) and attach the server's store."""
+        s = self.settings
+        self.store = ModelStore(store, self.sha256, self.name)
+        wait_s = s.max_batch_wait_ms / 1000.0
+        detect_work = self.runtime.detect if s.mode == "enforce" else self.runtime.detect_shadow
+        self.predict_batcher = MicroBatcher(
+            f"{self.name}-predict", self._counted(self.runtime.classify), s.max_batch_size, wait_s, s.queue_size,
+            s.retry_after_s,
+        )  # fmt: skip
+        self.detect_batcher = MicroBatcher(
+            f"{self.name}-detect", self._counted(detect_work), s.max_batch_size, wait_s, s.queue_size, s.retry_after_s
+        )
+        self.predict_batcher.start()
+        self.detect_batcher.start()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _counted(self, work: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
+        def run(x: np.ndarray) -> Any:
+            self.stats.executed()
+            return work(x)
+
+        return run
+
+    async def stop(self, drain_s: float) -> None:
+        """Wait (at most ``drain_s``) for the requests on this model to finish, then stop its batchers and free the
+        runtime's threads. New requests are refused from the moment this is called."""
+        self._stopped = True
+        if self._idle is not None and self._inflight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), drain_s)
+        for batcher in (self.predict_batcher, self.detect_batcher):
+            if batcher is not None:
+                await batcher.stop()
+        await asyncio.to_thread(self.runtime.close)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """One more request works on this model (raises :class:`NotReady` once it is being stopped)."""
+        if self._stopped:
+            raise NotReady(f"model {self.name!r} is being unloaded", self.settings.retry_after_s)
+        self._inflight += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def release(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[ServedModel]:
+        """Hold the model for one request and record its outcome in the statistics (an exception is a failure)."""
+        self.acquire()
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self.release()
+            self.stats.add("success" if ok else "fail", time.perf_counter() - t0)
+
+    def observe(self, timings_ms: dict[str, float], images: int = 1) -> None:
+        """A response's ``timings_ms`` into the statistics (each stage counted ``images`` times)."""
+        self.stats.answered(images)
+        for stage, ms in timings_ms.items():
+            if stage in _NOT_STAGES:
+                continue
+            self.stats.add(_STAT_NAMES.get(stage, stage), ms / 1000.0 * images, images)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[ServedModel]:
+        """:meth:`use` without the statistics (background work: logger events)."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
+    if settings.engine == "torch":
+        return TorchEngine(bundle.classifier)
+    if settings.nic_in_graph:  # no tap-by-tap stages needed: NIC's checks run inside the graph
+        return OnnxEngine(
+            bundle.onnx_bytes,
+            [],
+            threads=settings.engine_threads,
+            nic=bundle.pipeline.nic,
+            inter_op_threads=settings.graph_inter_op_threads,
+        )
+    return OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, threads=settings.engine_threads)
+
+
+def open_model(
+    name: str,
+    version: str | None,
+    path: Path,
+    settings: Settings,
+    metrics: Metrics,
+    spawn: Callable[[Coroutine[Any, Any, Any]], None],
+    check: Callable[[Any], None] | None = None,
+) -> ServedModel:
+    """Verify and load the bundle at ``path``, build its runtime and warm it up (blocking: run it on a worker
+    thread). ``check(bundle)`` may refuse the loaded bundle (the sha256 pin) by raising. ``version`` None: the
+    manifest's version. Raises whatever verification, loading or warm-up raised; nothing is left running then."""
+    s = settings
+    bundle = load_bundle(path, target_fpr=s.target_fpr, seed=s.noise_seed)
+    if check is not None:
+        check(bundle)
+    model_metrics = metrics.for_model(name)
+    runtime = DetectionRuntime(
+        _engine(s, bundle),
+        bundle.pipeline,
+        s.worker_threads,
+        s.parallel_checks,
+        shadow_backlog=s.shadow_backlog,
+        on_drop=model_metrics.shadow_dropped.inc,
+    )
+    try:
+        c, h, w = (int(v) for v in bundle.input_shape)
+        runtime.warm_up((c, h, w), [1], s.warmup_rounds)
+        runtime.warm_up((c, h, w), [s.max_batch_size], min(s.warmup_rounds, 1))
+    except BaseException:
+        runtime.close()
+        raise
+    spec = InputSpec(c, h, w, max_pixels=s.max_image_pixels, policy=s.input_policy)
+    return ServedModel(
+        name=name,
+        version=version if version is not None else str(bundle.version),
+        path=path,
+        bundle=bundle,
+        runtime=runtime,
+        spec=spec,
+        settings=s,
+        metrics=model_metrics,
+        stats=ModelStats(),
+        spawn=spawn,
+    )
