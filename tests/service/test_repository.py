@@ -261,3 +261,88 @@ def test_readiness_is_false_while_a_model_loads(tmp_path, repo, monkeypatch):
         await manager.close()
 
     asyncio.run(run())
+
+
+def test_a_real_server_swaps_under_load_driven_by_the_repo_cli(tmp_path, repo, digits):
+    """`pathguard serve --repository` as a process, requests from two threads (bounded), and `pathguard repo`
+    loading a new version, refusing a corrupt one and unloading: no request fails, every answer names a version
+    whose load succeeded."""
+    import http.client
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.service.conftest import _free_port
+
+    shutil.rmtree(repo / "b")
+    (repo / "a").rename(tmp_path / "a1")
+    (repo / "a").mkdir()
+    (tmp_path / "a1").rename(repo / "a" / "1")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_") or k.endswith("_DIR")}
+    env |= {
+        "PATHGUARD_WARMUP_ROUNDS": "1",
+        "PATHGUARD_SPOOL_PATH": str(tmp_path / "s.jsonl"),
+        "PATHGUARD_GRPC_PORT": "0",
+    }
+    cli = [sys.executable, "-m", "pathguard.service.cli"]
+    serve = [*cli, "serve", "--repository", str(repo), "--control-mode", "explicit", "--load-model", "a"]
+    proc = subprocess.Popen([*serve, "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env)
+
+    def repo_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [*cli, "repo", *args, "--url", f"http://127.0.0.1:{port}"]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        end = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < end, "server not ready"
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/v2/health/ready")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        stop, answers = threading.Event(), []
+
+        def send() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            for i in range(300):
+                if stop.is_set():
+                    return
+                conn.request("POST", "/v1/detect?model=a", body=digits[i % 8][0], headers=PNG)
+                resp = conn.getresponse()
+                answers.append((resp.status, json.loads(resp.read())))
+
+        workers = [threading.Thread(target=send) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            time.sleep(0.5)
+            _copy(repo / "a" / "2")
+            loaded = repo_cli("load", "a")
+            assert loaded.returncode == 0 and "version 2" in loaded.stdout, loaded.stderr
+            victim = _corrupt(_copy(repo / "a" / "3"))
+            refused = repo_cli("load", "a")
+            assert refused.returncode == 1 and victim in refused.stderr and "HTTP 400" in refused.stderr
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(60)
+        listed = repo_cli("list")
+        assert listed.returncode == 0
+        assert listed.stdout.split("\n")[1].split()[:3] == ["a", "2", "READY"], listed.stdout
+        assert answers and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+        assert {body["model"]["version"] for _, body in answers} <= {"1", "2"}
+        assert "2" in {body["model"]["version"] for _, body in answers}  # the swap happened under load
+        assert repo_cli("unload", "a").returncode == 0
+        assert "UNAVAILABLE" in repo_cli("list").stdout
+        assert repo_cli("load").returncode == 2  # no name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
