@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from pathguard.service.app import create_app
 from pathguard.service.cache import FLAGGED_STREAM
 from pathguard.service.events import RESULT_TYPE
 from pathguard.service.settings import Settings
-from tests.service.conftest import png_bytes
+from tests.service.conftest import MNIST_BUNDLE, png_bytes
 
 KSERVE_REQUEST = "org.kubeflow.serving.inference.request"
 KSERVE_RESPONSE = "org.kubeflow.serving.inference.response"
@@ -390,3 +391,23 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
+
+
+def test_events_go_to_the_model_they_name_in_a_repository(events_client, sink, mnist_test, tmp_path):
+    """Several models: an event is checked by the model named like its inference service (KServe's
+    ``inferenceservicename``), or the one ``?model=`` names; an event that names none of them is refused."""
+    repo = tmp_path / "repo"
+    for name in ("mnist", "other"):
+        shutil.copytree(MNIST_BUNDLE, repo / name)
+    client = events_client(model_repository=repo)
+    x = mnist_test.x[:1]
+    assert _post(client, _event(_v2(x), "by-service")).status_code == 202  # inferenceservicename: mnist
+    message = to_binary_event(_event(_v2(x), "by-query"))
+    assert client.post("/?model=other", content=message.body, headers=message.headers).status_code == 202
+    unknown = _post(client, _event(_v2(x), "unknown", inferenceservicename="elsewhere"))
+    assert unknown.status_code == 400 and "?model=" in unknown.json()["error"]
+    results = {e.get_id(): e for e in sink.wait(2)}
+    assert sorted(results) == ["by-query", "by-service"]
+    for rid, model in (("by-service", "mnist"), ("by-query", "other")):
+        assert results[rid].get_source() == f"/pathguard/{model}"
+        assert results[rid].get_data()["model"]["name"] == model
