@@ -153,7 +153,7 @@ class ModelManager:
         """Load what the control mode loads at start. ``none``: every model, and any failure fails the start;
         ``poll``: every model, failures logged (readiness stays false until they load); ``explicit``:
         ``PATHGUARD_LOAD_MODELS`` (a failure fails the start)."""
-        sources = self.sources()
+        sources = await asyncio.to_thread(self.sources)
         if self.mode == "explicit":
             unknown = sorted(set(self.settings.load_models) - set(sources))
             if unknown:
@@ -208,11 +208,12 @@ class ModelManager:
             raise NotReady(f"model {name!r} is loading", self.settings.retry_after_s)
         raise NotFound(f"unknown model {name!r}; served: {sorted(self.models)}")
 
-    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+    async def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """The repository index (``POST /v2/repository/index``): every model in the repository and every model
-        loaded, with its state (READY, LOADING, UNLOADING, UNAVAILABLE) and, after a failure, the reason."""
+        loaded, with its state (READY, LOADING, UNLOADING, UNAVAILABLE) and, after a failure, the reason. The
+        folder is scanned on a worker thread (a repository may sit on a slow volume)."""
         try:
-            on_disk = self.sources()
+            on_disk = await asyncio.to_thread(self.sources)
         except OSError as exc:
             log.warning("cannot scan the model repository: %s", exc)
             on_disk = {}
@@ -249,14 +250,16 @@ class ModelManager:
 
         Raises :class:`RepositoryError` when the model is not in the repository or its bundle fails; the version
         serving before (if any) keeps serving then."""
+        if source is None and name not in await asyncio.to_thread(self.sources):
+            raise RepositoryError(f"model {name!r} is not in the repository")  # before any state is kept for it
         async with self._lock(name):
-            if source is None:
-                source = self.sources().get(name)
+            if source is None:  # again under the lock: the folder may have changed while waiting for it
+                source = (await asyncio.to_thread(self.sources)).get(name)
             if source is None:
                 raise RepositoryError(f"model {name!r} is not in the repository")
             status = self._status.setdefault(name, _Status("LOADING"))
             status.state, status.version = "LOADING", source.version
-            sha = source.sha256()
+            sha = await asyncio.to_thread(source.sha256)
             try:
                 model = await asyncio.to_thread(
                     open_model, name, source.version, source.path, self.settings, self.metrics, self.spawn, self.check
@@ -296,6 +299,8 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``; the requests already on it finish first (within PATHGUARD_UNLOAD_DRAIN_S)."""
+        if name not in self.models:
+            raise RepositoryError(f"model {name!r} is not loaded")  # before any state is kept for it
         async with self._lock(name):
             model = self.models.pop(name, None)
             if model is None:

@@ -48,7 +48,7 @@ async def index(request: Request, state: State) -> list[dict[str, Any]]:
     ready = body.get("ready", False)
     if not isinstance(ready, bool):
         raise BadInput("'ready' must be true or false")
-    rows: list[dict[str, Any]] = _manager(state).index(ready_only=ready)
+    rows: list[dict[str, Any]] = await _manager(state).index(ready_only=ready)
     return rows
 
 

@@ -254,10 +254,10 @@ def test_readiness_is_false_while_a_model_loads(tmp_path, repo, monkeypatch):
         start = asyncio.create_task(manager.start())
         await asyncio.sleep(0.3)
         assert not manager.ready
-        assert manager.index()[0]["state"] == "LOADING"
+        assert (await manager.index())[0]["state"] == "LOADING"
         release.set()
         await start
-        assert manager.ready and {r["state"] for r in manager.index()} == {"READY"}
+        assert manager.ready and {r["state"] for r in await manager.index()} == {"READY"}
         await manager.close()
 
     asyncio.run(run())
