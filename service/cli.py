@@ -353,6 +353,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except ImportError as exc:  # the attack libraries live in the `eval` extra
         print(f"pathguard evaluate needs the eval extra (pip install 'pathguard[eval]'): {exc}", file=sys.stderr)
         return 2
+    if args.adaptive:
+        return _evaluate_adaptive(args)
     attacks = list(ATTACKS) if args.attacks == "all" else [a for a in args.attacks.split(",") if a]
     overrides = {}
     for item in args.n_attack or []:
@@ -374,6 +376,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_adaptive(args: argparse.Namespace) -> int:
+    from pathguard.models.evaluation.adaptive import AdaptiveSettings, adaptive_evaluate
+
+    settings = AdaptiveSettings(n=args.n, steps=args.steps, rounds=args.rounds, draws=args.draws, seed=args.seed)
+    if args.budgets:
+        settings.budgets = [b for b in args.budgets.split(",") if b]
+    if args.targets:
+        settings.targets = [t for t in args.targets.split(",") if t]
+    report = adaptive_evaluate(args.bundle, args.out, settings)
+    pgd = {t: {b: s["adaptive"]["success"] for b, s in per.items()} for t, per in report["pgd"].items()}
+    print(json.dumps({"adaptive_pgd_success": pgd, "cw_l2": report["cw_l2"]}))
+    print(f"wrote {args.out}/report.json and report.md")
+    return 0
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="attack test images and report every detector's AUC / detection rate")
     p.add_argument("--bundle", default="artifacts/mnist-lenet5")
@@ -385,6 +402,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="folder caching generated adversarial examples between runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    a = p.add_argument_group("adaptive attacks (--adaptive: white-box attacks on the bundle's detector)")
+    a.add_argument("--adaptive", action="store_true", help="run the adaptive attacks instead of --attacks")
+    a.add_argument("--budgets", help="comma-separated PGD budgets (default: linf_2,linf_4,linf_8,l2_0.5,l2_1.0)")
+    a.add_argument("--targets", help="comma-separated: fused and/or fused components (default: all of them)")
+    a.add_argument("--steps", type=int, default=20, help="PGD steps per lambda round (default 20)")
+    a.add_argument("--rounds", type=int, default=4, help="lambda search rounds after lambda 0 (default 4)")
+    a.add_argument("--draws", type=int, default=20, help="noise draws per step for noise components (EOT)")
     p.set_defaults(func=_cmd_evaluate)
 
 

@@ -40,13 +40,16 @@ __all__ = [
     "BuildContext",
     "Component",
     "FileReader",
+    "NotDifferentiableError",
     "Observation",
+    "Relaxation",
     "component_class",
     "npz_blob",
     "one_torch_thread",
     "read_npz",
     "register",
     "row_of",
+    "straight_through",
 ]
 
 T = TypeVar("T")
@@ -110,6 +113,15 @@ class Component(ABC):
     def raw(self, obs: Observation) -> np.ndarray:
         """(N,) raw anomaly score of the observed batch, higher = more anomalous."""
 
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """(N,) differentiable stand-in of :meth:`raw` for adaptive attacks (``pathguard evaluate --adaptive``).
+
+        ``obs`` holds tensors that carry gradients (its ``forward`` too); steps of :meth:`raw` that have no useful
+        gradient (an argmax, a quantization, a selection, an empirical p-value) are relaxed as ``relax`` says. Its
+        forward value equals :meth:`raw` (exactly with ``relax.straight_through``, else within the smoothing).
+        Default: :class:`NotDifferentiableError`."""
+        raise NotDifferentiableError(f"component {self.name!r} gives no differentiable score")
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         """Its part of the /v1/detect response for the batch: arrays whose first axis is the batch (indexed per
         image by :func:`row_of`), constants (lists of names) and nested dicts. ``violation`` (N,) is ``1 - p`` of
@@ -145,6 +157,52 @@ def component_class(name: str) -> type[Component]:
     if name not in REGISTRY:
         raise ValueError(f"unknown component {name!r}; this pathguard knows {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------- surrogates
+
+
+class NotDifferentiableError(NotImplementedError):
+    """A component has no differentiable form (:meth:`Component.surrogate`), e.g. a tree ensemble."""
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """How a component's :meth:`Component.surrogate` relaxes the steps of its score that have no useful gradient.
+
+    Attributes
+    ----------
+    draws : int or None
+        Noise draws per input and step for randomized components (expectation over transformation); None: the
+        component's own number of copies (then, with the same generators, the served noise exactly).
+    bandwidth : float
+        Width of the logistic steps that replace empirical p-values and Effective Path's selection cut, as a share
+        of the spread of the values they compare (the calibration scores' 5-95% range, a neuron's contributions);
+        0: the hard steps (no gradient through them).
+    temperature : float
+        Logit temperature of the soft class flips (noise flip share); 0: hard flips.
+    straight_through : bool
+        Forward the exact (hard) value and take the gradient of the relaxed one (BPDA, Athalye et al. 2018), so
+        that the surrogate's value equals the served score; False: the relaxed value itself.
+    """
+
+    draws: int | None = 20
+    bandwidth: float = 0.02
+    temperature: float = 0.5
+    straight_through: bool = True
+
+    def __post_init__(self) -> None:
+        if self.draws is not None and self.draws < 1:
+            raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if self.bandwidth < 0 or self.temperature < 0:
+            raise ValueError(f"bandwidth and temperature must be >= 0, got {self.bandwidth}, {self.temperature}")
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor, relax: Relaxation) -> torch.Tensor:
+    """``hard`` forward and ``soft``'s gradient backward with ``relax.straight_through``, else ``soft``."""
+    if not relax.straight_through:
+        return soft
+    return hard.to(soft.dtype) + (soft - soft.detach())
 
 
 # ---------------------------------------------------------------------------------------------------- observation

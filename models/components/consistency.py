@@ -28,7 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathguard.models.components.base import BuildContext, Component, FileReader, Observation, json_blob
+from pathguard.models.components.base import (
+    BuildContext,
+    Component,
+    FileReader,
+    Observation,
+    Relaxation,
+    json_blob,
+    straight_through,
+)
 from pathguard.models.networks import TappedSequential
 
 __all__ = [
@@ -156,11 +164,13 @@ class MarginComponent(ConsistencyComponent):
 
     @staticmethod
     def margin(logits: torch.Tensor) -> np.ndarray:
-        top2 = torch.topk(logits.double(), 2, dim=1).values  # (N, 2)
-        return (top2[:, 0] - top2[:, 1]).numpy()
+        return logit_margin(logits).numpy()
 
     def raw(self, obs: Observation) -> np.ndarray:
         return -self.margin(obs.logits)
+
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        return -logit_margin(obs.logits)
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"margin": self.margin(obs.logits), "score": violation}
@@ -220,6 +230,13 @@ class _NoiseComponent(ConsistencyComponent):
     def raw(self, obs: Observation) -> np.ndarray:
         return self.stats(obs)[self.statistic]
 
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """The statistic over ``relax.draws`` noise copies drawn from the observation's generators (one draw per
+        batch: the three noise statistics of a bundle share it), the flips softened by ``relax.temperature``."""
+        t = noise_transform(self.sigma, relax.draws or self.copies)
+        orig, copies = obs.get(f"surrogate/{t.key}", lambda: copies_with_grad(obs, t))
+        return noise_tensors(orig, copies, relax)[self.statistic]
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {self.statistic: self.raw(obs), "score": violation}
 
@@ -260,12 +277,31 @@ def noise_transform(sigma: float, copies: int) -> Transform:
 def noise_statistics(orig: torch.Tensor, copies: torch.Tensor) -> dict[str, np.ndarray]:
     """Flip share, mean softmax L1 change and mean predicted-logit drop of the copies' logits (M, N, K) against the
     originals' (N, K); each (N,)."""
+    return {k: v.numpy() for k, v in noise_tensors(orig, copies).items()}
+
+
+def noise_tensors(orig: torch.Tensor, copies: torch.Tensor, relax: Relaxation | None = None) -> dict[str, torch.Tensor]:
+    """:func:`noise_statistics` as tensors; with ``relax`` (adaptive attacks) a copy's flip is also the logistic
+    ``sigmoid((best other logit - own logit) / temperature)`` (straight through: the hard flip forward)."""
     pred = orig.argmax(1)  # (N,)
-    flips = (copies.argmax(2) != pred.unsqueeze(0)).double().mean(0)
+    own_copy = copies.gather(2, pred[None, :, None].expand(copies.shape[0], -1, 1))[..., 0]  # (M, N)
+    flip = (copies.argmax(2) != pred.unsqueeze(0)).double()
+    if relax is not None and relax.temperature > 0:
+        others = copies.masked_fill(F.one_hot(pred, copies.shape[2]).bool().unsqueeze(0), -torch.inf).amax(2)
+        flip = straight_through(flip, torch.sigmoid((others - own_copy) / relax.temperature), relax)
     l1 = (torch.softmax(copies, 2) - torch.softmax(orig, 1).unsqueeze(0)).abs().sum(2).mean(0)
     own = orig.gather(1, pred[:, None])[:, 0]  # (N,)
-    drop = (own.unsqueeze(0) - copies.gather(2, pred[None, :, None].expand(copies.shape[0], -1, 1))[..., 0]).mean(0)
-    return {"flip_share": flips.numpy(), "softmax_l1": l1.numpy(), "logit_drop": drop.numpy()}
+    drop = (own.unsqueeze(0) - own_copy).mean(0)
+    return {"flip_share": flip.mean(0), "softmax_l1": l1, "logit_drop": drop}
+
+
+def copies_with_grad(obs: Observation, t: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of the originals (N, K), of transform ``t``'s copies (copies, N, K)), float64, from one forward
+    pass through ``obs.forward`` with gradients (the adaptive attacks' :meth:`Component.surrogate`)."""
+    x = obs.x.float()
+    n = len(x)
+    logits = obs.forward(torch.cat([x, t.apply(x, obs.generators).reshape(-1, *x.shape[1:])])).double()
+    return logits[:n], logits[n:].reshape(t.copies, n, -1)
 
 
 @torch.no_grad()
@@ -360,19 +396,37 @@ class SqueezeComponent(ConsistencyComponent):
     def distance(self, obs: Observation) -> np.ndarray:
         def compute() -> np.ndarray:
             ts = self.transforms()
-            dists = []
-            for t in ts:
-                orig, copy = copies_logits(obs, t.key, ts)
-                dists.append((torch.softmax(copy[0], 1) - torch.softmax(orig, 1)).abs().sum(1))
-            return torch.stack(dists, 1).max(1).values.numpy()
+            pairs = [copies_logits(obs, t.key, ts) for t in ts]
+            return squeeze_distance(pairs[0][0], [copy[0] for _, copy in pairs]).numpy()
 
         return obs.get(self.name, compute)
 
     def raw(self, obs: Observation) -> np.ndarray:
         return self.distance(obs)
 
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """The same distance through ``obs.forward`` with gradients; the bit-depth reduction passes the gradient
+        straight through (its forward value is exact), the median filters are differentiable as they are."""
+        x = obs.x.float()
+        n = len(x)
+        bits = x + (bit_depth(x, self.bits) - x).detach()  # (N, C, H, W): straight-through quantization
+        logits = obs.forward(torch.cat([x, bits, *(median_filter(x, k) for k in self.median)])).double()
+        return squeeze_distance(logits[:n], list(logits[n:].split(n)))
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"softmax_l1": self.distance(obs), "score": violation}
+
+
+def logit_margin(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) top-1 minus top-2 logit of (N, K) logits, float64."""
+    top2 = torch.topk(logits.double(), 2, dim=1).values  # (N, 2)
+    return top2[:, 0] - top2[:, 1]
+
+
+def squeeze_distance(orig: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) largest L1 distance between the softmax of the originals' logits (N, K) and of each squeezed copy's."""
+    p = torch.softmax(orig, 1)
+    return torch.stack([(torch.softmax(c, 1) - p).abs().sum(1) for c in copies], 1).max(1).values
 
 
 def default_squeezers(input_shape: tuple[int, int, int]) -> tuple[int, list[int]]:

@@ -16,6 +16,7 @@ from pathguard.models.components.base import (
     Component,
     FileReader,
     Observation,
+    Relaxation,
     npz_blob,
     one_torch_thread,
     read_npz,
@@ -27,6 +28,7 @@ from pathguard.models.effective_path import (
     EffectivePathExtractor,
     PathCounts,
 )
+from pathguard.models.effective_path.relaxed import relaxed_similarity
 from pathguard.models.errors import DatasetError
 from pathguard.models.networks import TappedSequential
 
@@ -131,6 +133,18 @@ class EffectivePathComponent(Component):
 
     def raw(self, obs: Observation) -> np.ndarray:
         return self.partial(obs).raw
+
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """The benign score of the relaxed similarities (:mod:`pathguard.models.effective_path.relaxed`: the served
+        walk's reached neurons held fixed, each neuron's selection a logistic step around its cut, straight
+        through)."""
+        sims = relaxed_similarity(
+            self.extractor, self.class_paths, obs.x, obs.logits, obs.taps, relax.bandwidth, relax.straight_through
+        )
+        features = torch.cat([sims[1], sims[2]], dim=1)  # (N, 2L)
+        s = self.ep_score
+        z = torch.from_numpy(s.orientation_) * (features - torch.from_numpy(s.median_)) / torch.from_numpy(s.scale_)
+        return z.clamp_min(0.0).mean(1)
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         ep = self.partial(obs)

@@ -13,6 +13,7 @@ from pathguard.models.components.base import (
     Component,
     FileReader,
     Observation,
+    Relaxation,
     npz_blob,
     one_torch_thread,
     read_npz,
@@ -21,6 +22,7 @@ from pathguard.models.errors import BundleIntegrityError
 from pathguard.models.mahalanobis import POOLS, ClassGaussian
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT
+from pathguard.models.verdict.surrogate import soft_p_values
 
 __all__ = ["GaussianComponent", "gaussian_activation"]
 
@@ -98,6 +100,13 @@ class GaussianComponent(Component):
     def raw(self, obs: Observation) -> np.ndarray:
         acts = self.activations(obs.x, obs.logits, obs.taps)
         return obs.get(self.name, lambda: self.gaussian.score(acts), timing=self.name)
+
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """Mahalanobis distances in torch (the closest class by ``min``), per-layer p-values smoothed
+        (:func:`soft_p_values`), Fisher-combined as served."""
+        layer_scores = self.gaussian.differentiable_layer_scores(self.activations(obs.x, obs.logits, obs.taps))
+        p = soft_p_values(self.gaussian.calib_, layer_scores, relax.bandwidth, relax.straight_through)
+        return -2.0 * torch.log(p).sum(1)
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"layers": list(self.gaussian.layers), "score": violation}

@@ -23,6 +23,7 @@ from pathguard.models.components.base import (
     Component,
     FileReader,
     Observation,
+    Relaxation,
     json_blob,
     npz_blob,
     one_torch_thread,
@@ -32,6 +33,7 @@ from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.models.verdict.calibration import two_sided_fisher
+from pathguard.models.verdict.surrogate import soft_p_values
 
 __all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent"]
 
@@ -137,6 +139,19 @@ class NICComponent(Component):
     def raw(self, obs: Observation) -> np.ndarray:
         return self.analysis(obs).final
 
+    def differentiable(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VI (N, L), PI (N, L-1) and final (N,) scores with gradients (once per observation)."""
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            acts = {n: layer_activation(n, obs.x, obs.logits, obs.taps) for n in self.value_layers}
+            return self.nic.differentiable_scores(acts)
+
+        return obs.get("surrogate/nic", compute)
+
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """NIC's RBF one-class SVMs, affine reductions and softmax heads are differentiable as they are."""
+        return self.differentiable(obs)[2]
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         a = self.analysis(obs)
         return {
@@ -178,6 +193,16 @@ class NICValueComponent(Component):
         out = two_sided_fisher(self.nic.analysis(obs).value_violation, self.nic.nic.calibration_size)
         obs.timings_s["nic"] = obs.timings_s.get("nic", 0.0) + time.perf_counter() - t0
         return out
+
+    def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
+        """The two-sided Fisher statistic over smoothed per-layer p-values (:func:`soft_p_values`; no floor at
+        ``1 / (n + 1)``, so the tails keep a gradient)."""
+        value = self.nic.differentiable(obs)[0]
+        calib = self.nic.nic.value_calibration()
+        upper = soft_p_values(calib, value, relax.bandwidth, relax.straight_through)
+        lower = soft_p_values(calib, value, relax.bandwidth, relax.straight_through, lower=True)
+        p = (2.0 * torch.minimum(upper, lower)).clamp_max(1.0)
+        return -torch.log(p).sum(1)
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {}  # reported through NIC's value violations

@@ -35,7 +35,12 @@ _SCHEMA = 1
 def pooled(act: torch.Tensor, pool: str = "mean") -> torch.Tensor:
     """(N, D) float64 feature of a layer's activation: a (N, C, H, W) map pooled per channel (spatial mean, or
     mean and standard deviation), anything else flattened."""
-    a = act.detach().to(torch.float64)
+    return pooled_with_grad(act.detach(), pool)
+
+
+def pooled_with_grad(act: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """:func:`pooled` keeping the activation's gradient (adaptive attacks)."""
+    a = act.to(torch.float64)
     if a.ndim == 4:
         flat = a.flatten(2)  # (N, C, H*W)
         mean = flat.mean(2)
@@ -129,6 +134,19 @@ class ClassGaussian:
             quad = np.einsum("nd,nd->n", fp, f)[:, None] - 2 * fp @ mu.T + np.einsum("kd,de,ke->k", mu, prec, mu)
             cols.append(np.maximum(quad.min(1), 0.0))
         return np.stack(cols, 1)
+
+    def differentiable_layer_scores(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`layer_scores` in torch with the activations' gradients (adaptive attacks): (N, L) float64, equal
+        to it up to the summation order of the matrix products."""
+        self._check()
+        cols = []
+        for name in self.layers:
+            f = pooled_with_grad(acts[name], self.pool)  # (N, D)
+            mu, prec = torch.from_numpy(self.means_[name]), torch.from_numpy(self.precisions_[name])
+            diff = f[:, None, :] - mu[None]  # (N, K, D)
+            quad = torch.einsum("nkd,de,nke->nk", diff, prec, diff)  # (N, K)
+            cols.append(quad.min(1).values.clamp_min(0.0))
+        return torch.stack(cols, 1)
 
     def calibrate(self, calib_scores: np.ndarray) -> ClassGaussian:
         """Store the clean calibration images' :meth:`layer_scores` (images never used to fit)."""

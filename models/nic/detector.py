@@ -367,22 +367,49 @@ class NICDetector:
         self, pair: int | str, probs_l: torch.Tensor, probs_next: torch.Tensor, member: int = 0
     ) -> torch.Tensor:
         """PI score (N,) of pair ``pair`` (index or ``"a->b"``) from the two derived-model outputs (N, K)."""
-        svm = self._member(member).pi[self._pair_index(pair)]
+        return self._provenance(self._pair_index(pair), probs_l, probs_next, member)
+
+    def _provenance(self, pair: int, probs_l: torch.Tensor, probs_next: torch.Tensor, member: int) -> torch.Tensor:
+        svm = self._member(member).pi[pair]
         return -svm.decision_function(torch.cat([probs_l, probs_next], dim=1))
 
     @torch.no_grad()
     def final_score(self, value: torch.Tensor, provenance: torch.Tensor, member: int = 0) -> torch.Tensor:
         """Final detector score (N,) from VI scores (N, L) and PI scores (N, L-1)."""
+        return self._final(value, provenance, member)
+
+    def _final(self, value: torch.Tensor, provenance: torch.Tensor, member: int) -> torch.Tensor:
         m = self._member(member)
         if m.final is None or m.final_mean is None or m.final_std is None:
             raise NotFittedError("final detector is not fitted")
         z = (torch.cat([value, provenance], dim=1).double() - m.final_mean) / m.final_std  # (N, 2L-1)
         return -m.final.decision_function(z)
 
+    def differentiable_scores(
+        self, acts: dict[str, torch.Tensor], member: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VI (N, L), PI (N, L-1) and final (N,) scores (float64) of checked-layer activations with gradients
+        (adaptive attacks): the served per-layer path (:meth:`check_layer`, :meth:`provenance_score`,
+        :meth:`final_score`) with the same operations, outside ``no_grad``. Every part is smooth (affine
+        reductions, softmax heads, RBF kernels); a randomized member's quantization has no useful gradient."""
+        m = self._member(member)
+        feats = [m.stages[name].reduce(acts[name]) for name in self.layers_]
+        svms = [_req(m.stages[name].vi) for name in self.layers_]
+        value = torch.stack([-svm.decision_function(f) for svm, f in zip(svms, feats, strict=True)], 1).double()
+        probs = [m.stages[name].head(f) for name, f in zip(self.layers_, feats, strict=True)]
+        prov = torch.stack(
+            [self._provenance(i, probs[i], probs[i + 1], member) for i in range(len(self.pairs_))], 1
+        ).double()
+        return value, prov, self._final(value, prov, member)
+
     # ------------------------------------------------------------------ violation probabilities
     def value_violation(self, value: np.ndarray | torch.Tensor, member: int = 0) -> np.ndarray:
         """Per-layer VI violation probabilities (N, L) from VI scores (N, L)."""
         return _columnwise_violation(self._member(member).sorted_calib()[0], np.asarray(value, dtype=np.float64))
+
+    def value_calibration(self, member: int = 0) -> np.ndarray:
+        """(n, L) clean calibration VI scores, each column sorted ascending."""
+        return self._member(member).sorted_calib()[0]
 
     @property
     def calibration_size(self) -> int:
