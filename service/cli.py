@@ -384,6 +384,8 @@ def _evaluate_adaptive(args: argparse.Namespace) -> int:
         settings.budgets = [b for b in args.budgets.split(",") if b]
     if args.targets:
         settings.targets = [t for t in args.targets.split(",") if t]
+    if args.component_budgets:
+        settings.component_budgets = [b for b in args.component_budgets.split(",") if b]
     report = adaptive_evaluate(args.bundle, args.out, settings)
     pgd = {t: {b: s["adaptive"]["success"] for b, s in per.items()} for t, per in report["pgd"].items()}
     print(json.dumps({"adaptive_pgd_success": pgd, "cw_l2": report["cw_l2"]}))
@@ -406,6 +408,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--adaptive", action="store_true", help="run the adaptive attacks instead of --attacks")
     a.add_argument("--budgets", help="comma-separated PGD budgets (default: linf_2,linf_4,linf_8,l2_0.5,l2_1.0)")
     a.add_argument("--targets", help="comma-separated: fused and/or fused components (default: all of them)")
+    a.add_argument("--component-budgets", help="budgets of the one-component targets (default: every budget)")
     a.add_argument("--steps", type=int, default=20, help="PGD steps per lambda round (default 20)")
     a.add_argument("--rounds", type=int, default=4, help="lambda search rounds after lambda 0 (default 4)")
     a.add_argument("--draws", type=int, default=20, help="noise draws per step for noise components (EOT)")

@@ -229,16 +229,23 @@ def test_the_command_writes_the_adaptive_report(tmp_path: Path):
     from pathguard.service.cli import main
 
     out = tmp_path / "adaptive"
-    args = ["evaluate", "--adaptive", "--bundle", str(MNIST_BUNDLE), "--n", "2", "--budgets", "linf_8",
-            "--targets", "fused,noise_drop", "--steps", "2", "--rounds", "1", "--draws", "2"]  # fmt: skip
+    args = ["evaluate", "--adaptive", "--bundle", str(MNIST_BUNDLE), "--n", "2", "--budgets", "linf_8,l2_1.0",
+            "--targets", "fused,noise_drop", "--component-budgets", "linf_8", "--steps", "2", "--rounds", "1",
+            "--draws", "2"]  # fmt: skip
     args += ["--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["pgd"]) == {"fused", "noise_drop"} and set(report["pgd"]["fused"]) == {"linf_8"}
+    assert set(report["pgd"]) == {"fused", "noise_drop"} and set(report["pgd"]["fused"]) == {"linf_8", "l2_1.0"}
+    assert set(report["pgd"]["noise_drop"]) == {"linf_8"}  # one-component targets at --component-budgets only
     assert report["images"]["n"] == 2
     for target in ("fused", "noise_drop"):
         s = report["pgd"][target]["linf_8"]
         assert 0.0 <= s["oblivious"]["success"] <= s["adaptive"]["success"] <= 1.0  # lambda 0 is its first round
-    assert set(report["cw_l2"]) == {"fused", "noise_drop"}
+    assert set(report["cw_l2"]) == {"oblivious", "fused"}  # CW-L2 against the fused verdict, beside plain CW-L2
+    oblivious, adaptive = report["cw_l2"]["oblivious"], report["cw_l2"]["fused"]
+    assert 0.0 <= oblivious["success"] <= oblivious["misclassified"] <= 1.0
+    if oblivious["mean_l2_of_misclassified"] and adaptive["mean_l2_of_successes"]:
+        ratio = adaptive["mean_l2_of_successes"] / oblivious["mean_l2_of_misclassified"]
+        assert adaptive["l2_over_oblivious"] == pytest.approx(ratio)
     md = (out / "report.md").read_text()
     assert "PGD: oblivious vs adaptive" in md and "effective_path_relaxation" in md
