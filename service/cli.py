@@ -406,7 +406,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("adaptive attacks (--adaptive: white-box attacks on the bundle's detector)")
     a.add_argument("--adaptive", action="store_true", help="run the adaptive attacks instead of --attacks")
-    a.add_argument("--budgets", help="comma-separated PGD budgets (default: linf_2,linf_4,linf_8,l2_0.5,l2_1.0)")
+    a.add_argument(
+        "--budgets",
+        help="comma-separated PGD budgets (default: linf_2,linf_4,linf_8,l2_0.5,l2_1.0; "
+        "also linf_0.1, linf_0.3, l2_2.0)",
+    )
     a.add_argument("--targets", help="comma-separated: fused and/or fused components (default: all of them)")
     a.add_argument("--component-budgets", help="budgets of the one-component targets (default: every budget)")
     a.add_argument("--steps", type=int, default=20, help="PGD steps per lambda round (default 20)")

@@ -64,9 +64,14 @@ def test_the_committed_residual_bundle_is_an_imported_resnet_that_detects():
     assert row["effective_path"]["layers"] == bundle.manifest["effective_path"]["layers"]
     assert set(row["nic"]["value_violation"]) == set(bundle.manifest["nic"]["layers"])
     assert 0.0 <= row["verdict"]["score"] <= 1.0
-    # the verdict chosen on attacks of held-out training images (docs/reports/validation/cifar10-resnet20.md):
-    # Effective Path on every weighted layer, NIC's final model, class Gaussians on the last stage and the logits
+    # the verdict chosen on attacks of held-out training images (validation/cifar10-resnet20-consistency.md):
+    # the harmonic mean of the noise flip share and logit drop (sigma 0.05 from flip rate 0.1), the logit
+    # margin and feature squeezing; Effective Path on every weighted layer and NIC are built and reported beside it
+    verdict = bundle.manifest["verdict"]
+    assert verdict["components"] == ["noise_flip", "noise_drop", "margin", "squeeze"] and verdict["rule"] == "harmonic"
     assert len(bundle.manifest["effective_path"]["layers"]) == 22
-    assert bundle.manifest["verdict"]["components"] == ["effective_path", "nic", "mahalanobis"]
-    stage3 = ["block3_0_Add", "block3_1_Add", "block3_2_Add", "pool_GlobalAveragePool", "fc_Gemm"]
-    assert row["mahalanobis"]["layers"] == stage3
+    assert {"effective_path", "nic"} <= set(bundle.manifest["components"])
+    for name in ("noise_flip", "noise_drop"):
+        assert json.loads(files.bytes(f"{name}.json")) == {"sigma": 0.05, "copies": 8}
+    assert 0.0 <= row["noise_flip"]["flip_share"] <= 1.0 and row["margin"]["margin"] >= 0.0
+    assert "mahalanobis" not in row

@@ -70,7 +70,11 @@ BUDGETS: dict[str, tuple[str, float]] = {  # name -> (norm, eps); inputs in [0, 
     "linf_8": ("linf", 8 / 255),
     "l2_0.5": ("l2", 0.5),
     "l2_1.0": ("l2", 1.0),
+    "linf_0.1": ("linf", 0.1),  # MNIST: the budgets its attacks are usually run at
+    "linf_0.3": ("linf", 0.3),
+    "l2_2.0": ("l2", 2.0),
 }
+DEFAULT_BUDGETS = ("linf_2", "linf_4", "linf_8", "l2_0.5", "l2_1.0")
 
 
 # ------------------------------------------------------------------------------------------------------ surrogate
@@ -489,7 +493,7 @@ class AdaptiveSettings:
     """Parameters of :func:`adaptive_evaluate` (CPU-friendly defaults)."""
 
     n: int = 100
-    budgets: list[str] = field(default_factory=lambda: list(BUDGETS))
+    budgets: list[str] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     targets: list[str] | None = None  # default: the fused verdict and every differentiable fused component
     component_budgets: list[str] | None = None  # budgets of the one-component targets (None: every budget)
     cw_targets: list[str] = field(default_factory=lambda: [FUSED])  # CW-L2 with the detector term against these
