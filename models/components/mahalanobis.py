@@ -21,7 +21,7 @@ from pathguard.models.components.base import (
 from pathguard.models.errors import BundleIntegrityError
 from pathguard.models.mahalanobis import POOLS, ClassGaussian
 from pathguard.models.networks import TappedSequential
-from pathguard.models.nic import INPUT
+from pathguard.models.networks.taps import INPUT, LOGITS, activation
 from pathguard.models.verdict.surrogate import soft_p_values
 
 __all__ = ["GaussianComponent", "gaussian_activation"]
@@ -33,12 +33,8 @@ _CHUNK = 500
 def gaussian_activation(
     name: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """A class-Gaussian layer's activation: a tap, the ``input`` or the ``logits``."""
-    if name == INPUT:
-        return x
-    if name == "logits":
-        return logits
-    return taps[name]
+    """A class-Gaussian layer's activation: a tap, the ``input`` or the ``logits`` (the networks' one lookup)."""
+    return activation(name, x, logits, taps)
 
 
 class GaussianComponent(Component):
@@ -57,7 +53,7 @@ class GaussianComponent(Component):
 
     @classmethod
     def check(cls, model: TappedSequential, params: Mapping[str, Any]) -> None:
-        known = [INPUT, *model.tap_names, "logits"]
+        known = [INPUT, *model.tap_names, LOGITS]
         unknown = [n for n in params.get("layers") or [] if n not in known]
         if unknown:
             raise ValueError(f"mahalanobis layers {unknown} are not layers of this model; choose from {known}")

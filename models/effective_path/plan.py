@@ -19,10 +19,11 @@ from pathguard.models.effective_path.steps import (
     Step,
 )
 from pathguard.models.networks import Residual, folded_parameters
+from pathguard.models.networks.taps import ACTIVATIONS, IDENTITIES, POOLS, WEIGHTED
 
 __all__ = ["Compiler", "Plan"]
 
-_PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Dropout, nn.Identity, nn.Flatten)
+_PASS_THROUGH = (*ACTIVATIONS, *IDENTITIES, nn.Flatten)  # no effect on which synapses carry the prediction
 _PREFIX_OK = "only before the first Conv2d/Linear layer"
 
 
@@ -93,14 +94,14 @@ class Compiler:
         return step
 
     def _leaf(self, name: str, mod: nn.Module, bn: nn.Module | None, shape: tuple[int, ...]) -> Step:
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if isinstance(mod, WEIGHTED):
             weight, bias = folded_parameters(mod, bn)
             if isinstance(mod, nn.Conv2d):
                 return ConvStep(name, mod, weight, bias)
             return LinearStep(name, weight, bias)
         if isinstance(mod, nn.MaxPool2d):
             return MaxPoolStep(mod)
-        if isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        if isinstance(mod, POOLS):  # the average pools (max pooling is handled above)
             return AvgPoolStep(mod)
         if isinstance(mod, _PASS_THROUGH):
             if isinstance(mod, nn.Flatten) and mod.start_dim != 1:

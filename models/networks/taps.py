@@ -22,11 +22,45 @@ from torch import nn
 from pathguard.models.networks.blocks import Residual
 from pathguard.models.networks.config import ClassifierConfig
 
-__all__ = ["OnnxTapWrapper", "TappedSequential", "tap_points"]
+__all__ = [
+    "ACTIVATIONS",
+    "INPUT",
+    "LOGITS",
+    "NORMS",
+    "POOLS",
+    "SOFTMAX",
+    "WEIGHTED",
+    "OnnxTapWrapper",
+    "TappedSequential",
+    "activation",
+    "tap_points",
+]
 
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_WEIGHTED = (nn.Conv2d, nn.Linear)
-_PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Dropout, nn.BatchNorm2d, nn.BatchNorm1d)
+# The one table of module kinds every part reads (the taps, Effective Path's plan, NIC's default layers):
+WEIGHTED = (nn.Conv2d, nn.Linear)  # the layers whose synapses Effective Path walks; tapped (after their ReLU)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)  # element-wise, order-keeping: a tap is taken after them
+NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)  # folded into the weighted layer before them
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # tapped
+IDENTITIES = (nn.Dropout, nn.Identity)  # no effect at inference
+_PASS_THROUGH = (*ACTIVATIONS, nn.Dropout, *NORMS)  # what a weighted layer's tap is taken after
+
+# Activations that are not taps, by name: the input, the logits and their softmax.
+INPUT, LOGITS, SOFTMAX = "input", "logits", "softmax"
+
+
+def activation(name: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The activation called ``name``: the input ``x``, the ``logits``, their ``softmax``, or a tap. The one
+    lookup every detector uses. Raises KeyError naming the known names for anything else."""
+    if name == INPUT:
+        return x
+    if name == LOGITS:
+        return logits
+    if name == SOFTMAX:
+        return torch.softmax(logits, dim=-1)
+    try:
+        return taps[name]
+    except KeyError:
+        raise KeyError(f"no activation {name!r}; known: {INPUT}, {LOGITS}, {SOFTMAX}, {sorted(taps)}") from None
 
 
 def tap_points(seq: nn.Sequential) -> dict[int, str]:
@@ -42,14 +76,14 @@ def tap_points(seq: nn.Sequential) -> dict[int, str]:
     i = 0
     while i < len(mods):
         m = mods[i]
-        if isinstance(m, (*_WEIGHTED, Residual)):
+        if isinstance(m, (*WEIGHTED, Residual)):
             j = i
             while j + 1 < len(mods) and isinstance(mods[j + 1], _PASS_THROUGH):
                 j += 1
             points[j] = names[i]
             i = j + 1
             continue
-        if isinstance(m, (_POOLS, nn.Flatten)):
+        if isinstance(m, (*POOLS, nn.Flatten)):
             points[i] = names[i]
         i += 1
     return points
@@ -70,7 +104,7 @@ class TappedSequential(nn.Sequential):
 
     @property
     def weighted_layer_names(self) -> list[str]:
-        return [n for n, m in self.named_children() if isinstance(m, _WEIGHTED)]
+        return [n for n, m in self.named_children() if isinstance(m, WEIGHTED)]
 
     def forward_with_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the network on ``x`` (N, C, H, W) in [0, 1].

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["INPUT", "SOFTMAX", "default_layers", "layer_activation"]
+from pathguard.models.networks.taps import INPUT, POOLS, SOFTMAX, activation
 
-INPUT, SOFTMAX = "input", "softmax"
+__all__ = ["INPUT", "SOFTMAX", "default_layers", "layer_activation"]
 
 
 def default_layers(model: Any) -> list[str]:
@@ -21,19 +21,15 @@ def default_layers(model: Any) -> list[str]:
         taps = taps[:-1]  # the last Linear has no ReLU: its tap is the logits, checked as the softmax
     children = list(model.named_children())
     index = {name: i for i, (name, _) in enumerate(children)}
-    pools = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
     def repeats_pool(tap: str) -> bool:  # a Flatten right after a pooling layer: the same numbers again
         i = index.get(tap, 0)
-        return i > 0 and isinstance(children[i][1], nn.Flatten) and isinstance(children[i - 1][1], pools)
+        return i > 0 and isinstance(children[i][1], nn.Flatten) and isinstance(children[i - 1][1], POOLS)
 
     return [INPUT, *(t for t in taps if not repeats_pool(t)), SOFTMAX]
 
 
 def layer_activation(layer: str, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The activation NIC checks for ``layer``: the input ``x``, ``softmax(logits)`` or a tap."""
-    if layer == INPUT:
-        return x
-    if layer == SOFTMAX:
-        return torch.softmax(logits, dim=-1)
-    return taps[layer]
+    """The activation NIC checks for ``layer``: the input ``x``, ``softmax(logits)`` or a tap (the networks' one
+    lookup, :func:`~pathguard.models.networks.taps.activation`)."""
+    return activation(layer, x, logits, taps)
