@@ -154,7 +154,7 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     for p in panels:
         for t in p.get("targets", []):
             expr = t["expr"].replace("$__rate_interval", "1m")
-            for var in ("job", "instance", "route", "layer", "violation_layer"):
+            for var in ("job", "instance", "model", "route", "layer", "violation_layer"):
                 expr = expr.replace(f"${var}", ".*")
             out.append((p["title"], expr))
     return out
