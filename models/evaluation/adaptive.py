@@ -226,11 +226,16 @@ def pgd(
     target: str = FUSED,
     random_start: bool = False,
     seed: int = 0,
+    kappa: float = 1.0,
 ) -> torch.Tensor:
-    """PGD maximizing ``CE(f(x), y) - lam * D(x)`` per image in the ``norm`` ball of radius ``eps`` (``linf`` or
-    ``l2``), inputs in [0, 1]: each step ascends (sign of the gradient, or the L2-normalized gradient), clips to
-    [0, 1], then projects onto the ball (ART's order). ``lam`` (N,); where it is 0 the detector is not evaluated
-    at all (the oblivious attack)."""
+    """PGD in the ``norm`` ball of radius ``eps`` (``linf`` or ``l2``), inputs in [0, 1]: each step ascends (sign of
+    the gradient, or the L2-normalized gradient), clips to [0, 1], then projects onto the ball (ART's order).
+
+    ``lam`` (N,). Where it is 0 the loss is ``CE(f(x), y)`` and the detector is not evaluated at all (the oblivious
+    attack, ART's PGD). Where it is positive the loss is ``min(max_{j != y} Z_j - Z_y, kappa) - lam * D(x)``: the
+    classification part is Carlini-Wagner's clamped logit margin, so once the image is misclassified by ``kappa``
+    the steps go to the detector term alone (with cross-entropy the classifier's unbounded loss keeps pulling the
+    image deeper into the wrong class, where the detectors see it best)."""
     x0 = x0.float().detach()
     x = x0.clone()
     if random_start:
@@ -238,13 +243,16 @@ def pgd(
         start = (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps
         x = (x0 + _project(start, norm, eps)).clamp(0.0, 1.0)
     aware = lam > 0
+    onehot = F.one_hot(y.long(), surrogate.model.config.num_classes).bool()
     for step in range(steps):
         x.requires_grad_(True)
         logits = surrogate.model(x)
-        loss = F.cross_entropy(logits, y, reduction="sum")
+        loss = F.cross_entropy(logits[~aware], y[~aware], reduction="sum")
         if bool(aware.any()):
+            z, hot = logits[aware], onehot[aware]
+            margin = (z.masked_fill(hot, -torch.inf).amax(1) - z[hot]).clamp_max(kappa)  # > 0: misclassified
             obs = surrogate.observe(x[aware], step)
-            loss = loss - (lam[aware].double() * surrogate.detector_term(obs, target)).sum()
+            loss = loss + margin.sum() - (lam[aware].double() * surrogate.detector_term(obs, target)).sum()
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             x = (x + step_size * _direction(grad, norm)).clamp(0.0, 1.0)
@@ -286,7 +294,8 @@ def _pgd_batches(
         sl = slice(s, s + batch_size)
         lam_t = torch.from_numpy(np.asarray(lam[sl], dtype=np.float64))
         seed = _mix(surrogate.seed, s)
-        out.append(pgd(surrogate, x[sl], y[sl], norm, eps, steps, eps / 4, lam_t, target, random_start, seed).numpy())
+        step = 2.5 * eps / steps  # Madry et al.'s step: the whole budget crossed 2.5 times
+        out.append(pgd(surrogate, x[sl], y[sl], norm, eps, steps, step, lam_t, target, random_start, seed).numpy())
     return np.concatenate(out) if out else np.zeros((0, *x.shape[1:]), np.float32)
 
 
@@ -304,11 +313,12 @@ def adaptive_pgd(
     random_start: bool = False,
     batch_size: int = 32,
 ) -> tuple[Outcome, Outcome]:
-    """(oblivious, adaptive) PGD on the same images, step ``eps / 4``: ``lambda`` 0 first (the oblivious attack, also
-    the adaptive attack's first round), then ``rounds`` rounds of a per-image ``lambda`` search: ``lambda_start``
-    (divided by ``lambda_factor`` for an image the oblivious attack did not misclassify), times ``lambda_factor``
-    while the image is misclassified but flagged, divided while it is no longer misclassified. Every round restarts
-    from the clean image; an image keeps its first example that the served pipeline lets through."""
+    """(oblivious, adaptive) PGD on the same images, step ``2.5 * eps / steps``: ``lambda`` 0 first (the oblivious
+    attack, also the adaptive attack's first round), then ``rounds`` rounds of a per-image ``lambda`` search:
+    ``lambda_start`` (divided by ``lambda_factor`` for an image the oblivious attack did not misclassify), times
+    ``lambda_factor`` while the image is misclassified but flagged, divided while it is no longer misclassified.
+    Every round restarts from the clean image; an image keeps its first example that the served pipeline lets
+    through."""
     t0 = time.perf_counter()
     xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
     args = (norm, eps, steps, target, random_start, batch_size)
