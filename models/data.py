@@ -34,8 +34,22 @@ __all__ = [
     "data_dir",
     "dataset_info",
     "download",
+    "interleaved_order",
     "load_dataset",
 ]
+
+
+def interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """Indices that visit the images class by class in turn (the first of every class, then the second of every
+    class, ...), keeping each class's own order: "the first n" of this order covers every class about equally,
+    whatever order the split is stored in (the CIFAR-10 JPEG copy's splits are ordered by class)."""
+    y = np.asarray(labels)
+    rank = np.empty(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((y, rank))  # by rank within its class, then by class
+
 
 CIFAR10_CLASSES = (
     "airplane",

@@ -106,3 +106,13 @@ def test_unknown_dataset_and_split():
         load_dataset("imagenet", "train")
     with pytest.raises(ValueError, match="split"):
         load_dataset("mnist", "validation")
+
+
+def test_interleaved_order_visits_the_classes_in_turn(cifar_test):
+    from pathguard.models.data import interleaved_order
+
+    order = interleaved_order(cifar_test.y)  # the JPEG copy's test split is stored class by class
+    assert sorted(order.tolist()) == list(range(len(cifar_test.y)))
+    assert np.bincount(cifar_test.y[order[:100]], minlength=10).tolist() == [10] * 10
+    y = np.array([2, 0, 0, 1, 0])  # within a class the stored order is kept
+    assert interleaved_order(y).tolist() == [1, 3, 0, 2, 4]

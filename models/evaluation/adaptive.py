@@ -45,7 +45,7 @@ from pathguard.models.bundle import Bundle, load_bundle
 from pathguard.models.bundle.pipeline import DetectionPipeline
 from pathguard.models.components import Observation
 from pathguard.models.components.base import NotDifferentiableError, Relaxation
-from pathguard.models.data import load_dataset
+from pathguard.models.data import interleaved_order, load_dataset
 from pathguard.models.verdict import threshold_at_fpr
 from pathguard.models.verdict.surrogate import fused_log_p, soft_p_values
 
@@ -522,7 +522,8 @@ class AdaptiveSettings:
 
 
 def adaptive_evaluate(bundle_dir: str | Path, out_dir: str | Path, settings: AdaptiveSettings | None = None) -> dict:
-    """Attack the first ``n`` correctly classified test images of the bundle's dataset adaptively; write
+    """Attack the first ``n`` correctly classified test images of the bundle's dataset, in class-interleaved order
+    (:func:`~pathguard.models.data.interleaved_order`: every class about equally), adaptively; write
     ``report.json`` and ``report.md`` into ``out_dir``."""
     st = settings or AdaptiveSettings()
     unknown = [b for b in st.budgets if b not in BUDGETS]
@@ -531,12 +532,21 @@ def adaptive_evaluate(bundle_dir: str | Path, out_dir: str | Path, settings: Ada
     t_start = time.perf_counter()
     bundle = load_bundle(bundle_dir, seed=st.seed)
     test = load_dataset(bundle.dataset, "test")
-    return _evaluate_on(bundle, test.x, test.y, out_dir, st, t_start)
+    order = interleaved_order(test.y)
+    return _evaluate_on(bundle, test.x[order], test.y[order], out_dir, st, t_start, order)
 
 
 def _evaluate_on(
-    bundle: Bundle, pool_x: np.ndarray, pool_y: np.ndarray, out_dir: str | Path, st: AdaptiveSettings, t_start: float
+    bundle: Bundle,
+    pool_x: np.ndarray,
+    pool_y: np.ndarray,
+    out_dir: str | Path,
+    st: AdaptiveSettings,
+    t_start: float,
+    pool_index: np.ndarray | None = None,
 ) -> dict:
+    """``pool_index[i]``: the test-set index of pool image ``i`` (None: the pool is the test set's order)."""
+    n_classes = bundle.classifier.config.num_classes
     pipe = bundle.pipeline
     relax = Relaxation(draws=st.draws, bandwidth=st.bandwidth, temperature=st.temperature)
     sur = VerdictSurrogate(pipe, relax, st.seed)
@@ -552,7 +562,9 @@ def _evaluate_on(
     x, y = pool_x[keep], pool_y[keep]
     report: dict[str, Any] = {
         "bundle": {"name": bundle.name, "sha256": bundle.sha256, "dataset": bundle.dataset},
-        "images": {"n": len(x), "test_indices": keep.tolist(),
+        "images": {"n": len(x), "order": "class-interleaved" if pool_index is not None else "as given",
+                   "test_indices": (keep if pool_index is None else pool_index[keep]).tolist(),
+                   "per_class": np.bincount(y.astype(np.int64), minlength=n_classes).tolist(),
                    "clean_let_through": len(keep), "clean_scored": head},
         "verdict": {"rule": pipe.verdict.rule if pipe.verdict else None, "components": sur.fused,
                     "threshold": pipe.threshold, "target_fpr": pipe.target_fpr},
@@ -670,7 +682,8 @@ def render_adaptive_markdown(r: Mapping[str, Any]) -> str:
         "",
         f"Bundle sha256 `{b['sha256']}` ({b['dataset']}). Verdict `{v['rule']}` over "
         f"{', '.join(f'`{c}`' for c in v['components'])}, threshold {v['threshold']:.6f} (target FPR "
-        f"{_pct(v['target_fpr'])}). Images: the first {im['n']} test images the served pipeline classifies "
+        f"{_pct(v['target_fpr'])}). Images: the first {im['n']} test images ({im.get('order', 'as given')} order; "
+        f"per class {im.get('per_class', '-')}) the served pipeline classifies "
         "correctly and lets through. Success = misclassified AND not flagged, judged by the served pipeline "
         "(for an attack on one component: not flagged by that component at its own threshold, same FPR). "
         f"Run time {r['seconds']:.0f} s with {r['settings']['torch_threads']} torch thread(s).",
