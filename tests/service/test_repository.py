@@ -311,7 +311,7 @@ def test_a_real_server_swaps_under_load_driven_by_the_repo_cli(tmp_path, repo, d
 
         def send() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            for i in range(300):
+            for i in range(5000):  # bounded; stopped once the swaps are done and answered
                 if stop.is_set():
                     return
                 conn.request("POST", "/v1/detect?model=a", body=digits[i % 8][0], headers=PNG)
@@ -329,7 +329,9 @@ def test_a_real_server_swaps_under_load_driven_by_the_repo_cli(tmp_path, repo, d
             victim = _corrupt(_copy(repo / "a" / "3"))
             refused = repo_cli("load", "a")
             assert refused.returncode == 1 and victim in refused.stderr and "HTTP 400" in refused.stderr
-            time.sleep(0.5)
+            end = time.monotonic() + 30  # until the new version has answered (a fast machine may be between requests)
+            while time.monotonic() < end and not any(body["model"]["version"] == "2" for _, body in answers[-4:]):
+                time.sleep(0.1)
         finally:
             stop.set()
             for w in workers:
