@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,6 @@ class ServedModel:
     store: Any = None  # ModelStore, attached by start()
     predict_batcher: Any = None
     detect_batcher: Any = None
-    loaded_at: float = field(default_factory=time.time)
     _inflight: int = 0
     _idle: asyncio.Event | None = None
     _stopped: bool = False
@@ -203,15 +202,6 @@ class ServedModel:
             if stage in _NOT_STAGES:
                 continue
             self.stats.add(_STAT_NAMES.get(stage, stage), ms / 1000.0 * images, images)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[ServedModel]:
-        """:meth:`use` without the statistics (background work: logger events)."""
-        self.acquire()
-        try:
-            yield self
-        finally:
-            self.release()
 
 
 def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:

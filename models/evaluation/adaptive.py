@@ -46,6 +46,7 @@ from pathguard.models.bundle.pipeline import DetectionPipeline
 from pathguard.models.components import Observation
 from pathguard.models.components.base import NotDifferentiableError, Relaxation
 from pathguard.models.data import interleaved_order, load_dataset
+from pathguard.models.evaluation.evaluate import _json_default, _pct
 from pathguard.models.verdict import threshold_at_fpr
 from pathguard.models.verdict.surrogate import fused_log_p, soft_p_values
 
@@ -656,18 +657,6 @@ def _summary(obl: Outcome, ada: Outcome, x: np.ndarray, pipe: DetectionPipeline,
 def _lambda_counts(lam: np.ndarray) -> dict[str, int]:
     vals, counts = np.unique(lam, return_counts=True)
     return {f"{v:g}": int(c) for v, c in zip(vals, counts, strict=True)}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.1f}%"
 
 
 def _num(v: float | None, fmt: str = ".3f") -> str:
