@@ -369,6 +369,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_attack_overrides=overrides,
         cache=args.cache,
         seed=args.seed,
+        order=args.order,
     )
     fused = report["detectors"]["fused"]["per_attack"]
     print(json.dumps({"clean_fpr": report["clean"]["fpr"], "fused_auc": {a: v["auc"] for a, v in fused.items()}}))
@@ -403,6 +404,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-attack", action="append", metavar="ATTACK=N", help="per-attack image count, repeatable")
     p.add_argument("--out", required=True, help="report folder, e.g. docs/reports/mnist-lenet5")
     p.add_argument("--cache", help="folder caching generated adversarial examples between runs")
+    p.add_argument(
+        "--order",
+        choices=("interleaved", "stored"),
+        default="interleaved",
+        help="which test images are the first n: the classes in turn (default), or the split's stored order",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("adaptive attacks (--adaptive: white-box attacks on the bundle's detector)")

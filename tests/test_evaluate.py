@@ -134,7 +134,20 @@ def test_the_attack_cache_is_keyed_by_the_classifier_also_for_imported_bundles()
     rebuilt["files"]["nic.npz"]["sha256"] = "0" * 64  # other detectors, same classifier
     other = copy.deepcopy(manifest)
     other["files"]["source.onnx"]["sha256"] = "0" * 64
-    key = _attack_key(imported, "fgsm_8", 10)  # type: ignore[arg-type]
-    assert key == _attack_key(SimpleNamespace(dataset="cifar10", manifest=rebuilt), "fgsm_8", 10)  # type: ignore[arg-type]
-    assert key != _attack_key(SimpleNamespace(dataset="cifar10", manifest=other), "fgsm_8", 10)  # type: ignore[arg-type]
-    assert key != _attack_key(imported, "fgsm_8", 11)  # type: ignore[arg-type]
+    key = _attack_key(imported, "fgsm_8", 10, "interleaved")  # type: ignore[arg-type]
+    same = SimpleNamespace(dataset="cifar10", manifest=rebuilt)
+    assert key == _attack_key(same, "fgsm_8", 10, "interleaved")  # type: ignore[arg-type]
+    assert key != _attack_key(SimpleNamespace(dataset="cifar10", manifest=other), "fgsm_8", 10, "interleaved")  # type: ignore[arg-type]
+    assert key != _attack_key(imported, "fgsm_8", 11, "interleaved")  # type: ignore[arg-type]
+    assert key != _attack_key(imported, "fgsm_8", 10, "stored")  # type: ignore[arg-type]  # other images
+
+
+def test_the_first_n_test_images_cover_every_class(report_dir):
+    """ "The first n" test images are taken class by class in turn (the CIFAR-10 copy stores its test split ordered
+    by class, where the stored order's first images would all be airplanes); the report says so, per class."""
+    out, _ = report_dir
+    r = json.loads((out / "report.json").read_text())
+    assert r["settings"]["order"] == "interleaved"
+    assert r["clean"]["per_class"] == [6] * 10  # 60 clean images, 10 classes
+    assert r["settings"]["pool_per_class"] == [6] * 10
+    assert "taken classes in turn, per class [6, 6, 6, 6, 6, 6, 6, 6, 6, 6]" in (out / "report.md").read_text()

@@ -3,8 +3,9 @@
 Hygiene (ALGORITHMS.md section 3):
 
 - clean examples are the first ``n_clean`` test images; the attacks start from the first ``n_attack``
-  test images and only *successful* adversarial examples of *correctly classified* images count
-  (every noise image counts: it has no true label);
+  test images ("first" in class-interleaved order by default, :func:`~pathguard.models.data.interleaved_order`,
+  so every class is about equally present whatever order the split is stored in) and only *successful*
+  adversarial examples of *correctly classified* images count (every noise image counts: it has no true label);
 - each detector has ONE threshold for all attacks, set on clean data only: the bundle's held-out
   calibration split *B* (training images the builder never fitted on, rebuilt from the manifest's seed),
   at the bundle's target FPR. ``dr`` uses that threshold; ``dr_at_fpr_x`` uses the threshold that gives
@@ -49,7 +50,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from pathguard.models.bundle import Bundle, load_bundle
 from pathguard.models.bundle.splits import training_splits
-from pathguard.models.data import load_dataset
+from pathguard.models.data import interleaved_order, load_dataset
 from pathguard.models.effective_path import make_detector
 from pathguard.models.evaluation.attacks import ATTACKS, run_attack
 from pathguard.models.verdict import threshold_at_fpr, two_sided_fisher
@@ -62,6 +63,7 @@ DETECTORS = ("ep_benign", "ep_linear", "ep_random_forest", "nic", "nic_vi", "nic
 BUNDLE_SUPERVISED = "bundle_supervised"  # added to the detectors when the bundle has a supervised model
 FPRS = (0.01, 0.02, 0.05, 0.1)  # 2%: the operating point of the MNIST target; 10%: the anchors' operating point
 TRAIN_FRACTION = 0.10
+ORDERS = ("interleaved", "stored")  # which test images are "the first n": classes in turn, or as the split stores them
 
 # Paper figures placed beside ours in report.md.
 EP_PAPER_AUC = {"deepfool": 0.91, "fgsm": 0.95, "bim": 0.94, "jsma_next": 0.95, "jsma_ll": 0.95,
@@ -150,19 +152,25 @@ class AttackSet:
     seconds: float
 
 
-def _attack_key(bundle: Bundle, name: str, n: int) -> str:
+def _attack_key(bundle: Bundle, name: str, n: int, order: str) -> str:
     files = bundle.manifest["files"]
     weights = next(f for f in ("classifier.safetensors", "source.onnx") if f in files)  # bundled or imported
     spec = {"attack": name, "n": n, "dataset": bundle.dataset, "params": ATTACKS[name].params[bundle.dataset],
-            "classifier": files[weights]["sha256"]}  # fmt: skip
+            "classifier": files[weights]["sha256"], "order": order}  # fmt: skip
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def generate_attack(
-    bundle: Bundle, name: str, x: np.ndarray, y: np.ndarray, cache: Path | None, batch_size: int = 64
+    bundle: Bundle,
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    cache: Path | None,
+    batch_size: int = 64,
+    order: str = "interleaved",
 ) -> AttackSet:
-    """Attack test images ``x`` (first ``len(x)`` of the test set); keep the successful examples."""
-    path = cache / f"{name}-{_attack_key(bundle, name, len(x))}.npz" if cache is not None else None
+    """Attack test images ``x`` (the first ``len(x)`` of the test set in ``order``); keep the successful examples."""
+    path = cache / f"{name}-{_attack_key(bundle, name, len(x), order)}.npz" if cache is not None else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
@@ -216,18 +224,24 @@ def evaluate(
     cache: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    order: str = "interleaved",
 ) -> dict[str, Any]:
     """Run the evaluation and write ``report.json``, ``report.md`` and the PNGs into ``out_dir``.
 
-    ``seed`` also fixes the noise of randomized components (the consistency family), so a report reproduces."""
+    ``seed`` also fixes the noise of randomized components (the consistency family), so a report reproduces.
+    ``order``: ``interleaved`` takes the test images class by class in turn; ``stored`` as the split stores them."""
     t_start = time.perf_counter()
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise KeyError(f"unknown attack(s) {unknown}; known: {sorted(ATTACKS)}")
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; known: {list(ORDERS)}")
     bundle = load_bundle(bundle_dir, seed=seed)
     m = bundle.manifest
     target_fpr = float(m["verdict"]["target_fpr"])
     test = load_dataset(bundle.dataset, "test")
+    index = interleaved_order(test.y) if order == "interleaved" else np.arange(len(test))
+    test_x, test_y = test.x[index], test.y[index]  # "the first n" test images are test_x[:n]
     n_clean = int(n_clean or n_attack)
     sizes = {a: int((n_attack_overrides or {}).get(a, n_attack)) for a in attacks}
     n_pool = max([n_clean, *sizes.values()])
@@ -243,7 +257,7 @@ def evaluate(
     calib = score_inputs(bundle, calib_b.x)
 
     # 2. clean test images; 3. attacks
-    clean = score_inputs(bundle, test.x[:n_clean])
+    clean = score_inputs(bundle, test_x[:n_clean])
     clean_src = np.arange(n_clean)
     sets: dict[str, AttackSet] = {}
     adv: dict[str, Scored] = {}
@@ -251,7 +265,7 @@ def evaluate(
         n = sizes[name]
         t = time.perf_counter()
         sets[name] = generate_attack(
-            bundle, name, test.x[:n], test.y[:n], Path(cache) if cache else None, batch_size=batch_size
+            bundle, name, test_x[:n], test_y[:n], Path(cache) if cache else None, batch_size, order
         )
         if len(sets[name].source):
             adv[name] = score_inputs(bundle, sets[name].x_adv)
@@ -280,14 +294,16 @@ def evaluate(
 
     report: dict[str, Any] = {
         "bundle": {"name": bundle.name, "sha256": bundle.sha256, "version": bundle.version, "dataset": bundle.dataset},
-        "clean": {"n": n_clean, "accuracy": float(np.mean(clean.predicted == test.y[:n_clean])), "fpr": {}},
+        "clean": {"n": n_clean, "accuracy": float(np.mean(clean.predicted == test_y[:n_clean])), "fpr": {},
+                  "per_class": np.bincount(test_y[:n_clean].astype(np.int64)).tolist()},
         "attacks": {},
         "detectors": {},
         "leave_one_attack_out": {},
         "settings": {"target_fpr": target_fpr, "n_calibration": len(calib_b), "train_fraction": TRAIN_FRACTION,
                      "n_supervised_train": {"clean": len(clean_tr.predicted),
                                             "adversarial": sum(len(s.predicted) for s in adv_tr.values())},
-                     "seed": seed, "torch_threads": torch.get_num_threads()},
+                     "seed": seed, "torch_threads": torch.get_num_threads(), "order": order,
+                     "pool_per_class": np.bincount(test_y[:n_pool].astype(np.int64)).tolist()},
     }  # fmt: skip
     if "supervised" in m:
         report["settings"]["bundle_supervised"] = m["supervised"]
@@ -350,6 +366,14 @@ def _num(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
 
 
+def _order_note(r: dict[str, Any]) -> str:
+    order = r["settings"].get("order")
+    if order is None:  # a report written before the order was recorded: the split's stored order
+        return ""
+    how = "classes in turn" if order == "interleaved" else "the split's stored order"
+    return f"; the first images of the test set taken {how}, per class {r['clean'].get('per_class', '-')}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     """The report's tables (headline, per detector, paper comparison, leave-one-attack-out) as Markdown."""
     b, clean, dets = r["bundle"], r["clean"], r["detectors"]
@@ -360,7 +384,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Detection report: `{b['name']}`",
         "",
         f"Bundle sha256 `{b['sha256']}` ({b['dataset']}). Clean test images: {clean['n']} "
-        f"(classifier accuracy {_pct(clean['accuracy'])}). Thresholds: one per detector, set on "
+        f"(classifier accuracy {_pct(clean['accuracy'])}{_order_note(r)}). Thresholds: one per detector, set on "
         f"{r['settings']['n_calibration']} held-out clean training images for a target FPR of {_pct(tfpr)}. "
         f"Supervised EP detectors: trained on {_pct(r['settings']['train_fraction'])} of the source images "
         f"({r['settings']['n_supervised_train']['clean']} clean, "
