@@ -216,7 +216,7 @@ def _load_cifar10(split: str) -> Split:
     else:
         arrays = decode(path)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: two first loads may run at once
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(cache)
     x = arrays[f"{split}_x"].astype(np.float32) / 255.0
