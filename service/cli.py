@@ -291,6 +291,42 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathguard.models.bundle import BundleError, load_bundle
+    from pathguard.models.components.graph import NotInGraphError
+    from pathguard.models.export import write_guarded, write_triton
+
+    if not (args.guarded or args.triton):
+        print("pathguard export: give --guarded FILE and/or --triton DIR", file=sys.stderr)
+        return 2
+    try:
+        bundle = load_bundle(args.bundle)
+        if args.guarded:
+            write_guarded(bundle, args.guarded, seed=args.seed)
+            print(f"wrote {args.guarded}")
+        if args.triton:
+            entry = write_triton(bundle, args.triton, args.name, args.max_batch_size, args.threads, args.seed)
+            print(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx")
+    except (BundleError, NotInGraphError, ValueError) as exc:
+        print(f"pathguard export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write the bundle's guarded graph (classifier + verdict in one ONNX model), or a Triton entry"
+    )
+    p.add_argument("bundle")
+    p.add_argument("--guarded", metavar="FILE", help="write the guarded graph to FILE (.onnx)")
+    p.add_argument("--triton", metavar="DIR", help="write a Triton model repository entry DIR/<name>/")
+    p.add_argument("--name", help="the Triton model's name (default: the bundle's)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in Triton (0: its default)")
+    p.add_argument("--seed", type=int, help="seed of the in-graph noise (default: fresh noise every run)")
+    p.set_defaults(func=_cmd_export)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -436,6 +472,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build,
     _add_verify,
     _add_score,
+    _add_export,
 ]
 SUBCOMMANDS.append(_add_bench_nic)
 

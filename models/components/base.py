@@ -34,6 +34,7 @@ from pathguard.models.networks import TappedSequential
 
 if TYPE_CHECKING:
     from pathguard.models.builder.shards import Job
+    from pathguard.models.components.graph import GraphContext
 
 __all__ = [
     "REGISTRY",
@@ -121,6 +122,15 @@ class Component(ABC):
         forward value equals :meth:`raw` (exactly with ``relax.straight_through``, else within the smoothing).
         Default: :class:`NotDifferentiableError`."""
         raise NotDifferentiableError(f"component {self.name!r} gives no differentiable score")
+
+    def graph(self, g: GraphContext) -> str:
+        """Write :meth:`raw` into an ONNX graph (the guarded graph, :mod:`pathguard.models.guarded`): append nodes to
+        ``g`` that compute the (N,) float64 raw score from ``g``'s tensors and return its name. Its value equals
+        :meth:`raw` up to the rounding of onnxruntime's kernels. Default:
+        :class:`~pathguard.models.components.graph.NotInGraphError`."""
+        from pathguard.models.components.graph import NotInGraphError
+
+        raise NotInGraphError(f"component {self.name!r} has no in-graph form yet")
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         """Its part of the /v1/detect response for the batch: arrays whose first axis is the batch (indexed per

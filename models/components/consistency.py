@@ -37,6 +37,7 @@ from pathguard.models.components.base import (
     json_blob,
     straight_through,
 )
+from pathguard.models.components.graph import GraphContext
 from pathguard.models.networks import TappedSequential
 
 __all__ = [
@@ -65,11 +66,13 @@ _SIGMA_SAMPLE = 1000  # benign images the sigma is chosen on
 @dataclass(frozen=True)
 class Transform:
     """``copies`` transformed versions of a batch: ``apply(x (N, C, H, W), generators) -> (copies, N, C, H, W)``,
-    one generator per input."""
+    one generator per input; ``graph(g, x)`` writes the same into an ONNX graph (the guarded graph) and returns the
+    (copies, N, C, H, W) tensor's name."""
 
     key: str
     copies: int
     apply: Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
+    graph: Callable[[GraphContext, str], str] | None = None
 
 
 class ConsistencyComponent(Component):
@@ -172,6 +175,12 @@ class MarginComponent(ConsistencyComponent):
     def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
         return -logit_margin(obs.logits)
 
+    def graph(self, g: GraphContext) -> str:
+        values, _ = g.ops("TopK", [g.logits, g.const([2], np.int64)], 2, axis=1)  # (N, 2) top-1, top-2
+        top1, top2 = (g.squeeze(g.op("Slice", values, *(g.const([v], np.int64) for v in (i, i + 1, 1))), [1])
+                      for i in (0, 1))  # fmt: skip
+        return g.op("Sub", top2, top1)  # -(top-1 - top-2)
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"margin": self.margin(obs.logits), "score": violation}
 
@@ -237,6 +246,10 @@ class _NoiseComponent(ConsistencyComponent):
         orig, copies = obs.get(f"surrogate/{t.key}", lambda: copies_with_grad(obs, t))
         return noise_tensors(orig, copies, relax)[self.statistic]
 
+    def graph(self, g: GraphContext) -> str:
+        key = self.transforms()[0].key
+        return g.get(f"{key}/stats", lambda: noise_statistics_graph(g, key))[self.statistic]
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {self.statistic: self.raw(obs), "score": violation}
 
@@ -271,7 +284,31 @@ def noise_transform(sigma: float, copies: int) -> Transform:
         noise = torch.stack(per_input, dim=1) * sigma  # (copies, N, C, H, W)
         return (x.unsqueeze(0) + noise).clamp(0.0, 1.0)
 
-    return Transform(f"noise/{sigma:.6g}/{copies}", copies, apply)
+    key = f"noise/{sigma:.6g}/{copies}"
+
+    def graph(g: GraphContext, x: str) -> str:
+        shape = g.op("Concat", g.const([copies], np.int64), g.op("Shape", x), axis=0)  # (copies, N, C, H, W)
+        xs = g.op("Expand", g.unsqueeze(x, [0]), shape)
+        noise = g.op("Mul", g.noise(key, xs), g.const(np.float32(sigma)))
+        return g.op("Clip", g.op("Add", xs, noise), g.const(np.float32(0)), g.const(np.float32(1)))
+
+    return Transform(key, copies, apply, graph)
+
+
+def noise_statistics_graph(g: GraphContext, key: str) -> dict[str, str]:
+    """:func:`noise_tensors` written into the graph ``g`` for the copies of transform ``key`` (no relaxation)."""
+    copies, copies32 = g.copies[key], g.copies32[key]  # (M, N, K)
+    copy_class = g.op("ArgMax", copies32, axis=2, keepdims=0)  # (M, N)
+    flip = g.double(g.op("Not", g.op("Equal", copy_class, g.unsqueeze(g.predicted, [0]))))
+    shape = g.op("Shape", copies)
+    index = g.op("Expand", g.unsqueeze(g.predicted, [0, 2]), g.op("Concat", g.op("Slice", shape, *(
+        g.const([v], np.int64) for v in (0, 2))), g.const([1], np.int64), axis=0))  # fmt: skip  # (M, N, 1)
+    own_copy = g.squeeze(g.op("GatherElements", copies, index, axis=2), [2])  # (M, N)
+    own = g.squeeze(g.op("GatherElements", g.logits, g.unsqueeze(g.predicted, [1]), axis=1), [1])  # (N,)
+    change = g.op("Sub", g.op("Softmax", copies, axis=2), g.unsqueeze(g.op("Softmax", g.logits, axis=1), [0]))
+    l1 = g.reduce("ReduceMean", g.reduce("ReduceSum", g.op("Abs", change), [2]), [0])
+    drop = g.reduce("ReduceMean", g.op("Sub", g.unsqueeze(own, [0]), own_copy), [0])
+    return {"flip_share": g.reduce("ReduceMean", flip, [0]), "softmax_l1": l1, "logit_drop": drop}
 
 
 def noise_statistics(orig: torch.Tensor, copies: torch.Tensor) -> dict[str, np.ndarray]:
@@ -389,8 +426,15 @@ class SqueezeComponent(ConsistencyComponent):
         def squeeze_median(k: int) -> Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]:
             return lambda x, _gens: median_filter(x, k).unsqueeze(0)
 
-        return [Transform(f"bits/{bits}", 1, squeeze_bits)] + [
-            Transform(f"median/{k}", 1, squeeze_median(k)) for k in self.median
+        def graph_bits(g: GraphContext, x: str) -> str:
+            levels = g.const(np.float32(2**bits - 1))
+            return g.unsqueeze(g.op("Div", g.op("Round", g.op("Mul", x, levels)), levels), [0])
+
+        def graph_median(k: int) -> Callable[[GraphContext, str], str]:
+            return lambda g, x: g.unsqueeze(median_filter_graph(g, x, k), [0])
+
+        return [Transform(f"bits/{bits}", 1, squeeze_bits, graph_bits)] + [
+            Transform(f"median/{k}", 1, squeeze_median(k), graph_median(k)) for k in self.median
         ]
 
     def distance(self, obs: Observation) -> np.ndarray:
@@ -412,6 +456,15 @@ class SqueezeComponent(ConsistencyComponent):
         bits = x + (bit_depth(x, self.bits) - x).detach()  # (N, C, H, W): straight-through quantization
         logits = obs.forward(torch.cat([x, bits, *(median_filter(x, k) for k in self.median)])).double()
         return squeeze_distance(logits[:n], list(logits[n:].split(n)))
+
+    def graph(self, g: GraphContext) -> str:
+        p = g.op("Softmax", g.logits, axis=1)
+        per_copy = []
+        for t in self.transforms():
+            copy = g.squeeze(g.copies[t.key], [0])  # (N, K)
+            l1 = g.reduce("ReduceSum", g.op("Abs", g.op("Sub", g.op("Softmax", copy, axis=1), p)), [1], keepdims=True)
+            per_copy.append(l1)
+        return g.reduce("ReduceMax", g.op("Concat", *per_copy, axis=1), [1])
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"softmax_l1": self.distance(obs), "score": violation}
@@ -451,3 +504,29 @@ def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
     ordered = windows.sort(dim=-1).values
     mid = k * k // 2
     return ordered[..., mid] if k % 2 else (ordered[..., mid - 1] + ordered[..., mid]) / 2
+
+
+def median_filter_graph(g: GraphContext, x: str, k: int) -> str:
+    """:func:`median_filter` written into the graph ``g`` (input (N, C, H, W) with static H, W): the k x k windows
+    stacked on a last axis and their largest ``k*k//2 + 1`` values by TopK; the same middle values, so the same
+    float32 result."""
+    _, h, w = g.input_shape
+    lo = (k - 1) // 2
+    hi = k - 1 - lo
+    padded = g.op("Pad", x, g.const([0, 0, lo, lo, 0, 0, hi, hi], np.int64), mode="reflect")
+    windows = []
+    for i in range(k):
+        for j in range(k):
+            starts, ends, axes = g.const([i, j], np.int64), g.const([i + h, j + w], np.int64), g.const([2, 3], np.int64)
+            windows.append(g.unsqueeze(g.op("Slice", padded, starts, ends, axes), [4]))
+    stacked = g.op("Concat", *windows, axis=4)  # (N, C, H, W, k*k)
+    mid = k * k // 2
+    top, _ = g.ops("TopK", [stacked, g.const([mid + 1], np.int64)], 2, axis=4, largest=1, sorted=1)  # descending
+
+    def nth(i: int) -> str:  # the i-th largest, (N, C, H, W)
+        return g.squeeze(g.op("Slice", top, *(g.const([v], np.int64) for v in (i, i + 1, 4))), [4])
+
+    if k % 2:
+        return nth(mid)
+    # ascending ordered[mid - 1] + ordered[mid] are the (mid)-th and (mid - 1)-th largest: the same sum
+    return g.op("Div", g.op("Add", nth(mid), nth(mid - 1)), g.const(np.float32(2)))

@@ -1,0 +1,146 @@
+"""Components inside an ONNX graph: the vocabulary a component's :meth:`~pathguard.models.components.Component.graph`
+form is written in.
+
+:class:`OnnxGraph` appends nodes and constants with fresh tensor names at a fixed opset (the forms of ``Reduce*``
+that the opset expects are chosen here, so a component never spells them). :class:`GraphContext` is what the guarded
+graph (:mod:`pathguard.models.guarded`) hands a component: the input batch, the logits of the originals, the logits
+of every consistency copy it asked for (all from ONE forward pass of the classifier's own graph) and a memo, so that
+components sharing an analysis (the three noise statistics) compute it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["MIN_OPSET", "GraphContext", "NotInGraphError", "OnnxGraph"]
+
+T = TypeVar("T")
+
+MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input, GreaterOrEqual
+
+
+class NotInGraphError(NotImplementedError):
+    """A component has no in-graph form (:meth:`Component.graph`), e.g. Effective Path's exact walk."""
+
+
+class OnnxGraph:
+    """Nodes, constants, inputs and outputs of a graph being written, at opset ``opset``."""
+
+    def __init__(self, opset: int) -> None:
+        if opset < MIN_OPSET:
+            raise ValueError(f"the guarded graph needs opset >= {MIN_OPSET}, got {opset}")
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"pg/{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        """Append one node with one output (named ``out`` or fresh); returns the output's name."""
+        name = out or self.fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=self.fresh(op_type), **attrs))
+        return name
+
+    def ops(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs: Any) -> list[str]:
+        """Append one node with ``n_out`` outputs."""
+        names = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.fresh(op_type), **attrs))
+        return names
+
+    def const(self, value: Any, dtype: type | np.dtype | None = None, hint: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    # -------------------------------------------------------------------- forms that change with the opset
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = False) -> str:
+        """``ReduceSum``, ``ReduceMean``, ``ReduceMax``, ``ReduceMin`` over ``axes``."""
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, x, self.const(list(axes), np.int64, "axes"), keepdims=int(keepdims))
+        return self.op(op_type, x, axes=list(axes), keepdims=int(keepdims))
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", x, self.const(list(axes), np.int64, "axes"))
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Squeeze", x, self.const(list(axes), np.int64, "axes"))
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", x, to=to)
+
+    def double(self, x: str) -> str:
+        return self.cast(x, TensorProto.DOUBLE)
+
+    def scalar(self, value: float, dtype: type = np.float64) -> str:
+        return self.const(np.asarray(value, dtype=dtype), hint="scalar")
+
+    def add_input(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def add_output(self, tensor: str, name: str, elem_type: int, shape: Sequence[int | str | None]) -> None:
+        """Expose ``tensor`` as the graph output ``name`` (through an Identity when the names differ)."""
+        if tensor != name:
+            self.op("Identity", tensor, out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+
+class GraphContext(OnnxGraph):
+    """What a component's in-graph form reads and writes (see the module docstring).
+
+    Attributes
+    ----------
+    x : str
+        The input batch (N, C, H, W) float32.
+    batch : str
+        (1,) int64 tensor holding N.
+    logits : str
+        (N, K) float64 logits of the originals (the classifier's float32 logits, cast).
+    logits32 : str
+        The same, float32 (an argmax of either gives the same class).
+    predicted : str
+        (N,) int64 predicted class.
+    input_shape : tuple of int
+        (C, H, W) of one input.
+    copies : dict[str, str]
+        Transform key -> (copies, N, K) float64 logits of its copies.
+    copies32 : dict[str, str]
+        The same, float32.
+    memo : dict
+        Analyses already written (tensor names, or dicts of them), by key.
+    noise : callable
+        ``noise(key, shape_like)`` -> a standard normal tensor shaped like ``shape_like`` (copies, N, C, H, W),
+        drawn in the graph (a random op) or read from a graph input; set by the guarded graph's builder.
+    """
+
+    def __init__(self, opset: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__(opset)
+        self.input_shape = input_shape
+        self.x = self.batch = self.logits = self.logits32 = self.predicted = ""
+        self.copies: dict[str, str] = {}
+        self.copies32: dict[str, str] = {}
+        self.memo: dict[str, Any] = {}
+        self.noise: Callable[[str, str], str] = _no_noise
+
+    def get(self, key: str, write: Callable[[], T]) -> T:
+        """The tensor(s) of analysis ``key``, written by ``write`` on first use."""
+        if key not in self.memo:
+            self.memo[key] = write()
+        out: T = self.memo[key]
+        return out
+
+
+def _no_noise(key: str, shape_like: str) -> str:
+    raise RuntimeError("this graph context draws no noise")

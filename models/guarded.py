@@ -1,0 +1,267 @@
+"""The guarded graph: a bundle's classifier and its verdict as ONE ONNX model.
+
+:func:`guarded_model` appends to the bundle's served classifier graph (``classifier.onnx``) every component that has
+an in-graph form (:meth:`~pathguard.models.components.Component.graph`), their calibration into empirical p-values
+(the clean calibration scores stored as constants), the verdict's fusion rule and its threshold. One onnxruntime run
+then returns what ``/v1/detect`` decides, with no Python between the layers: a Triton or KServe user drops the
+model into the repository they already have (``pathguard export --triton``).
+
+The consistency copies of all components (noise, bit depth, median filters) are concatenated with the input batch
+and go through the classifier's graph in ONE forward pass, as in the Python pipeline. The noise is drawn in the
+graph (``RandomNormalLike``: fresh per run, or from a fixed seed per session) or, with ``noise="input"``, read from
+a graph input per noise transform (``noise``, ``noise_1``, ...; (copies, N, C, H, W) standard normal), which is how
+the parity tests feed the graph the pipeline's exact noise.
+
+=======================  =======  ======  ==========================================================================
+output                   dtype    shape   meaning
+=======================  =======  ======  ==========================================================================
+``logits``               float32  (N, K)  the classifier's logits of the inputs
+``probabilities``        float32  (N, K)  their softmax
+``predicted``            int64    (N,)    the predicted class
+``raw_<component>``      float64  (N,)    each in-graph component's raw score (higher = more anomalous)
+``p_<component>``        float64  (N,)    its empirical p-value against its clean calibration scores
+``verdict_score``        float64  (N,)    the fused score (the verdict's rule over its components' p-values)
+``verdict_p_value``      float64  (N,)    the fused score's p-value among the clean split-B fused scores
+``is_adversarial``       bool     (N,)    ``verdict_score > threshold``
+=======================  =======  ======  ==========================================================================
+
+The model's metadata (``pathguard.*`` properties) names the bundle, its sha256, the components, the rule, the
+threshold and the noise. A bundle whose verdict fuses a component with no in-graph form (Effective Path's walk
+today) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it.
+
+Agreement with the Python pipeline (``tests/test_guarded.py``): the graph's float32 forward pass is onnxruntime's,
+not torch's, so logits differ in the last bits (about 1e-6); raw scores agree to that rounding, a p-value moves by
+one calibration step only when a raw score lies within that rounding of a calibration score, and a verdict can
+differ only when the fused score lies within the same distance of the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from pathguard.models.bundle import Bundle
+from pathguard.models.components import Component
+from pathguard.models.components.consistency import ConsistencyComponent, Transform
+from pathguard.models.components.graph import MIN_OPSET, GraphContext, NotInGraphError, OnnxGraph
+from pathguard.models.verdict.fusion import parse_rule
+
+__all__ = ["NOISE_MODES", "guarded_model", "in_graph", "noise_inputs"]
+
+NOISE_MODES = ("random", "input")
+INPUT = "input"
+_CLASSIFIER = "clf/"  # prefix of the classifier graph's tensors inside the guarded graph
+
+
+def in_graph(component: Component) -> bool:
+    """Whether ``component`` has an in-graph form (and so do its transforms)."""
+    if type(component).graph is Component.graph:
+        return False
+    if isinstance(component, ConsistencyComponent):
+        return all(t.graph is not None for t in component.transforms())
+    return True
+
+
+def _transforms(components: Sequence[Component]) -> list[Transform]:
+    todo: dict[str, Transform] = {}
+    for c in components:
+        if isinstance(c, ConsistencyComponent):
+            todo.update({t.key: t for t in c.transforms() if t.key not in todo})
+    return [todo[k] for k in sorted(todo)]  # the pipeline's order (the noise is drawn in it)
+
+
+def noise_inputs(bundle: Bundle) -> list[tuple[str, str, int]]:
+    """(graph input name, transform key, copies) of every noise transform of the bundle's in-graph components, in
+    the order the pipeline draws them (the inputs of a ``noise="input"`` graph)."""
+    comps = [c for c in bundle.pipeline.components.values() if in_graph(c)]
+    noise = [t for t in _transforms(comps) if t.key.startswith("noise/")]
+    return [("noise" if i == 0 else f"noise_{i}", t.key, t.copies) for i, t in enumerate(noise)]
+
+
+def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None) -> onnx.ModelProto:
+    """The bundle's classifier and verdict as one ONNX model (see the module docstring).
+
+    Parameters
+    ----------
+    bundle : Bundle
+        A loaded bundle.
+    noise : str
+        ``random``: drawn in the graph (per run, or from ``seed``); ``input``: read from graph inputs
+        (:func:`noise_inputs`).
+    seed : int, optional
+        Seed of the in-graph random op (``noise="random"`` only): the same noise sequence in every session.
+    """
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
+    pipe = bundle.pipeline
+    if pipe.verdict is None:
+        raise ValueError(f"bundle {bundle.name!r} has no verdict calibration")
+    fused = list(pipe.verdict.components)
+    missing = [k for k in fused if not in_graph(pipe.components[k])]
+    if missing:
+        have = sorted(k for k, c in pipe.components.items() if in_graph(c))
+        raise NotInGraphError(
+            f"bundle {bundle.name!r}: its verdict fuses {', '.join(missing)}, with no in-graph form yet "
+            f"(components of this bundle with one: {', '.join(have) or 'none'})"
+        )
+    names = [k for k, c in pipe.components.items() if in_graph(c) and (k in fused or c.family != "reported")]
+    comps = {k: pipe.components[k] for k in names}
+
+    clf = onnx.load_from_string(bundle.onnx_bytes)
+    opset = next((o.version for o in clf.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ValueError(f"the served classifier graph has opset {opset}; the guarded graph needs >= {MIN_OPSET}")
+    c, h, w = bundle.input_shape
+    k = len(bundle.classes)
+    g = GraphContext(opset, (c, h, w))
+    g.x = g.add_input(INPUT, TensorProto.FLOAT, ["batch", c, h, w])
+    g.batch = g.op("Slice", g.op("Shape", g.x), g.const([0], np.int64), g.const([1], np.int64))
+
+    # the copies, concatenated with the inputs: one forward pass
+    transforms = _transforms(list(comps.values()))
+    noise_names = {key: name for name, key, _ in noise_inputs(bundle)} if noise == "input" else {}
+    g.noise = _noise_source(g, noise, seed, noise_names)
+    parts = [g.x]
+    for t in transforms:
+        assert t.graph is not None
+        parts.append(g.op("Reshape", t.graph(g, g.x), g.const([-1, c, h, w], np.int64)))
+    batch_all = g.op("Concat", *parts, axis=0) if len(parts) > 1 else g.x
+    logits_all = _append_classifier(g, clf, batch_all)
+
+    def rows(start: str, stop: str) -> str:
+        return g.op("Slice", logits_all, start, stop, g.const([0], np.int64))
+
+    g.logits32 = rows(g.const([0], np.int64), g.batch)
+    g.logits = g.double(g.logits32)
+    g.predicted = g.op("ArgMax", g.logits32, axis=1, keepdims=0)
+    offset = 1
+    for t in transforms:
+        start = g.op("Mul", g.batch, g.const([offset], np.int64))
+        stop = g.op("Mul", g.batch, g.const([offset + t.copies], np.int64))
+        g.copies32[t.key] = g.op("Reshape", rows(start, stop), g.const([t.copies, -1, k], np.int64))
+        g.copies[t.key] = g.double(g.copies32[t.key])
+        offset += t.copies
+
+    # components, p-values, fusion, threshold
+    raw = {name: comp.graph(g) for name, comp in comps.items()}
+    p = {name: _p_value(g, pipe.calibration[name], raw[name]) for name in names}
+    score = _fuse(g, [p[name] for name in fused], fused, pipe.verdict.rule, pipe.verdict.families)
+    g.add_output(g.logits32, "logits", TensorProto.FLOAT, ["batch", k])
+    g.add_output(g.op("Softmax", g.logits32, axis=1), "probabilities", TensorProto.FLOAT, ["batch", k])
+    g.add_output(g.predicted, "predicted", TensorProto.INT64, ["batch"])
+    for name in names:
+        g.add_output(raw[name], f"raw_{name}", TensorProto.DOUBLE, ["batch"])
+        g.add_output(p[name], f"p_{name}", TensorProto.DOUBLE, ["batch"])
+    g.add_output(score, "verdict_score", TensorProto.DOUBLE, ["batch"])
+    g.add_output(_p_value(g, pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
+    flagged = g.op("Greater", score, g.scalar(pipe.threshold))
+    g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
+
+    graph = helper.make_graph(
+        g.nodes,
+        f"{bundle.name}-guarded",
+        g.inputs,
+        g.outputs,
+        initializer=g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=list(clf.opset_import), producer_name="pathguard")
+    model.ir_version = clf.ir_version
+    meta = {
+        "bundle": bundle.name,
+        "bundle_version": bundle.version,
+        "bundle_sha256": bundle.sha256,
+        "classes": json.dumps(bundle.classes),
+        "components": json.dumps(names),
+        "verdict": json.dumps(
+            {"rule": pipe.verdict.rule, "components": fused, "threshold": pipe.threshold, "target_fpr": pipe.target_fpr}
+        ),
+        "noise": json.dumps({"mode": noise, "seed": seed, "inputs": list(noise_names.values())}),
+    }
+    helper.set_model_props(model, {f"pathguard.{key}": value for key, value in meta.items()})
+    onnx.checker.check_model(model)
+    return model
+
+
+def _noise_source(g: GraphContext, mode: str, seed: int | None, names: Mapping[str, str]) -> Any:
+    c, h, w = g.input_shape
+
+    def draw(key: str, shape_like: str) -> str:
+        if mode == "input":
+            copies = int(key.rsplit("/", 1)[1])
+            return g.add_input(names[key], TensorProto.FLOAT, [copies, "batch", c, h, w])
+        attrs: dict[str, Any] = {"dtype": TensorProto.FLOAT}
+        if seed is not None:
+            attrs["seed"] = float(seed)
+        return g.op("RandomNormalLike", shape_like, **attrs)
+
+    return draw
+
+
+def _append_classifier(g: OnnxGraph, clf: onnx.ModelProto, batch: str) -> str:
+    """Append the classifier graph (its tensors prefixed) reading ``batch``; returns its logits tensor's name."""
+    prefixed = onnx.compose.add_prefix(clf, _CLASSIFIER)
+    inner = prefixed.graph
+    if len(inner.input) != 1:
+        raise ValueError(f"the served classifier graph has {len(inner.input)} inputs; expected one")
+    g.op("Identity", batch, out=inner.input[0].name)
+    g.nodes.extend(inner.node)
+    g.initializers.extend(inner.initializer)
+    return _CLASSIFIER + "logits"
+
+
+def _p_value(g: OnnxGraph, calib: np.ndarray, score: str) -> str:
+    """(N,) ``(1 + #{calib >= s}) / (n + 1)`` of the (N,) scores against the clean calibration scores."""
+    cal = np.sort(np.asarray(calib, dtype=np.float64))[None, :]  # (1, n)
+    ge = g.op("GreaterOrEqual", g.const(cal, hint="calibration"), g.unsqueeze(score, [1]))  # (N, n)
+    count = g.reduce("ReduceSum", g.double(ge), [1])
+    return g.op("Div", g.op("Add", count, g.scalar(1.0)), g.scalar(cal.shape[1] + 1.0))
+
+
+def _combine(g: OnnxGraph, p: str, k: int, rule: str) -> str:
+    """(N,) combined p-value of (N, k) p-values (as :func:`~pathguard.models.verdict.fusion.combine_p_values`)."""
+    p = g.op("Clip", p, g.scalar(1e-300), g.scalar(1.0))
+    if rule == "fisher":
+        return g.op("Clip", _fisher_tail(g, p, k), g.scalar(0.0), g.scalar(1.0))
+    if rule == "tippett":
+        low = g.op("Min", g.reduce("ReduceMin", p, [1]), g.scalar(1.0 - 1e-16))
+        keep = g.op("Exp", g.op("Mul", g.scalar(float(k)), g.op("Log", g.op("Sub", g.scalar(1.0), low))))
+        return g.op("Sub", g.scalar(1.0), keep)  # 1 - (1 - min p)^k
+    if rule == "harmonic":
+        return g.op("Div", g.scalar(float(k)), g.reduce("ReduceSum", g.op("Reciprocal", p), [1]))
+    raise ValueError(f"unknown combination rule {rule!r}")
+
+
+def _fisher_tail(g: OnnxGraph, p: str, k: int) -> str:
+    """``exp(-x/2) sum_{i<k} (x/2)^i / i!`` with ``x/2 = -sum log p``: the chi-square tail with 2k degrees."""
+    half = g.op("Neg", g.reduce("ReduceSum", g.op("Log", p), [1]))
+    term = tail = g.op("Expand", g.scalar(1.0), g.op("Shape", half))  # ones
+    for i in range(1, k):
+        term = g.op("Div", g.op("Mul", term, half), g.scalar(float(i)))
+        tail = g.op("Add", tail, term)
+    return g.op("Mul", g.op("Exp", g.op("Neg", half)), tail)
+
+
+def _fuse(g: OnnxGraph, p_values: list[str], names: list[str], rule: str, families: Mapping[str, str]) -> str:
+    """(N,) fused score of the components' (N,) p-values by the verdict's rule (as ``FusedVerdict.combine``)."""
+    outer, inner = parse_rule(rule)
+
+    def stack(cols: list[str]) -> str:
+        return g.op("Concat", *(g.unsqueeze(c, [1]) for c in cols), axis=1)
+
+    if inner is None:
+        pv = stack(p_values)
+        if outer == "fisher":
+            clipped = g.op("Clip", pv, g.scalar(1e-300), g.scalar(1.0))
+            tail = _fisher_tail(g, clipped, len(p_values))
+            return g.op("Clip", g.op("Sub", g.scalar(1.0), tail), g.scalar(0.0), g.scalar(1.0))
+        return g.op("Sub", g.scalar(1.0), _combine(g, pv, len(p_values), outer))
+    groups: dict[str, list[str]] = {}
+    for name, p in zip(names, p_values, strict=True):
+        groups.setdefault(families.get(name, name), []).append(p)
+    per_family = [_combine(g, stack(cols), len(cols), inner) for cols in groups.values()]
+    return g.op("Sub", g.scalar(1.0), _combine(g, stack(per_family), len(per_family), outer))
