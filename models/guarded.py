@@ -25,9 +25,13 @@ output                   dtype    shape   meaning
 ``is_adversarial``       bool     (N,)    ``verdict_score > threshold``
 =======================  =======  ======  ==========================================================================
 
-The model's metadata (``pathguard.*`` properties) names the bundle, its sha256, the components, the rule, the
-threshold and the noise. A bundle whose verdict fuses a component with no in-graph form (Effective Path's walk
-today) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it.
+In the graph today: the prediction-consistency family (margin, noise response, squeezing) and NIC (its final
+model, ``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``); the
+originals' taps are sliced out of the one forward pass for NIC. The model's metadata (``pathguard.*`` properties)
+names the bundle, its sha256, the components, the rule, the threshold and the noise. A bundle whose verdict fuses a
+component with no in-graph form (Effective Path's walk, the class Gaussians, the supervised detector) is refused
+with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with none that is only
+reported is left out of the graph.
 
 Agreement with the Python pipeline (``tests/test_guarded.py``): the graph's float32 forward pass is onnxruntime's,
 not torch's, so logits differ in the last bits (about 1e-6); raw scores agree to that rounding, a p-value moves by
@@ -136,7 +140,15 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
     def rows(start: str, stop: str) -> str:
         return g.op("Slice", logits_all, start, stop, g.const([0], np.int64))
 
-    g.logits32 = rows(g.const([0], np.int64), g.batch)
+    g.logits32 = g.op("Slice", logits_all, g.const([0], np.int64), g.batch, g.const([0], np.int64), out="logits")
+
+    def tap(name: str) -> str:  # the originals' rows of a tap, under the tap's name (as NIC's exporter reads it)
+        if f"tap/{name}" not in g.memo:
+            zero = g.const([0], np.int64)
+            g.memo[f"tap/{name}"] = g.op("Slice", _CLASSIFIER + name, zero, g.batch, zero, out=name)
+        return name
+
+    g.tap = tap
     g.logits = g.double(g.logits32)
     g.predicted = g.op("ArgMax", g.logits32, axis=1, keepdims=0)
     offset = 1
@@ -149,7 +161,7 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
 
     # components, p-values, fusion, threshold
     raw = {name: comp.graph(g) for name, comp in comps.items()}
-    p = {name: _p_value(g, pipe.calibration[name], raw[name]) for name in names}
+    p = {name: g.p_value(pipe.calibration[name], raw[name]) for name in names}
     score = _fuse(g, [p[name] for name in fused], fused, pipe.verdict.rule, pipe.verdict.families)
     g.add_output(g.logits32, "logits", TensorProto.FLOAT, ["batch", k])
     g.add_output(g.op("Softmax", g.logits32, axis=1), "probabilities", TensorProto.FLOAT, ["batch", k])
@@ -158,7 +170,7 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
         g.add_output(raw[name], f"raw_{name}", TensorProto.DOUBLE, ["batch"])
         g.add_output(p[name], f"p_{name}", TensorProto.DOUBLE, ["batch"])
     g.add_output(score, "verdict_score", TensorProto.DOUBLE, ["batch"])
-    g.add_output(_p_value(g, pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
+    g.add_output(g.p_value(pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
     flagged = g.op("Greater", score, g.scalar(pipe.threshold))
     g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
 
@@ -212,14 +224,6 @@ def _append_classifier(g: OnnxGraph, clf: onnx.ModelProto, batch: str) -> str:
     g.nodes.extend(inner.node)
     g.initializers.extend(inner.initializer)
     return _CLASSIFIER + "logits"
-
-
-def _p_value(g: OnnxGraph, calib: np.ndarray, score: str) -> str:
-    """(N,) ``(1 + #{calib >= s}) / (n + 1)`` of the (N,) scores against the clean calibration scores."""
-    cal = np.sort(np.asarray(calib, dtype=np.float64))[None, :]  # (1, n)
-    ge = g.op("GreaterOrEqual", g.const(cal, hint="calibration"), g.unsqueeze(score, [1]))  # (N, n)
-    count = g.reduce("ReduceSum", g.double(ge), [1])
-    return g.op("Div", g.op("Add", count, g.scalar(1.0)), g.scalar(cal.shape[1] + 1.0))
 
 
 def _combine(g: OnnxGraph, p: str, k: int, rule: str) -> str:

@@ -17,6 +17,7 @@ from pathguard.models.components.graph import GraphContext, NotInGraphError, Onn
 from pathguard.models.data import interleaved_order, load_dataset
 from pathguard.models.export import triton_config, write_triton
 from pathguard.models.guarded import _fuse, guarded_model, noise_inputs
+from pathguard.models.verdict.calibration import empirical_p_values
 from pathguard.models.verdict.fusion import FusedVerdict
 from pathguard.service.cli import main
 from tests.conftest import ARTIFACTS
@@ -58,11 +59,17 @@ def test_the_guarded_graph_gives_the_pipelines_verdict_on_the_same_noise(residua
 
     np.testing.assert_allclose(out["probabilities"], res.probabilities, atol=1e-5)
     assert (out["predicted"] == res.predicted).all()
-    for comp in pipe.verdict.components:
+    in_graph = [k[4:] for k in out if k.startswith("raw_")]
+    assert set(in_graph) == {*pipe.verdict.components, "nic", "nic_vi"}  # all but Effective Path
+    for comp in in_graph:
         scale = max(1.0, float(np.abs(raw[comp]).max()))
+        if comp == "nic_vi":  # a sum over ~20 per-layer p-values: one of them may move a calibration step
+            close = np.abs(out[f"raw_{comp}"] - raw[comp]) <= 1e-5 * scale
+            assert close.mean() >= 0.85 and np.abs(out[f"raw_{comp}"] - raw[comp]).max() < 0.1
+            continue
         np.testing.assert_allclose(out[f"raw_{comp}"], raw[comp], atol=1e-5 * scale, err_msg=comp)
         step = 1.0 / (len(pipe.calibration[comp]) + 1)
-        moved = np.abs(out[f"p_{comp}"] - (1.0 - res.fields[comp]["score"]))
+        moved = np.abs(out[f"p_{comp}"] - empirical_p_values(pipe.calibration[comp], raw[comp]))
         assert moved.max() <= step + 1e-12 and (moved > 1e-12).mean() <= 0.05, comp
     assert np.abs(out["verdict_score"] - res.score).max() < 1e-3
     same = out["is_adversarial"] == res.adversarial

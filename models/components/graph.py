@@ -86,6 +86,16 @@ class OnnxGraph:
     def scalar(self, value: float, dtype: type = np.float64) -> str:
         return self.const(np.asarray(value, dtype=dtype), hint="scalar")
 
+    def p_value(self, calib: np.ndarray, score: str) -> str:
+        """Empirical p-values ``(1 + #{calib >= s}) / (n + 1)`` (as
+        :func:`~pathguard.models.verdict.calibration.empirical_p_values`): ``calib`` (n,) against (N,) scores, or
+        (n, L) column by column against (N, L) scores; float64."""
+        cal = np.sort(np.asarray(calib, dtype=np.float64), axis=0)
+        s = self.unsqueeze(score, [1])  # (N, 1) or (N, 1, L)
+        ge = self.op("GreaterOrEqual", self.const(cal[None], hint="calibration"), s)  # (N, n) or (N, n, L)
+        count = self.reduce("ReduceSum", self.double(ge), [1])
+        return self.op("Div", self.op("Add", count, self.scalar(1.0)), self.scalar(cal.shape[0] + 1.0))
+
     def add_input(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
@@ -123,6 +133,9 @@ class GraphContext(OnnxGraph):
     noise : callable
         ``noise(key, shape_like)`` -> a standard normal tensor shaped like ``shape_like`` (copies, N, C, H, W),
         drawn in the graph (a random op) or read from a graph input; set by the guarded graph's builder.
+    tap : callable
+        ``tap(name)`` -> the originals' activation of a tapped layer, as a tensor named after the tap (the names
+        the served classifier graph gives its taps); set by the guarded graph's builder.
     """
 
     def __init__(self, opset: int, input_shape: tuple[int, int, int]) -> None:
@@ -133,6 +146,19 @@ class GraphContext(OnnxGraph):
         self.copies32: dict[str, str] = {}
         self.memo: dict[str, Any] = {}
         self.noise: Callable[[str, str], str] = _no_noise
+        self.tap: Callable[[str], str] = _no_tap
+
+    def model(self) -> onnx.ModelProto:
+        """What is written so far as a model (no outputs), e.g. for an exporter that appends to a model."""
+        graph = helper.make_graph(self.nodes, "partial", self.inputs, [], initializer=self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+
+    def adopt(self, model: onnx.ModelProto) -> None:
+        """Take the nodes and constants of ``model``, a copy of :meth:`model` with nodes appended."""
+        nodes, inits = list(model.graph.node), list(model.graph.initializer)
+        if [n.name for n in nodes[: len(self.nodes)]] != [n.name for n in self.nodes]:
+            raise ValueError("the model does not extend this graph")
+        self.nodes, self.initializers = nodes, inits
 
     def get(self, key: str, write: Callable[[], T]) -> T:
         """The tensor(s) of analysis ``key``, written by ``write`` on first use."""
@@ -144,3 +170,7 @@ class GraphContext(OnnxGraph):
 
 def _no_noise(key: str, shape_like: str) -> str:
     raise RuntimeError("this graph context draws no noise")
+
+
+def _no_tap(name: str) -> str:
+    raise RuntimeError("this graph context has no taps")

@@ -29,9 +29,10 @@ from pathguard.models.components.base import (
     one_torch_thread,
     read_npz,
 )
+from pathguard.models.components.graph import GraphContext
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
-from pathguard.models.nic.onnx_export import GraphNICScores
+from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
 from pathguard.models.verdict.calibration import two_sided_fisher
 from pathguard.models.verdict.surrogate import soft_p_values
 
@@ -152,6 +153,9 @@ class NICComponent(Component):
         """NIC's RBF one-class SVMs, affine reductions and softmax heads are differentiable as they are."""
         return self.differentiable(obs)[2]
 
+    def graph(self, g: GraphContext) -> str:
+        return nic_graph(g, self)["final"]
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         a = self.analysis(obs)
         return {
@@ -204,8 +208,34 @@ class NICValueComponent(Component):
         p = (2.0 * torch.minimum(upper, lower)).clamp_max(1.0)
         return -torch.log(p).sum(1)
 
+    def graph(self, g: GraphContext) -> str:
+        """:func:`~pathguard.models.verdict.calibration.two_sided_fisher` of the per-layer VI p-values, in the
+        graph."""
+        floor = 1.0 / (self.nic.nic.calibration_size + 1)
+        upper = g.p_value(self.nic.nic.value_calibration(), nic_graph(g, self.nic)["value"])  # (N, L)
+        upper = g.op("Clip", upper, g.scalar(floor), g.scalar(1.0))
+        lower = g.op("Add", g.op("Sub", g.scalar(1.0), upper), g.scalar(floor))
+        two = g.op("Min", g.op("Mul", g.scalar(2.0), g.op("Min", upper, lower)), g.scalar(1.0))
+        p = g.op("Clip", two, g.scalar(floor), g.scalar(1.0))
+        return g.op("Neg", g.reduce("ReduceSum", g.op("Log", p), [1]))
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {}  # reported through NIC's value violations
+
+
+def nic_graph(g: GraphContext, nic: NICComponent) -> dict[str, str]:
+    """NIC's member-0 scores in the graph ``g`` (written once): ``value`` (N, L) and ``final`` (N,) float64, by the
+    served graph's exporter (:func:`~pathguard.models.nic.onnx_export.with_nic_outputs`) reading the originals'
+    taps and logits."""
+
+    def write() -> dict[str, str]:
+        for name in nic.checked_taps:
+            g.tap(name)
+        value, _, _, final = nic_output_names(0)
+        g.adopt(with_nic_outputs(g.model(), nic.nic, members=(0,), logits=g.logits32))
+        return {"value": value, "final": final}
+
+    return g.get("nic", write)
 
 
 @one_torch_thread
