@@ -202,10 +202,17 @@ async def _start(state: ServiceState) -> None:
     log.info(
         "serving %s with the %s engine, mode %s, %s",
         ", ".join(f"{m.name} v{m.version} ({m.sha256[:12]})" for m in state.models.models.values()) or "no model",
-        s.engine,
+        s.engine if s.engine == "torch" else f"onnx engine ({', '.join(_providers(state))})",
         s.mode,
         "NIC in the graph" if s.nic_in_graph and s.engine == "onnx" else f"parallel checks {s.parallel_checks}",
     )
+
+
+def _providers(state: ServiceState) -> list[str]:
+    """The execution providers the onnx engines run on (the first model's; every model gets the same setting)."""
+    for m in state.models.models.values():
+        return list(getattr(m.runtime.engine, "providers", []))
+    return []
 
 
 async def _stop(state: ServiceState) -> None:

@@ -214,8 +214,14 @@ def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
             threads=settings.engine_threads,
             nic=bundle.pipeline.nic,
             inter_op_threads=settings.graph_inter_op_threads,
+            providers=settings.onnx_providers,
         )
-    return OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, threads=settings.engine_threads)
+    return OnnxEngine(
+        bundle.onnx_bytes,
+        bundle.pipeline.checked_taps,
+        threads=settings.engine_threads,
+        providers=settings.onnx_providers,
+    )
 
 
 def open_model(

@@ -177,6 +177,14 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         default=1, ge=1, description="onnxruntime intra-op threads per stage session (1 is fastest for small models)."
     )
+    onnx_providers: list[str] = Field(
+        default=["auto"],
+        min_length=1,
+        description="onnx engine: onnxruntime execution providers in order of preference, as a JSON list, e.g. "
+        '["CUDAExecutionProvider", "CPUExecutionProvider"]; ["auto"] (the default): CUDA where this onnxruntime '
+        "build has it (the onnxruntime-gpu package), else the CPU. Providers this build lacks are left out with a "
+        "warning; the CPU provider is always the last fallback. The detectors' own work stays on the CPU.",
+    )
     nic_in_graph: bool = Field(
         default=False,
         description="onnx engine: compute NIC (reductions, value and provenance invariants, derived heads) inside the "

@@ -24,7 +24,7 @@ from pathguard.models.networks import TappedSequential, tap_points
 from pathguard.models.nic import NICDetector
 from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
 
-__all__ = ["ClassifierEngine", "OnnxEngine", "TapCallback", "TorchEngine", "softmax"]
+__all__ = ["ClassifierEngine", "OnnxEngine", "TapCallback", "TorchEngine", "resolve_providers", "softmax"]
 
 log = logging.getLogger("pathguard.service")
 
@@ -46,6 +46,22 @@ class ClassifierEngine(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def forward_with_nic(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], GraphNICScores]: ...
+
+
+CPU = "CPUExecutionProvider"
+_AUTO = ("CUDAExecutionProvider", CPU)
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
+    """The onnxruntime execution providers to ask for: ``requested`` in order (``["auto"]``: CUDA, then CPU), less
+    those this onnxruntime build lacks (logged), with the CPU provider always last as the fallback."""
+    have = list(ort.get_available_providers() if available is None else available)
+    wanted = list(_AUTO) if list(requested) == ["auto"] else list(requested)
+    missing = [p for p in wanted if p not in have]
+    if missing and list(requested) != ["auto"]:
+        log.warning("onnxruntime here has no %s (it has %s); using the others", ", ".join(missing), ", ".join(have))
+    chosen = [p for p in wanted if p in have and p != CPU]
+    return [*chosen, CPU]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -121,7 +137,9 @@ class OnnxEngine:
         threads: int = 1,
         nic: NICDetector | None = None,
         inter_op_threads: int = 1,
+        providers: Sequence[str] = (CPU,),
     ) -> None:
+        self.providers = resolve_providers(providers)
         model = onnx.load_from_string(model_bytes)
         self.input_name = model.graph.input[0].name
         self.tap_names = [o.name for o in model.graph.output if o.name != "logits"]
@@ -139,10 +157,11 @@ class OnnxEngine:
         if nic is not None:
             options = self._nic_options(threads, inter_op_threads)
             graph = with_nic_outputs(model, nic, provenance=False).SerializeToString()
-            self._with_nic = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            self._with_nic = ort.InferenceSession(graph, options, providers=self.providers)
+        self.providers = self._full.get_providers()  # what the sessions run on (a provider may fail to start)
 
     def _session(self, model_bytes: bytes) -> ort.InferenceSession:
-        return ort.InferenceSession(model_bytes, self._options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, self._options, providers=self.providers)
 
     @staticmethod
     def _nic_options(threads: int, inter_op_threads: int) -> ort.SessionOptions:

@@ -232,3 +232,50 @@ def test_micro_batcher_waits_for_more_when_asked():
 
     _run(scenario())
     assert sizes == [3]
+
+
+def test_execution_providers_follow_the_setting_with_the_cpu_as_fallback(caplog):
+    from pathguard.service.runtime.engines import resolve_providers
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(["auto"], available=gpu) == gpu
+    assert resolve_providers(["auto"], available=["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert not caplog.records  # auto on a CPU-only build: nothing to warn about
+    asked = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert resolve_providers(asked, available=gpu) == gpu  # CPU appended as the fallback
+    assert "TensorrtExecutionProvider" in caplog.text  # asked for by name and missing: said
+    assert resolve_providers(["CPUExecutionProvider"], available=gpu) == ["CPUExecutionProvider"]
+
+
+def test_the_engine_reports_the_providers_it_runs_on(bundle):
+    import onnxruntime as ort
+
+    engine = OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, providers=["auto"])
+    assert engine.providers[-1] == "CPUExecutionProvider"
+    assert set(engine.providers) <= set(ort.get_available_providers())
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="needs onnxruntime-gpu and a GPU",
+)
+def test_the_gpu_engine_gives_the_cpu_engines_logits_and_taps(bundle, mnist_test):
+    x = mnist_test.x[:32]
+    gpu = OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, providers=["CUDAExecutionProvider"])
+    cpu = OnnxEngine(bundle.onnx_bytes, bundle.pipeline.checked_taps, providers=["CPUExecutionProvider"])
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    (lg, tg), (lc, tc) = gpu.forward(x), cpu.forward(x)
+    np.testing.assert_allclose(lg.numpy(), lc.numpy(), atol=1e-4)
+    for name in tc:
+        np.testing.assert_allclose(tg[name].numpy(), tc[name].numpy(), atol=1e-4)
+
+
+def test_the_providers_setting_reads_a_json_list(monkeypatch):
+    from pathguard.service.settings import Settings
+
+    assert Settings().onnx_providers == ["auto"]
+    monkeypatch.setenv("PATHGUARD_ONNX_PROVIDERS", '["CUDAExecutionProvider", "CPUExecutionProvider"]')
+    assert Settings().onnx_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setenv("PATHGUARD_ONNX_PROVIDERS", "[]")
+    with pytest.raises(ValueError, match="onnx_providers"):
+        Settings()
