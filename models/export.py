@@ -40,8 +40,11 @@ def write_guarded(bundle: Bundle, path: str | Path, seed: int | None = None) -> 
     return model
 
 
-def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 64, threads: int = 0) -> str:
-    """``config.pbtxt`` of the guarded ``model`` served by Triton's ONNX Runtime backend as ``name``."""
+def triton_config(
+    model: onnx.ModelProto, name: str, max_batch_size: int = 64, threads: int = 0, gpu: bool = False
+) -> str:
+    """``config.pbtxt`` of the guarded ``model`` served by Triton's ONNX Runtime backend as ``name`` (one instance,
+    on the CPU or, with ``gpu``, on each GPU)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
 
@@ -62,7 +65,7 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 64, t
         "input [\n" + ",\n".join(entry(v) for v in model.graph.input) + "\n]",
         "output [\n" + ",\n".join(entry(v) for v in model.graph.output) + "\n]",
         "dynamic_batching { }",
-        "instance_group [ { count: 1, kind: KIND_CPU } ]",
+        f"instance_group [ {{ count: 1, kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]",
     ]
     if threads > 0:
         lines.append(
@@ -78,6 +81,7 @@ def write_triton(
     max_batch_size: int = 64,
     threads: int = 0,
     seed: int | None = None,
+    gpu: bool = False,
 ) -> Path:
     """Write the Triton model repository entry ``out_dir/<name>/`` (default name: the bundle's); returns it."""
     name = name or bundle.name
@@ -87,7 +91,7 @@ def write_triton(
     entry = Path(out_dir) / name
     (entry / "1").mkdir(parents=True, exist_ok=True)
     (entry / "1" / "model.onnx").write_bytes(model.SerializeToString())
-    (entry / "config.pbtxt").write_text(triton_config(model, name, max_batch_size, threads))
+    (entry / "config.pbtxt").write_text(triton_config(model, name, max_batch_size, threads, gpu))
     props = {p.key: p.value for p in model.metadata_props}
     (entry / "pathguard.json").write_text(
         json.dumps({k.removeprefix("pathguard."): _maybe_json(v) for k, v in props.items()}, indent=2) + "\n"

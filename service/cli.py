@@ -305,7 +305,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             write_guarded(bundle, args.guarded, seed=args.seed)
             print(f"wrote {args.guarded}")
         if args.triton:
-            entry = write_triton(bundle, args.triton, args.name, args.max_batch_size, args.threads, args.seed)
+            entry = write_triton(
+                bundle, args.triton, args.name, args.max_batch_size, args.threads, args.seed, gpu=args.gpu
+            )
             print(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx")
     except (BundleError, NotInGraphError, ValueError) as exc:
         print(f"pathguard export: {exc}", file=sys.stderr)
@@ -324,6 +326,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (default 64)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in Triton (0: its default)")
     p.add_argument("--seed", type=int, help="seed of the in-graph noise (default: fresh noise every run)")
+    p.add_argument("--gpu", action="store_true", help="Triton instance on the GPU (KIND_GPU) instead of the CPU")
     p.set_defaults(func=_cmd_export)
 
 

@@ -166,6 +166,9 @@ def test_the_triton_entry_parses_names_every_output_and_runs(residual, images, t
     assert kinds["p_margin"] == ("TYPE_FP64", [1], [])
     assert config.parameters["intra_op_thread_count"].string_value == "2"
     assert config.HasField("dynamic_batching")
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    gpu = text_format.Parse(triton_config(model, "g", gpu=True), model_config_pb2.ModelConfig())
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(gpu.instance_group[0].kind) == "KIND_GPU"
     meta = json.loads((entry / "pathguard.json").read_text())
     assert meta["bundle_sha256"] == residual.sha256 and meta["verdict"]["threshold"] == residual.pipeline.threshold
 
