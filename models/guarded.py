@@ -25,11 +25,11 @@ output                   dtype    shape   meaning
 ``is_adversarial``       bool     (N,)    ``verdict_score > threshold``
 =======================  =======  ======  ==========================================================================
 
-In the graph today: the prediction-consistency family (margin, noise response, squeezing) and NIC (its final
-model, ``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``); the
-originals' taps are sliced out of the one forward pass for NIC. The model's metadata (``pathguard.*`` properties)
+In the graph today: the prediction-consistency family (margin, noise response, squeezing), NIC (its final
+model, ``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``) and the
+class Gaussians (``mahalanobis``); the originals' taps are sliced out of the one forward pass for them. The model's metadata (``pathguard.*`` properties)
 names the bundle, its sha256, the components, the rule, the threshold and the noise. A bundle whose verdict fuses a
-component with no in-graph form (Effective Path's walk, the class Gaussians, the supervised detector) is refused
+component with no in-graph form (Effective Path's walk, the supervised detector) is refused
 with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with none that is only
 reported is left out of the graph.
 
@@ -123,6 +123,8 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
     c, h, w = bundle.input_shape
     k = len(bundle.classes)
     g = GraphContext(opset, (c, h, w))
+    g.shapes = {out.name: tuple(d.dim_value for d in out.type.tensor_type.shape.dim[1:]) for out in clf.graph.output}
+    g.shapes |= {INPUT: (c, h, w), "logits": (k,)}
     g.x = g.add_input(INPUT, TensorProto.FLOAT, ["batch", c, h, w])
     g.batch = g.op("Slice", g.op("Shape", g.x), g.const([0], np.int64), g.const([1], np.int64))
 

@@ -191,3 +191,35 @@ def test_export_without_a_target_or_of_a_bundle_outside_the_graph_fails_cleanly(
     assert main(["export", str(RESIDUAL)]) == 2
     assert main(["export", str(ARTIFACTS / "mnist-lenet5"), "--guarded", str(tmp_path / "g.onnx")]) == 1
     assert "effective_path" in capsys.readouterr().err and not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize("pool", ["mean", "mean_std"])
+def test_the_class_gaussians_in_the_graph_give_their_served_score(lenet, mnist_test, pool):
+    """The class Gaussians' in-graph form (taps and logits read as graph inputs here) against their served score
+    on the committed LeNet-5: a 4-D tap pooled per channel, a flat one and the logits."""
+    from pathguard.models.components.mahalanobis import GaussianComponent
+    from pathguard.models.mahalanobis import ClassGaussian
+
+    layers = ["conv2", "fc1", "logits"]
+    x = torch.from_numpy(mnist_test.x[:700])
+    with torch.no_grad():
+        logits, taps = lenet.forward_with_taps(x)
+    acts = {n: logits if n == "logits" else taps[n] for n in layers}
+    gaussian = ClassGaussian(layers, pool=pool).fit([({n: a[:500] for n, a in acts.items()}, mnist_test.y[:500])], 10)
+    gaussian.calibrate(gaussian.layer_scores({n: a[500:600] for n, a in acts.items()}))
+    comp = GaussianComponent(gaussian)
+    test = {n: a[600:] for n, a in acts.items()}
+
+    g = GraphContext(17, (1, 28, 28))
+    g.shapes = {n: tuple(a.shape[1:]) for n, a in acts.items()}
+    feeds = {n: a.numpy() for n, a in test.items()}
+    names = {n: g.add_input(n, TensorProto.FLOAT, ["batch", *a.shape[1:]]) for n, a in test.items()}
+    g.logits32, g.tap = names["logits"], lambda name: names[name]
+    g.add_output(comp.graph(g), "score", TensorProto.DOUBLE, ["batch"])
+    model = helper.make_model(helper.make_graph(g.nodes, "gauss", g.inputs, g.outputs, g.initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    out = _run(_session(model), feeds)["score"]
+    served = gaussian.score(test)
+    assert np.isfinite(served).all() and served.std() > 0
+    close = np.abs(out - served) <= 1e-6 * np.maximum(1.0, np.abs(served))
+    assert close.mean() >= 0.95, np.abs(out - served).max()  # else a per-layer p-value moved one calibration step

@@ -124,6 +124,8 @@ class GraphContext(OnnxGraph):
         (N,) int64 predicted class.
     input_shape : tuple of int
         (C, H, W) of one input.
+    shapes : dict[str, tuple of int]
+        Per-input shape of every named activation: the input, the logits and each tap.
     copies : dict[str, str]
         Transform key -> (copies, N, K) float64 logits of its copies.
     copies32 : dict[str, str]
@@ -141,6 +143,7 @@ class GraphContext(OnnxGraph):
     def __init__(self, opset: int, input_shape: tuple[int, int, int]) -> None:
         super().__init__(opset)
         self.input_shape = input_shape
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.x = self.batch = self.logits = self.logits32 = self.predicted = ""
         self.copies: dict[str, str] = {}
         self.copies32: dict[str, str] = {}

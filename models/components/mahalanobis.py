@@ -18,6 +18,7 @@ from pathguard.models.components.base import (
     one_torch_thread,
     read_npz,
 )
+from pathguard.models.components.graph import GraphContext
 from pathguard.models.errors import BundleIntegrityError
 from pathguard.models.mahalanobis import POOLS, ClassGaussian
 from pathguard.models.networks import TappedSequential
@@ -104,8 +105,39 @@ class GaussianComponent(Component):
         p = soft_p_values(self.gaussian.calib_, layer_scores, relax.bandwidth, relax.straight_through)
         return -2.0 * torch.log(p).sum(1)
 
+    def graph(self, g: GraphContext) -> str:
+        """:meth:`ClassGaussian.score` in the graph: float64 pooled features, the squared distance to every class
+        mean through the tied precision (closest class), per-layer p-values, Fisher's ``-2 sum log p``."""
+        gs = self.gaussian
+        cols = []
+        for name in gs.layers:
+            act = g.x if name == INPUT else g.logits32 if name == LOGITS else g.tap(name)
+            f = _pooled_graph(g, g.double(act), len(g.shapes[name]) == 3, gs.pool)  # (N, D) float64
+            mu, prec = gs.means_[name], gs.precisions_[name]
+            fp = g.op("MatMul", f, g.const(prec))  # (N, D)
+            ff = g.reduce("ReduceSum", g.op("Mul", fp, f), [1], keepdims=True)  # (N, 1)
+            cross = g.op("MatMul", fp, g.const(np.ascontiguousarray(mu.T)))  # (N, K)
+            const = np.einsum("kd,de,ke->k", mu, prec, mu)[None, :]  # (1, K)
+            quad = g.op("Add", g.op("Sub", ff, g.op("Mul", g.scalar(2.0), cross)), g.const(const))
+            cols.append(g.unsqueeze(g.op("Max", g.reduce("ReduceMin", quad, [1]), g.scalar(0.0)), [1]))
+        p = g.p_value(gs.calib_, g.op("Concat", *cols, axis=1))  # (N, L)
+        return g.op("Mul", g.scalar(-2.0), g.reduce("ReduceSum", g.op("Log", p), [1]))
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"layers": list(self.gaussian.layers), "score": violation}
+
+
+def _pooled_graph(g: GraphContext, act: str, spatial: bool, pool: str) -> str:
+    """:func:`~pathguard.models.mahalanobis.detector.pooled` of a float64 activation in the graph."""
+    if not spatial:
+        return g.op("Flatten", act, axis=1)
+    flat = g.op("Reshape", act, g.const([0, 0, -1], np.int64))  # (N, C, H*W)
+    mean = g.reduce("ReduceMean", flat, [2])  # (N, C)
+    if pool == "mean":
+        return mean
+    centred = g.op("Sub", flat, g.unsqueeze(mean, [2]))
+    std = g.op("Sqrt", g.reduce("ReduceMean", g.op("Mul", centred, centred), [2]))
+    return g.op("Concat", mean, std, axis=1)
 
 
 def _batches(
