@@ -25,13 +25,13 @@ output                   dtype    shape   meaning
 ``is_adversarial``       bool     (N,)    ``verdict_score > threshold``
 =======================  =======  ======  ==========================================================================
 
-In the graph today: the prediction-consistency family (margin, noise response, squeezing), NIC (its final
-model, ``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``) and the
-class Gaussians (``mahalanobis``); the originals' taps are sliced out of the one forward pass for them. The model's metadata (``pathguard.*`` properties)
-names the bundle, its sha256, the components, the rule, the threshold and the noise. A bundle whose verdict fuses a
-component with no in-graph form (Effective Path's walk, the supervised detector) is refused
-with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with none that is only
-reported is left out of the graph.
+In the graph today: the prediction-consistency family (margin, noise response, squeezing), NIC (its final model,
+``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``) and the class
+Gaussians (``mahalanobis``); the originals' taps are sliced out of the one forward pass for them. The model's
+metadata (``pathguard.*`` properties) names the bundle, its sha256, the components, the rule, the threshold and the
+noise. A bundle whose verdict fuses a component with no in-graph form (Effective Path's walk, the supervised
+detector) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with
+none that is only reported is left out of the graph.
 
 Agreement with the Python pipeline (``tests/test_guarded.py``): the graph's float32 forward pass is onnxruntime's,
 not torch's, so logits differ in the last bits (about 1e-6); raw scores agree to that rounding, a p-value moves by

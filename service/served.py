@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pathguard.models.bundle import load_bundle
+from pathguard.models.errors import BundleError
 from pathguard.service.cache import DetectionStore, Entry
 from pathguard.service.errors import NotReady
 from pathguard.service.inputs import InputSpec
@@ -240,6 +241,11 @@ def open_model(
     bundle = load_bundle(path, target_fpr=s.target_fpr, seed=s.noise_seed)
     if check is not None:
         check(bundle)
+    if s.nic_members == "random":
+        try:
+            bundle.pipeline.randomize_nic_members()
+        except ValueError as exc:
+            raise BundleError(f"{path}: PATHGUARD_NIC_MEMBERS=random: {exc}") from None
     model_metrics = metrics.for_model(name)
     runtime = DetectionRuntime(
         _engine(s, bundle),

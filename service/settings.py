@@ -82,6 +82,15 @@ class Settings(BaseSettings):
         "drawn afresh for every batch, so a detector-aware attacker must average over it; set it for reproducible "
         "responses (tests, reports). A cached verdict is served as first computed either way.",
     )
+    nic_members: Literal["fixed", "random"] = Field(
+        default="fixed",
+        description="NIC's detector member: 'fixed' scores every input with the unrandomized member; 'random' with "
+        "one of the bundle's randomized members (NIC paper III-D: randomized quantization of each layer's "
+        "activations), drawn per input (from the noise seed and the pixels when PATHGUARD_NOISE_SEED is set), so a "
+        "detector-aware attacker must average over the members. Needs a bundle built with randomized members "
+        "(--nic '{\"n_random\": 3}'); a bundle without them fails to load. NIC's per-layer checks then run after "
+        "the forward pass (they depend on the member); not with PATHGUARD_NIC_IN_GRAPH.",
+    )
 
     # --- network -------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address `pathguard serve` binds to.")
@@ -344,6 +353,15 @@ class Settings(BaseSettings):
         description="At shutdown: how long pending logger events may finish and waiting results be delivered; what "
         'is left is counted as dropped (reason "shutdown").',
     )
+
+    @model_validator(mode="after")
+    def _members_outside_the_graph(self) -> Settings:
+        if self.nic_members == "random" and self.nic_in_graph:
+            raise ValueError(
+                "nic_members 'random' needs NIC outside the graph (the served graph scores the fixed member): "
+                "unset PATHGUARD_NIC_IN_GRAPH"
+            )
+        return self
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> Settings:

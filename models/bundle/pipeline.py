@@ -187,6 +187,13 @@ class DetectionPipeline:
             c.operate_at(self.target_fpr)
             c.warm_up()
 
+    def randomize_nic_members(self) -> None:
+        """Score each input's NIC with one of the bundle's randomized members, drawn per input (NIC paper III-D; see
+        :meth:`NICComponent.draw_members`). NIC's per-layer checks then run in the component (they depend on the
+        member), so the runtime's early per-layer checks are turned off (``checked_taps`` empty)."""
+        self._nic.draw_members(self.calibration.get(NIC))
+        self.checked_taps = []
+
     # the detectors older callers reach by name
     @property
     def extractor(self) -> Any:

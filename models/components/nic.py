@@ -36,7 +36,7 @@ from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, w
 from pathguard.models.verdict.calibration import two_sided_fisher
 from pathguard.models.verdict.surrogate import soft_p_values
 
-__all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent"]
+__all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent", "on_scale"]
 
 NIC_ARRAYS, NIC_CONFIG = "nic.npz", "nic.json"
 PARTIALS, GRAPH = "nic/partials", "nic/graph"
@@ -73,6 +73,37 @@ class NICComponent(Component):
         self.value_layers: list[str] = list(nic.layers_)
         self.pairs: list[str] = list(nic.pairs_)
         self.checked_taps = [n for n in self.value_layers if n not in (INPUT, SOFTMAX)]
+        self._reference: np.ndarray | None = None  # set by draw_members: the scale the final scores are put on
+
+    # ------------------------------------------------------------------ randomization (NIC paper III-D)
+    @property
+    def randomized(self) -> bool:
+        return self._reference is not None
+
+    def draw_members(self, reference: np.ndarray | None = None) -> None:
+        """Score every input with one of the detector's randomized members (members 1..R), drawn per input from its
+        generator (fresh per request, or derived from the seed and its pixels), instead of member 0.
+
+        A member's final score is mapped onto ``reference`` (the sorted clean split-A final scores the verdict
+        calibrates NIC with; default member 0's own) by its rank among the member's own split-A scores, so its
+        p-value, and with it the verdict's calibration, is exactly what that member's own calibration gives. Raises
+        ValueError for a bundle built without randomized members."""
+        if self.nic.n_members < 2:
+            raise ValueError(
+                "this bundle's NIC has no randomized members to draw from; rebuild it with "
+                "--nic '{\"n_random\": 3}' (NIC paper III-D)"
+            )
+        self._reference = np.sort(np.asarray(reference if reference is not None else self._calib_final(0)))
+
+    def _calib_final(self, member: int) -> np.ndarray:
+        return self.nic._member(member).sorted_calib()[2]
+
+    def members_of(self, obs: Observation) -> np.ndarray:
+        """(N,) the member scoring each input: 0, or with :meth:`draw_members` one of 1..R per input's generator."""
+        if not self.randomized:
+            return np.zeros(len(obs), dtype=np.int64)
+        r = self.nic.n_members - 1
+        return obs.get("nic/members", lambda: np.array([1 + g.initial_seed() % r for g in obs.generators]))
 
     @classmethod
     def check(cls, model: TappedSequential, params: Mapping[str, Any]) -> None:
@@ -113,6 +144,8 @@ class NICComponent(Component):
         return obs.get(self.name, lambda: self._analyse(obs), timing=self.name)
 
     def _analyse(self, obs: Observation) -> NICAnalysis:
+        if self.randomized:
+            return self._analyse_members(obs)
         graph: GraphNICScores | None = obs.memo.get(GRAPH)
         partials = dict(obs.memo.get(PARTIALS) or {})
         if graph is not None:
@@ -136,6 +169,23 @@ class NICComponent(Component):
         final = self.nic.final_score(value, prov)
         v, p = value.numpy(), prov.numpy()
         return NICAnalysis(v, p, final.numpy(), self.nic.value_violation(v), self.nic.provenance_violation(p))
+
+    def _analyse_members(self, obs: Observation) -> NICAnalysis:
+        """Each input scored by its drawn member (no per-layer partials: those are member 0's)."""
+        members = self.members_of(obs)
+        acts = {n: layer_activation(n, obs.x, obs.logits, obs.taps) for n in self.value_layers}
+        n, n_layers, n_pairs = len(obs), len(self.value_layers), len(self.pairs)
+        value, prov = np.empty((n, n_layers)), np.empty((n, n_pairs))
+        value_v, prov_v, final = np.empty((n, n_layers)), np.empty((n, n_pairs)), np.empty(n)
+        assert self._reference is not None
+        for m in np.unique(members).tolist():
+            idx = np.flatnonzero(members == m)
+            rows = torch.from_numpy(idx)
+            v, p, f = (t.numpy() for t in self.nic.raw_scores({k: a[rows] for k, a in acts.items()}, member=m))
+            value[idx], prov[idx] = v, p
+            value_v[idx], prov_v[idx] = self.nic.value_violation(v, m), self.nic.provenance_violation(p, m)
+            final[idx] = on_scale(f, self._calib_final(m), self._reference)
+        return NICAnalysis(value, prov, final, value_v, prov_v)
 
     def raw(self, obs: Observation) -> np.ndarray:
         return self.analysis(obs).final
@@ -221,6 +271,18 @@ class NICValueComponent(Component):
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {}  # reported through NIC's value violations
+
+
+def on_scale(scores: np.ndarray, own: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``scores`` of a detector whose sorted clean calibration scores are ``own``, moved onto the scale of another
+    one's (``reference``, as many scores): a score with ``k`` calibration scores of its own at or above it becomes
+    one with ``k`` of the reference's at or above it (the reference's own value at that rank, or past its largest
+    by as much as the score passes its own largest), so its empirical p-value is unchanged."""
+    if len(own) != len(reference):
+        raise ValueError(f"calibrations of different sizes: {len(own)} and {len(reference)}")
+    pos = np.searchsorted(own, scores, side="left")  # #{own < s}
+    inside = reference[np.minimum(pos, len(own) - 1)]
+    return np.where(pos < len(own), inside, reference[-1] + (scores - own[-1]))
 
 
 def nic_graph(g: GraphContext, nic: NICComponent) -> dict[str, str]:
