@@ -420,7 +420,7 @@ def _evaluate_adaptive(args: argparse.Namespace) -> int:
     from pathguard.models.evaluation.adaptive import AdaptiveSettings, adaptive_evaluate
 
     settings = AdaptiveSettings(n=args.n, steps=args.steps, rounds=args.rounds, draws=args.draws, seed=args.seed,
-                                lambda_factor=args.lambda_factor)  # fmt: skip
+                                lambda_factor=args.lambda_factor, nic_members=args.nic_members)  # fmt: skip
     if args.budgets:
         settings.budgets = [b for b in args.budgets.split(",") if b]
     if args.targets:
@@ -463,6 +463,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--steps", type=int, default=20, help="PGD steps per lambda round (default 20)")
     a.add_argument("--rounds", type=int, default=4, help="lambda search rounds after lambda 0 (default 4)")
     a.add_argument("--draws", type=int, default=20, help="noise draws per step for noise components (EOT)")
+    a.add_argument(
+        "--nic-members",
+        choices=("fixed", "random"),
+        default="fixed",
+        help="random: NIC scores each input with a randomized member drawn per input, as served with "
+        "PATHGUARD_NIC_MEMBERS=random (the attack averages over the members); needs such a bundle",
+    )
     a.add_argument("--lambda-factor", type=float, default=10.0,
                    help="lambda is multiplied (divided) by this between rounds (default 10)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)

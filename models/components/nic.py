@@ -36,7 +36,7 @@ from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, w
 from pathguard.models.verdict.calibration import two_sided_fisher
 from pathguard.models.verdict.surrogate import soft_p_values
 
-__all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent", "on_scale"]
+__all__ = ["LayerPartial", "NICAnalysis", "NICComponent", "NICValueComponent", "on_scale", "on_scale_soft"]
 
 NIC_ARRAYS, NIC_CONFIG = "nic.npz", "nic.json"
 PARTIALS, GRAPH = "nic/partials", "nic/graph"
@@ -200,8 +200,19 @@ class NICComponent(Component):
         return obs.get("surrogate/nic", compute)
 
     def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
-        """NIC's RBF one-class SVMs, affine reductions and softmax heads are differentiable as they are."""
-        return self.differentiable(obs)[2]
+        """NIC's RBF one-class SVMs, affine reductions and softmax heads are differentiable as they are. With
+        drawn members (:meth:`draw_members`): the expectation over the randomized members (EOT) of each member's
+        final score put on the verdict's scale (:func:`on_scale`, linearly interpolated between calibration scores);
+        a member's randomized quantization passes the gradient straight through."""
+        if not self.randomized:
+            return self.differentiable(obs)[2]
+        assert self._reference is not None
+        acts = {n: layer_activation(n, obs.x, obs.logits, obs.taps) for n in self.value_layers}
+        finals = []
+        for m in range(1, self.nic.n_members):
+            final = self.nic.differentiable_scores(acts, member=m)[2]
+            finals.append(on_scale_soft(final, self._calib_final(m), self._reference))
+        return torch.stack(finals).mean(0)
 
     def graph(self, g: GraphContext) -> str:
         return nic_graph(g, self)["final"]
@@ -283,6 +294,21 @@ def on_scale(scores: np.ndarray, own: np.ndarray, reference: np.ndarray) -> np.n
     pos = np.searchsorted(own, scores, side="left")  # #{own < s}
     inside = reference[np.minimum(pos, len(own) - 1)]
     return np.where(pos < len(own), inside, reference[-1] + (scores - own[-1]))
+
+
+def on_scale_soft(scores: torch.Tensor, own: np.ndarray, reference: np.ndarray) -> torch.Tensor:
+    """:func:`on_scale` as a continuous, piecewise-linear map with a gradient: between two calibration scores of its
+    own, the score moves linearly between the reference's scores of the same ranks; beyond either end, it is shifted
+    by the ends' difference. Equal to :func:`on_scale` at the calibration scores themselves."""
+    o = torch.as_tensor(np.asarray(own, dtype=np.float64))
+    r = torch.as_tensor(np.asarray(reference, dtype=np.float64))
+    s = scores.double()
+    hi = torch.searchsorted(o, s.detach()).clamp(1, len(o) - 1)
+    lo = hi - 1
+    w = (s - o[lo]) / (o[hi] - o[lo]).clamp_min(1e-12)
+    inside = r[lo] + w * (r[hi] - r[lo])
+    below, above = r[0] + (s - o[0]), r[-1] + (s - o[-1])
+    return torch.where(s < o[0], below, torch.where(s > o[-1], above, inside))
 
 
 def nic_graph(g: GraphContext, nic: NICComponent) -> dict[str, str]:

@@ -520,6 +520,7 @@ class AdaptiveSettings:
     cw_searches: int = 3
     seed: int = 0
     batch_size: int = 32
+    nic_members: str = "fixed"  # "random": the served NIC draws a randomized member per input; the attack uses EOT
 
 
 def adaptive_evaluate(bundle_dir: str | Path, out_dir: str | Path, settings: AdaptiveSettings | None = None) -> dict:
@@ -532,6 +533,10 @@ def adaptive_evaluate(bundle_dir: str | Path, out_dir: str | Path, settings: Ada
         raise KeyError(f"unknown budget(s) {unknown}; known: {list(BUDGETS)}")
     t_start = time.perf_counter()
     bundle = load_bundle(bundle_dir, seed=st.seed)
+    if st.nic_members == "random":
+        bundle.pipeline.randomize_nic_members()
+    elif st.nic_members != "fixed":
+        raise ValueError(f"nic_members must be 'fixed' or 'random', got {st.nic_members!r}")
     test = load_dataset(bundle.dataset, "test")
     order = interleaved_order(test.y)
     return _evaluate_on(bundle, test.x[order], test.y[order], out_dir, st, t_start, order)
@@ -573,6 +578,9 @@ def _evaluate_on(
             "effective_path_relaxation": "BPDA: the served walk's reached neurons held fixed; each neuron's "
             "selection a logistic step around its cut (bandwidth x its contribution range), straight through",
             "squeeze_relaxation": "bit-depth reduction straight through (identity gradient), medians as they are",
+            "nic_members": "served: a randomized member drawn per input; attacked: the mean over the members (EOT) "
+            "of each one's final score on the verdict's scale" if st.nic_members == "random"
+            else "served and attacked: the fixed member",
             "p_value_relaxation": "logistic-smoothed empirical CDF with an exponential tail, straight through"},
         "settings": asdict(st) | {"torch_threads": torch.get_num_threads()},
         "pgd": {}, "feature_match": {}, "cw_l2": {},

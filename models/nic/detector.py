@@ -104,10 +104,13 @@ class _Stage:
     head_bias: torch.Tensor | None = None  # (K,)
     vi: ExportedOCSVM | None = None
 
-    def reduce(self, act: torch.Tensor) -> torch.Tensor:
+    def reduce(self, act: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        """``straight_through`` (adaptive attacks): the quantization's forward value with the identity's gradient
+        (its own is zero almost everywhere)."""
         flat = act.reshape(act.shape[0], -1).float()  # (N, width)
         if self.scale > 0:
-            flat = (torch.ceil(flat * self.scale) if self.ceil else torch.floor(flat * self.scale)) / self.scale
+            q = (torch.ceil(flat * self.scale) if self.ceil else torch.floor(flat * self.scale)) / self.scale
+            flat = flat + (q - flat).detach() if straight_through else q
         return torch.addmm(self.bias, flat, self.weight)  # (N, d)
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
@@ -391,9 +394,10 @@ class NICDetector:
         """VI (N, L), PI (N, L-1) and final (N,) scores (float64) of checked-layer activations with gradients
         (adaptive attacks): the served per-layer path (:meth:`check_layer`, :meth:`provenance_score`,
         :meth:`final_score`) with the same operations, outside ``no_grad``. Every part is smooth (affine
-        reductions, softmax heads, RBF kernels); a randomized member's quantization has no useful gradient."""
+        reductions, softmax heads, RBF kernels); a randomized member's quantization passes the gradient straight
+        through (BPDA), its forward value within float32 rounding of the served one."""
         m = self._member(member)
-        feats = [m.stages[name].reduce(acts[name]) for name in self.layers_]
+        feats = [m.stages[name].reduce(acts[name], straight_through=True) for name in self.layers_]
         svms = [_req(m.stages[name].vi) for name in self.layers_]
         value = torch.stack([-svm.decision_function(f) for svm, f in zip(svms, feats, strict=True)], 1).double()
         probs = [m.stages[name].head(f) for name, f in zip(self.layers_, feats, strict=True)]
