@@ -257,7 +257,7 @@ class ChannelProfiles:
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {f"freq/{layer}": self.freq_[layer] for layer in self.layers_}
+        out: dict[str, np.ndarray] = {f"freq/{layer}": self.freq_[layer] for layer in self.layers_}
         out["images"] = self.images_
         out["layers"] = np.array(self.layers_)
         return out
