@@ -216,16 +216,9 @@ def _noise_source(g: GraphContext, mode: str, seed: int | None, names: Mapping[s
     return draw
 
 
-def _append_classifier(g: OnnxGraph, clf: onnx.ModelProto, batch: str) -> str:
+def _append_classifier(g: GraphContext, clf: onnx.ModelProto, batch: str) -> str:
     """Append the classifier graph (its tensors prefixed) reading ``batch``; returns its logits tensor's name."""
-    prefixed = onnx.compose.add_prefix(clf, _CLASSIFIER)
-    inner = prefixed.graph
-    if len(inner.input) != 1:
-        raise ValueError(f"the served classifier graph has {len(inner.input)} inputs; expected one")
-    g.op("Identity", batch, out=inner.input[0].name)
-    g.nodes.extend(inner.node)
-    g.initializers.extend(inner.initializer)
-    return _CLASSIFIER + "logits"
+    return g.embed(clf, _CLASSIFIER, [batch]) + "logits"
 
 
 def _combine(g: OnnxGraph, p: str, k: int, rule: str) -> str:

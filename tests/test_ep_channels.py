@@ -170,3 +170,61 @@ def test_profiles_score_benign_paths_above_the_wrong_class(lenet, mnist_test):
         {k: np.asarray(v) for k, v in profiles.to_arrays().items()}  # plain arrays, no pickle
     )
     np.testing.assert_array_equal(back.similarity(paths)[1], sims[1])
+
+
+def _fitted(model, x, y, shape):
+    from pathguard.models.effective_path import BenignEPScore
+
+    walk = ChannelWalk(model, shape)
+    profiles = ChannelProfiles(10).fit(walk, x[:-200], y[:-200])
+    sims = profiles.similarity(walk.walk(x[-200:]))
+    feats = np.concatenate([sims[1], sims[2]], 1)
+    return walk, profiles, BenignEPScore().fit(feats)
+
+
+def test_the_dense_walk_and_its_onnx_export_give_the_sparse_walks_features(lenet, mnist_test):
+    """The fixed-shape form (the one the guarded graph runs) against the sparse walk on the committed LeNet-5:
+    the same paths, so the same similarities and score, in torch and through onnxruntime."""
+    import onnxruntime as ort
+
+    from pathguard.models.effective_path.channels import DenseChannelWalk
+
+    walk, profiles, score = _fitted(lenet, mnist_test.x[:1200], mnist_test.y[:1200], (1, 28, 28))
+    x = mnist_test.x[1200:1264]
+    sims = profiles.similarity(walk.walk(x))
+    feats = np.concatenate([sims[1], sims[2]], 1)
+    dense = DenseChannelWalk(walk, profiles, score)
+    with torch.no_grad():
+        logits, got, raw = dense(torch.from_numpy(x))
+    np.testing.assert_allclose(got.numpy(), feats, atol=1e-6)
+    np.testing.assert_allclose(raw.numpy(), score.score(feats), atol=1e-6)
+    sess = ort.InferenceSession(dense.to_onnx(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x}), strict=True))
+    np.testing.assert_allclose(out["ep_features"], feats, atol=1e-6)
+    np.testing.assert_allclose(out["ep_score"], score.score(feats), atol=1e-6)
+    np.testing.assert_allclose(out["ep_logits"], logits.numpy(), atol=1e-4)
+
+
+def test_the_dense_walk_follows_residual_networks_ties_included():
+    from pathguard.models.effective_path import BenignEPScore
+    from pathguard.models.effective_path.channels import DenseChannelWalk
+
+    model = net_residual()
+    x = torch.rand(40, 4, 9, 9, generator=torch.Generator().manual_seed(5))
+    walk = ChannelWalk(model, (4, 9, 9))
+    paths = walk.walk(x)
+    profiles = ChannelProfiles(4)
+    profiles.layers_, profiles.images_ = list(walk.layers), np.ones(4)
+    rng = np.random.default_rng(0)
+    profiles.freq_ = {k: rng.uniform(0, 1, (4, walk.units[k])).astype(np.float32) for k in walk.layers}
+    sims = profiles.similarity(paths)
+    feats = np.concatenate([sims[1], sims[2]], 1)
+    dense = DenseChannelWalk(walk, profiles, BenignEPScore().fit(feats))
+    with torch.no_grad():
+        _, got, _ = dense(x)
+    np.testing.assert_allclose(got.numpy(), feats, atol=1e-6)
+    # this net's head has rows of exactly tied (zero) contributions: onnxruntime's TopK breaks ties as the walk does
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(dense.to_onnx(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["ep_features"], {"input": x.numpy()})[0], feats, atol=1e-6)

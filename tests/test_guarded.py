@@ -223,3 +223,39 @@ def test_the_class_gaussians_in_the_graph_give_their_served_score(lenet, mnist_t
     assert np.isfinite(served).all() and served.std() > 0
     close = np.abs(out - served) <= 1e-6 * np.maximum(1.0, np.abs(served))
     assert close.mean() >= 0.95, np.abs(out - served).max()  # else a per-layer p-value moved one calibration step
+
+
+@pytest.fixture(scope="module")
+def channel_bundle(tmp_path_factory):
+    """A tiny MNIST bundle whose verdict fuses channel-level Effective Path, NIC and the noise response: every
+    fused component has an in-graph form."""
+    from pathguard.models.builder import BuildConfig, build_bundle
+    from tests.conftest import MNIST_CLASSIFIER, TINY_NIC
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-channels"
+    cfg = BuildConfig(name="tiny-channels", n_train=3000, n_calib=1200, target_fpr=0.1, nic=TINY_NIC,
+                      fusion=["ep_channels", "nic", "nic_vi", "noise_drop"], rule="fisher",
+                      components={"ep_channels": {"n_fit": 1500, "n_score": 400}})  # fmt: skip
+    build_bundle("mnist", MNIST_CLASSIFIER, out, cfg)
+    return out
+
+
+def test_a_bundle_fusing_channel_effective_path_exports_whole(channel_bundle, mnist_test, tmp_path):
+    bundle = load_bundle(channel_bundle, seed=0)
+    pipe = bundle.pipeline
+    x = torch.from_numpy(mnist_test.x[:40])
+    ((name, _, copies),) = noise_inputs(bundle)
+    noise = torch.stack([torch.randn((copies, *x.shape[1:]), generator=g) for g in pipe._generators(x)], 1)
+    out = _run(_session(guarded_model(bundle, noise="input")), {"input": x.numpy(), name: noise.numpy()})
+    res, raw = pipe.detect_with_components(x)
+    np.testing.assert_allclose(out["raw_ep_channels"], raw["ep_channels"], atol=1e-5)
+    np.testing.assert_allclose(out["raw_noise_drop"], raw["noise_drop"], atol=1e-4)
+    # NIC's value invariants may move a per-layer p-value by one step of this tiny bundle's 600 calibration images
+    moved = np.abs(out["verdict_score"] - res.score)
+    assert (moved > 1e-6).mean() <= 0.1 and moved.max() < 0.05
+    same = out["is_adversarial"] == res.adversarial
+    assert same.all() or (np.abs(res.score[~same] - pipe.threshold) < 0.05).all()
+    fields = res.row(0)["ep_channels"]  # served: its per-layer similarities in the response
+    assert set(fields) == {"layers", "rank1_similarity", "rank2_similarity", "score"}
+    assert len(fields["rank1_similarity"]) == len(fields["layers"]) == 5
+    assert main(["export", str(channel_bundle), "--triton", str(tmp_path)]) == 0

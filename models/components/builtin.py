@@ -9,12 +9,14 @@ from pathguard.models.components.consistency import (
     SqueezeComponent,
 )
 from pathguard.models.components.effective_path import EffectivePathComponent
+from pathguard.models.components.ep_channels import ChannelEPComponent
 from pathguard.models.components.mahalanobis import GaussianComponent
 from pathguard.models.components.nic import NICComponent, NICValueComponent
 from pathguard.models.components.supervised import SupervisedComponent
 
 for _cls in (
     EffectivePathComponent,
+    ChannelEPComponent,
     NICComponent,
     NICValueComponent,
     GaussianComponent,

@@ -163,6 +163,20 @@ class GraphContext(OnnxGraph):
             raise ValueError("the model does not extend this graph")
         self.nodes, self.initializers = nodes, inits
 
+    def embed(self, model: onnx.ModelProto, prefix: str, inputs: Sequence[str]) -> str:
+        """Append another model's graph (its tensors prefixed with ``prefix``) reading ``inputs`` (this graph's
+        tensors, in the order of its graph inputs); returns the prefix (its outputs are ``prefix + name``)."""
+        inner = onnx.compose.add_prefix(model, prefix).graph
+        inits = {i.name for i in inner.initializer}
+        graph_inputs = [i.name for i in inner.input if i.name not in inits]
+        if len(graph_inputs) != len(inputs):
+            raise ValueError(f"the embedded graph reads {len(graph_inputs)} inputs; {len(inputs)} given")
+        for src, dst in zip(inputs, graph_inputs, strict=True):
+            self.op("Identity", src, out=dst)
+        self.nodes.extend(inner.node)
+        self.initializers.extend(inner.initializer)
+        return prefix
+
     def get(self, key: str, write: Callable[[], T]) -> T:
         """The tensor(s) of analysis ``key``, written by ``write`` on first use."""
         if key not in self.memo:

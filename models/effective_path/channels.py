@@ -22,8 +22,10 @@ frequency under class ``k`` of its synapses, which is the paper's ``|S ∩ C| / 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -270,3 +272,191 @@ class ChannelProfiles:
         self.images_ = np.asarray(arrays["images"], dtype=np.float64)
         self.freq_ = {layer: np.asarray(arrays[f"freq/{layer}"], dtype=np.float32) for layer in layers}
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the dense form: the same walk as fixed-shape tensor operations (traceable to ONNX)
+
+
+def dense_rule(c: torch.Tensor, total: torch.Tensor, theta: float) -> torch.Tensor:
+    """(..., K) 0/1 selection of oriented contributions ``c`` with oriented sums ``total`` (...,): the paper's rule
+    (:func:`~pathguard.models.effective_path.selection.select_pairs`) without a data-dependent shape: values sorted
+    descending (lower index first on ties, as ONNX's TopK orders them), exclusive float64 prefix sums, kept while
+    below ``theta * total`` and positive; the largest value alone when ``total <= 0`` or ``1 / K >= theta``."""
+    k = c.shape[-1]
+    if torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first on ties
+        vals, idx = torch.topk(c, k, dim=-1, largest=True, sorted=True)
+    else:  # torch's topk does not promise an order of ties; a stable sort does
+        vals, idx = torch.sort(c, dim=-1, descending=True, stable=True)
+    v64 = vals.double()
+    prefix = torch.cumsum(v64, -1) - v64
+    keep = ((prefix < theta * total.double().unsqueeze(-1)) & (vals > 0)).to(c.dtype)
+    first = (torch.arange(k) == 0).to(c.dtype).expand_as(keep)
+    # static: K is a layer's fan-in
+    keep = torch.where((total <= 0).unsqueeze(-1), first, keep) if 1.0 / k < theta else first
+    return torch.zeros_like(c).scatter(-1, idx, keep)
+
+
+def _orient_dense(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(oriented contributions, oriented sums): rows whose output ``y`` is negative negated (sums without bias)."""
+    sign = torch.where(y < 0, -torch.ones_like(y), torch.ones_like(y))
+    c = c * sign.unsqueeze(-1)
+    return c, c.sum(-1)
+
+
+class DenseChannelWalk(nn.Module):
+    """:class:`ChannelWalk`, :class:`ChannelProfiles` and a benign score as one fixed-shape module: ``forward(x)``
+    -> (logits (N, K), features (N, 2L): rank-1 then rank-2 similarities, score (N,)). Every selection is a dense
+    0/1 mask, so it exports to ONNX (:meth:`to_onnx`) and runs inside the guarded graph; on the same inputs its
+    masks are the sparse walk's (tested), but where two contributions tie exactly."""
+
+    def __init__(self, walk: ChannelWalk, profiles: ChannelProfiles, score: Any) -> None:
+        super().__init__()
+        self.walk, self.theta = walk, walk.theta
+        self.layers = list(profiles.layers_)
+        self.freq = {layer: torch.from_numpy(profiles.freq_[layer]) for layer in self.layers}
+        self.median = torch.from_numpy(np.asarray(score.median_, dtype=np.float64))
+        self.scale = torch.from_numpy(np.asarray(score.scale_, dtype=np.float64))
+        self.orientation = torch.from_numpy(np.asarray(score.orientation_, dtype=np.float64))
+        self.taps: dict[str, torch.Tensor] = {}  # one-hot tap kernels of each convolution (its channel sums)
+        self._tap_kernels(walk.plan.steps)
+
+    def _tap_kernels(self, steps: Sequence[Step]) -> None:
+        for step in steps:
+            if isinstance(step, ConvStep):
+                kh, kw = step.kernel
+                eye = torch.eye(kh * kw).reshape(kh * kw, 1, kh, kw)
+                self.taps[step.name] = eye.repeat(step.in_shape[0], 1, 1, 1).contiguous()  # (C*KK, 1, KH, KW)
+            elif isinstance(step, ResidualStep):
+                self._tap_kernels(step.shortcut)
+                self._tap_kernels(step.body)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        acts: dict[int, Any] = {}
+        logits = self._forward(self.walk.plan.steps, x, acts)
+        k = logits.shape[1]
+        top = torch.topk(logits, 2, dim=1).indices  # (N, 2)
+        feats = []
+        for r in (0, 1):
+            cls = top[:, r]
+            seed = (torch.arange(k).unsqueeze(0) == cls.unsqueeze(1)).float()
+            found: dict[str, torch.Tensor] = {}
+            self._backward(self.walk.plan.steps, seed, False, acts, found)
+            for layer in self.layers:
+                m = found[layer] if layer in found else torch.zeros(x.shape[0], self.walk.units[layer])
+                size = m.sum(1)
+                hit = (m * self.freq[layer][cls]).sum(1)
+                feats.append(torch.where(size > 0, hit / size.clamp_min(1.0), torch.ones_like(size)))
+        features = torch.stack(feats, 1).double()
+        z = (self.orientation * (features - self.median) / self.scale).clamp_min(0.0)
+        return logits, features, z.mean(1)
+
+    def _forward(self, steps: Sequence[Step], x: torch.Tensor, acts: dict[int, Any]) -> torch.Tensor:
+        for step in steps:
+            if isinstance(step, ResidualStep):
+                skip = self._forward(step.shortcut, x, acts) if step.shortcut else x
+                main = self._forward(step.body, x, acts)
+                acts[step.uid] = (skip, main)
+                x = skip + main
+            else:
+                acts[step.uid] = x
+                x = step.compute(x)
+        return x
+
+    def _backward(
+        self, steps: Sequence[Step], mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
+    ) -> tuple[torch.Tensor, bool] | None:
+        for step in reversed(steps):
+            if isinstance(step, PrefixStep):
+                return None
+            if isinstance(step, LinearStep):
+                x = acts[step.uid]  # (N, I)
+                c = x.unsqueeze(1) * step.weight.unsqueeze(0)  # (N, O, I)
+                c, total = _orient_dense(c, c.sum(-1) + step.bias)
+                keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
+                found[step.name] = keep.reshape(keep.shape[0], -1)
+                mask = keep.amax(1)
+            elif isinstance(step, ConvStep):
+                mask = _dense_channels(mask, step.out_shape, chan)
+                mask, chan = self._conv(step, acts[step.uid], mask, found), True
+            elif isinstance(step, (MaxPoolStep, AvgPoolStep)):
+                mask, chan = _dense_channels(mask, step.out_shape, chan), True
+            elif isinstance(step, ResidualStep):
+                out = self._residual(step, mask, chan, acts, found)
+                if out is None:
+                    return None
+                mask, chan = out
+            elif isinstance(step, PassStep):
+                if isinstance(step.module, nn.Flatten) and len(step.in_shape) == 3:
+                    mask, chan = _dense_channels(mask, step.in_shape, False), True
+            else:
+                raise NotImplementedError(f"{type(step).__name__} has no channel-level walk")
+        return mask, chan
+
+    def _conv(self, step: ConvStep, x: torch.Tensor, mask: torch.Tensor, found: dict[str, Any]) -> torch.Tensor:
+        w = step.weight4  # (O, Cg, KH, KW)
+        o, cg, kh, kw = w.shape
+        groups, c_in = step.groups, int(step.in_shape[0])
+        top, left, bottom, right = step.pads
+        xp = F.pad(x, (left, right, top, bottom))
+        s = F.conv2d(xp, self.taps[step.name], stride=step.stride, dilation=step.dil, groups=c_in)
+        s = s.sum((2, 3)).reshape(x.shape[0], groups, 1, cg, kh * kw)  # (N, G, 1, Cg, KK)
+        a = (s * w.reshape(1, groups, o // groups, cg, kh * kw)).sum(-1).reshape(x.shape[0], o, cg)  # (N, O, Cg)
+        positions = step.out_shape[1] * step.out_shape[2]
+        c, total = _orient_dense(a, a.sum(-1) + step.bias * positions)
+        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)  # (N, O, Cg)
+        found[step.name] = keep.reshape(keep.shape[0], -1)
+        return keep.reshape(x.shape[0], groups, o // groups, cg).amax(2).reshape(x.shape[0], groups * cg)
+
+    def _residual(
+        self, step: ResidualStep, mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
+    ) -> tuple[torch.Tensor, bool] | None:
+        skip, main = acts[step.uid]
+        n = skip.shape[0]
+        if chan:
+            skip, main = skip.reshape(n, skip.shape[1], -1).sum(2), main.reshape(n, main.shape[1], -1).sum(2)
+        else:
+            skip, main = skip.reshape(n, -1), main.reshape(n, -1)
+        vals = torch.stack([skip, main], -1)  # (N, U, 2)
+        c, total = _orient_dense(vals, vals.sum(-1))
+        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
+        short = (
+            self._backward(step.shortcut, keep[..., 0], chan, acts, found) if step.shortcut else (keep[..., 0], chan)
+        )
+        body = self._backward(step.body, keep[..., 1], chan, acts, found)
+        if short is None or body is None:
+            return short if body is None else body
+        if short[1] != body[1]:
+            shape = step.in_shape
+            return torch.maximum(
+                _dense_channels(short[0], shape, short[1]), _dense_channels(body[0], shape, body[1])
+            ), True
+        return torch.maximum(short[0], body[0]), short[1]
+
+    def to_onnx(self, opset: int = 17) -> bytes:
+        """The module as an ONNX model: input ``input`` (N, C, H, W), outputs ``ep_logits``, ``ep_features``,
+        ``ep_score``."""
+        import io
+
+        buf = io.BytesIO()
+        x = torch.zeros(2, *self.walk.plan.input_shape)
+        outputs = ["ep_logits", "ep_features", "ep_score"]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches (static here)
+            torch.onnx.export(
+                self,
+                (x,),
+                buf,  # type: ignore[arg-type]
+                input_names=["input"],
+                output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]},
+                opset_version=opset,
+                dynamo=False,
+            )
+        return buf.getvalue()
+
+
+def _dense_channels(mask: torch.Tensor, shape: Sequence[int], chan: bool) -> torch.Tensor:
+    if chan:
+        return mask
+    return mask.reshape(mask.shape[0], int(shape[0]), -1).amax(2)
