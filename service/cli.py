@@ -220,7 +220,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--fusion",
-        help="comma-separated verdict components: effective_path, nic (NIC final model), nic_vi (NIC value "
+        help="comma-separated verdict components: effective_path, ep_channels (channel-level Effective Path, "
+        "in-graph), nic (NIC final model), nic_vi (NIC value "
         "invariants, two-sided), mahalanobis (class-conditional Gaussians per layer), and the prediction-consistency "
         "family: margin (logit margin), noise_flip, noise_l1, noise_drop (noise response), squeeze (feature "
         "squeezing); default: the first three",
