@@ -31,9 +31,11 @@ _TRITON_TYPES: dict[int, str] = {
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def write_guarded(bundle: Bundle, path: str | Path, seed: int | None = None) -> onnx.ModelProto:
+def write_guarded(
+    bundle: Bundle, path: str | Path, seed: int | None = None, components: str = "verdict"
+) -> onnx.ModelProto:
     """Write the bundle's guarded graph (in-graph noise) to ``path``; returns the model."""
-    model = guarded_model(bundle, noise="random", seed=seed)
+    model = guarded_model(bundle, noise="random", seed=seed, components=components)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.SerializeToString())
@@ -82,12 +84,13 @@ def write_triton(
     threads: int = 0,
     seed: int | None = None,
     gpu: bool = False,
+    components: str = "verdict",
 ) -> Path:
     """Write the Triton model repository entry ``out_dir/<name>/`` (default name: the bundle's); returns it."""
     name = name or bundle.name
     if not _NAME.match(name):
         raise ValueError(f"model name {name!r}: letters, digits, '_', '.', '-' only (a Triton model folder)")
-    model = guarded_model(bundle, noise="random", seed=seed)
+    model = guarded_model(bundle, noise="random", seed=seed, components=components)
     entry = Path(out_dir) / name
     (entry / "1").mkdir(parents=True, exist_ok=True)
     (entry / "1" / "model.onnx").write_bytes(model.SerializeToString())

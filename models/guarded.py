@@ -26,8 +26,11 @@ output                   dtype    shape   meaning
 =======================  =======  ======  ==========================================================================
 
 In the graph today: the prediction-consistency family (margin, noise response, squeezing), NIC (its final model,
-``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``) and the class
-Gaussians (``mahalanobis``); the originals' taps are sliced out of the one forward pass for them. The model's
+``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``), the class
+Gaussians (``mahalanobis``) and channel-level Effective Path (``ep_channels``, its dense walk exported from torch,
+with a forward pass of its own over the inputs); the originals' taps are sliced out of the one forward pass for
+NIC and the Gaussians. By default the graph holds the verdict's components only; ``components="all"`` adds every
+other component of the bundle that has an in-graph form (their raw scores and p-values, reported). The model's
 metadata (``pathguard.*`` properties) names the bundle, its sha256, the components, the rule, the threshold and the
 noise. A bundle whose verdict fuses a component with no in-graph form (Effective Path's walk, the supervised
 detector) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with
@@ -79,15 +82,19 @@ def _transforms(components: Sequence[Component]) -> list[Transform]:
     return [todo[k] for k in sorted(todo)]  # the pipeline's order (the noise is drawn in it)
 
 
-def noise_inputs(bundle: Bundle) -> list[tuple[str, str, int]]:
-    """(graph input name, transform key, copies) of every noise transform of the bundle's in-graph components, in
-    the order the pipeline draws them (the inputs of a ``noise="input"`` graph)."""
-    comps = [c for c in bundle.pipeline.components.values() if in_graph(c)]
+def noise_inputs(bundle: Bundle, components: str = "verdict") -> list[tuple[str, str, int]]:
+    """(graph input name, transform key, copies) of every noise transform of the guarded graph's components (see
+    :func:`guarded_model`), in the order the pipeline draws them (the inputs of a ``noise="input"`` graph)."""
+    pipe = bundle.pipeline
+    fused = list(pipe.verdict.components) if pipe.verdict is not None else []
+    comps = [c for k, c in pipe.components.items() if k in fused or (components == "all" and in_graph(c))]
     noise = [t for t in _transforms(comps) if t.key.startswith("noise/")]
     return [("noise" if i == 0 else f"noise_{i}", t.key, t.copies) for i, t in enumerate(noise)]
 
 
-def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None) -> onnx.ModelProto:
+def guarded_model(
+    bundle: Bundle, noise: str = "random", seed: int | None = None, components: str = "verdict"
+) -> onnx.ModelProto:
     """The bundle's classifier and verdict as one ONNX model (see the module docstring).
 
     Parameters
@@ -99,9 +106,13 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
         (:func:`noise_inputs`).
     seed : int, optional
         Seed of the in-graph random op (``noise="random"`` only): the same noise sequence in every session.
+    components : str
+        ``verdict``: the verdict's components; ``all``: also every other in-graph component (reported).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
+    if components not in ("verdict", "all"):
+        raise ValueError(f"components must be 'verdict' or 'all', got {components!r}")
     pipe = bundle.pipeline
     if pipe.verdict is None:
         raise ValueError(f"bundle {bundle.name!r} has no verdict calibration")
@@ -113,7 +124,8 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
             f"bundle {bundle.name!r}: its verdict fuses {', '.join(missing)}, with no in-graph form yet "
             f"(components of this bundle with one: {', '.join(have) or 'none'})"
         )
-    names = [k for k, c in pipe.components.items() if in_graph(c) and (k in fused or c.family != "reported")]
+    extra = components == "all"
+    names = [k for k, c in pipe.components.items() if k in fused or (extra and in_graph(c) and c.family != "reported")]
     comps = {k: pipe.components[k] for k in names}
 
     clf = onnx.load_from_string(bundle.onnx_bytes)
@@ -130,7 +142,7 @@ def guarded_model(bundle: Bundle, noise: str = "random", seed: int | None = None
 
     # the copies, concatenated with the inputs: one forward pass
     transforms = _transforms(list(comps.values()))
-    noise_names = {key: name for name, key, _ in noise_inputs(bundle)} if noise == "input" else {}
+    noise_names = {key: name for name, key, _ in noise_inputs(bundle, components)} if noise == "input" else {}
     g.noise = _noise_source(g, noise, seed, noise_names)
     parts = [g.x]
     for t in transforms:

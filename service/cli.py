@@ -303,11 +303,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.bundle)
         if args.guarded:
-            write_guarded(bundle, args.guarded, seed=args.seed)
+            write_guarded(bundle, args.guarded, seed=args.seed, components=args.components)
             print(f"wrote {args.guarded}")
         if args.triton:
             entry = write_triton(
-                bundle, args.triton, args.name, args.max_batch_size, args.threads, args.seed, gpu=args.gpu
+                bundle,
+                args.triton,
+                args.name,
+                args.max_batch_size,
+                args.threads,
+                args.seed,
+                gpu=args.gpu,
+                components=args.components,
             )
             print(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx")
     except (BundleError, NotInGraphError, ValueError) as exc:
@@ -328,6 +335,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in Triton (0: its default)")
     p.add_argument("--seed", type=int, help="seed of the in-graph noise (default: fresh noise every run)")
     p.add_argument("--gpu", action="store_true", help="Triton instance on the GPU (KIND_GPU) instead of the CPU")
+    p.add_argument(
+        "--components",
+        choices=("verdict", "all"),
+        default="verdict",
+        help="verdict: the verdict's components (default); all: also every other component with an in-graph form",
+    )
     p.set_defaults(func=_cmd_export)
 
 

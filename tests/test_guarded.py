@@ -51,10 +51,11 @@ def test_the_guarded_graph_gives_the_pipelines_verdict_on_the_same_noise(residua
     forward pass is onnxruntime's, not torch's), the p-values, fused scores and verdicts are the pipeline's."""
     pipe = residual.pipeline
     x = torch.from_numpy(images)
-    ((name, key, copies),) = noise_inputs(residual)
+    ((name, key, copies),) = noise_inputs(residual, "all")
     assert key.startswith("noise/") and copies == 8
     noise = torch.stack([torch.randn((copies, *x.shape[1:]), generator=g) for g in pipe._generators(x)], 1)
-    out = _run(_session(guarded_model(residual, noise="input")), {"input": images, name: noise.numpy()})
+    model = guarded_model(residual, noise="input", components="all")  # NIC (reported here) in the graph too
+    out = _run(_session(model), {"input": images, name: noise.numpy()})
     res, raw = pipe.detect_with_components(x)
 
     np.testing.assert_allclose(out["probabilities"], res.probabilities, atol=1e-5)
@@ -111,6 +112,13 @@ def test_the_in_graph_noise_copies_have_the_components_sigma():
 def test_a_verdict_with_a_component_outside_the_graph_is_refused_by_name():
     with pytest.raises(NotInGraphError, match="effective_path"):
         guarded_model(load_bundle(ARTIFACTS / "mnist-lenet5"))
+
+
+def test_the_graph_holds_the_verdicts_components_unless_asked_for_all(residual):
+    verdict = {o.name for o in guarded_model(residual).graph.output if o.name.startswith("raw_")}
+    assert verdict == {f"raw_{k}" for k in residual.pipeline.verdict.components}  # NIC is only reported here
+    with pytest.raises(ValueError, match="components"):
+        guarded_model(residual, components="some")
 
 
 @pytest.mark.parametrize("rule", ["fisher", "tippett", "harmonic", "tippett(fisher)", "harmonic(fisher)"])
