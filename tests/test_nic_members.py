@@ -133,6 +133,19 @@ def test_the_attack_averages_nic_over_the_drawn_members(members_bundle, mnist_te
     np.testing.assert_allclose(value.detach().numpy(), expected.detach().numpy(), rtol=1e-10)
     (grad,) = torch.autograd.grad(value.sum(), x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # NIC's value-invariant statistic too: the mean over the members, each against its own calibration (compared on
+    # the surrogate's own VI scores: a randomized member's VI scores saturate, so clean calibration images tie with
+    # them exactly and the last bits of another summation order would move their p-values)
+    from pathguard.models.verdict.calibration import two_sided_fisher
+
+    vi = pipe.components["nic_vi"].surrogate(obs, Relaxation())
+    per_member = []
+    for m in (1, 2):
+        v = nic.differentiable(obs, m)[0].detach().numpy()
+        np.testing.assert_allclose(v, nic.nic.raw_scores({k: a.detach() for k, a in acts.items()}, member=m)[0],
+                                   rtol=1e-7, atol=1e-9)  # fmt: skip
+        per_member.append(two_sided_fisher(nic.nic.value_violation(v, m), nic.nic.calibration_size))
+    np.testing.assert_allclose(vi.detach().numpy(), np.mean(per_member, 0), rtol=1e-9)  # straight through
 
     out = tmp_path / "adaptive"
     args = ["evaluate", "--adaptive", "--bundle", str(members_bundle), "--n", "2", "--budgets", "linf_0.3",

@@ -190,14 +190,18 @@ class NICComponent(Component):
     def raw(self, obs: Observation) -> np.ndarray:
         return self.analysis(obs).final
 
-    def differentiable(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """VI (N, L), PI (N, L-1) and final (N,) scores with gradients (once per observation)."""
+    def differentiable(self, obs: Observation, member: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VI (N, L), PI (N, L-1) and final (N,) scores of ``member`` with gradients (once per observation)."""
 
         def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             acts = {n: layer_activation(n, obs.x, obs.logits, obs.taps) for n in self.value_layers}
-            return self.nic.differentiable_scores(acts)
+            return self.nic.differentiable_scores(acts, member=member)
 
-        return obs.get("surrogate/nic", compute)
+        return obs.get(f"surrogate/nic/{member}", compute)
+
+    def surrogate_members(self) -> list[int]:
+        """The members an attack averages over: the drawn ones (EOT), else the fixed member 0."""
+        return list(range(1, self.nic.n_members)) if self.randomized else [0]
 
     def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
         """NIC's RBF one-class SVMs, affine reductions and softmax heads are differentiable as they are. With
@@ -207,11 +211,10 @@ class NICComponent(Component):
         if not self.randomized:
             return self.differentiable(obs)[2]
         assert self._reference is not None
-        acts = {n: layer_activation(n, obs.x, obs.logits, obs.taps) for n in self.value_layers}
-        finals = []
-        for m in range(1, self.nic.n_members):
-            final = self.nic.differentiable_scores(acts, member=m)[2]
-            finals.append(on_scale_soft(final, self._calib_final(m), self._reference))
+        finals = [
+            on_scale_soft(self.differentiable(obs, m)[2], self._calib_final(m), self._reference)
+            for m in self.surrogate_members()
+        ]
         return torch.stack(finals).mean(0)
 
     def graph(self, g: GraphContext) -> str:
@@ -261,13 +264,17 @@ class NICValueComponent(Component):
 
     def surrogate(self, obs: Observation, relax: Relaxation) -> torch.Tensor:
         """The two-sided Fisher statistic over smoothed per-layer p-values (:func:`soft_p_values`; no floor at
-        ``1 / (n + 1)``, so the tails keep a gradient)."""
-        value = self.nic.differentiable(obs)[0]
-        calib = self.nic.nic.value_calibration()
-        upper = soft_p_values(calib, value, relax.bandwidth, relax.straight_through)
-        lower = soft_p_values(calib, value, relax.bandwidth, relax.straight_through, lower=True)
-        p = (2.0 * torch.minimum(upper, lower)).clamp_max(1.0)
-        return -torch.log(p).sum(1)
+        ``1 / (n + 1)``, so the tails keep a gradient); with drawn NIC members, its mean over the members (EOT),
+        each against its own calibration."""
+        stats = []
+        for m in self.nic.surrogate_members():
+            value = self.nic.differentiable(obs, m)[0]
+            calib = self.nic.nic.value_calibration(m)
+            upper = soft_p_values(calib, value, relax.bandwidth, relax.straight_through)
+            lower = soft_p_values(calib, value, relax.bandwidth, relax.straight_through, lower=True)
+            p = (2.0 * torch.minimum(upper, lower)).clamp_max(1.0)
+            stats.append(-torch.log(p).sum(1))
+        return torch.stack(stats).mean(0)
 
     def graph(self, g: GraphContext) -> str:
         """:func:`~pathguard.models.verdict.calibration.two_sided_fisher` of the per-layer VI p-values, in the
