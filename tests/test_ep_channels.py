@@ -8,12 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathguard.models.effective_path.channels import (
-    ChannelProfiles,
-    ChannelWalk,
-    channel_contributions,
-)
-from pathguard.models.effective_path.steps import ConvStep
+from pathguard.models.effective_path.channels import ChannelProfiles, ChannelWalk
 from pathguard.models.networks import Residual
 from pathguard.models.networks.padding import PaddedAvgPool2d, PaddedMaxPool2d
 from tests.test_effective_path import net_padded, net_pools, net_residual, ref_select
@@ -100,13 +95,27 @@ def test_the_walk_equals_the_loop_reference(make, shape, theta):
             assert {k: v for k, v in got.items() if v} == {k: v for k, v in ref.items() if v}, (r, i)
 
 
+def test_the_walk_equals_the_loop_reference_on_lenet(lenet, mnist_test):
+    x = torch.from_numpy(mnist_test.x[:2])
+    walk = ChannelWalk(lenet, (1, 28, 28))
+    paths = walk.walk(x, ranks=(1, 2))
+    model = nn.Sequential(*[m for name, m in lenet.named_children()])  # the same modules, plain (no taps)
+    for r in (1, 2):
+        for i in range(len(x)):
+            ref = ref_channel_walk(model, x[i], int(paths.classes[r][i]), 0.5)
+            names = dict(
+                zip([n for n, _ in model.named_children()], [n for n, _ in lenet.named_children()], strict=True)
+            )
+            got = {k: v for k, v in _as_sets(paths.masks[r], i).items() if v}
+            assert got == {names[k]: v for k, v in ref.items() if v}, (r, i)
+
+
 def test_channel_contributions_are_the_per_channel_convolutions_summed():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
     x = torch.rand(2, 4, 9, 9)
-    step = ConvStep("c", conv, conv.weight, conv.bias)
-    step.setup((4, 9, 9), tuple(conv(x[:1]).shape[1:]))
-    got = channel_contributions(step, x)  # (N, O, Cg)
+    walk = ChannelWalk(nn.Sequential(conv), (4, 9, 9))
+    got = walk.contributions(walk.plan.steps[0], x)  # (N, O, Cg)
     for n in range(2):
         for o in range(6):
             group = o // 3
@@ -182,9 +191,9 @@ def _fitted(model, x, y, shape):
     return walk, profiles, BenignEPScore().fit(feats)
 
 
-def test_the_dense_walk_and_its_onnx_export_give_the_sparse_walks_features(lenet, mnist_test):
-    """The fixed-shape form (the one the guarded graph runs) against the sparse walk on the committed LeNet-5:
-    the same paths, so the same similarities and score, in torch and through onnxruntime."""
+def test_the_module_and_its_onnx_export_give_the_walks_features(lenet, mnist_test):
+    """The exportable module (the one the guarded graph runs) against the walk and the profiles on the committed
+    LeNet-5: the same similarities and score, in torch and through onnxruntime."""
     import onnxruntime as ort
 
     from pathguard.models.effective_path.channels import DenseChannelWalk

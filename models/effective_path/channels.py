@@ -5,7 +5,8 @@ The exact walk (:mod:`.extractor`) selects synapses between single neurons: on t
 builds 40.8 million contributions per image. Here a convolution's unit is a channel pair: the contribution of input
 channel ``c`` to output channel ``o`` is the sum, over every output position and kernel tap, of ``x * w``, i.e.
 ``A[o, c] = sum_k w[o, c, k] * S[c, k]`` with ``S[c, k]`` the sum of the input's (zero-padded) channel ``c`` over
-the windows' tap ``k``: one unfold, one reduction and one small product per layer, whatever the image size. The
+the windows' tap ``k``: one depthwise convolution with one-hot tap kernels, one reduction and one small product per
+layer. The
 selection rule is the paper's, unchanged, on those values (a selected output channel's contributions, oriented by
 the sign of its summed pre-activation including the bias over its positions; kept while the sum before them is
 below ``theta`` of the total). Linear layers keep the exact neuron-level rule (their synapses are few). Max and
@@ -33,23 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathguard.models.effective_path.plan import Compiler, Plan
-from pathguard.models.effective_path.selection import orient, select_pairs
 from pathguard.models.effective_path.steps import (
     AvgPoolStep,
     ConvStep,
-    Ctx,
     LinearStep,
     MaxPoolStep,
     PassStep,
     PrefixStep,
     ResidualStep,
     Step,
-    run_forward,
 )
 
-__all__ = ["ChannelPaths", "ChannelProfiles", "ChannelWalk"]
+__all__ = ["ChannelPaths", "ChannelProfiles", "ChannelWalk", "DenseChannelWalk", "dense_rule"]
 
 
+@dataclass
 @dataclass
 class ChannelPaths:
     """Channel-level paths of N images: ``logits`` (N, K), ``classes[r]`` (N,) the class at rank r, ``masks[r]``
@@ -62,6 +61,9 @@ class ChannelPaths:
 
 class ChannelWalk:
     """The channel-level walk over a network's compiled plan (the exact walk's plan, see the module docstring).
+
+    Every selection is a dense 0/1 mask of fixed shape (no data-dependent sizes), so the same code runs eagerly
+    (:meth:`walk`) and traces to ONNX (:class:`DenseChannelWalk`).
 
     Parameters
     ----------
@@ -81,58 +83,89 @@ class ChannelWalk:
             self.plan: Plan = Compiler().compile(model.eval(), tuple(input_shape))
         self.layers: list[str] = [info.name for info in self.plan.layers]
         self.units: dict[str, int] = {}
-        self._walk_units(self.plan.steps)
+        self.taps: dict[str, torch.Tensor] = {}  # one-hot tap kernels of each convolution (its channel sums)
+        self._index(self.plan.steps)
 
-    def _walk_units(self, steps: Sequence[Step]) -> None:
+    def _index(self, steps: Sequence[Step]) -> None:
         for step in steps:
             if isinstance(step, ConvStep):
                 self.units[step.name] = step.weight4.shape[0] * step.weight4.shape[1]
+                kh, kw = step.kernel
+                eye = torch.eye(kh * kw).reshape(kh * kw, 1, kh, kw)
+                self.taps[step.name] = eye.repeat(step.in_shape[0], 1, 1, 1).contiguous()  # (C*KK, 1, KH, KW)
             elif isinstance(step, LinearStep):
                 self.units[step.name] = step.weight.shape[0] * step.weight.shape[1]
             elif isinstance(step, ResidualStep):
-                self._walk_units(step.shortcut)
-                self._walk_units(step.body)
+                self._index(step.shortcut)
+                self._index(step.body)
 
     @torch.no_grad()
     def walk(self, x: torch.Tensor | np.ndarray, ranks: Sequence[int] = (1, 2)) -> ChannelPaths:
-        """The paths of a batch at the given ranks (one forward pass through the plan, then the walk)."""
+        """The paths of a batch at the given ranks (one forward pass through the plan, then one walk per rank)."""
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
-        n = len(xt)
-        ctx = Ctx(n=n, theta=self.theta, first=0, ranks=len(ranks))
-        logits = run_forward(self.plan.steps, xt, ctx)
-        order = torch.argsort(logits, dim=1, descending=True, stable=True)
-        classes = {r: order[:, r - 1].numpy() for r in ranks}
-        seed = torch.zeros(len(ranks) * n, logits.shape[1], dtype=torch.bool)
-        for i, r in enumerate(ranks):
-            seed[i * n + torch.arange(n), order[:, r - 1]] = True
-        found: dict[str, torch.Tensor] = {}
-        self._backward(self.plan.steps, seed, False, ctx, found)
-        masks: dict[int, dict[str, np.ndarray]] = {r: {} for r in ranks}
-        for layer in self.layers:
-            dense = found.get(layer, torch.zeros(len(ranks) * n, self.units[layer], dtype=torch.bool))
-            for i, r in enumerate(ranks):
-                masks[r][layer] = dense[i * n : (i + 1) * n].numpy()
-        return ChannelPaths(logits, classes, masks)
+        logits, classes, masks = self.trace(xt, ranks)
+        return ChannelPaths(
+            logits,
+            {r: c.numpy() for r, c in classes.items()},
+            {r: {layer: m.numpy() > 0 for layer, m in per.items()} for r, per in masks.items()},
+        )
+
+    def trace(
+        self, x: torch.Tensor, ranks: Sequence[int] = (1, 2)
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        """(logits (N, K), rank -> class (N,), rank -> layer -> (N, units) 0/1 float mask), in tensor operations
+        only (traceable)."""
+        acts: dict[int, Any] = {}
+        logits = self._forward(self.plan.steps, x, acts)
+        top = torch.topk(logits, max(ranks), dim=1).indices  # (N, R)
+        classes, masks = {}, {}
+        for r in ranks:
+            cls = top[:, r - 1]
+            seed = (torch.arange(logits.shape[1]).unsqueeze(0) == cls.unsqueeze(1)).to(logits.dtype)
+            found: dict[str, torch.Tensor] = {}
+            self._backward(self.plan.steps, seed, False, acts, found)
+            classes[r] = cls
+            masks[r] = {layer: found[layer] if layer in found else torch.zeros(x.shape[0], self.units[layer])
+                        for layer in self.layers}  # fmt: skip
+        return logits, classes, masks
 
     # ------------------------------------------------------------------ the walk
+    def _forward(self, steps: Sequence[Step], x: torch.Tensor, acts: dict[int, Any]) -> torch.Tensor:
+        for step in steps:
+            if isinstance(step, ResidualStep):
+                skip = self._forward(step.shortcut, x, acts) if step.shortcut else x
+                main = self._forward(step.body, x, acts)
+                acts[step.uid] = (skip, main)
+                x = skip + main
+            else:
+                acts[step.uid] = x
+                x = step.compute(x)
+        return x
+
     def _backward(
-        self, steps: Sequence[Step], mask: torch.Tensor, chan: bool, ctx: Ctx, found: dict[str, torch.Tensor]
+        self, steps: Sequence[Step], mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
     ) -> tuple[torch.Tensor, bool] | None:
-        """Walk ``steps`` backwards from ``mask`` (rows ``rank * n + image``; units: channels when ``chan``, else
-        flat neurons); returns the input's mask and its kind (None: the walk left the covered layers)."""
+        """Walk ``steps`` backwards from ``mask`` (units: channels when ``chan``, else flat neurons); returns the
+        input's mask and its kind (None: the walk left the weighted layers)."""
         for step in reversed(steps):
             if isinstance(step, PrefixStep):
                 return None
             if isinstance(step, LinearStep):
                 if chan:
                     raise NotImplementedError(f"{step.name}: a linear layer reading a channel map")
-                mask = self._linear(step, mask, ctx, found)
+                x = acts[step.uid]  # (N, I)
+                c = x.unsqueeze(1) * step.weight.unsqueeze(0)  # (N, O, I)
+                c, total = _orient(c, c.sum(-1) + step.bias)
+                keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
+                found[step.name] = keep.reshape(keep.shape[0], -1)
+                mask = keep.amax(1)
             elif isinstance(step, ConvStep):
-                mask, chan = self._conv(step, _channels(mask, step.out_shape, chan), ctx, found), True
+                mask = _channels(mask, step.out_shape, chan)
+                mask, chan = self._conv(step, acts[step.uid], mask, found), True
             elif isinstance(step, (MaxPoolStep, AvgPoolStep)):
                 mask, chan = _channels(mask, step.out_shape, chan), True  # a channel's selection passes through
             elif isinstance(step, ResidualStep):
-                out = self._residual(step, mask, chan, ctx, found)
+                out = self._residual(step, mask, chan, acts, found)
                 if out is None:
                     return None
                 mask, chan = out
@@ -143,81 +176,83 @@ class ChannelWalk:
                 raise NotImplementedError(f"{type(step).__name__} has no channel-level walk")
         return mask, chan
 
-    def _linear(self, step: LinearStep, mask: torch.Tensor, ctx: Ctx, found: dict[str, torch.Tensor]) -> torch.Tensor:
-        in_mask = step.backward(mask, ctx)  # the exact neuron-level rule
-        assert in_mask is not None
-        img, ids = ctx.found.pop(step.name)
-        dense = torch.zeros(mask.shape[0], self.units[step.name], dtype=torch.bool)
-        dense[img, ids] = True
-        found[step.name] = dense
-        return in_mask
+    def contributions(self, step: ConvStep, x: torch.Tensor) -> torch.Tensor:
+        """(N, O, Cg) contribution of each input channel (within the output channel's group) to each output
+        channel: ``sum over positions and taps of x * w``, zero padding included (one depthwise convolution with
+        one-hot tap kernels gives every channel's sum at every tap)."""
+        w = step.weight4  # (O, Cg, KH, KW)
+        o, cg, kh, kw = w.shape
+        groups, c_in = step.groups, int(step.in_shape[0])
+        top, left, bottom, right = step.pads
+        xp = F.pad(x, (left, right, top, bottom))
+        s = F.conv2d(xp, self.taps[step.name], stride=step.stride, dilation=step.dil, groups=c_in)
+        s = s.sum((2, 3)).reshape(x.shape[0], groups, 1, cg, kh * kw)  # (N, G, 1, Cg, KK)
+        return (s * w.reshape(1, groups, o // groups, cg, kh * kw)).sum(-1).reshape(x.shape[0], o, cg)
 
-    def _conv(self, step: ConvStep, mask: torch.Tensor, ctx: Ctx, found: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = ctx.acts[step.uid]
-        assert isinstance(x, torch.Tensor)
-        contrib = channel_contributions(step, x)  # (N, O, Cg)
-        o_count, cg = contrib.shape[1], contrib.shape[2]
+    def _conv(self, step: ConvStep, x: torch.Tensor, mask: torch.Tensor, found: dict[str, Any]) -> torch.Tensor:
+        a = self.contributions(step, x)  # (N, O, Cg)
+        n, o, cg = a.shape
         positions = step.out_shape[1] * step.out_shape[2]
-        b, o = mask.nonzero().unbind(1)
-        c = contrib[b % ctx.n, o].clone()  # (P, Cg)
-        total = orient(c, None, step.bias.index_select(0, o) * positions)
-        rr, col = select_pairs(c, total, ctx.theta)
-        rows, outs = b.index_select(0, rr), o.index_select(0, rr)
-        dense = torch.zeros(mask.shape[0], o_count * cg, dtype=torch.bool)
-        dense[rows, outs * cg + col] = True
-        found[step.name] = dense
-        group = outs // (o_count // step.groups)
-        in_mask = torch.zeros(mask.shape[0], step.in_shape[0], dtype=torch.bool)
-        in_mask[rows, group * cg + col] = True
-        return in_mask
+        c, total = _orient(a, a.sum(-1) + step.bias * positions)
+        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)  # (N, O, Cg)
+        found[step.name] = keep.reshape(n, -1)
+        return keep.reshape(n, step.groups, o // step.groups, cg).amax(2).reshape(n, step.groups * cg)
 
     def _residual(
-        self, step: ResidualStep, mask: torch.Tensor, chan: bool, ctx: Ctx, found: dict[str, torch.Tensor]
+        self, step: ResidualStep, mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
     ) -> tuple[torch.Tensor, bool] | None:
-        pair = ctx.acts[step.uid]
-        assert isinstance(pair, tuple)
-        skip, main = pair  # (N, F) each, the branch outputs
+        skip, main = acts[step.uid]
+        n = skip.shape[0]
         if chan:
-            c_out = step.out_shape[0]
-            skip, main = skip.view(ctx.n, c_out, -1).sum(2), main.view(ctx.n, c_out, -1).sum(2)
-        b, u = mask.nonzero().unbind(1)
-        vals = torch.stack([skip[b % ctx.n, u], main[b % ctx.n, u]], 1)  # (P, 2)
-        rr, col = select_pairs(vals, orient(vals, None), ctx.theta)
-        branch = [torch.zeros_like(mask), torch.zeros_like(mask)]
-        for k in (0, 1):
-            sel = rr[col == k]
-            branch[k][b[sel], u[sel]] = True
-        short = self._backward(step.shortcut, branch[0], chan, ctx, found) if step.shortcut else (branch[0], chan)
-        body = self._backward(step.body, branch[1], chan, ctx, found)
+            skip, main = skip.reshape(n, skip.shape[1], -1).sum(2), main.reshape(n, main.shape[1], -1).sum(2)
+        else:
+            skip, main = skip.reshape(n, -1), main.reshape(n, -1)
+        vals = torch.stack([skip, main], -1)  # (N, U, 2): the two branches' values of every unit
+        c, total = _orient(vals, vals.sum(-1))
+        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
+        short = (
+            self._backward(step.shortcut, keep[..., 0], chan, acts, found) if step.shortcut else (keep[..., 0], chan)
+        )
+        body = self._backward(step.body, keep[..., 1], chan, acts, found)
         if short is None or body is None:
             return short if body is None else body
         if short[1] != body[1]:  # one branch ends on a channel map, the other flat: compare as channels
             shape = step.in_shape
-            return _channels(short[0], shape, short[1]) | _channels(body[0], shape, body[1]), True
-        return short[0] | body[0], short[1]
-
-
-def channel_contributions(step: ConvStep, x: torch.Tensor) -> torch.Tensor:
-    """(N, O, Cg) contribution of each input channel (within the output channel's group) to each output channel:
-    ``sum over positions and taps of x * w``, zero padding included."""
-    top, left, bottom, right = step.pads
-    xp = F.pad(x, (left, right, top, bottom))
-    kh, kw = step.kernel
-    cols = F.unfold(xp, (kh, kw), dilation=step.dil, stride=step.stride)  # (N, C*KK, L)
-    n, c = x.shape[0], x.shape[1]
-    s = cols.view(n, c, kh * kw, -1).sum(3)  # (N, C, KK)
-    w = step.weight4  # (O, Cg, KH, KW)
-    o, cg, groups = w.shape[0], w.shape[1], step.groups
-    s_g = s.view(n, groups, cg, kh * kw)
-    w_g = w.reshape(groups, o // groups, cg, kh * kw)
-    return torch.einsum("ngjk,gojk->ngoj", s_g, w_g).reshape(n, o, cg)
+            return torch.maximum(_channels(short[0], shape, short[1]), _channels(body[0], shape, body[1])), True
+        return torch.maximum(short[0], body[0]), short[1]
 
 
 def _channels(mask: torch.Tensor, shape: Sequence[int], chan: bool) -> torch.Tensor:
     """A mask over a (C, H, W) tensor's units as a channel mask (a flat neuron mask: any of the channel's)."""
     if chan:
         return mask
-    return mask.view(mask.shape[0], int(shape[0]), -1).any(2)
+    return mask.reshape(mask.shape[0], int(shape[0]), -1).amax(2)
+
+
+def dense_rule(c: torch.Tensor, total: torch.Tensor, theta: float) -> torch.Tensor:
+    """(..., K) 0/1 selection of oriented contributions ``c`` with oriented sums ``total`` (...,): the paper's rule
+    (:func:`~pathguard.models.effective_path.selection.select_pairs`) without a data-dependent shape: values sorted
+    descending (lower index first on ties, as ONNX's TopK orders them), exclusive float64 prefix sums, kept while
+    below ``theta * total`` and positive; the largest value alone when ``total <= 0`` or ``1 / K >= theta``."""
+    k = c.shape[-1]
+    if torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first on ties
+        vals, idx = torch.topk(c, k, dim=-1, largest=True, sorted=True)
+    else:  # torch's topk does not promise an order of ties; a stable sort does
+        vals, idx = torch.sort(c, dim=-1, descending=True, stable=True)
+    v64 = vals.double()
+    prefix = torch.cumsum(v64, -1) - v64
+    keep = ((prefix < theta * total.double().unsqueeze(-1)) & (vals > 0)).to(c.dtype)
+    first = (torch.arange(k) == 0).to(c.dtype).expand_as(keep)
+    # static: K is a layer's fan-in
+    keep = torch.where((total <= 0).unsqueeze(-1), first, keep) if 1.0 / k < theta else first
+    return torch.zeros_like(c).scatter(-1, idx, keep)
+
+
+def _orient(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(oriented contributions, oriented sums): rows whose output ``y`` is negative negated (sums without bias)."""
+    sign = torch.where(y < 0, -torch.ones_like(y), torch.ones_like(y))
+    c = c * sign.unsqueeze(-1)
+    return c, c.sum(-1)
 
 
 class ChannelProfiles:
@@ -274,164 +309,32 @@ class ChannelProfiles:
         return self
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the dense form: the same walk as fixed-shape tensor operations (traceable to ONNX)
-
-
-def dense_rule(c: torch.Tensor, total: torch.Tensor, theta: float) -> torch.Tensor:
-    """(..., K) 0/1 selection of oriented contributions ``c`` with oriented sums ``total`` (...,): the paper's rule
-    (:func:`~pathguard.models.effective_path.selection.select_pairs`) without a data-dependent shape: values sorted
-    descending (lower index first on ties, as ONNX's TopK orders them), exclusive float64 prefix sums, kept while
-    below ``theta * total`` and positive; the largest value alone when ``total <= 0`` or ``1 / K >= theta``."""
-    k = c.shape[-1]
-    if torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first on ties
-        vals, idx = torch.topk(c, k, dim=-1, largest=True, sorted=True)
-    else:  # torch's topk does not promise an order of ties; a stable sort does
-        vals, idx = torch.sort(c, dim=-1, descending=True, stable=True)
-    v64 = vals.double()
-    prefix = torch.cumsum(v64, -1) - v64
-    keep = ((prefix < theta * total.double().unsqueeze(-1)) & (vals > 0)).to(c.dtype)
-    first = (torch.arange(k) == 0).to(c.dtype).expand_as(keep)
-    # static: K is a layer's fan-in
-    keep = torch.where((total <= 0).unsqueeze(-1), first, keep) if 1.0 / k < theta else first
-    return torch.zeros_like(c).scatter(-1, idx, keep)
-
-
-def _orient_dense(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(oriented contributions, oriented sums): rows whose output ``y`` is negative negated (sums without bias)."""
-    sign = torch.where(y < 0, -torch.ones_like(y), torch.ones_like(y))
-    c = c * sign.unsqueeze(-1)
-    return c, c.sum(-1)
-
-
 class DenseChannelWalk(nn.Module):
-    """:class:`ChannelWalk`, :class:`ChannelProfiles` and a benign score as one fixed-shape module: ``forward(x)``
-    -> (logits (N, K), features (N, 2L): rank-1 then rank-2 similarities, score (N,)). Every selection is a dense
-    0/1 mask, so it exports to ONNX (:meth:`to_onnx`) and runs inside the guarded graph; on the same inputs its
-    masks are the sparse walk's (tested), but where two contributions tie exactly."""
+    """:class:`ChannelWalk`, :class:`ChannelProfiles` and a benign score as one module: ``forward(x)`` -> (logits
+    (N, K), features (N, 2L): rank-1 then rank-2 similarities, score (N,)). It exports to ONNX (:meth:`to_onnx`) and
+    runs inside the guarded graph."""
 
     def __init__(self, walk: ChannelWalk, profiles: ChannelProfiles, score: Any) -> None:
         super().__init__()
-        self.walk, self.theta = walk, walk.theta
+        self.walk = walk
         self.layers = list(profiles.layers_)
         self.freq = {layer: torch.from_numpy(profiles.freq_[layer]) for layer in self.layers}
         self.median = torch.from_numpy(np.asarray(score.median_, dtype=np.float64))
         self.scale = torch.from_numpy(np.asarray(score.scale_, dtype=np.float64))
         self.orientation = torch.from_numpy(np.asarray(score.orientation_, dtype=np.float64))
-        self.taps: dict[str, torch.Tensor] = {}  # one-hot tap kernels of each convolution (its channel sums)
-        self._tap_kernels(walk.plan.steps)
-
-    def _tap_kernels(self, steps: Sequence[Step]) -> None:
-        for step in steps:
-            if isinstance(step, ConvStep):
-                kh, kw = step.kernel
-                eye = torch.eye(kh * kw).reshape(kh * kw, 1, kh, kw)
-                self.taps[step.name] = eye.repeat(step.in_shape[0], 1, 1, 1).contiguous()  # (C*KK, 1, KH, KW)
-            elif isinstance(step, ResidualStep):
-                self._tap_kernels(step.shortcut)
-                self._tap_kernels(step.body)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        acts: dict[int, Any] = {}
-        logits = self._forward(self.walk.plan.steps, x, acts)
-        k = logits.shape[1]
-        top = torch.topk(logits, 2, dim=1).indices  # (N, 2)
+        logits, classes, masks = self.walk.trace(x, (1, 2))
         feats = []
-        for r in (0, 1):
-            cls = top[:, r]
-            seed = (torch.arange(k).unsqueeze(0) == cls.unsqueeze(1)).float()
-            found: dict[str, torch.Tensor] = {}
-            self._backward(self.walk.plan.steps, seed, False, acts, found)
+        for r in (1, 2):
             for layer in self.layers:
-                m = found[layer] if layer in found else torch.zeros(x.shape[0], self.walk.units[layer])
+                m = masks[r][layer]
                 size = m.sum(1)
-                hit = (m * self.freq[layer][cls]).sum(1)
+                hit = (m * self.freq[layer][classes[r]]).sum(1)
                 feats.append(torch.where(size > 0, hit / size.clamp_min(1.0), torch.ones_like(size)))
         features = torch.stack(feats, 1).double()
         z = (self.orientation * (features - self.median) / self.scale).clamp_min(0.0)
         return logits, features, z.mean(1)
-
-    def _forward(self, steps: Sequence[Step], x: torch.Tensor, acts: dict[int, Any]) -> torch.Tensor:
-        for step in steps:
-            if isinstance(step, ResidualStep):
-                skip = self._forward(step.shortcut, x, acts) if step.shortcut else x
-                main = self._forward(step.body, x, acts)
-                acts[step.uid] = (skip, main)
-                x = skip + main
-            else:
-                acts[step.uid] = x
-                x = step.compute(x)
-        return x
-
-    def _backward(
-        self, steps: Sequence[Step], mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
-    ) -> tuple[torch.Tensor, bool] | None:
-        for step in reversed(steps):
-            if isinstance(step, PrefixStep):
-                return None
-            if isinstance(step, LinearStep):
-                x = acts[step.uid]  # (N, I)
-                c = x.unsqueeze(1) * step.weight.unsqueeze(0)  # (N, O, I)
-                c, total = _orient_dense(c, c.sum(-1) + step.bias)
-                keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
-                found[step.name] = keep.reshape(keep.shape[0], -1)
-                mask = keep.amax(1)
-            elif isinstance(step, ConvStep):
-                mask = _dense_channels(mask, step.out_shape, chan)
-                mask, chan = self._conv(step, acts[step.uid], mask, found), True
-            elif isinstance(step, (MaxPoolStep, AvgPoolStep)):
-                mask, chan = _dense_channels(mask, step.out_shape, chan), True
-            elif isinstance(step, ResidualStep):
-                out = self._residual(step, mask, chan, acts, found)
-                if out is None:
-                    return None
-                mask, chan = out
-            elif isinstance(step, PassStep):
-                if isinstance(step.module, nn.Flatten) and len(step.in_shape) == 3:
-                    mask, chan = _dense_channels(mask, step.in_shape, False), True
-            else:
-                raise NotImplementedError(f"{type(step).__name__} has no channel-level walk")
-        return mask, chan
-
-    def _conv(self, step: ConvStep, x: torch.Tensor, mask: torch.Tensor, found: dict[str, Any]) -> torch.Tensor:
-        w = step.weight4  # (O, Cg, KH, KW)
-        o, cg, kh, kw = w.shape
-        groups, c_in = step.groups, int(step.in_shape[0])
-        top, left, bottom, right = step.pads
-        xp = F.pad(x, (left, right, top, bottom))
-        s = F.conv2d(xp, self.taps[step.name], stride=step.stride, dilation=step.dil, groups=c_in)
-        s = s.sum((2, 3)).reshape(x.shape[0], groups, 1, cg, kh * kw)  # (N, G, 1, Cg, KK)
-        a = (s * w.reshape(1, groups, o // groups, cg, kh * kw)).sum(-1).reshape(x.shape[0], o, cg)  # (N, O, Cg)
-        positions = step.out_shape[1] * step.out_shape[2]
-        c, total = _orient_dense(a, a.sum(-1) + step.bias * positions)
-        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)  # (N, O, Cg)
-        found[step.name] = keep.reshape(keep.shape[0], -1)
-        return keep.reshape(x.shape[0], groups, o // groups, cg).amax(2).reshape(x.shape[0], groups * cg)
-
-    def _residual(
-        self, step: ResidualStep, mask: torch.Tensor, chan: bool, acts: dict[int, Any], found: dict[str, Any]
-    ) -> tuple[torch.Tensor, bool] | None:
-        skip, main = acts[step.uid]
-        n = skip.shape[0]
-        if chan:
-            skip, main = skip.reshape(n, skip.shape[1], -1).sum(2), main.reshape(n, main.shape[1], -1).sum(2)
-        else:
-            skip, main = skip.reshape(n, -1), main.reshape(n, -1)
-        vals = torch.stack([skip, main], -1)  # (N, U, 2)
-        c, total = _orient_dense(vals, vals.sum(-1))
-        keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
-        short = (
-            self._backward(step.shortcut, keep[..., 0], chan, acts, found) if step.shortcut else (keep[..., 0], chan)
-        )
-        body = self._backward(step.body, keep[..., 1], chan, acts, found)
-        if short is None or body is None:
-            return short if body is None else body
-        if short[1] != body[1]:
-            shape = step.in_shape
-            return torch.maximum(
-                _dense_channels(short[0], shape, short[1]), _dense_channels(body[0], shape, body[1])
-            ), True
-        return torch.maximum(short[0], body[0]), short[1]
 
     def to_onnx(self, opset: int = 17) -> bytes:
         """The module as an ONNX model: input ``input`` (N, C, H, W), outputs ``ep_logits``, ``ep_features``,
@@ -454,9 +357,3 @@ class DenseChannelWalk(nn.Module):
                 dynamo=False,
             )
         return buf.getvalue()
-
-
-def _dense_channels(mask: torch.Tensor, shape: Sequence[int], chan: bool) -> torch.Tensor:
-    if chan:
-        return mask
-    return mask.reshape(mask.shape[0], int(shape[0]), -1).amax(2)
