@@ -317,7 +317,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 components=args.components,
             )
             print(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx")
-    except (BundleError, NotInGraphError, ValueError) as exc:
+    except (BundleError, NotInGraphError, ValueError, OSError) as exc:
         print(f"pathguard export: {exc}", file=sys.stderr)
         return 1
     return 0
