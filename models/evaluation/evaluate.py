@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def generate_attack(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"n_attempted": r.n_attempted, "params": r.params, "seconds": r.seconds}
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: runs may share one cache folder
         np.savez_compressed(
             tmp, source=source, x_adv=out.x_adv, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8)
         )
