@@ -235,6 +235,7 @@ def test_the_command_writes_the_adaptive_report(tmp_path: Path):
     args += ["--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    assert not (out / "report.partial.json").exists()  # the cells kept during the run give way to the report
     assert set(report["pgd"]) == {"fused", "noise_drop"} and set(report["pgd"]["fused"]) == {"linf_8", "l2_1.0"}
     assert set(report["pgd"]["noise_drop"]) == {"linf_8"}  # one-component targets at --component-budgets only
     assert report["images"]["n"] == 2

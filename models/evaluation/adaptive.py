@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -594,6 +595,7 @@ def _evaluate_on(
             obl, ada = adaptive_pgd(sur, x, y, norm, eps, target, st.steps, st.rounds, st.lambda_start,
                                     st.lambda_factor, batch_size=st.batch_size)  # fmt: skip
             report["pgd"].setdefault(target, {})[budget] = _summary(obl, ada, x, pipe, y)
+            _write_partial(out_dir, report)
             print(f"pgd {target} {budget}: oblivious {obl.success.mean():.0%}, adaptive {ada.success.mean():.0%}",
                   flush=True)  # fmt: skip
     rest_x, rest_y = pool_x[head : head + 20 * bundle.classifier.config.num_classes], pool_y[head:]
@@ -640,7 +642,18 @@ def _evaluate_on(
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     (out_path / "report.md").write_text(render_adaptive_markdown(report))
+    (out_path / "report.partial.json").unlink(missing_ok=True)
     return report
+
+
+def _write_partial(out_dir: str | Path, report: Mapping[str, Any]) -> None:
+    """Keep the cells measured so far in ``report.partial.json`` (a long run that stops keeps them); the final
+    ``report.json`` replaces it."""
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    tmp = out_path / f".report.partial.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    tmp.replace(out_path / "report.partial.json")
 
 
 def _summary(obl: Outcome, ada: Outcome, x: np.ndarray, pipe: DetectionPipeline, y: np.ndarray) -> dict[str, Any]:
