@@ -50,15 +50,17 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 from pathguard.models.bundle import Bundle
 from pathguard.models.components import Component
 from pathguard.models.components.consistency import ConsistencyComponent, Transform
 from pathguard.models.components.graph import MIN_OPSET, GraphContext, NotInGraphError, OnnxGraph
+from pathguard.models.nic.onnx_export import nic_output_names
 from pathguard.models.verdict.fusion import parse_rule
 
-__all__ = ["NOISE_MODES", "guarded_model", "in_graph", "noise_inputs"]
+__all__ = ["NOISE_MODES", "graph_components", "guarded_model", "in_graph", "noise_feed", "noise_inputs"]
 
 NOISE_MODES = ("random", "input")
 INPUT = "input"
@@ -85,15 +87,41 @@ def _transforms(components: Sequence[Component]) -> list[Transform]:
 def noise_inputs(bundle: Bundle, components: str = "verdict") -> list[tuple[str, str, int]]:
     """(graph input name, transform key, copies) of every noise transform of the guarded graph's components (see
     :func:`guarded_model`), in the order the pipeline draws them (the inputs of a ``noise="input"`` graph)."""
-    pipe = bundle.pipeline
-    fused = list(pipe.verdict.components) if pipe.verdict is not None else []
-    comps = [c for k, c in pipe.components.items() if k in fused or (components == "all" and in_graph(c))]
+    comps = [bundle.pipeline.components[k] for k in graph_components(bundle, components)]
     noise = [t for t in _transforms(comps) if t.key.startswith("noise/")]
     return [("noise" if i == 0 else f"noise_{i}", t.key, t.copies) for i, t in enumerate(noise)]
 
 
+def graph_components(bundle: Bundle, components: str = "verdict") -> list[str]:
+    """The components :func:`guarded_model` puts in the graph, in the bundle's order: the verdict's and, with
+    ``components="all"``, every other one with an in-graph form that is not a self-deciding ``reported`` one."""
+    pipe = bundle.pipeline
+    fused = list(pipe.verdict.components) if pipe.verdict is not None else []
+    extra = components == "all"
+    return [k for k, c in pipe.components.items() if k in fused or (extra and in_graph(c) and c.family != "reported")]
+
+
+def noise_feed(
+    bundle: Bundle, x: torch.Tensor, generators: Sequence[torch.Generator], components: str = "verdict"
+) -> dict[str, np.ndarray]:
+    """The noise inputs of a ``noise="input"`` guarded graph for the batch ``x``, drawn from the inputs' generators
+    exactly as the pipeline draws its noise copies (transform by transform, each input's from its own generator), so
+    the graph scores the same copies as the Python pipeline would."""
+    shape = tuple(x.shape[1:])
+    return {
+        name: torch.stack(
+            [torch.randn((copies, *shape), generator=gen, dtype=x.dtype) for gen in generators], 1
+        ).numpy()
+        for name, _, copies in noise_inputs(bundle, components)
+    }
+
+
 def guarded_model(
-    bundle: Bundle, noise: str = "random", seed: int | None = None, components: str = "verdict"
+    bundle: Bundle,
+    noise: str = "random",
+    seed: int | None = None,
+    components: str = "verdict",
+    details: bool = False,
 ) -> onnx.ModelProto:
     """The bundle's classifier and verdict as one ONNX model (see the module docstring).
 
@@ -108,6 +136,11 @@ def guarded_model(
         Seed of the in-graph random op (``noise="random"`` only): the same noise sequence in every session.
     components : str
         ``verdict``: the verdict's components; ``all``: also every other in-graph component (reported).
+    details : bool
+        Also output what the server's response reports beyond the scores (the server runs this graph with
+        ``noise="input"``): every tap of the originals' forward pass under the tap's name (for the components with
+        no in-graph form, computed beside the graph) and, with NIC in the graph, its per-layer and provenance scores
+        under :func:`~pathguard.models.nic.onnx_export.nic_output_names`.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
@@ -124,8 +157,7 @@ def guarded_model(
             f"bundle {bundle.name!r}: its verdict fuses {', '.join(missing)}, with no in-graph form yet "
             f"(components of this bundle with one: {', '.join(have) or 'none'})"
         )
-    extra = components == "all"
-    names = [k for k, c in pipe.components.items() if k in fused or (extra and in_graph(c) and c.family != "reported")]
+    names = graph_components(bundle, components)
     comps = {k: pipe.components[k] for k in names}
 
     clf = onnx.load_from_string(bundle.onnx_bytes)
@@ -187,6 +219,8 @@ def guarded_model(
     g.add_output(g.p_value(pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
     flagged = g.op("Greater", score, g.scalar(pipe.threshold))
     g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
+    if details:
+        _add_details(g, clf, k, "nic" in g.memo)
 
     graph = helper.make_graph(
         g.nodes,
@@ -211,6 +245,19 @@ def guarded_model(
     helper.set_model_props(model, {f"pathguard.{key}": value for key, value in meta.items()})
     onnx.checker.check_model(model)
     return model
+
+
+def _add_details(g: GraphContext, clf: onnx.ModelProto, k: int, with_nic: bool) -> None:
+    """The taps of the originals and NIC's per-layer outputs (``details=True`` of :func:`guarded_model`)."""
+    for out in clf.graph.output:
+        if out.name != "logits":
+            g.add_output(g.tap(out.name), out.name, TensorProto.FLOAT, ["batch", *g.shapes[out.name]])
+    if with_nic:
+        value, head, prov, final = nic_output_names(0)
+        g.add_output(value, value, TensorProto.DOUBLE, ["batch", "layers"])
+        g.add_output(head, head, TensorProto.FLOAT, ["batch", "layers", k])
+        g.add_output(prov, prov, TensorProto.DOUBLE, ["batch", "pairs"])
+        g.add_output(final, final, TensorProto.DOUBLE, ["batch"])
 
 
 def _noise_source(g: GraphContext, mode: str, seed: int | None, names: Mapping[str, str]) -> Any:

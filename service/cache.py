@@ -277,6 +277,10 @@ _BODY_PARTS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+# parts a server may leave out of its answers (PATHGUARD_REPORTED_COMPONENTS): null in the body
+_OPTIONAL_PARTS = ("effective_path", "nic")
+
+
 def _unwrap(raw: bytes, bundle_sha256: str) -> tuple[dict[str, Any] | None, str]:
     """The response body of a cache entry, or None and why it cannot be used."""
     try:
@@ -293,6 +297,8 @@ def _unwrap(raw: bytes, bundle_sha256: str) -> tuple[dict[str, Any] | None, str]
         return None, "no response body"
     for part, fields in _BODY_PARTS.items():
         value = body.get(part)
+        if value is None and part in _OPTIONAL_PARTS:
+            continue
         if not isinstance(value, dict) or any(
             not isinstance(value.get(k), t) or (t != (bool,) and isinstance(value.get(k), bool))
             for k, t in fields.items()
@@ -300,7 +306,8 @@ def _unwrap(raw: bytes, bundle_sha256: str) -> tuple[dict[str, Any] | None, str]
             return None, f"response part {part!r} is malformed"
     if body["model"]["bundle_sha256"] != bundle_sha256:
         return None, "written for another bundle"
-    ep, nic = body["effective_path"], body["nic"]
+    ep = body["effective_path"] or {"layers": [], "rank1_similarity": []}
+    nic = body["nic"] or {"value_violation": {}, "provenance_violation": {}}
     numbers = [*ep["rank1_similarity"], *nic["value_violation"].values(), *nic["provenance_violation"].values()]
     if len(ep["layers"]) != len(ep["rank1_similarity"]) or not all(_is_number(v) for v in numbers):
         return None, "per-layer scores are malformed"

@@ -613,9 +613,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checks",
         nargs="+",
-        choices=["parallel", "serial", "graph"],
+        choices=["parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict"],
         default=["parallel", "serial"],
-        help="check modes, each on its own server: parallel, serial, graph (NIC inside the onnx graph)",
+        help="check modes, each on its own server: on the Python pipeline parallel, serial, graph (NIC inside the "
+        "onnx graph); on the guarded graph (PATHGUARD_DETECT_GRAPH=on) guarded (every component reported), "
+        "guarded-graph, guarded-verdict (PATHGUARD_REPORTED_COMPONENTS=graph / verdict)",
     )
     p.add_argument("--images", type=int, default=1000, help="distinct test images cycled through")
     p.add_argument("--warmup", type=int, default=100)

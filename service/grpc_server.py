@@ -210,7 +210,7 @@ class GrpcServer:
         }
         outputs = [
             tensor(name=n, datatype=d, shape=[-1, widths[n]] if n in widths else [-1])
-            for n, (d, _) in available_outputs(p.supervised is not None).items()
+            for n, (d, _) in available_outputs(p.supervised is not None, served.runtime.skip).items()
         ]
         return _CLASSES["ModelMetadataResponse"](
             name=served.name,
@@ -226,7 +226,7 @@ class GrpcServer:
 
     async def _infer(self, served: ServedModel, request: Any) -> Any:
         x = await asyncio.to_thread(_decode, request, served)
-        available = available_outputs(served.runtime.pipeline.supervised is not None)
+        available = available_outputs(served.runtime.pipeline.supervised is not None, served.runtime.skip)
         wanted = requested_outputs([o.name for o in request.outputs] or None, available)
         rid = safe_request_id(request.id or None) or uuid.uuid4().hex
         rows = await detect_tensor(served, rid, x)

@@ -13,7 +13,7 @@ each a numpy array per request, encoded as JSON ``data`` or as raw bytes by the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,9 +283,20 @@ def encode_http(
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def available_outputs(has_supervised: bool) -> dict[str, tuple[str, bool]]:
-    """Outputs this server can return: the supervised ones only when the bundle has a supervised detector."""
-    return OUTPUTS | SUPERVISED_OUTPUTS if has_supervised else dict(OUTPUTS)
+# the outputs read from a component's part of the answer
+_PART_OUTPUTS = {
+    "effective_path": ("path_similarity",),
+    "nic": ("value_violation", "provenance_violation"),
+    "supervised": tuple(SUPERVISED_OUTPUTS),
+}
+
+
+def available_outputs(has_supervised: bool, skipped: Collection[str] = ()) -> dict[str, tuple[str, bool]]:
+    """Outputs this server can return: the supervised ones only when the bundle has a supervised detector, none of
+    a component the server leaves out of its answers (``skipped``, PATHGUARD_REPORTED_COMPONENTS)."""
+    out = OUTPUTS | SUPERVISED_OUTPUTS if has_supervised else dict(OUTPUTS)
+    gone = {name for part in skipped for name in _PART_OUTPUTS.get(part, ())}
+    return {k: v for k, v in out.items() if k not in gone}
 
 
 def requested_outputs(names: list[str] | None, available: Mapping[str, tuple[str, bool]]) -> list[str]:
@@ -320,7 +331,7 @@ def _column(name: str, row: DetectResponse) -> list[Any]:
         return [pred.class_index]
     if name == "probabilities":
         return list(pred.probabilities)
-    assert verdict is not None and ep is not None and nic is not None
+    assert verdict is not None
     if name == "is_adversarial":
         return [verdict.adversarial]
     if name == "instance_score":
@@ -330,8 +341,10 @@ def _column(name: str, row: DetectResponse) -> list[Any]:
     if name in ("supervised_is_adversarial", "supervised_score"):
         assert sup is not None
         return [sup.adversarial if name == "supervised_is_adversarial" else sup.score]
-    if name == "path_similarity":
+    if name == "path_similarity":  # offered only when the answers report the part (available_outputs)
+        assert ep is not None
         return list(ep.rank1_similarity)
+    assert nic is not None
     if name == "value_violation":
         return list(nic.value_violation.values())
     return list(nic.provenance_violation.values())

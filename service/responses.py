@@ -173,6 +173,23 @@ class ModelInfo(BaseModel):
         "statistics): 'rank1'/'rank2' {'median', 'bound'}, bound = the benign 'tail' quantile on the suspicious side "
         "(below for rank-1, above for rank-2); 'images' = held-out training images it was fitted on.",
     )
+    detection: str = Field(
+        default="pipeline",
+        description="'graph': detection runs on the guarded graph (PATHGUARD_DETECT_GRAPH); 'pipeline': the Python "
+        "pipeline.",
+    )
+    detection_note: str | None = Field(
+        default=None,
+        description="With PATHGUARD_DETECT_GRAPH=auto and detection on the pipeline: why the graph cannot serve it.",
+    )
+    graph_components: list[str] = Field(
+        default_factory=list,
+        description="The components the guarded graph computes (empty when detection runs on the pipeline).",
+    )
+    skipped_components: list[str] = Field(
+        default_factory=list,
+        description="Components left out of responses (PATHGUARD_REPORTED_COMPONENTS=graph).",
+    )
     onnx_split_error: str | None = Field(
         default=None,
         description="Why the onnx engine could not split the graph at the checked taps (so the per-layer checks "
@@ -211,7 +228,8 @@ def detect_response(
         ``DetectionResult.row(i)``: every component's fields under its name, ``verdict`` and, for supervised
         bundles, ``supervised``. None when the client gets no verdict (shadow mode).
     """
-    parts: Mapping[str, Any] = row if row is not None else {"effective_path": None, "nic": None, "verdict": None}
+    none = {"effective_path": None, "nic": None, "verdict": None}  # parts a response always names
+    parts: Mapping[str, Any] = none if row is None else {**none, **row}
     return DetectResponse.model_validate(
         {
             "id": rid,

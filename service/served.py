@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,15 +21,26 @@ from typing import Any
 import numpy as np
 
 from pathguard.models.bundle import load_bundle
+from pathguard.models.components.graph import NotInGraphError
 from pathguard.models.errors import BundleError
+from pathguard.models.guarded import graph_components
 from pathguard.service.cache import DetectionStore, Entry
 from pathguard.service.errors import NotReady
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics, ModelMetrics
-from pathguard.service.runtime import ClassifierEngine, DetectionRuntime, MicroBatcher, OnnxEngine, TorchEngine
+from pathguard.service.runtime import (
+    ClassifierEngine,
+    DetectionRuntime,
+    GuardedEngine,
+    MicroBatcher,
+    OnnxEngine,
+    TorchEngine,
+)
 from pathguard.service.settings import Settings
 
 __all__ = ["ModelStats", "ModelStore", "ServedModel", "open_model"]
+
+log = logging.getLogger("pathguard.service")
 
 
 class ModelStats:
@@ -205,9 +217,57 @@ class ServedModel:
             self.stats.add(_STAT_NAMES.get(stage, stage), ms / 1000.0 * images, images)
 
 
-def _engine(settings: Settings, bundle: Any) -> ClassifierEngine:
+def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine | None, str | None]:
+    """The guarded graph's engine when detection is served from it (PATHGUARD_DETECT_GRAPH), else None and why
+    not. Raises :class:`BundleError` when it is required ('on') and cannot be."""
+    s = settings
+    if s.detect_graph == "off":
+        return None, "PATHGUARD_DETECT_GRAPH=off"
+    why: str | None = None
+    if s.engine != "onnx":
+        why = "the torch engine serves the Python pipeline (PATHGUARD_ENGINE=torch)"
+    elif s.nic_members == "random":
+        why = "NIC's drawn members are scored outside the graph (PATHGUARD_NIC_MEMBERS=random)"
+    else:
+        try:
+            scope = "verdict" if s.reported_components == "verdict" else "all"
+            inside = set(graph_components(bundle, scope))
+            beside = [k for k in bundle.pipeline.components if k not in inside and k not in _skipped(s, bundle)]
+            engine = GuardedEngine(
+                bundle,
+                components=scope,
+                taps=bool(beside),
+                threads=s.engine_threads,
+                inter_op_threads=s.graph_inter_op_threads,
+                providers=s.onnx_providers,
+            )
+        except (NotInGraphError, ValueError) as exc:
+            why = str(exc)
+        else:
+            log.info("model %s: detection served from the guarded graph (%s in it; beside it: %s)", bundle.name,
+                     ", ".join(engine.components), ", ".join(beside) or "nothing")  # fmt: skip
+            return engine, None
+    if s.detect_graph == "on":
+        raise BundleError(f"{path}: PATHGUARD_DETECT_GRAPH=on, but the guarded graph cannot serve it: {why}")
+    log.info("model %s: detection served by the Python pipeline: %s", bundle.name, why)
+    return None, why
+
+
+def _skipped(settings: Settings, bundle: Any) -> list[str]:
+    """The components left out of graph-served responses (PATHGUARD_REPORTED_COMPONENTS): 'graph', those with no
+    in-graph form; 'verdict', all but the verdict's."""
+    if settings.reported_components == "all":
+        return []
+    inside = set(graph_components(bundle, settings.reported_components if settings.reported_components == "verdict"
+                                  else "all"))  # fmt: skip
+    return [k for k in bundle.pipeline.components if k not in inside]
+
+
+def _engine(settings: Settings, bundle: Any, graph: bool = False) -> ClassifierEngine:
     if settings.engine == "torch":
         return TorchEngine(bundle.classifier)
+    if graph:  # detection runs on the guarded graph: this engine only classifies
+        return OnnxEngine(bundle.onnx_bytes, [], threads=settings.engine_threads, providers=settings.onnx_providers)
     if settings.nic_in_graph:  # no tap-by-tap stages needed: NIC's checks run inside the graph
         return OnnxEngine(
             bundle.onnx_bytes,
@@ -247,14 +307,18 @@ def open_model(
         except ValueError as exc:
             raise BundleError(f"{path}: PATHGUARD_NIC_MEMBERS=random: {exc}") from None
     model_metrics = metrics.for_model(name)
+    graph, why = _graph(s, bundle, path)
     runtime = DetectionRuntime(
-        _engine(s, bundle),
+        _engine(s, bundle, graph is not None),
         bundle.pipeline,
         s.worker_threads,
         s.parallel_checks,
         shadow_backlog=s.shadow_backlog,
         on_drop=model_metrics.shadow_dropped.inc,
+        graph=graph,
+        skip=_skipped(s, bundle) if graph is not None else (),
     )
+    runtime.graph_note = why if s.detect_graph != "off" else None
     try:
         c, h, w = (int(v) for v in bundle.input_shape)
         runtime.warm_up((c, h, w), [1], s.warmup_rounds)

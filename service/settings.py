@@ -194,6 +194,26 @@ class Settings(BaseSettings):
         "build has it (the onnxruntime-gpu package), else the CPU. Providers this build lacks are left out with a "
         "warning; the CPU provider is always the last fallback. The detectors' own work stays on the CPU.",
     )
+    detect_graph: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Serve detection from the guarded graph (the classifier, its consistency copies and every "
+        "component with an in-graph form in ONE onnxruntime run per batch, built in memory at load from the bundle; "
+        "`pathguard export --guarded` writes the same graph); the components with none (the exact Effective Path "
+        "walk, the supervised detector) then run beside it in Python. 'auto' (the default): when the bundle's "
+        "verdict is all in the graph, the onnx engine is used and NIC's members are fixed, else the Python pipeline "
+        "(the reason is logged and shown by /v1/model); 'on': the same, but a model that cannot is refused at load; "
+        "'off': always the Python pipeline. Scores agree with the pipeline's to float32 rounding (the graph's "
+        "forward pass and softmax are onnxruntime's); the noise is drawn as the pipeline draws it.",
+    )
+    reported_components: Literal["all", "graph", "verdict"] = Field(
+        default="all",
+        description="With detection served from the guarded graph, which components a response reports beside the "
+        "verdict: 'all' (the default) every component of the bundle, those with no in-graph form (the exact "
+        "Effective Path walk, the supervised detector) computed beside the graph; 'graph' those in the graph; "
+        "'verdict' the verdict's own only. A component left out is not computed: its part of the response is null "
+        "(effective_path, nic) or absent, and so are its OIP outputs, metrics and flagged-stream fields. The "
+        "verdict is the same either way. No effect on the Python pipeline.",
+    )
     nic_in_graph: bool = Field(
         default=False,
         description="onnx engine: compute NIC (reductions, value and provenance invariants, derived heads) inside the "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pathguard.models.components import Component, Observation, row_of
+from pathguard.models.components.base import GIVEN_RAW
 from pathguard.models.components.consistency import PROBE, has_copies, probe_inputs
 from pathguard.models.components.effective_path import EffectivePathComponent, EPPartial
 from pathguard.models.components.mahalanobis import GaussianComponent
@@ -305,17 +306,56 @@ class DetectionPipeline:
         obs = self.observe(x, logits, taps, partials, ep, nic_graph, probe)
         return self._result(obs, self.raw(obs), probabilities)
 
-    def raw(self, obs: Observation) -> dict[str, np.ndarray]:
-        """(N,) raw score of every component on the observation (higher = more anomalous).
+    def finish_graph(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+        raw: Mapping[str, np.ndarray],
+        generators: Sequence[torch.Generator],
+        nic_graph: GraphNICScores | None = None,
+        probabilities: np.ndarray | None = None,
+        skip: Collection[str] = (),
+    ) -> DetectionResult:
+        """Complete detection for a batch scored by the guarded graph (:mod:`pathguard.models.guarded`): ``raw``
+        holds the raw scores it computed (every in-graph component), ``nic_graph`` its NIC outputs (provenance and
+        final included), ``taps`` the originals' taps, ``generators`` those its noise was drawn from. The
+        components it did not score run here, but those in ``skip`` (reported ones the caller does not want:
+        their raw score is NaN and they report nothing); the verdict's components must all be given."""
+        if self.verdict is not None:
+            missing = [k for k in self.verdict.components if k not in raw]
+            if missing:
+                raise ValueError(f"the verdict's components {missing} were not scored by the graph")
+        unknown = sorted(set(skip) - set(self.components))
+        if unknown:
+            raise ValueError(f"cannot skip {unknown}: not components of this bundle")
+        obs = Observation(x, logits, taps, self._forward, generators, self.components)
+        obs.put(GIVEN_RAW, dict(raw))
+        if nic_graph is not None:
+            obs.put(GRAPH, nic_graph)
+        skipped = [k for k in skip if k not in raw]
+        return self._result(obs, self.raw(obs, skipped), probabilities, skipped)
+
+    def generators(self, x: torch.Tensor) -> list[torch.Generator]:
+        """The inputs' generators of the randomized components (seeded per input, or fresh; see the module
+        docstring)."""
+        return self._generators(x)
+
+    def raw(self, obs: Observation, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
+        """(N,) raw score of every component on the observation (higher = more anomalous); those given on the
+        observation (the guarded graph's, :meth:`finish_graph`) are taken as they are, those in ``skip`` are NaN.
 
         With consistency components, their copies' forward pass runs on the pipeline's own thread while the layer
         components score here (torch's kernels release the GIL, so the two overlap on a second core)."""
-        consistency = [n for n, c in self.components.items() if c.family == "consistency"]
+        given: Mapping[str, np.ndarray] = obs.memo.get(GIVEN_RAW) or {}
+        out = {name: np.asarray(v, dtype=np.float64) for name, v in given.items() if name in self.components}
+        out |= {name: np.full(len(obs), np.nan) for name in skip}
+        todo = [n for n in self.components if n not in out]
+        consistency = [n for n in todo if self.components[n].family == "consistency"]
         pending: Future[tuple[dict[str, torch.Tensor], float]] | None = obs.memo.pop(_STARTED, None)
-        if pending is None and self._copies and PROBE not in obs.memo:
+        if pending is None and consistency and self._copies and PROBE not in obs.memo:
             pending = self._prober().submit(_timed_probe, obs.x, obs.generators, self.components, self._forward)
-        out = {}
-        for name in [n for n in self.components if n not in consistency] + consistency:
+        for name in [n for n in todo if n not in consistency] + consistency:
             if pending is not None and name in consistency:
                 result, seconds = pending.result()
                 obs.put(PROBE, result)
@@ -329,14 +369,22 @@ class DetectionPipeline:
             self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="pathguard-consistency")
         return self._probe_thread
 
-    def _result(self, obs: Observation, raw: dict[str, np.ndarray], probs: np.ndarray | None = None) -> DetectionResult:
+    def _result(
+        self,
+        obs: Observation,
+        raw: dict[str, np.ndarray],
+        probs: np.ndarray | None = None,
+        skip: Collection[str] = (),
+    ) -> DetectionResult:
         if self.verdict is None:
             raise RuntimeError("pipeline has no fused-verdict calibration yet")
         if probs is None:
             probs = torch.softmax(obs.logits.float(), dim=1).numpy()
         fused = self.verdict.fuse(raw)
-        fields = {}
+        fields: dict[str, dict[str, Any]] = {name: {} for name in skip}  # not computed: not reported
         for name, c in self.components.items():
+            if name in skip:
+                continue
             calib = self.calibration.get(name)
             violation = (
                 violation_probability(calib, raw[name], assume_sorted=True)

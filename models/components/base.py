@@ -50,8 +50,12 @@ __all__ = [
     "read_npz",
     "register",
     "row_of",
+    "served_raw",
     "straight_through",
 ]
+
+GIVEN_RAW = "given/raw"
+"""The observation's key of raw scores computed elsewhere (the guarded graph's): ``{component: (N,) array}``."""
 
 T = TypeVar("T")
 FileReader = Callable[[str], bytes]
@@ -271,6 +275,15 @@ class Observation:
     def put(self, key: str, value: Any) -> None:
         """An analysis computed elsewhere (e.g. on a worker thread during the forward pass)."""
         self.memo[key] = value
+
+
+def served_raw(obs: Observation, component: Component) -> np.ndarray:
+    """``component``'s raw score of the batch as served: the one computed elsewhere (the guarded graph's, under
+    :data:`GIVEN_RAW`) when there is one, else :meth:`Component.raw` on the observation."""
+    given = obs.memo.get(GIVEN_RAW)
+    if given is not None and component.name in given:
+        return np.asarray(given[component.name], dtype=np.float64)
+    return np.asarray(component.raw(obs), dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------------- building

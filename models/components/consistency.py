@@ -35,6 +35,7 @@ from pathguard.models.components.base import (
     Observation,
     Relaxation,
     json_blob,
+    served_raw,
     straight_through,
 )
 from pathguard.models.components.graph import GraphContext
@@ -251,7 +252,7 @@ class _NoiseComponent(ConsistencyComponent):
         return g.get(f"{key}/stats", lambda: noise_statistics_graph(g, key))[self.statistic]
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
-        return {self.statistic: self.raw(obs), "score": violation}
+        return {self.statistic: served_raw(obs, self), "score": violation}
 
 
 class NoiseFlipComponent(_NoiseComponent):
@@ -467,7 +468,7 @@ class SqueezeComponent(ConsistencyComponent):
         return g.reduce("ReduceMax", g.op("Concat", *per_copy, axis=1), [1])
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
-        return {"softmax_l1": self.distance(obs), "score": violation}
+        return {"softmax_l1": served_raw(obs, self), "score": violation}
 
 
 def logit_margin(logits: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,12 @@ class NICComponent(Component):
             return self._analyse_members(obs)
         graph: GraphNICScores | None = obs.memo.get(GRAPH)
         partials = dict(obs.memo.get(PARTIALS) or {})
+        if graph is not None and graph.provenance is not None and graph.final is not None:
+            # the guarded graph's whole NIC (its softmax layer's checks on onnxruntime's softmax: see the module
+            # docstring of pathguard.models.guarded for what that rounding may move)
+            v, p = graph.value.double().numpy(), graph.provenance.double().numpy()
+            f = graph.final.double().numpy()
+            return NICAnalysis(v, p, f, self.nic.value_violation(v), self.nic.provenance_violation(p))
         if graph is not None:
             # the graph's results stand in for the checks of every layer but the softmax; the derived models'
             # outputs are torch's softmax of the graph's head logits, one (N, K) slice at a time: one (N, L, K)

@@ -32,7 +32,7 @@ from pathguard.models.data import load_dataset
 
 __all__ = ["MODES", "BenchConfig", "render_markdown", "run_bench"]
 
-MODES = ("parallel", "serial", "graph")
+MODES = ("parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict")
 STAGES = (
     "decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "mahalanobis", "consistency",
     "total",
@@ -54,7 +54,10 @@ class BenchConfig:
     modes : sequence of str
         Check modes, each served by its own server: ``parallel`` (per-layer checks beside the forward pass),
         ``serial`` (after it), ``graph`` (NIC's per-layer checks inside the onnx engine's graph,
-        ``PATHGUARD_NIC_IN_GRAPH``).
+        ``PATHGUARD_NIC_IN_GRAPH``), all three on the Python pipeline (``PATHGUARD_DETECT_GRAPH=off``);
+        ``guarded`` (detection on the guarded graph, ``PATHGUARD_DETECT_GRAPH=on``, every component reported),
+        ``guarded-graph`` and ``guarded-verdict`` (the same, reporting the graph's or the verdict's components only,
+        ``PATHGUARD_REPORTED_COMPONENTS``).
     images : int
         Distinct test images cycled through.
     warmup : int
@@ -130,6 +133,8 @@ class _Server:
             PATHGUARD_PORT=str(self.port),
             PATHGUARD_PARALLEL_CHECKS=str(mode != "serial").lower(),
             PATHGUARD_NIC_IN_GRAPH=str(mode == "graph").lower(),
+            PATHGUARD_DETECT_GRAPH="on" if mode.startswith("guarded") else "off",
+            PATHGUARD_REPORTED_COMPONENTS=mode.split("-", 1)[1] if "-" in mode else "all",
             PATHGUARD_CACHE="false",
             PATHGUARD_ENGINE=engine,
             **extra_env,

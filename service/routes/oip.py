@@ -30,7 +30,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code 
 
 
 def _outputs(served: ServedModel) -> dict[str, tuple[str, bool]]:
-    return available_outputs(served.runtime.pipeline.supervised is not None)
+    return available_outputs(served.runtime.pipeline.supervised is not None, served.runtime.skip)
 
 
 def _model(state: ServiceState, name: str, version: str | None = None) -> ServedModel:
@@ -75,7 +75,8 @@ def _metadata(served: ServedModel) -> dict[str, Any]:
         "provenance_violation": [-1, len(p.nic_provenance_pairs)],
     }
     available = _outputs(served)
-    shapes |= {n: [-1] for n in SUPERVISED_OUTPUTS if n in available}
+    shapes |= {n: [-1] for n in SUPERVISED_OUTPUTS}
+    shapes = {n: shape for n, shape in shapes.items() if n in available}
     return {
         "name": served.name,
         "versions": [served.version],

@@ -128,6 +128,10 @@ async def model(request: Request) -> ModelResponse:
         "supervised": _supervised_info(p.supervised),
         "benign_similarity": _benign_similarity(served),
         "onnx_split_error": served.runtime.engine.split_error,
+        "detection": "graph" if served.runtime.graph is not None else "pipeline",
+        "detection_note": served.runtime.graph_note,
+        "graph_components": list(served.runtime.graph.components) if served.runtime.graph is not None else [],
+        "skipped_components": list(served.runtime.skip),
     }
     return ModelResponse(ModelInfo.model_validate(body))
 

@@ -2,7 +2,7 @@
 
 from pathguard.service.runtime.batcher import BatchSlice, MicroBatcher
 from pathguard.service.runtime.checks import Classified, Detected, DetectionRuntime, ShadowStarted
-from pathguard.service.runtime.engines import ClassifierEngine, OnnxEngine, TorchEngine, softmax
+from pathguard.service.runtime.engines import ClassifierEngine, GuardedEngine, OnnxEngine, TorchEngine, softmax
 
 __all__ = [
     "BatchSlice",
@@ -10,6 +10,7 @@ __all__ = [
     "ClassifierEngine",
     "Detected",
     "DetectionRuntime",
+    "GuardedEngine",
     "MicroBatcher",
     "OnnxEngine",
     "ShadowStarted",

@@ -15,6 +15,11 @@ Without ``parallel_checks`` the same checks run one after the other after the fo
 An engine that computes NIC in its graph (``engine.computes_nic``: the onnx engine with NIC appended to the served
 graph) returns NIC's scores with the logits and taps from one run; no per-layer check is submitted then, and
 ``pipeline.finish`` uses those scores (``nic_graph``; it redoes only the softmax layer's checks).
+
+With the guarded graph (``graph=``, a :class:`~pathguard.service.runtime.engines.GuardedEngine`), a batch is one run
+of it (the classifier, its consistency copies and every in-graph component) and ``pipeline.finish_graph`` adds the
+components it does not hold (less ``skip``) and the verdict; in shadow mode the plain classifier answers first and
+the graph runs on the background thread.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 
 from pathguard.models.nic import INPUT, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores
-from pathguard.service.runtime.engines import ClassifierEngine, softmax
+from pathguard.service.runtime.engines import ClassifierEngine, GuardedEngine, softmax
 
 __all__ = ["Classified", "Detected", "DetectionRuntime", "Pipeline", "ShadowStarted"]
 
@@ -48,6 +53,20 @@ class Pipeline(Protocol):
     def layer_check(self, name: str, activation: torch.Tensor) -> Any: ...
 
     def start_probe(self, x: torch.Tensor) -> Any: ...
+
+    def generators(self, x: torch.Tensor) -> list[torch.Generator]: ...
+
+    def finish_graph(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+        raw: Any,
+        generators: Sequence[torch.Generator],
+        nic_graph: GraphNICScores | None = None,
+        probabilities: np.ndarray | None = None,
+        skip: Sequence[str] = (),
+    ) -> Any: ...
 
     def finish(
         self,
@@ -125,8 +144,13 @@ class DetectionRuntime:
         parallel: bool,
         shadow_backlog: int = 64,
         on_drop: Callable[[int], None] | None = None,
+        graph: GuardedEngine | None = None,
+        skip: Sequence[str] = (),
     ) -> None:
         self.engine = engine
+        self.graph = graph
+        self.skip = list(skip)
+        self.graph_note: str | None = None  # why detection is not served from the graph (set by the loader)
         self.pipeline = pipeline
         self.parallel = parallel
         self.checked = set(pipeline.checked_taps)
@@ -198,10 +222,29 @@ class DetectionRuntime:
         )  # fmt: skip
         return result, wait_s
 
+    def _detect_graph(self, x: np.ndarray, probabilities: np.ndarray | None = None) -> Detected:
+        """One run of the guarded graph (classifier, copies and every in-graph component), then the components it
+        does not hold (less ``skip``) and the verdict in the pipeline. ``classify_s`` is the graph's run (with
+        its noise drawn), ``checks_s`` the rest."""
+        assert self.graph is not None
+        xt = torch.from_numpy(x)
+        t0 = time.perf_counter()
+        run = self.graph.run(x, self.pipeline.generators(xt))
+        classify_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        probs = softmax(run.logits.numpy()) if probabilities is None else probabilities
+        result = self.pipeline.finish_graph(
+            xt, run.logits, run.taps, run.raw, run.generators, nic_graph=run.nic, probabilities=probs, skip=self.skip
+        )
+        return Detected(result, probs, classify_s, time.perf_counter() - t1)
+
     def detect(self, x: np.ndarray) -> Detected:
         """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W).
 
-        The softmax is computed once here and shared with the pipeline's result."""
+        The softmax is computed once here and shared with the pipeline's result. With the guarded graph: one run
+        of it, then what it does not hold."""
+        if self.graph is not None:
+            return self._detect_graph(x)
         fwd = self._forward(x)
         t0 = time.perf_counter()
         probabilities = softmax(fwd.logits.numpy())
@@ -210,7 +253,10 @@ class DetectionRuntime:
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:
         """Forward pass now (layer checks already started); the rest of the detection on a background thread,
-        unless the shadow backlog is full (then ``detection`` is None and the verdicts are dropped)."""
+        unless the shadow backlog is full (then ``detection`` is None and the verdicts are dropped). With the guarded
+        graph the prediction comes from the plain classifier and the graph runs on the background thread."""
+        if self.graph is not None:
+            return self._shadow_graph(x)
         fwd = self._forward(x)
         probabilities = softmax(fwd.logits.numpy())
         classified = Classified(probabilities, fwd.classify_s)
@@ -219,8 +265,7 @@ class DetectionRuntime:
                 fut.cancel()
             if fwd.probe is not None:
                 fwd.probe.future.cancel()
-            if self.on_drop is not None:
-                self.on_drop(len(x))
+            self._dropped(len(x))
             return ShadowStarted(classified, None)
 
         def rest() -> Detected:
@@ -233,6 +278,25 @@ class DetectionRuntime:
                     self._shadow_pending -= 1
 
         return ShadowStarted(classified, self._finisher.submit(rest))
+
+    def _shadow_graph(self, x: np.ndarray) -> ShadowStarted:
+        classified = self.classify(x)
+        if not self._admit_shadow():
+            self._dropped(len(x))
+            return ShadowStarted(classified, None)
+
+        def rest() -> Detected:
+            try:
+                return self._detect_graph(x, classified.probabilities)
+            finally:
+                with self._shadow_lock:
+                    self._shadow_pending -= 1
+
+        return ShadowStarted(classified, self._finisher.submit(rest))
+
+    def _dropped(self, images: int) -> None:
+        if self.on_drop is not None:
+            self.on_drop(images)
 
     def _admit_shadow(self) -> bool:
         """Reserve a place in the shadow backlog; False (logged once per episode) when it is full."""

@@ -8,10 +8,11 @@ ONNX model gets NIC's reductions, value invariants and derived heads appended
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -20,11 +21,21 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from pathguard.models.guarded import guarded_model, noise_feed
 from pathguard.models.networks import TappedSequential, tap_points
 from pathguard.models.nic import NICDetector
 from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
 
-__all__ = ["ClassifierEngine", "OnnxEngine", "TapCallback", "TorchEngine", "resolve_providers", "softmax"]
+__all__ = [
+    "ClassifierEngine",
+    "GraphRun",
+    "GuardedEngine",
+    "OnnxEngine",
+    "TapCallback",
+    "TorchEngine",
+    "resolve_providers",
+    "softmax",
+]
 
 log = logging.getLogger("pathguard.service")
 
@@ -225,6 +236,67 @@ class OnnxEngine:
         outs = dict(zip(names, self._with_nic.run(names, {self.input_name: x}), strict=True))
         taps = {n: torch.from_numpy(outs[n]) for n in self.tap_names}
         return torch.from_numpy(outs["logits"]), taps, GraphNICScores.from_outputs(outs)
+
+
+@dataclass
+class GraphRun:
+    """One batch through the guarded graph: logits (N, K), the originals' taps (those asked for), the raw score of
+    every in-graph component, NIC's outputs (where NIC is in the graph) and the generators its noise came from."""
+
+    logits: torch.Tensor
+    taps: dict[str, torch.Tensor]
+    raw: dict[str, np.ndarray]
+    nic: GraphNICScores | None
+    generators: list[torch.Generator]
+
+
+class GuardedEngine:
+    """onnxruntime on the bundle's guarded graph (:func:`pathguard.models.guarded.guarded_model`, built in memory at
+    start-up): the classifier, its consistency copies in the same forward pass, and every in-graph component of the
+    bundle in ONE run. Its noise is fed from the pipeline's per-input generators (``noise="input"``), so a seeded
+    server draws the same noise as the Python pipeline and an unseeded one fresh noise per batch.
+
+    ``components``: ``all`` (every in-graph component) or ``verdict`` (the verdict's); ``taps``: also return the
+    originals' taps (for the components with no in-graph form, run beside the graph).
+    """
+
+    name = "graph"
+
+    def __init__(
+        self,
+        bundle: Any,
+        components: str = "all",
+        taps: bool = True,
+        threads: int = 1,
+        inter_op_threads: int = 1,
+        providers: Sequence[str] = (CPU,),
+    ) -> None:
+        model = guarded_model(bundle, noise="input", components=components, details=True)
+        self.scope = components
+        props = {p.key: p.value for p in model.metadata_props}
+        self.bundle = bundle
+        self.components: list[str] = json.loads(props["pathguard.components"])
+        outputs = [o.name for o in model.graph.output]
+        nic = [n for n in nic_output_names(0) if n in outputs]
+        clf_outputs = [o.name for o in onnx.load_from_string(bundle.onnx_bytes).graph.output]
+        self.tap_names = [n for n in clf_outputs if n != "logits"] if taps else []
+        self._outputs = ["logits", *(f"raw_{c}" for c in self.components), *self.tap_names, *nic]
+        self._nic = bool(nic)
+        options = OnnxEngine._nic_options(threads, inter_op_threads)
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=resolve_providers(providers))
+        self.providers = self.session.get_providers()
+
+    def run(self, x: np.ndarray, generators: Sequence[torch.Generator]) -> GraphRun:
+        """Score the batch ``x`` (N, C, H, W) with noise drawn from ``generators`` (one per input)."""
+        feed = {"input": x, **noise_feed(self.bundle, torch.from_numpy(x), generators, self.scope)}
+        outs = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
+        return GraphRun(
+            logits=torch.from_numpy(outs["logits"]),
+            taps={n: torch.from_numpy(outs[n]) for n in self.tap_names},
+            raw={c: outs[f"raw_{c}"] for c in self.components},
+            nic=GraphNICScores.from_outputs(outs) if self._nic else None,
+            generators=list(generators),
+        )
 
 
 def _ancestors(graph: onnx.GraphProto) -> dict[str, set[str]]:

@@ -166,9 +166,11 @@ function render(body, file, caption) {
   $("v-score").textContent = `${fmt(v.score, 4)} ${v.score > v.threshold ? ">" : "\u2264"} ${fmt(v.threshold, 4)}`;
   $("v-p").textContent = fmt(v.p_value, 4);
   $("v-fpr").textContent = fmt(v.target_fpr, 3);
-  renderPaths(body.effective_path, body.prediction);
-  renderViolations("nic-value", body.nic.value_violation);
-  renderViolations("nic-prov", body.nic.provenance_violation);
+  // null when the server leaves the component out of its answers (PATHGUARD_REPORTED_COMPONENTS)
+  if (body.effective_path) renderPaths(body.effective_path, body.prediction);
+  else $("ep-table").querySelector("tbody").replaceChildren();
+  renderViolations("nic-value", body.nic ? body.nic.value_violation : {});
+  renderViolations("nic-prov", body.nic ? body.nic.provenance_violation : {});
 }
 
 function bar(value, cls, band) {
