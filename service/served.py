@@ -236,7 +236,6 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
             engine = GuardedEngine(
                 bundle,
                 components=scope,
-                taps=bool(beside),
                 threads=s.engine_threads,
                 inter_op_threads=s.graph_inter_op_threads,
                 providers=s.onnx_providers,

@@ -306,22 +306,37 @@ class DetectionPipeline:
         obs = self.observe(x, logits, taps, partials, ep, nic_graph, probe)
         return self._result(obs, self.raw(obs), probabilities)
 
-    def finish_graph(
+    def graph_observation(
         self,
         x: torch.Tensor,
         logits: torch.Tensor,
         taps: dict[str, torch.Tensor],
-        raw: Mapping[str, np.ndarray],
         generators: Sequence[torch.Generator],
+    ) -> Observation:
+        """The observation of a batch scored by the guarded graph (:mod:`pathguard.models.guarded`): the classifier's
+        logits and taps of the originals (for the components with no in-graph form) and the generators the graph's
+        noise is drawn from. Score those components with :meth:`raw_of` (e.g. on a worker thread while the graph
+        runs), then :meth:`finish_graph`."""
+        return Observation(x, logits, taps, self._forward, generators, self.components)
+
+    def raw_of(self, obs: Observation, names: Collection[str]) -> dict[str, np.ndarray]:
+        """(N,) raw scores of the components ``names`` on the observation (thread-safe while nothing else uses
+        ``obs``)."""
+        return {name: np.asarray(self.components[name].raw(obs), dtype=np.float64) for name in names}
+
+    def finish_graph(
+        self,
+        obs: Observation,
+        raw: Mapping[str, np.ndarray],
         nic_graph: GraphNICScores | None = None,
         probabilities: np.ndarray | None = None,
         skip: Collection[str] = (),
     ) -> DetectionResult:
-        """Complete detection for a batch scored by the guarded graph (:mod:`pathguard.models.guarded`): ``raw``
-        holds the raw scores it computed (every in-graph component), ``nic_graph`` its NIC outputs (provenance and
-        final included), ``taps`` the originals' taps, ``generators`` those its noise was drawn from. The
-        components it did not score run here, but those in ``skip`` (reported ones the caller does not want:
-        their raw score is NaN and they report nothing); the verdict's components must all be given."""
+        """Complete detection of :meth:`graph_observation`'s batch: ``raw`` holds the raw scores the guarded graph
+        computed (every in-graph component) and any computed beside it (:meth:`raw_of`), ``nic_graph`` the graph's
+        NIC outputs (provenance and final included). The components still missing run here, but those in ``skip``
+        (reported ones the caller does not want: their raw score is NaN and they report nothing); the verdict's
+        components must all be given."""
         if self.verdict is not None:
             missing = [k for k in self.verdict.components if k not in raw]
             if missing:
@@ -329,7 +344,6 @@ class DetectionPipeline:
         unknown = sorted(set(skip) - set(self.components))
         if unknown:
             raise ValueError(f"cannot skip {unknown}: not components of this bundle")
-        obs = Observation(x, logits, taps, self._forward, generators, self.components)
         obs.put(GIVEN_RAW, dict(raw))
         if nic_graph is not None:
             obs.put(GRAPH, nic_graph)

@@ -17,9 +17,10 @@ graph) returns NIC's scores with the logits and taps from one run; no per-layer 
 ``pipeline.finish`` uses those scores (``nic_graph``; it redoes only the softmax layer's checks).
 
 With the guarded graph (``graph=``, a :class:`~pathguard.service.runtime.engines.GuardedEngine`), a batch is one run
-of it (the classifier, its consistency copies and every in-graph component) and ``pipeline.finish_graph`` adds the
-components it does not hold (less ``skip``) and the verdict; in shadow mode the plain classifier answers first and
-the graph runs on the background thread.
+of it (the classifier, its consistency copies and every in-graph component); the components it does not hold (less
+``skip``) run on a worker thread beside it, on the taps of a plain forward pass just before, and
+``pipeline.finish_graph`` fuses the verdict. In shadow mode the plain classifier answers first and the rest runs on
+the background thread.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Pipeline(Protocol):
 
     checked_taps: list[str]
     nic_value_layers: list[str]
+    components: dict[str, Any]
 
     def layer_check(self, name: str, activation: torch.Tensor) -> Any: ...
 
@@ -56,13 +58,16 @@ class Pipeline(Protocol):
 
     def generators(self, x: torch.Tensor) -> list[torch.Generator]: ...
 
+    def graph_observation(
+        self, x: torch.Tensor, logits: torch.Tensor, taps: dict[str, torch.Tensor], generators: Any
+    ) -> Any: ...
+
+    def raw_of(self, obs: Any, names: Sequence[str]) -> dict[str, np.ndarray]: ...
+
     def finish_graph(
         self,
-        x: torch.Tensor,
-        logits: torch.Tensor,
-        taps: dict[str, torch.Tensor],
-        raw: Any,
-        generators: Sequence[torch.Generator],
+        obs: Any,
+        raw: dict[str, np.ndarray],
         nic_graph: GraphNICScores | None = None,
         probabilities: np.ndarray | None = None,
         skip: Sequence[str] = (),
@@ -150,6 +155,9 @@ class DetectionRuntime:
         self.engine = engine
         self.graph = graph
         self.skip = list(skip)
+        # the components the graph does not hold and the answers report: computed beside the graph
+        inside = set(graph.components) if graph is not None else set(pipeline.components)
+        self.beside = [k for k in pipeline.components if k not in inside and k not in self.skip]
         self.graph_note: str | None = None  # why detection is not served from the graph (set by the loader)
         self.pipeline = pipeline
         self.parallel = parallel
@@ -223,20 +231,31 @@ class DetectionRuntime:
         return result, wait_s
 
     def _detect_graph(self, x: np.ndarray, probabilities: np.ndarray | None = None) -> Detected:
-        """One run of the guarded graph (classifier, copies and every in-graph component), then the components it
-        does not hold (less ``skip``) and the verdict in the pipeline. ``classify_s`` is the graph's run (with
-        its noise drawn), ``checks_s`` the rest."""
+        """One run of the guarded graph (classifier, copies and every in-graph component) and, on a worker thread
+        beside it, the components it does not hold (less ``skip``) on the plain classifier's taps; then the verdict
+        in the pipeline. ``classify_s`` is the two forward passes (the graph's noise drawn included), ``checks_s``
+        the rest, ``wait_s`` its part spent waiting for the components beside the graph."""
         assert self.graph is not None
         xt = torch.from_numpy(x)
+        generators = self.pipeline.generators(xt)
         t0 = time.perf_counter()
-        run = self.graph.run(x, self.pipeline.generators(xt))
+        beside: Future[dict[str, np.ndarray]] | None = None
+        if self.beside:  # their taps from the plain classifier: they run while the graph does (it frees the GIL)
+            logits, taps = self.engine.forward(x, None)
+            obs = self.pipeline.graph_observation(xt, logits, taps, generators)
+            beside = self._workers.submit(self.pipeline.raw_of, obs, self.beside)
+        run = self.graph.run(x, generators)
         classify_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        probs = softmax(run.logits.numpy()) if probabilities is None else probabilities
-        result = self.pipeline.finish_graph(
-            xt, run.logits, run.taps, run.raw, run.generators, nic_graph=run.nic, probabilities=probs, skip=self.skip
-        )
-        return Detected(result, probs, classify_s, time.perf_counter() - t1)
+        raw = dict(run.raw)
+        if beside is None:
+            obs = self.pipeline.graph_observation(xt, run.logits, {}, generators)
+        else:
+            raw |= beside.result()
+        wait_s = time.perf_counter() - t1
+        probs = softmax(obs.logits.numpy()) if probabilities is None else probabilities
+        result = self.pipeline.finish_graph(obs, raw, nic_graph=run.nic, probabilities=probs, skip=self.skip)
+        return Detected(result, probs, classify_s, time.perf_counter() - t1, wait_s)
 
     def detect(self, x: np.ndarray) -> Detected:
         """Forward pass with the layer checks (parallel or serial), then the verdict. ``x``: (N, C, H, W).

@@ -240,11 +240,10 @@ class OnnxEngine:
 
 @dataclass
 class GraphRun:
-    """One batch through the guarded graph: logits (N, K), the originals' taps (those asked for), the raw score of
-    every in-graph component, NIC's outputs (where NIC is in the graph) and the generators its noise came from."""
+    """One batch through the guarded graph: logits (N, K), the raw score of every in-graph component, NIC's outputs
+    (where NIC is in the graph) and the generators its noise came from."""
 
     logits: torch.Tensor
-    taps: dict[str, torch.Tensor]
     raw: dict[str, np.ndarray]
     nic: GraphNICScores | None
     generators: list[torch.Generator]
@@ -256,8 +255,7 @@ class GuardedEngine:
     bundle in ONE run. Its noise is fed from the pipeline's per-input generators (``noise="input"``), so a seeded
     server draws the same noise as the Python pipeline and an unseeded one fresh noise per batch.
 
-    ``components``: ``all`` (every in-graph component) or ``verdict`` (the verdict's); ``taps``: also return the
-    originals' taps (for the components with no in-graph form, run beside the graph).
+    ``components``: ``all`` (every in-graph component) or ``verdict`` (the verdict's).
     """
 
     name = "graph"
@@ -266,7 +264,6 @@ class GuardedEngine:
         self,
         bundle: Any,
         components: str = "all",
-        taps: bool = True,
         threads: int = 1,
         inter_op_threads: int = 1,
         providers: Sequence[str] = (CPU,),
@@ -278,9 +275,7 @@ class GuardedEngine:
         self.components: list[str] = json.loads(props["pathguard.components"])
         outputs = [o.name for o in model.graph.output]
         nic = [n for n in nic_output_names(0) if n in outputs]
-        clf_outputs = [o.name for o in onnx.load_from_string(bundle.onnx_bytes).graph.output]
-        self.tap_names = [n for n in clf_outputs if n != "logits"] if taps else []
-        self._outputs = ["logits", *(f"raw_{c}" for c in self.components), *self.tap_names, *nic]
+        self._outputs = ["logits", *(f"raw_{c}" for c in self.components), *nic]
         self._nic = bool(nic)
         options = OnnxEngine._nic_options(threads, inter_op_threads)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=resolve_providers(providers))
@@ -292,7 +287,6 @@ class GuardedEngine:
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
         return GraphRun(
             logits=torch.from_numpy(outs["logits"]),
-            taps={n: torch.from_numpy(outs[n]) for n in self.tap_names},
             raw={c: outs[f"raw_{c}"] for c in self.components},
             nic=GraphNICScores.from_outputs(outs) if self._nic else None,
             generators=list(generators),

@@ -38,7 +38,7 @@ def images():
 def test_the_graph_runtime_answers_like_the_pipeline(residual, images):
     """Seeded, the graph draws the pipeline's noise: every raw score agrees to float32 rounding (NIC VI's sum of
     per-layer p-values may move by a calibration step of one layer), the verdicts are the same, and every reported
-    part (the exact Effective Path walk run beside the graph on its taps included) is there."""
+    part (the exact Effective Path walk, run beside the graph on the plain classifier's taps, included) is there."""
     x, _ = images
     pipe = residual.pipeline
     graph = DetectionRuntime(OnnxEngine(residual.onnx_bytes, []), pipe, 1, False, graph=GuardedEngine(residual))
@@ -53,7 +53,7 @@ def test_the_graph_runtime_answers_like_the_pipeline(residual, images):
     near = np.abs(b.score - pipe.threshold) < 1e-3
     assert np.array_equal(a.adversarial[~near], b.adversarial[~near])
     np.testing.assert_allclose(a.score, b.score, atol=1e-3)
-    np.testing.assert_allclose(a.rank1_similarity, b.rank1_similarity, atol=1e-6)  # the same walk on the graph's taps
+    np.testing.assert_allclose(a.rank1_similarity, b.rank1_similarity, atol=1e-6)  # the same walk, the same taps
     for i in range(len(x)):
         ra, rb = a.row(i), b.row(i)
         assert set(ra) == set(rb)
@@ -71,15 +71,18 @@ def test_skipped_components_are_not_computed(residual, images):
         pipe,
         1,
         False,
-        graph=GuardedEngine(residual, components="verdict", taps=False),
+        graph=GuardedEngine(residual, components="verdict"),
         skip=["effective_path", "nic", "nic_vi"],
     )
     a, b = full.detect(x[:8]).result, lean.detect(x[:8]).result
     assert np.isnan(b.raw["effective_path"]).all() and np.isnan(b.raw["nic"]).all()
     assert "effective_path" not in b.row(0) and "nic" not in b.row(0)
     np.testing.assert_array_equal(a.score, b.score)  # the verdict's components drew the same noise
+    assert lean.beside == [] and full.beside == ["effective_path"]  # the walk beside the graph, unless left out
+    xt = torch.from_numpy(x[:2])
+    obs = pipe.graph_observation(xt, torch.zeros(2, 10), {}, pipe.generators(xt))
     with pytest.raises(ValueError, match="not scored by the graph"):
-        pipe.finish_graph(torch.from_numpy(x[:2]), torch.zeros(2, 10), {}, {}, pipe.generators(torch.zeros(2, 1)))
+        pipe.finish_graph(obs, {})
 
 
 def test_the_server_detects_on_the_graph_where_the_verdict_is_in_it(make_client, tmp_path, images):
