@@ -137,10 +137,9 @@ def guarded_model(
     components : str
         ``verdict``: the verdict's components; ``all``: also every other in-graph component (reported).
     details : bool
-        Also output what the server's response reports beyond the scores (the server runs this graph with
-        ``noise="input"``): every tap of the originals' forward pass under the tap's name (for the components with
-        no in-graph form, computed beside the graph) and, with NIC in the graph, its per-layer and provenance scores
-        under :func:`~pathguard.models.nic.onnx_export.nic_output_names`.
+        Also output, with NIC in the graph, its per-layer value scores, derived heads' logits, provenance scores and
+        final score under :func:`~pathguard.models.nic.onnx_export.nic_output_names` (what the server's answers
+        report of NIC beyond its score).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
@@ -220,7 +219,7 @@ def guarded_model(
     flagged = g.op("Greater", score, g.scalar(pipe.threshold))
     g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
     if details:
-        _add_details(g, clf, k, "nic" in g.memo)
+        _add_details(g, k)
 
     graph = helper.make_graph(
         g.nodes,
@@ -247,12 +246,9 @@ def guarded_model(
     return model
 
 
-def _add_details(g: GraphContext, clf: onnx.ModelProto, k: int, with_nic: bool) -> None:
-    """The taps of the originals and NIC's per-layer outputs (``details=True`` of :func:`guarded_model`)."""
-    for out in clf.graph.output:
-        if out.name != "logits":
-            g.add_output(g.tap(out.name), out.name, TensorProto.FLOAT, ["batch", *g.shapes[out.name]])
-    if with_nic:
+def _add_details(g: GraphContext, k: int) -> None:
+    """NIC's per-layer outputs (``details=True`` of :func:`guarded_model`), where NIC is in the graph."""
+    if "nic" in g.memo:
         value, head, prov, final = nic_output_names(0)
         g.add_output(value, value, TensorProto.DOUBLE, ["batch", "layers"])
         g.add_output(head, head, TensorProto.FLOAT, ["batch", "layers", k])
