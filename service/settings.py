@@ -221,7 +221,8 @@ class Settings(BaseSettings):
         "onnxruntime run returns logits, taps and NIC's scores; only the softmax layer's checks and the final model "
         "run in torch afterwards. Scores agree with the per-layer torch checks to float32 rounding (a violation "
         "probability may move by one calibration step). False: NIC runs as per-layer torch checks "
-        "(PATHGUARD_PARALLEL_CHECKS). No effect with the torch engine.",
+        "(PATHGUARD_PARALLEL_CHECKS). No effect with the torch engine, nor with detection on the guarded graph "
+        "(PATHGUARD_DETECT_GRAPH; NIC is in it).",
     )
     graph_inter_op_threads: int = Field(
         default=1,
