@@ -230,18 +230,24 @@ class DetectionRuntime:
         )  # fmt: skip
         return result, wait_s
 
-    def _detect_graph(self, x: np.ndarray, probabilities: np.ndarray | None = None) -> Detected:
+    def _detect_graph(
+        self,
+        x: np.ndarray,
+        probabilities: np.ndarray | None = None,
+        forward: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+    ) -> Detected:
         """One run of the guarded graph (classifier, copies and every in-graph component) and, on a worker thread
         beside it, the components it does not hold (less ``skip``) on the plain classifier's taps; then the verdict
         in the pipeline. ``classify_s`` is the two forward passes (the graph's noise drawn included), ``checks_s``
-        the rest, ``wait_s`` its part spent waiting for the components beside the graph."""
+        the rest, ``wait_s`` its part spent waiting for the components beside the graph. ``forward``: the plain
+        classifier's logits and taps of ``x`` when the caller has them already."""
         assert self.graph is not None
         xt = torch.from_numpy(x)
         generators = self.pipeline.generators(xt)
         t0 = time.perf_counter()
         beside: Future[dict[str, np.ndarray]] | None = None
         if self.beside:  # their taps from the plain classifier: they run while the graph does (it frees the GIL)
-            logits, taps = self.engine.forward(x, None)
+            logits, taps = forward if forward is not None else self.engine.forward(x, None)
             obs = self.pipeline.graph_observation(xt, logits, taps, generators)
             beside = self._workers.submit(self.pipeline.raw_of, obs, self.beside)
         run = self.graph.run(x, generators)
@@ -299,14 +305,17 @@ class DetectionRuntime:
         return ShadowStarted(classified, self._finisher.submit(rest))
 
     def _shadow_graph(self, x: np.ndarray) -> ShadowStarted:
-        classified = self.classify(x)
+        t0 = time.perf_counter()
+        forward = self.engine.forward(x, None) if self.beside else None  # the taps the components beside it read
+        logits = forward[0].numpy() if forward is not None else self.engine.logits(x)
+        classified = Classified(softmax(logits), time.perf_counter() - t0)
         if not self._admit_shadow():
             self._dropped(len(x))
             return ShadowStarted(classified, None)
 
         def rest() -> Detected:
             try:
-                return self._detect_graph(x, classified.probabilities)
+                return self._detect_graph(x, classified.probabilities, forward)
             finally:
                 with self._shadow_lock:
                     self._shadow_pending -= 1
