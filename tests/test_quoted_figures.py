@@ -45,3 +45,35 @@ def test_readme_clean_fprs_are_the_committed_score_files_of_the_committed_bundle
     )
     assert quoted, row
     assert float(quoted.group(1)) == pytest.approx(100 * figures["flagged_rate"], abs=0.005)
+
+
+_BUDGET_NAMES = {"Linf 2/255": "linf_2", "Linf 4/255": "linf_4", "Linf 8/255": "linf_8", "L2 0.5": "l2_0.5",
+                 "L2 1.0": "l2_1.0", "Linf 0.3": "linf_0.3"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("bundle", "label"), [("cifar10-resnet20", "residual CIFAR-10"), ("mnist-lenet5", "MNIST")])
+def test_the_threat_models_figures_are_the_adaptive_reports(bundle, label):
+    """README's threat-model table quotes the committed adaptive reports of the committed bundles."""
+    report = json.loads((REPORTS / f"{bundle}-adaptive" / "report.json").read_text())
+    assert report["bundle"]["sha256"] == bundle_sha256(ARTIFACTS / bundle)
+    assert report["images"]["n"] >= 100
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Threat model") : readme.index("What that means:")]
+    rows = [r for r in table.splitlines() if r.startswith(f"| {label}")]
+    quoted = 0
+    for row in rows:
+        _, attack, oblivious, adaptive = (c.strip() for c in row.strip("|").split("|"))
+        if attack.startswith("PGD "):
+            for budget in attack.removeprefix("PGD ").split(", "):
+                cell = report["pgd"]["fused"][_BUDGET_NAMES[budget]]
+                assert oblivious == f"{cell['oblivious']['success']:.0%}", row
+                assert adaptive == f"{cell['adaptive']['success']:.0%}", row
+                quoted += 1
+        elif attack == "CW-L2":
+            cw = report["cw_l2"]
+            assert oblivious.startswith(f"{cw['oblivious']['success']:.0%} ("), row
+            assert f"{cw['oblivious']['mean_l2_of_misclassified']:.2f}" in oblivious, row
+            assert adaptive.startswith(f"{cw['fused']['success']:.0%} ("), row
+            assert f"{cw['fused']['l2_over_oblivious']:.2f}x" in adaptive, row
+            quoted += 1
+    assert quoted >= 6
