@@ -242,6 +242,9 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
             )
         except (NotInGraphError, ValueError) as exc:
             why = str(exc)
+        except Exception as exc:  # an imported graph the guarded graph's build or onnxruntime rejects
+            why = f"the guarded graph could not be built: {type(exc).__name__}: {exc}"
+            log.warning("model %s: %s", bundle.name, why)
         else:
             log.info("model %s: detection served from the guarded graph (%s in it; beside it: %s)", bundle.name,
                      ", ".join(engine.components), ", ".join(beside) or "nothing")  # fmt: skip
