@@ -230,12 +230,9 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
         why = "NIC's drawn members are scored outside the graph (PATHGUARD_NIC_MEMBERS=random)"
     else:
         try:
-            scope = "verdict" if s.reported_components == "verdict" else "all"
-            inside = set(graph_components(bundle, scope))
-            beside = [k for k in bundle.pipeline.components if k not in inside and k not in _skipped(s, bundle)]
             engine = GuardedEngine(
                 bundle,
-                components=scope,
+                components=_scope(s),
                 threads=s.engine_threads,
                 inter_op_threads=s.graph_inter_op_threads,
                 providers=s.onnx_providers,
@@ -246,8 +243,6 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
             why = f"the guarded graph could not be built: {type(exc).__name__}: {exc}"
             log.warning("model %s: %s", bundle.name, why)
         else:
-            log.info("model %s: detection served from the guarded graph (%s in it; beside it: %s)", bundle.name,
-                     ", ".join(engine.components), ", ".join(beside) or "nothing")  # fmt: skip
             return engine, None
     if s.detect_graph == "on":
         raise BundleError(f"{path}: PATHGUARD_DETECT_GRAPH=on, but the guarded graph cannot serve it: {why}")
@@ -255,13 +250,17 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
     return None, why
 
 
+def _scope(settings: Settings) -> str:
+    """The guarded graph's components (:func:`graph_components`) for PATHGUARD_REPORTED_COMPONENTS."""
+    return "verdict" if settings.reported_components == "verdict" else "all"
+
+
 def _skipped(settings: Settings, bundle: Any) -> list[str]:
     """The components left out of graph-served responses (PATHGUARD_REPORTED_COMPONENTS): 'graph', those with no
     in-graph form; 'verdict', all but the verdict's."""
     if settings.reported_components == "all":
         return []
-    inside = set(graph_components(bundle, settings.reported_components if settings.reported_components == "verdict"
-                                  else "all"))  # fmt: skip
+    inside = set(graph_components(bundle, _scope(settings)))
     return [k for k in bundle.pipeline.components if k not in inside]
 
 
@@ -319,8 +318,11 @@ def open_model(
         on_drop=model_metrics.shadow_dropped.inc,
         graph=graph,
         skip=_skipped(s, bundle) if graph is not None else (),
+        graph_note=why if s.detect_graph != "off" else None,
     )
-    runtime.graph_note = why if s.detect_graph != "off" else None
+    if graph is not None:
+        log.info("model %s: detection served from the guarded graph (%s in it; beside it: %s)", bundle.name,
+                 ", ".join(graph.components), ", ".join(runtime.beside) or "nothing")  # fmt: skip
     try:
         c, h, w = (int(v) for v in bundle.input_shape)
         runtime.warm_up((c, h, w), [1], s.warmup_rounds)

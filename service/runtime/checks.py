@@ -151,6 +151,7 @@ class DetectionRuntime:
         on_drop: Callable[[int], None] | None = None,
         graph: GuardedEngine | None = None,
         skip: Sequence[str] = (),
+        graph_note: str | None = None,
     ) -> None:
         self.engine = engine
         self.graph = graph
@@ -158,7 +159,7 @@ class DetectionRuntime:
         # the components the graph does not hold and the answers report: computed beside the graph
         inside = set(graph.components) if graph is not None else set(pipeline.components)
         self.beside = [k for k in pipeline.components if k not in inside and k not in self.skip]
-        self.graph_note: str | None = None  # why detection is not served from the graph (set by the loader)
+        self.graph_note = graph_note  # why detection is not served from the graph
         self.pipeline = pipeline
         self.parallel = parallel
         self.checked = set(pipeline.checked_taps)
@@ -294,15 +295,11 @@ class DetectionRuntime:
             return ShadowStarted(classified, None)
 
         def rest() -> Detected:
-            try:
-                t0 = time.perf_counter()
-                result, wait_s = self._finish(x, fwd, probabilities)
-                return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0, wait_s)
-            finally:
-                with self._shadow_lock:
-                    self._shadow_pending -= 1
+            t0 = time.perf_counter()
+            result, wait_s = self._finish(x, fwd, probabilities)
+            return Detected(result, probabilities, fwd.classify_s, time.perf_counter() - t0, wait_s)
 
-        return ShadowStarted(classified, self._finisher.submit(rest))
+        return ShadowStarted(classified, self._in_background(rest))
 
     def _shadow_graph(self, x: np.ndarray) -> ShadowStarted:
         t0 = time.perf_counter()
@@ -314,13 +311,22 @@ class DetectionRuntime:
             return ShadowStarted(classified, None)
 
         def rest() -> Detected:
+            return self._detect_graph(x, classified.probabilities, forward)
+
+        return ShadowStarted(classified, self._in_background(rest))
+
+    def _in_background(self, rest: Callable[[], Detected]) -> Future[Detected]:
+        """Finish a shadow detection admitted by :meth:`_admit_shadow` on the background thread, freeing its place in
+        the backlog when done."""
+
+        def run() -> Detected:
             try:
-                return self._detect_graph(x, classified.probabilities, forward)
+                return rest()
             finally:
                 with self._shadow_lock:
                     self._shadow_pending -= 1
 
-        return ShadowStarted(classified, self._finisher.submit(rest))
+        return self._finisher.submit(run)
 
     def _dropped(self, images: int) -> None:
         if self.on_drop is not None:

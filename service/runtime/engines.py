@@ -240,13 +240,12 @@ class OnnxEngine:
 
 @dataclass
 class GraphRun:
-    """One batch through the guarded graph: logits (N, K), the raw score of every in-graph component, NIC's outputs
-    (where NIC is in the graph) and the generators its noise came from."""
+    """One batch through the guarded graph: logits (N, K), the raw score of every in-graph component and NIC's
+    outputs (where NIC is in the graph)."""
 
     logits: torch.Tensor
     raw: dict[str, np.ndarray]
     nic: GraphNICScores | None
-    generators: list[torch.Generator]
 
 
 class GuardedEngine:
@@ -289,7 +288,6 @@ class GuardedEngine:
             logits=torch.from_numpy(outs["logits"]),
             raw={c: outs[f"raw_{c}"] for c in self.components},
             nic=GraphNICScores.from_outputs(outs) if self._nic else None,
-            generators=list(generators),
         )
 
 
