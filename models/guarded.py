@@ -45,7 +45,7 @@ differ only when the fused score lies within the same distance of the threshold.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,12 +68,9 @@ _CLASSIFIER = "clf/"  # prefix of the classifier graph's tensors inside the guar
 
 
 def in_graph(component: Component) -> bool:
-    """Whether ``component`` has an in-graph form (and so do its transforms)."""
-    if type(component).graph is Component.graph:
-        return False
-    if isinstance(component, ConsistencyComponent):
-        return all(t.graph is not None for t in component.transforms())
-    return True
+    """Whether ``component`` has an in-graph form (:meth:`~pathguard.models.components.Component.graph_unavailable`
+    says why not)."""
+    return component.graph_unavailable() is None
 
 
 def _transforms(components: Sequence[Component]) -> list[Transform]:
@@ -84,25 +81,36 @@ def _transforms(components: Sequence[Component]) -> list[Transform]:
     return [todo[k] for k in sorted(todo)]  # the pipeline's order (the noise is drawn in it)
 
 
-def noise_inputs(bundle: Bundle, components: str = "verdict") -> list[tuple[str, str, int]]:
+def noise_inputs(
+    bundle: Bundle, components: str = "verdict", beside: Collection[str] = ()
+) -> list[tuple[str, str, int]]:
     """(graph input name, transform key, copies) of every noise transform of the guarded graph's components (see
     :func:`guarded_model`), in the order the pipeline draws them (the inputs of a ``noise="input"`` graph)."""
-    comps = [bundle.pipeline.components[k] for k in graph_components(bundle, components)]
+    comps = [bundle.pipeline.components[k] for k in graph_components(bundle, components, beside)]
     noise = [t for t in _transforms(comps) if t.key.startswith("noise/")]
     return [("noise" if i == 0 else f"noise_{i}", t.key, t.copies) for i, t in enumerate(noise)]
 
 
-def graph_components(bundle: Bundle, components: str = "verdict") -> list[str]:
+def graph_components(bundle: Bundle, components: str = "verdict", beside: Collection[str] = ()) -> list[str]:
     """The components :func:`guarded_model` puts in the graph, in the bundle's order: the verdict's and, with
-    ``components="all"``, every other one with an in-graph form that is not a self-deciding ``reported`` one."""
+    ``components="all"``, every other one with an in-graph form that is not a self-deciding ``reported`` one; none
+    named in ``beside``."""
     pipe = bundle.pipeline
     fused = list(pipe.verdict.components) if pipe.verdict is not None else []
     extra = components == "all"
-    return [k for k, c in pipe.components.items() if k in fused or (extra and in_graph(c) and c.family != "reported")]
+    return [
+        k
+        for k, c in pipe.components.items()
+        if k not in beside and (k in fused or (extra and in_graph(c) and c.family != "reported"))
+    ]
 
 
 def noise_feed(
-    bundle: Bundle, x: torch.Tensor, generators: Sequence[torch.Generator], components: str = "verdict"
+    bundle: Bundle,
+    x: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    components: str = "verdict",
+    beside: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
     """The noise inputs of a ``noise="input"`` guarded graph for the batch ``x``, drawn from the inputs' generators
     exactly as the pipeline draws its noise copies (transform by transform, each input's from its own generator), so
@@ -112,7 +120,7 @@ def noise_feed(
         name: torch.stack(
             [torch.randn((copies, *shape), generator=gen, dtype=x.dtype) for gen in generators], 1
         ).numpy()
-        for name, _, copies in noise_inputs(bundle, components)
+        for name, _, copies in noise_inputs(bundle, components, beside)
     }
 
 
@@ -122,6 +130,7 @@ def guarded_model(
     seed: int | None = None,
     components: str = "verdict",
     details: bool = False,
+    beside: Collection[str] = (),
 ) -> onnx.ModelProto:
     """The bundle's classifier and verdict as one ONNX model (see the module docstring).
 
@@ -140,6 +149,10 @@ def guarded_model(
         Also output, with NIC in the graph, its per-layer value scores, derived heads' logits, provenance scores and
         final score under :func:`~pathguard.models.nic.onnx_export.nic_output_names` (what the server's answers
         report of NIC beyond its score).
+    beside : collection of str
+        Components left out of the graph, scored by the caller (the server scores Effective Path's exact walk on a
+        worker thread beside the graph: its compiled walk is faster there). When the verdict fuses one of them, the
+        graph has no verdict outputs (``verdict_score``, ``verdict_p_value``, ``is_adversarial``): the caller fuses.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
@@ -149,14 +162,19 @@ def guarded_model(
     if pipe.verdict is None:
         raise ValueError(f"bundle {bundle.name!r} has no verdict calibration")
     fused = list(pipe.verdict.components)
-    missing = [k for k in fused if not in_graph(pipe.components[k])]
+    unknown = sorted(set(beside) - set(pipe.components))
+    if unknown:
+        raise ValueError(f"cannot score {unknown} beside the graph: not components of bundle {bundle.name!r}")
+    why = {k: pipe.components[k].graph_unavailable() for k in fused if k not in beside}
+    missing = {k: reason for k, reason in why.items() if reason is not None}
     if missing:
         have = sorted(k for k, c in pipe.components.items() if in_graph(c))
         raise NotInGraphError(
-            f"bundle {bundle.name!r}: its verdict fuses {', '.join(missing)}, with no in-graph form yet "
-            f"(components of this bundle with one: {', '.join(have) or 'none'})"
+            f"bundle {bundle.name!r}: its verdict fuses {', '.join(missing)}, with no in-graph form "
+            f"({'; '.join(missing.values())}; components of this bundle with one: {', '.join(have) or 'none'})"
         )
-    names = graph_components(bundle, components)
+    names = graph_components(bundle, components, beside)
+    fusing = all(k in names for k in fused)  # else the caller fuses the verdict
     comps = {k: pipe.components[k] for k in names}
 
     clf = onnx.load_from_string(bundle.onnx_bytes)
@@ -173,7 +191,7 @@ def guarded_model(
 
     # the copies, concatenated with the inputs: one forward pass
     transforms = _transforms(list(comps.values()))
-    noise_names = {key: name for name, key, _ in noise_inputs(bundle, components)} if noise == "input" else {}
+    noise_names = {key: name for name, key, _ in noise_inputs(bundle, components, beside)} if noise == "input" else {}
     g.noise = _noise_source(g, noise, seed, noise_names)
     parts = [g.x]
     for t in transforms:
@@ -207,17 +225,18 @@ def guarded_model(
     # components, p-values, fusion, threshold
     raw = {name: comp.graph(g) for name, comp in comps.items()}
     p = {name: g.p_value(pipe.calibration[name], raw[name]) for name in names}
-    score = _fuse(g, [p[name] for name in fused], fused, pipe.verdict.rule, pipe.verdict.families)
     g.add_output(g.logits32, "logits", TensorProto.FLOAT, ["batch", k])
     g.add_output(g.op("Softmax", g.logits32, axis=1), "probabilities", TensorProto.FLOAT, ["batch", k])
     g.add_output(g.predicted, "predicted", TensorProto.INT64, ["batch"])
     for name in names:
         g.add_output(raw[name], f"raw_{name}", TensorProto.DOUBLE, ["batch"])
         g.add_output(p[name], f"p_{name}", TensorProto.DOUBLE, ["batch"])
-    g.add_output(score, "verdict_score", TensorProto.DOUBLE, ["batch"])
-    g.add_output(g.p_value(pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
-    flagged = g.op("Greater", score, g.scalar(pipe.threshold))
-    g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
+    if fusing:
+        score = _fuse(g, [p[name] for name in fused], fused, pipe.verdict.rule, pipe.verdict.families)
+        g.add_output(score, "verdict_score", TensorProto.DOUBLE, ["batch"])
+        g.add_output(g.p_value(pipe.verdict.fused_calib, score), "verdict_p_value", TensorProto.DOUBLE, ["batch"])
+        flagged = g.op("Greater", score, g.scalar(pipe.threshold))
+        g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
     if details:
         _add_details(g, k)
 
@@ -236,6 +255,7 @@ def guarded_model(
         "bundle_sha256": bundle.sha256,
         "classes": json.dumps(bundle.classes),
         "components": json.dumps(names),
+        "beside": json.dumps([k for k in pipe.components if k in beside]),
         "verdict": json.dumps(
             {"rule": pipe.verdict.rule, "components": fused, "threshold": pipe.threshold, "target_fpr": pipe.target_fpr}
         ),

@@ -23,7 +23,7 @@ import numpy as np
 from pathguard.models.bundle import load_bundle
 from pathguard.models.components.graph import NotInGraphError
 from pathguard.models.errors import BundleError
-from pathguard.models.guarded import graph_components
+from pathguard.models.guarded import graph_components, in_graph
 from pathguard.service.cache import DetectionStore, Entry
 from pathguard.service.errors import NotReady
 from pathguard.service.inputs import InputSpec
@@ -233,6 +233,7 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
             engine = GuardedEngine(
                 bundle,
                 components=_scope(s),
+                beside=_beside(bundle),
                 threads=s.engine_threads,
                 inter_op_threads=s.graph_inter_op_threads,
                 providers=s.onnx_providers,
@@ -248,6 +249,12 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
         raise BundleError(f"{path}: PATHGUARD_DETECT_GRAPH=on, but the guarded graph cannot serve it: {why}")
     log.info("model %s: detection served by the Python pipeline: %s", bundle.name, why)
     return None, why
+
+
+def _beside(bundle: Any) -> list[str]:
+    """The components scored beside the guarded graph: those with no in-graph form, and those whose form outside the
+    graph is the faster one (Effective Path's compiled walk)."""
+    return [k for k, c in bundle.pipeline.components.items() if c.beside_graph or not in_graph(c)]
 
 
 def _scope(settings: Settings) -> str:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from pathguard.models.bundle import load_bundle
 from pathguard.models.components.consistency import bit_depth, median_filter
-from pathguard.models.components.graph import GraphContext, NotInGraphError, OnnxGraph
+from pathguard.models.components.graph import GraphContext, OnnxGraph
 from pathguard.models.data import interleaved_order, load_dataset
 from pathguard.models.export import triton_config, write_triton
 from pathguard.models.guarded import _fuse, guarded_model, noise_inputs
@@ -109,11 +109,6 @@ def test_the_in_graph_noise_copies_have_the_components_sigma():
     assert clipped.max() == 1.0 and (clipped < 1.0).mean() > 0.4  # clipped into [0, 1] as the pipeline does
 
 
-def test_a_verdict_with_a_component_outside_the_graph_is_refused_by_name():
-    with pytest.raises(NotInGraphError, match="effective_path"):
-        guarded_model(load_bundle(ARTIFACTS / "mnist-lenet5"))
-
-
 def test_the_graph_holds_the_verdicts_components_unless_asked_for_all(residual):
     verdict = {o.name for o in guarded_model(residual).graph.output if o.name.startswith("raw_")}
     assert verdict == {f"raw_{k}" for k in residual.pipeline.verdict.components}  # NIC is only reported here
@@ -195,10 +190,8 @@ def test_the_config_refuses_what_triton_cannot_declare(residual):
         write_triton(residual, "/nonexistent", name="../escape")
 
 
-def test_export_without_a_target_or_of_a_bundle_outside_the_graph_fails_cleanly(tmp_path, capsys):
-    assert main(["export", str(RESIDUAL)]) == 2
-    assert main(["export", str(ARTIFACTS / "mnist-lenet5"), "--guarded", str(tmp_path / "g.onnx")]) == 1
-    assert "effective_path" in capsys.readouterr().err and not (tmp_path / "g.onnx").exists()
+def test_export_without_a_target_fails_cleanly():
+    assert main(["export", str(RESIDUAL)]) == 2  # a bundle outside the graph: tests/test_ep_ingraph.py
 
 
 @pytest.mark.parametrize("pool", ["mean", "mean_std"])

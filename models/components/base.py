@@ -127,6 +127,16 @@ class Component(ABC):
         Default: :class:`NotDifferentiableError`."""
         raise NotDifferentiableError(f"component {self.name!r} gives no differentiable score")
 
+    #: Scored beside the guarded graph when served even though it has an in-graph form (its form outside the graph
+    #: is the faster one on the serving machine); an exported graph still holds it.
+    beside_graph = False
+
+    def graph_unavailable(self) -> str | None:
+        """Why :meth:`graph` cannot write this component (None: it can)."""
+        if type(self).graph is Component.graph:
+            return f"component {self.name!r} has no in-graph form yet"
+        return None
+
     def graph(self, g: GraphContext) -> str:
         """Write :meth:`raw` into an ONNX graph (the guarded graph, :mod:`pathguard.models.guarded`): append nodes to
         ``g`` that compute the (N,) float64 raw score from ``g``'s tensors and return its name. Its value equals

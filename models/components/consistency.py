@@ -84,6 +84,13 @@ class ConsistencyComponent(Component):
     def transforms(self) -> list[Transform]:
         return []
 
+    def graph_unavailable(self) -> str | None:
+        why = super().graph_unavailable()
+        missing = [t.key for t in self.transforms() if t.graph is None]
+        if why is None and missing:
+            return f"component {self.name!r}: its copies {missing} have no in-graph form"
+        return why
+
 
 PROBE = "consistency"  # the observation's key (and timing) of the copies' forward pass
 

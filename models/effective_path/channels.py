@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathguard.models.effective_path.ingraph import dense_rule
 from pathguard.models.effective_path.plan import Compiler, Plan
 from pathguard.models.effective_path.steps import (
     AvgPoolStep,
@@ -48,7 +49,6 @@ from pathguard.models.effective_path.steps import (
 __all__ = ["ChannelPaths", "ChannelProfiles", "ChannelWalk", "DenseChannelWalk", "dense_rule"]
 
 
-@dataclass
 @dataclass
 class ChannelPaths:
     """Channel-level paths of N images: ``logits`` (N, K), ``classes[r]`` (N,) the class at rank r, ``masks[r]``
@@ -227,25 +227,6 @@ def _channels(mask: torch.Tensor, shape: Sequence[int], chan: bool) -> torch.Ten
     if chan:
         return mask
     return mask.reshape(mask.shape[0], int(shape[0]), -1).amax(2)
-
-
-def dense_rule(c: torch.Tensor, total: torch.Tensor, theta: float) -> torch.Tensor:
-    """(..., K) 0/1 selection of oriented contributions ``c`` with oriented sums ``total`` (...,): the paper's rule
-    (:func:`~pathguard.models.effective_path.selection.select_pairs`) without a data-dependent shape: values sorted
-    descending (lower index first on ties, as ONNX's TopK orders them), exclusive float64 prefix sums, kept while
-    below ``theta * total`` and positive; the largest value alone when ``total <= 0`` or ``1 / K >= theta``."""
-    k = c.shape[-1]
-    if torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first on ties
-        vals, idx = torch.topk(c, k, dim=-1, largest=True, sorted=True)
-    else:  # torch's topk does not promise an order of ties; a stable sort does
-        vals, idx = torch.sort(c, dim=-1, descending=True, stable=True)
-    v64 = vals.double()
-    prefix = torch.cumsum(v64, -1) - v64
-    keep = ((prefix < theta * total.double().unsqueeze(-1)) & (vals > 0)).to(c.dtype)
-    first = (torch.arange(k) == 0).to(c.dtype).expand_as(keep)
-    # static: K is a layer's fan-in
-    keep = torch.where((total <= 0).unsqueeze(-1), first, keep) if 1.0 / k < theta else first
-    return torch.zeros_like(c).scatter(-1, idx, keep)
 
 
 def _orient(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,7 +254,8 @@ class GuardedEngine:
     bundle in ONE run. Its noise is fed from the pipeline's per-input generators (``noise="input"``), so a seeded
     server draws the same noise as the Python pipeline and an unseeded one fresh noise per batch.
 
-    ``components``: ``all`` (every in-graph component) or ``verdict`` (the verdict's).
+    ``components``: ``all`` (every in-graph component) or ``verdict`` (the verdict's). ``beside``: components left
+    out of the graph (the runtime scores them on a worker thread while the graph runs, and fuses the verdict).
     """
 
     name = "graph"
@@ -266,9 +267,11 @@ class GuardedEngine:
         threads: int = 1,
         inter_op_threads: int = 1,
         providers: Sequence[str] = (CPU,),
+        beside: Sequence[str] = (),
     ) -> None:
-        model = guarded_model(bundle, noise="input", components=components, details=True)
+        model = guarded_model(bundle, noise="input", components=components, details=True, beside=beside)
         self.scope = components
+        self.beside = list(beside)
         props = {p.key: p.value for p in model.metadata_props}
         self.bundle = bundle
         self.components: list[str] = json.loads(props["pathguard.components"])
@@ -282,7 +285,7 @@ class GuardedEngine:
 
     def run(self, x: np.ndarray, generators: Sequence[torch.Generator]) -> GraphRun:
         """Score the batch ``x`` (N, C, H, W) with noise drawn from ``generators`` (one per input)."""
-        feed = {"input": x, **noise_feed(self.bundle, torch.from_numpy(x), generators, self.scope)}
+        feed = {"input": x, **noise_feed(self.bundle, torch.from_numpy(x), generators, self.scope, self.beside)}
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
         return GraphRun(
             logits=torch.from_numpy(outs["logits"]),

@@ -1,6 +1,6 @@
 """Detection served from the guarded graph (PATHGUARD_DETECT_GRAPH, PATHGUARD_REPORTED_COMPONENTS) against the Python
 pipeline, on the committed residual CIFAR-10 bundle (its verdict is all in the graph) and the MNIST bundle (its
-verdict fuses the exact Effective Path walk, which is not)."""
+verdict fuses the exact Effective Path walk, which runs beside the graph)."""
 
 from __future__ import annotations
 
@@ -101,12 +101,32 @@ def test_the_server_detects_on_the_graph_where_the_verdict_is_in_it(make_client,
         assert a["prediction"]["class_index"] == b["prediction"]["class_index"]
         assert a["verdict"]["score"] == pytest.approx(b["verdict"]["score"], abs=1e-3)
         assert a["effective_path"]["rank1_similarity"] == pytest.approx(b["effective_path"]["rank1_similarity"])
-    # the MNIST bundle's verdict fuses the exact walk: auto falls back to the pipeline and says why; 'on' refuses it
+
+
+def test_the_mnist_verdict_is_fused_beside_the_graph(make_client, mnist_test):
+    """The MNIST bundle's verdict fuses the exact Effective Path walk: it runs beside the graph (its compiled walk is
+    the faster form), the runtime fuses the verdict, and the answers are the pipeline's (up to NIC VI's float32
+    rounding, see tests/test_ep_ingraph.py)."""
     mnist = make_client(cache=False)
     info = mnist.get("/v1/model").json()
-    assert info["detection"] == "pipeline" and "effective_path" in info["detection_note"]
-    with pytest.raises(RepositoryError, match="PATHGUARD_DETECT_GRAPH=on, but the guarded graph cannot serve it"):
-        make_client(cache=False, detect_graph="on")
+    assert info["detection"] == "graph" and info["detection_note"] is None
+    assert "effective_path" not in info["graph_components"]
+    assert {"nic", "nic_vi", "noise_drop", "squeeze"} <= set(info["graph_components"])
+    pipeline = make_client(cache=False, detect_graph="off")
+    same = 0
+    for i in range(6):
+        png = png_bytes(mnist_test.x[i])
+        a = mnist.post("/v1/detect", content=png, headers=PNG).json()
+        b = pipeline.post("/v1/detect", content=png, headers=PNG).json()
+        assert set(a) == set(b)
+        assert a["prediction"]["class_index"] == b["prediction"]["class_index"]
+        assert a["effective_path"] == b["effective_path"]  # the same walk, on the same taps
+        assert a["noise_drop"] == pytest.approx(b["noise_drop"], abs=1e-3)
+        vi = a["nic"]["value_violation"]  # NIC VI's per-layer p-values: one may move a step
+        if vi == pytest.approx(b["nic"]["value_violation"], abs=1e-6):
+            assert a["verdict"]["score"] == pytest.approx(b["verdict"]["score"], abs=1e-3)
+            same += 1
+    assert same >= 4
 
 
 def test_left_out_parts_are_null_everywhere(make_client, images):
