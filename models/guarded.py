@@ -27,14 +27,17 @@ output                   dtype    shape   meaning
 
 In the graph today: the prediction-consistency family (margin, noise response, squeezing), NIC (its final model,
 ``nic``, on the served exporter's nodes, and its two-sided value-invariant statistic, ``nic_vi``), the class
-Gaussians (``mahalanobis``) and channel-level Effective Path (``ep_channels``, its dense walk exported from torch,
-with a forward pass of its own over the inputs); the originals' taps are sliced out of the one forward pass for
-NIC and the Gaussians. By default the graph holds the verdict's components only; ``components="all"`` adds every
+Gaussians (``mahalanobis``), Effective Path's exact walk (``effective_path``, up to 8 million synapses: the walk of
+:mod:`pathguard.models.effective_path.ingraph`, exported from torch, reading the originals' logits and a tap) and
+channel-level Effective Path (``ep_channels``, its dense walk exported from torch, with a forward pass of its own
+over the inputs); the originals' taps are sliced out of the one forward pass for NIC, the Gaussians and the walk.
+By default the graph holds the verdict's components only; ``components="all"`` adds every
 other component of the bundle that has an in-graph form (their raw scores and p-values, reported). The model's
 metadata (``pathguard.*`` properties) names the bundle, its sha256, the components, the rule, the threshold and the
-noise. A bundle whose verdict fuses a component with no in-graph form (Effective Path's walk, the supervised
-detector) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it; a component with
-none that is only reported is left out of the graph.
+noise. A bundle whose verdict fuses a component with no in-graph form (the supervised detector, a walk over the
+synapse budget) is refused with :class:`~pathguard.models.components.graph.NotInGraphError` naming it and why; a
+component with none that is only reported is left out of the graph. ``beside`` leaves components out on purpose
+(the server scores them beside the graph); the graph then has no verdict outputs when the verdict fuses one.
 
 Agreement with the Python pipeline (``tests/test_guarded.py``): the graph's float32 forward pass is onnxruntime's,
 not torch's, so logits differ in the last bits (about 1e-6); raw scores agree to that rounding, a p-value moves by
@@ -93,15 +96,16 @@ def noise_inputs(
 
 def graph_components(bundle: Bundle, components: str = "verdict", beside: Collection[str] = ()) -> list[str]:
     """The components :func:`guarded_model` puts in the graph, in the bundle's order: the verdict's and, with
-    ``components="all"``, every other one with an in-graph form that is not a self-deciding ``reported`` one; none
-    named in ``beside``."""
+    ``components="all"``, every other calibrated one with an in-graph form that is not a self-deciding ``reported``
+    one; none named in ``beside``."""
     pipe = bundle.pipeline
     fused = list(pipe.verdict.components) if pipe.verdict is not None else []
     extra = components == "all"
     return [
         k
         for k, c in pipe.components.items()
-        if k not in beside and (k in fused or (extra and in_graph(c) and c.family != "reported"))
+        if k not in beside
+        and (k in fused or (extra and k in pipe.calibration and in_graph(c) and c.family != "reported"))
     ]
 
 

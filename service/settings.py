@@ -198,9 +198,10 @@ class Settings(BaseSettings):
         default="auto",
         description="Serve detection from the guarded graph (the classifier, its consistency copies and every "
         "component with an in-graph form in ONE onnxruntime run per batch, built in memory at load from the bundle; "
-        "`pathguard export --guarded` writes the same graph); the components with none (the exact Effective Path "
-        "walk, the supervised detector) then run beside it in Python. 'auto' (the default): when the bundle's "
-        "verdict is all in the graph, the onnx engine is used and NIC's members are fixed, else the Python pipeline "
+        "`pathguard export --guarded` writes the same graph); the components with none (the supervised detector) and "
+        "the exact Effective Path walk (faster outside the graph) then run beside it in Python. 'auto' (the "
+        "default): when the onnx engine is used, NIC's members are fixed and the graph builds, else the Python "
+        "pipeline "
         "(the reason is logged and shown by /v1/model); 'on': the same, but a model that cannot is refused at load; "
         "'off': always the Python pipeline. Scores agree with the pipeline's to float32 rounding (the graph's "
         "forward pass and softmax are onnxruntime's); the noise is drawn as the pipeline draws it.",
@@ -208,8 +209,8 @@ class Settings(BaseSettings):
     reported_components: Literal["all", "graph", "verdict"] = Field(
         default="all",
         description="With detection served from the guarded graph, which components a response reports beside the "
-        "verdict: 'all' (the default) every component of the bundle, those with no in-graph form (the exact "
-        "Effective Path walk, the supervised detector) computed beside the graph; 'graph' those in the graph; "
+        "verdict: 'all' (the default) every component of the bundle, those not in the graph (the exact "
+        "Effective Path walk, the supervised detector) computed beside it; 'graph' those in the graph; "
         "'verdict' the verdict's own only. A component left out is not computed: its part of the response is null "
         "(effective_path, nic) or absent, and so are its OIP outputs, metrics and flagged-stream fields. The "
         "verdict is the same either way. No effect on the Python pipeline.",

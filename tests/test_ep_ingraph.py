@@ -137,3 +137,13 @@ def test_a_walk_the_graph_cannot_hold_is_refused_by_name(monkeypatch, tmp_path, 
         guarded_model(load_bundle(MNIST))
     assert main(["export", str(MNIST), "--guarded", str(tmp_path / "g.onnx")]) == 1
     assert "effective_path" in capsys.readouterr().err and not (tmp_path / "g.onnx").exists()
+
+
+def test_the_cnn_bundle_exports_whole_and_the_served_graph_leaves_out_what_it_cannot_score():
+    bundle = load_bundle(ARTIFACTS / "cifar10-cnn")
+    whole = {o.name for o in guarded_model(bundle).graph.output}
+    assert {"raw_effective_path", "raw_nic", "is_adversarial"} <= whole
+    # served: the walk beside the graph, NIC VI (no calibration in this older bundle) left to the pipeline; the
+    # runtime fuses the verdict, so the graph has none
+    served = {o.name for o in guarded_model(bundle, components="all", beside=["effective_path"]).graph.output}
+    assert "raw_nic" in served and not {"raw_effective_path", "raw_nic_vi", "is_adversarial"} & served

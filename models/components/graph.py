@@ -25,7 +25,7 @@ MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input, GreaterOr
 
 
 class NotInGraphError(NotImplementedError):
-    """A component has no in-graph form (:meth:`Component.graph`), e.g. Effective Path's exact walk."""
+    """A component has no in-graph form (:meth:`Component.graph`), e.g. the supervised detector."""
 
 
 class OnnxGraph:
