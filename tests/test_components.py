@@ -119,14 +119,26 @@ def test_a_registered_toy_component_is_built_saved_loaded_and_fused(toy_bundle, 
 def test_the_toy_component_is_served(toy_bundle, mnist_test, tmp_path):
     png = io.BytesIO()
     Image.fromarray((mnist_test.x[0, 0] * 255).astype(np.uint8)).save(png, format="PNG")
-    settings = Settings(bundle=toy_bundle, spool_path=tmp_path / "s.jsonl", warmup_rounds=0, redis_url=None)
-    with TestClient(create_app(settings)) as client:
-        r = client.post("/v1/detect", content=png.getvalue(), headers={"content-type": "image/png"})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert set(body["toy_brightness"]) == {"brightness", "score"} and 0 <= body["toy_brightness"]["score"] <= 1
-    assert set(body["noise_flip"]) == {"flip_share", "score"} and set(body["margin"]) == {"margin", "score"}
-    assert "consistency" in body["timings_ms"]  # the copies' forward pass is timed
+    for detect_graph in ("auto", "off"):  # on the guarded graph (the toy beside it), and on the Python pipeline
+        settings = Settings(
+            bundle=toy_bundle,
+            spool_path=tmp_path / "s.jsonl",
+            warmup_rounds=0,
+            redis_url=None,
+            detect_graph=detect_graph,
+        )
+        with TestClient(create_app(settings)) as client:
+            info = client.get("/v1/model").json()
+            r = client.post("/v1/detect", content=png.getvalue(), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body["toy_brightness"]) == {"brightness", "score"} and 0 <= body["toy_brightness"]["score"] <= 1
+        assert set(body["noise_flip"]) == {"flip_share", "score"} and set(body["margin"]) == {"margin", "score"}
+        if detect_graph == "auto":
+            assert info["detection"] == "graph" and "toy_brightness" not in info["graph_components"]
+            assert {"noise_flip", "margin"} <= set(info["graph_components"])
+        else:
+            assert "consistency" in body["timings_ms"]  # the copies' forward pass is timed
 
 
 def test_unknown_components_and_parameters_are_refused():

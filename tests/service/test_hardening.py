@@ -337,12 +337,12 @@ def test_onnx_split_failure_is_counted_and_shown_in_the_model(make_client, monke
             raise ValueError("not a chain")
 
     monkeypatch.setattr(onnx.utils, "Extractor", Unsplittable)
-    client = make_client()
+    client = make_client(detect_graph="off")  # the tap-by-tap split serves the Python pipeline
     info = client.get("/v1/model").json()
     assert "not a chain" in info["onnx_split_error"]
     assert _metric(client, "pathguard_onnx_split_failed") == 1
     monkeypatch.undo()
-    healthy = make_client()
+    healthy = make_client(detect_graph="off")
     assert healthy.get("/v1/model").json()["onnx_split_error"] is None
     assert _metric(healthy, "pathguard_onnx_split_failed") == 0
 
