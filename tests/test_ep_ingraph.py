@@ -33,7 +33,7 @@ def _same_synapses(walk: GraphWalk, extractor: EffectivePathExtractor, x: torch.
     for k, r in enumerate((1, 2)):
         assert torch.equal(classes[k], ref.classes[r])
         for layer in ref.layers:
-            dense = found[layer].dense(len(x), walk.synapses[layer])[k] if layer in found else None
+            dense = found[layer].dense(2, len(x), walk.synapses[layer])[k] if layer in found else None
             for i in range(len(x)):
                 got = torch.zeros(0, dtype=torch.int64) if dense is None else torch.nonzero(dense[i]).reshape(-1)
                 assert torch.equal(got, ref.image(r, i)[layer]), (r, layer, i)
@@ -147,3 +147,63 @@ def test_the_cnn_bundle_exports_whole_and_the_served_graph_leaves_out_what_it_ca
     # runtime fuses the verdict, so the graph has none
     served = {o.name for o in guarded_model(bundle, components="all", beside=["effective_path"]).graph.output}
     assert "raw_nic" in served and not {"raw_effective_path", "raw_nic_vi", "is_adversarial"} & served
+
+
+class _Rule(nn.Module):
+    def __init__(self, theta: float) -> None:
+        super().__init__()
+        self.theta = theta
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        total = c.sum(-1)
+        sign = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
+        c = c * sign.unsqueeze(-1)
+        return ingraph.dense_rule(c, c.sum(-1), self.theta)
+
+
+@pytest.mark.parametrize("theta", [0.5, 0.95])
+def test_the_rule_on_long_rows_settles_early_or_ranks_in_full_exactly(theta, tmp_path):
+    """Rows longer than 2 * FIRST_PASS: peaked rows end in the first pass, flat ones (and theta 0.95) need the full
+    ranking; ties, negative sums and rows without positive values are there too. Eager and through onnxruntime the
+    selection is the exact rule's."""
+    from pathguard.models.effective_path.selection import select_synapses
+
+    gen = torch.Generator().manual_seed(1)
+    k = 3 * ingraph.FIRST_PASS
+    peaked = torch.randn(20, k, generator=gen) ** 5
+    flat = torch.rand(20, k, generator=gen) + 0.5
+    tied = torch.round(torch.randn(20, k, generator=gen) * 2) / 2
+    negative = -torch.rand(4, k, generator=gen)
+    rows = torch.cat([peaked, flat, tied, negative])
+    expected = select_synapses(rows, theta=theta).float()
+    assert (expected.sum(1) > ingraph.FIRST_PASS).any() and (expected.sum(1) < ingraph.FIRST_PASS).any()
+    module = _Rule(theta)
+    assert torch.equal(module(rows), expected)
+    path = tmp_path / "rule.onnx"
+    torch.onnx.export(module, (rows,), str(path), input_names=["c"], output_names=["keep"],
+                      dynamic_axes={"c": {0: "rows"}, "keep": {0: "rows"}}, opset_version=17, dynamo=False)  # fmt: skip
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"c": rows.numpy()})[0], expected.numpy())
+
+
+def test_its_onnx_form_is_exact_on_every_step_kind_image_by_image():
+    """The small network's walk through onnxruntime, one image per run (so a layer no walk reaches has no rows):
+    the class paths' similarities of the exact paths."""
+    from pathguard.models.effective_path import BenignEPScore, ClassPaths
+
+    net = _small_net()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 3, 16, 16, generator=gen) - 0.3
+    extractor = EffectivePathExtractor(net, input_shape=(3, 16, 16), fast_path=False)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    paths = ClassPaths(4).fit(extractor, x[:28], y[:28])
+    ref = extractor.extract(x[28:], ranks=(1, 2))
+    sims = paths.similarity(ref)
+    features = np.concatenate([sims[1], sims[2]], 1)
+    score = BenignEPScore().fit(features)
+    module = GraphEffectivePath(GraphWalk(net, (3, 16, 16)), paths, score)
+    sess = ort.InferenceSession(module.to_onnx(), providers=["CPUExecutionProvider"])
+    got = [sess.run(None, {"input": x[i : i + 1].numpy(), "logits": ref.logits[i - 28 : i - 27].numpy()})[0]
+           for i in range(28, 40)]  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate(got), features)

@@ -121,7 +121,7 @@ class EffectivePathComponent(Component):
 
     # ------------------------------------------------------------------ in the graph
     #: Served beside the guarded graph: on CPU its compiled walk (numba, on a worker thread while the graph runs) is
-    #: faster than the in-graph walk (MNIST LeNet-5, batch 1: 0.8 ms against 3.9 ms; docs/effective_path.md). An
+    #: faster than the in-graph walk (MNIST LeNet-5, batch 1: 0.8 ms against 2.7 ms; docs/effective_path.md). An
     #: exported graph (``pathguard export``) holds the in-graph walk.
     beside_graph = True
 
