@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=50)
     args = p.parse_args()
     torch.set_num_threads(1)
-    print("| bundle | layers | synapses (M) | graph bytes (MB) | in graph p50 ms | compiled walk p50 ms | features equal |")
+    print("| bundle | layers | synapses (M) | graph bytes (MB) | in graph p50 ms | compiled walk p50 ms |", end="")
+    print(" features equal |")
     print("|---|---|---|---|---|---|---|")
     for path in args.bundle:
         bundle = load_bundle(path)
@@ -60,9 +61,9 @@ def main() -> None:
         items = list(range(len(x)))
         feeds = [{"input": start[i : i + 1].numpy(), "logits": logits[i : i + 1].numpy()} for i in items]
         one = [(x[i : i + 1], logits[i : i + 1], {k: v[i : i + 1] for k, v in taps.items()}) for i in items]
-        graph_ms = _p50(lambda f: sess.run(None, f), feeds)
+        graph_ms = _p50(lambda f, s=sess: s.run(None, f), feeds)
         ex.warm_up()
-        walk_ms = _p50(lambda a: ep.extract(*a), one)
+        walk_ms = _p50(lambda a, e=ep: e.extract(*a), one)
         got = np.concatenate([sess.run(None, f)[0] for f in feeds])
         want = np.concatenate([np.concatenate([ep.extract(*a).sims[1], ep.extract(*a).sims[2]], 1) for a in one])
         print(
