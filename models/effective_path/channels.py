@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathguard.models.effective_path.ingraph import dense_rule
+from pathguard.models.effective_path.ingraph import dense_rule, one_hot_taps
 from pathguard.models.effective_path.plan import Compiler, Plan
 from pathguard.models.effective_path.steps import (
     AvgPoolStep,
@@ -90,9 +90,7 @@ class ChannelWalk:
         for step in steps:
             if isinstance(step, ConvStep):
                 self.units[step.name] = step.weight4.shape[0] * step.weight4.shape[1]
-                kh, kw = step.kernel
-                eye = torch.eye(kh * kw).reshape(kh * kw, 1, kh, kw)
-                self.taps[step.name] = eye.repeat(step.in_shape[0], 1, 1, 1).contiguous()  # (C*KK, 1, KH, KW)
+                self.taps[step.name] = one_hot_taps(step.in_shape[0], step.kernel)  # (C*KK, 1, KH, KW)
             elif isinstance(step, LinearStep):
                 self.units[step.name] = step.weight.shape[0] * step.weight.shape[1]
             elif isinstance(step, ResidualStep):

@@ -43,7 +43,7 @@ from pathguard.models.effective_path.steps import (
     Step,
 )
 
-__all__ = ["FIRST_PASS", "SYNAPSE_BUDGET", "GraphEffectivePath", "GraphWalk", "dense_rule"]
+__all__ = ["FIRST_PASS", "SYNAPSE_BUDGET", "GraphEffectivePath", "GraphWalk", "dense_rule", "one_hot_taps"]
 
 SYNAPSE_BUDGET = 8_000_000  # synapses of the covered layers (the class paths' bits, the walk's largest work)
 _BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)  # np.packbits order within a byte
@@ -124,7 +124,7 @@ def _orient(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return c, c.sum(-1)
 
 
-def _one_hot_taps(channels: int, kernel: tuple[int, int]) -> torch.Tensor:
+def one_hot_taps(channels: int, kernel: tuple[int, int]) -> torch.Tensor:
     """(C*KK, 1, KH, KW) kernels copying each tap of each channel: with ``groups=C`` a convolution by them gives
     ``F.unfold``'s columns (channel-major, then kernel rows and columns) as channels, a transposed one folds them
     back (summing overlaps)."""
@@ -149,7 +149,7 @@ class _Windows:
         self.c, self.h, self.w = (int(v) for v in in_shape)
         self.oh, self.ow = int(out_shape[1]), int(out_shape[2])
         self.kernel, self.stride, self.pads, self.dil = kernel, stride, pads, dil
-        self.taps = _one_hot_taps(self.c, kernel)
+        self.taps = one_hot_taps(self.c, kernel)
         self.kk = kernel[0] * kernel[1]
         valid = in_index >= 0  # (L, KK) of one channel
         self.padded = bool((~valid).any())
