@@ -159,7 +159,7 @@ class _Windows:
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, C, KK) window values (zero in the padding)."""
         top, left, bottom, right = self.pads
-        xp = F.pad(x, (left, right, top, bottom)) if self.padded or any(self.pads) else x
+        xp = F.pad(x, (left, right, top, bottom)) if any(self.pads) else x
         cols = F.conv2d(xp, self.taps, stride=self.stride, dilation=self.dil, groups=self.c)  # (N, C*KK, OH, OW)
         return cols.reshape(-1, self.c, self.kk, self.oh * self.ow).permute(0, 3, 1, 2)
 
