@@ -23,7 +23,6 @@ frequency under class ``k`` of its synapses, which is the paper's ``|S ∩ C| / 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathguard.models.effective_path.ingraph import dense_rule, one_hot_taps
+from pathguard.models.effective_path.ingraph import dense_rule, export_batched, one_hot_taps, orient_rows
 from pathguard.models.effective_path.plan import Compiler, Plan
 from pathguard.models.effective_path.steps import (
     AvgPoolStep,
@@ -153,7 +152,7 @@ class ChannelWalk:
                     raise NotImplementedError(f"{step.name}: a linear layer reading a channel map")
                 x = acts[step.uid]  # (N, I)
                 c = x.unsqueeze(1) * step.weight.unsqueeze(0)  # (N, O, I)
-                c, total = _orient(c, c.sum(-1) + step.bias)
+                c, total = orient_rows(c, c.sum(-1) + step.bias)
                 keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
                 found[step.name] = keep.reshape(keep.shape[0], -1)
                 mask = keep.amax(1)
@@ -191,7 +190,7 @@ class ChannelWalk:
         a = self.contributions(step, x)  # (N, O, Cg)
         n, o, cg = a.shape
         positions = step.out_shape[1] * step.out_shape[2]
-        c, total = _orient(a, a.sum(-1) + step.bias * positions)
+        c, total = orient_rows(a, a.sum(-1) + step.bias * positions)
         keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)  # (N, O, Cg)
         found[step.name] = keep.reshape(n, -1)
         return keep.reshape(n, step.groups, o // step.groups, cg).amax(2).reshape(n, step.groups * cg)
@@ -206,7 +205,7 @@ class ChannelWalk:
         else:
             skip, main = skip.reshape(n, -1), main.reshape(n, -1)
         vals = torch.stack([skip, main], -1)  # (N, U, 2): the two branches' values of every unit
-        c, total = _orient(vals, vals.sum(-1))
+        c, total = orient_rows(vals, vals.sum(-1))
         keep = dense_rule(c, total, self.theta) * mask.unsqueeze(-1)
         short = (
             self._backward(step.shortcut, keep[..., 0], chan, acts, found) if step.shortcut else (keep[..., 0], chan)
@@ -225,13 +224,6 @@ def _channels(mask: torch.Tensor, shape: Sequence[int], chan: bool) -> torch.Ten
     if chan:
         return mask
     return mask.reshape(mask.shape[0], int(shape[0]), -1).amax(2)
-
-
-def _orient(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(oriented contributions, oriented sums): rows whose output ``y`` is negative negated (sums without bias)."""
-    sign = torch.where(y < 0, -torch.ones_like(y), torch.ones_like(y))
-    c = c * sign.unsqueeze(-1)
-    return c, c.sum(-1)
 
 
 class ChannelProfiles:
@@ -318,21 +310,5 @@ class DenseChannelWalk(nn.Module):
     def to_onnx(self, opset: int = 17) -> bytes:
         """The module as an ONNX model: input ``input`` (N, C, H, W), outputs ``ep_logits``, ``ep_features``,
         ``ep_score``."""
-        import io
-
-        buf = io.BytesIO()
         x = torch.zeros(2, *self.walk.plan.input_shape)
-        outputs = ["ep_logits", "ep_features", "ep_score"]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches (static here)
-            torch.onnx.export(
-                self,
-                (x,),
-                buf,  # type: ignore[arg-type]
-                input_names=["input"],
-                output_names=outputs,
-                dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]},
-                opset_version=opset,
-                dynamo=False,
-            )
-        return buf.getvalue()
+        return export_batched(self, (x,), ["input"], ["ep_logits", "ep_features", "ep_score"], opset)

@@ -43,7 +43,16 @@ from pathguard.models.effective_path.steps import (
     Step,
 )
 
-__all__ = ["FIRST_PASS", "SYNAPSE_BUDGET", "GraphEffectivePath", "GraphWalk", "dense_rule", "one_hot_taps"]
+__all__ = [
+    "FIRST_PASS",
+    "SYNAPSE_BUDGET",
+    "GraphEffectivePath",
+    "GraphWalk",
+    "dense_rule",
+    "export_batched",
+    "one_hot_taps",
+    "orient_rows",
+]
 
 SYNAPSE_BUDGET = 8_000_000  # synapses of the covered layers (the class paths' bits, the walk's largest work)
 _BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)  # np.packbits order within a byte
@@ -117,11 +126,31 @@ def _two_passes(c: torch.Tensor, total: torch.Tensor, one: torch.Tensor, theta: 
     return out.scatter(0, still.unsqueeze(1).expand(-1, c.shape[1]), full[0])
 
 
-def _orient(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def orient_rows(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(oriented contributions, oriented sums): rows whose output ``y`` is negative negated (sums without bias)."""
     sign = torch.where(y < 0, -torch.ones_like(y), torch.ones_like(y))
     c = c * sign.unsqueeze(-1)
     return c, c.sum(-1)
+
+
+def export_batched(
+    module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str], opset: int
+) -> bytes:
+    """``module`` traced to ONNX bytes, every input and output batched along its first axis."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches (static here)
+        torch.onnx.export(
+            module,
+            args,
+            buf,  # type: ignore[arg-type]
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return buf.getvalue()
 
 
 def one_hot_taps(channels: int, kernel: tuple[int, int]) -> torch.Tensor:
@@ -324,7 +353,7 @@ class GraphWalk:
                 if self._needed(step):
                     n = skip.shape[0]
                     vals = torch.stack([skip.reshape(n, -1), main.reshape(n, -1)], -1)  # (N, F, 2)
-                    c, total = _orient(vals, vals.sum(-1))
+                    c, total = orient_rows(vals, vals.sum(-1))
                     acts[step.uid] = dense_rule(c, total, self.theta)
                 x = skip + main
                 continue
@@ -342,7 +371,7 @@ class GraphWalk:
             win = self.windows[step.uid]
             n, ch = x.shape[0], x.shape[1]
             cols = win.unfold(x.reshape(n * ch, 1, win.h, win.w)).reshape(n, ch, win.oh * win.ow, win.kk)
-            c, total = _orient(cols, cols.sum(-1))  # the positive divisor does not change the rule
+            c, total = orient_rows(cols, cols.sum(-1))  # the positive divisor does not change the rule
             valid, single = self._validity(win, 1)
             return dense_rule(c, total, self.theta, valid, single)
         assert isinstance(step, MaxPoolStep) and step.tile is not None
@@ -376,7 +405,7 @@ class GraphWalk:
         image, rest = torch.div(hit, o_n * points, rounding_mode="floor"), hit % (o_n * points)
         o, pos = torch.div(rest, points, rounding_mode="floor"), rest % points
         c = rows.index_select(0, image * points + pos) * step.weight.index_select(0, o)  # (P, F)
-        c, total = _orient(c, c.sum(-1) + step.bias.index_select(0, o))
+        c, total = orient_rows(c, c.sum(-1) + step.bias.index_select(0, o))
         if isinstance(step, LinearStep):
             sel = dense_rule(c, total, self.theta)
             cols = torch.arange(fan_in).unsqueeze(0) + torch.zeros_like(o).unsqueeze(1)  # (P, I): the input read
@@ -482,20 +511,5 @@ class GraphEffectivePath(nn.Module):
     def to_onnx(self, opset: int = 17) -> bytes:
         """The module as an ONNX model: inputs ``input`` (N, *start_shape) and ``logits`` (N, K) float32, outputs
         ``ep_features`` and ``ep_score``."""
-        buf = io.BytesIO()
-        x = torch.zeros(2, *self.walk.start_shape)
-        logits = torch.zeros(2, self.num_classes)
-        outputs = ["ep_features", "ep_score"]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches (static here)
-            torch.onnx.export(
-                self,
-                (x, logits),
-                buf,  # type: ignore[arg-type]
-                input_names=["input", "logits"],
-                output_names=outputs,
-                dynamic_axes={name: {0: "batch"} for name in ["input", "logits", *outputs]},
-                opset_version=opset,
-                dynamo=False,
-            )
-        return buf.getvalue()
+        x, logits = torch.zeros(2, *self.walk.start_shape), torch.zeros(2, self.num_classes)
+        return export_batched(self, (x, logits), ["input", "logits"], ["ep_features", "ep_score"], opset)
