@@ -110,21 +110,18 @@ def graph_components(bundle: Bundle, components: str = "verdict", beside: Collec
 
 
 def noise_feed(
-    bundle: Bundle,
-    x: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    components: str = "verdict",
-    beside: Collection[str] = (),
+    inputs: Sequence[tuple[str, str, int]], x: torch.Tensor, generators: Sequence[torch.Generator]
 ) -> dict[str, np.ndarray]:
-    """The noise inputs of a ``noise="input"`` guarded graph for the batch ``x``, drawn from the inputs' generators
-    exactly as the pipeline draws its noise copies (transform by transform, each input's from its own generator), so
-    the graph scores the same copies as the Python pipeline would."""
+    """The noise inputs (``inputs``: :func:`noise_inputs` of the graph) of a ``noise="input"`` guarded graph for the
+    batch ``x``, drawn from the inputs' generators exactly as the pipeline draws its noise copies (transform by
+    transform, each input's from its own generator), so the graph scores the same copies as the Python pipeline
+    would."""
     shape = tuple(x.shape[1:])
     return {
         name: torch.stack(
             [torch.randn((copies, *shape), generator=gen, dtype=x.dtype) for gen in generators], 1
         ).numpy()
-        for name, _, copies in noise_inputs(bundle, components, beside)
+        for name, _, copies in inputs
     }
 
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pathguard.models.guarded import guarded_model, noise_feed
+from pathguard.models.guarded import guarded_model, noise_feed, noise_inputs
 from pathguard.models.networks import TappedSequential, tap_points
 from pathguard.models.nic import NICDetector
 from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
@@ -270,10 +270,8 @@ class GuardedEngine:
         beside: Sequence[str] = (),
     ) -> None:
         model = guarded_model(bundle, noise="input", components=components, details=True, beside=beside)
-        self.scope = components
-        self.beside = list(beside)
+        self._noise = noise_inputs(bundle, components, beside)  # the graph's noise inputs, listed once
         props = {p.key: p.value for p in model.metadata_props}
-        self.bundle = bundle
         self.components: list[str] = json.loads(props["pathguard.components"])
         outputs = [o.name for o in model.graph.output]
         nic = [n for n in nic_output_names(0) if n in outputs]
@@ -285,7 +283,7 @@ class GuardedEngine:
 
     def run(self, x: np.ndarray, generators: Sequence[torch.Generator]) -> GraphRun:
         """Score the batch ``x`` (N, C, H, W) with noise drawn from ``generators`` (one per input)."""
-        feed = {"input": x, **noise_feed(self.bundle, torch.from_numpy(x), generators, self.scope, self.beside)}
+        feed = {"input": x, **noise_feed(self._noise, torch.from_numpy(x), generators)}
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
         return GraphRun(
             logits=torch.from_numpy(outs["logits"]),
