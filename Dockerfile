@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
-# pathguard serving image: CPU-only torch, the serving dependencies only (no [eval]/[dev] extras),
-# the default bundle artifacts/mnist-lenet5 baked in and verified at build time, non-root user.
+# pathguard serving image: no torch. It answers from the guarded graph stored in the bundle (one onnxruntime run per
+# batch: classifier, consistency copies, every component, the verdict), with the serving dependencies only
+# ([project].dependencies: no extras). The default bundle artifacts/mnist-lenet5 is baked in with its guarded graph
+# stored by the build stage (which has torch, as the builder does), verified at build time; non-root user.
 #
 #   docker build -t pathguard:0.1.0 .
 #   (offline, with a local base and the CPU torch wheel on this machine: docs/deploy.md, `make image-test`)
@@ -8,7 +10,8 @@
 #   docker run --rm -p 8080:8080 -e PATHGUARD_MODE=shadow -e PATHGUARD_REDIS_URL=redis://redis:6379/0 pathguard:0.1.0
 #
 # Every setting is a PATHGUARD_* environment variable (service/settings.py, docs/service.md). To serve another
-# bundle, mount it and set PATHGUARD_BUNDLE to its folder.
+# bundle, store its guarded graph first (`pathguard export BUNDLE --in-bundle`, where torch is installed), mount it
+# and set PATHGUARD_BUNDLE to its folder.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # Where pip finds CPU torch: the CPU wheel index. Where that index is unreachable, a folder or URL that holds the
@@ -18,7 +21,8 @@ ARG TORCH_SOURCE="--index-url https://download.pytorch.org/whl/cpu"
 ARG PIP_OPTIONS=""
 
 # ---------------------------------------------------------------------------------------------------------
-# build: a virtualenv in /opt/venv with CPU torch and the project's runtime dependencies
+# build: the builder's virtualenv (CPU torch, the build extra's dependencies); it stores the default bundle's
+# guarded graph in the bundle. Nothing of it but that bundle reaches the image.
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_SOURCE
@@ -39,13 +43,12 @@ RUN pip install $PIP_OPTIONS torch==2.13.0 $TORCH_SOURCE \
 ENV PIP_CONSTRAINT=/opt/constraints.txt
 
 WORKDIR /src
-# Dependencies in their own layer: only pyproject.toml decides them ([project].dependencies, no extras).
+# Dependencies in their own layer: only pyproject.toml decides them ([project].dependencies and the build extra).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['build']))" \
         > /tmp/requirements.txt \
     && pip install $PIP_OPTIONS -r /tmp/requirements.txt
 
-# The project itself (no extras: the attack libraries of [eval] stay out of the serving image).
 COPY README.md LICENSE ./
 COPY models ./models
 COPY service ./service
@@ -53,8 +56,39 @@ RUN pip install $PIP_OPTIONS --no-deps . \
     && pip check \
     && python -c "import pathguard.models, pathguard.service.app"
 
+# The default bundle with its guarded graph stored in it (guarded.onnx, guarded.json; a new sha256).
+COPY artifacts/mnist-lenet5 /opt/pathguard/artifacts/mnist-lenet5
+RUN ["pathguard", "export", "/opt/pathguard/artifacts/mnist-lenet5", "--in-bundle"]
+
 # ---------------------------------------------------------------------------------------------------------
-# runtime: the virtualenv, the bundle, a health check and an unprivileged user
+# serve: the serving virtualenv: [project].dependencies and the project, no torch
+# ---------------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS serve
+ARG PIP_OPTIONS
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install $PIP_OPTIONS -r /tmp/requirements.txt
+
+COPY README.md LICENSE ./
+COPY models ./models
+COPY service ./service
+RUN pip install $PIP_OPTIONS --no-deps . \
+    && pip check \
+    && python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'" \
+    && python -c "import pathguard.service.app"
+
+# ---------------------------------------------------------------------------------------------------------
+# runtime: the serving virtualenv, the bundle, a health check and an unprivileged user
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 
@@ -68,9 +102,9 @@ RUN groupadd --system --gid 10001 pathguard \
     && mkdir -p /var/lib/pathguard \
     && chown 10001:10001 /var/lib/pathguard
 
-COPY --from=build /opt/venv /opt/venv
-# Read-only for the service user (owned by root): the bundle and the health check.
-COPY artifacts/mnist-lenet5 /opt/pathguard/artifacts/mnist-lenet5
+COPY --from=serve /opt/venv /opt/venv
+# Read-only for the service user (owned by root): the bundle (with its stored guarded graph) and the health check.
+COPY --from=build /opt/pathguard/artifacts/mnist-lenet5 /opt/pathguard/artifacts/mnist-lenet5
 COPY deploy/docker/healthcheck.py /opt/pathguard/healthcheck.py
 
 ENV PATH=/opt/venv/bin:$PATH \

@@ -14,10 +14,10 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet torch==2.13.0
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[build]'
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,eval,cluster]'
+	$(BIN)/pip install --quiet -e '.[build,dev,eval,cluster]'
 
 serve: install
 	$(BIN)/pathguard serve

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,14 +57,23 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from pathguard.models.bundle import Bundle
+from pathguard.models.bundle import Bundle, load_bundle, read_verified, write_bundle
+from pathguard.models.bundle.stored import GUARDED_JSON, GUARDED_ONNX
 from pathguard.models.components import Component
 from pathguard.models.components.consistency import ConsistencyComponent, Transform
-from pathguard.models.components.graph import MIN_OPSET, GraphContext, NotInGraphError, OnnxGraph
+from pathguard.models.components.graph import MIN_OPSET, Columns, GraphContext, NotInGraphError, OnnxGraph, Rows
 from pathguard.models.nic.onnx_export import nic_output_names
 from pathguard.models.verdict.fusion import parse_rule
 
-__all__ = ["NOISE_MODES", "graph_components", "guarded_model", "in_graph", "noise_feed", "noise_inputs"]
+__all__ = [
+    "NOISE_MODES",
+    "graph_components",
+    "guarded_model",
+    "in_graph",
+    "noise_feed",
+    "noise_inputs",
+    "store_in_bundle",
+]
 
 NOISE_MODES = ("random", "input")
 INPUT = "input"
@@ -132,6 +142,7 @@ def guarded_model(
     components: str = "verdict",
     details: bool = False,
     beside: Collection[str] = (),
+    fields: bool = False,
 ) -> onnx.ModelProto:
     """The bundle's classifier and verdict as one ONNX model (see the module docstring).
 
@@ -154,6 +165,11 @@ def guarded_model(
         Components left out of the graph, scored by the caller (the server scores Effective Path's exact walk on a
         worker thread beside the graph: its compiled walk is faster there). When the verdict fuses one of them, the
         graph has no verdict outputs (``verdict_score``, ``verdict_p_value``, ``is_adversarial``): the caller fuses.
+    fields : bool
+        Also output every in-graph component's response fields
+        (:meth:`~pathguard.models.components.Component.graph_fields`, outputs ``field/<component>/<key>``, their
+        layout in the ``pathguard.fields`` property) and, in ``pathguard.serving``, what a server reports of the
+        bundle besides: the graph a server without torch answers from (:mod:`pathguard.models.bundle.stored`).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
@@ -240,6 +256,11 @@ def guarded_model(
         g.add_output(flagged, "is_adversarial", TensorProto.BOOL, ["batch"])
     if details:
         _add_details(g, k)
+    layout: dict[str, Any] = {}
+    if fields:
+        for name in names:
+            violation = g.op("Sub", g.scalar(1.0), p[name])
+            layout[name] = _field_outputs(g, f"field/{name}", comps[name].graph_fields(g, violation))
 
     graph = helper.make_graph(
         g.nodes,
@@ -262,6 +283,9 @@ def guarded_model(
         ),
         "noise": json.dumps({"mode": noise, "seed": seed, "inputs": list(noise_names.values())}),
     }
+    if fields:
+        meta["fields"] = json.dumps(layout)
+        meta["serving"] = json.dumps(_serving_info(bundle))
     helper.set_model_props(model, {f"pathguard.{key}": value for key, value in meta.items()})
     onnx.checker.check_model(model)
     return model
@@ -275,6 +299,62 @@ def _add_details(g: GraphContext, k: int) -> None:
         g.add_output(head, head, TensorProto.FLOAT, ["batch", "layers", k])
         g.add_output(prov, prov, TensorProto.DOUBLE, ["batch", "pairs"])
         g.add_output(final, final, TensorProto.DOUBLE, ["batch"])
+
+
+def _field_outputs(g: GraphContext, prefix: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Expose a component's :meth:`~pathguard.models.components.Component.graph_fields` as float64 outputs named
+    ``prefix/<key>``; returns their layout: ``{"output": name}``, ``{"columns": labels, "output": name}``,
+    ``{"const": value}`` or ``{"fields": nested layout}`` per key (an output of :class:`Rows` is (N, L))."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, Columns):
+            g.add_output(g.double(value.tensor), name, TensorProto.DOUBLE, ["batch", len(value.labels)])
+            out[key] = {"columns": list(value.labels), "output": name}
+        elif isinstance(value, Rows):
+            g.add_output(g.double(value.tensor), name, TensorProto.DOUBLE, ["batch", value.width])
+            out[key] = {"output": name}
+        elif isinstance(value, str):
+            g.add_output(g.double(value), name, TensorProto.DOUBLE, ["batch"])
+            out[key] = {"output": name}
+        elif isinstance(value, Mapping):
+            out[key] = {"fields": _field_outputs(g, name, value)}
+        else:
+            out[key] = {"const": list(value)}
+    return out
+
+
+def _serving_info(bundle: Bundle) -> dict[str, Any]:
+    """What the server reports of a bundle beyond the graph's outputs (``GET /v1/model``, OIP metadata): the
+    layers, Effective Path's benign score and per-class ranges, and the sorted clean split-B fused scores (the
+    threshold at any target FPR)."""
+    pipe = bundle.pipeline
+    ep, ranges = pipe.ep_score, bundle.benign_ranges
+
+    def floats(a: Any) -> Any:
+        return np.asarray(a, dtype=np.float64).tolist()
+
+    assert pipe.verdict is not None
+    return {
+        "ep_layers": list(pipe.ep_layers),
+        "nic_value_layers": list(pipe.nic_value_layers),
+        "nic_provenance_pairs": list(pipe.nic_provenance_pairs),
+        "ep_score": {
+            "median": floats(ep.median_),
+            "scale": floats(ep.scale_),
+            "orientation": floats(ep.orientation_),
+            "tail": float(ep.tail),
+        },
+        "benign_ranges": None
+        if ranges is None
+        else {
+            "tail": float(ranges.tail),
+            "count": [int(c) for c in ranges.count_],
+            "median": floats(ranges.median_),
+            "bound": floats(ranges.bound_),
+        },
+        "fused_calibration": floats(np.sort(pipe.verdict.fused_calib)),
+    }
 
 
 def _noise_source(g: GraphContext, mode: str, seed: int | None, names: Mapping[str, str]) -> Any:
@@ -340,3 +420,27 @@ def _fuse(g: OnnxGraph, p_values: list[str], names: list[str], rule: str, famili
         groups.setdefault(families.get(name, name), []).append(p)
     per_family = [_combine(g, stack(cols), len(cols), inner) for cols in groups.values()]
     return g.op("Sub", g.scalar(1.0), _combine(g, stack(per_family), len(per_family), outer))
+
+
+def store_in_bundle(path: str | Path, out: str | Path | None = None) -> str:
+    """Store the bundle's guarded graph in it (``guarded.onnx`` and ``guarded.json``, see
+    :mod:`pathguard.models.bundle.stored`): every calibrated component with an in-graph form, noise read from inputs,
+    the response fields as outputs. Written to ``out`` (default: the bundle itself, replaced by two renames);
+    returns the new bundle's sha256. Refused (:class:`NotInGraphError`) when the verdict fuses a component with no
+    in-graph form."""
+    files = read_verified(path)
+    bundle = load_bundle(path)
+    model = guarded_model(bundle, noise="input", components="all", fields=True)
+    props = {p.key.removeprefix("pathguard."): p.value for p in model.metadata_props}
+    spec = {
+        "components": json.loads(props["components"]),
+        "all_components": list(bundle.pipeline.components),
+        "verdict": json.loads(props["verdict"]),
+        "fields": json.loads(props["fields"]),
+        "serving": json.loads(props["serving"]),
+    }
+    blobs = {k: v for k, v in files.blobs.items() if k not in (GUARDED_ONNX, GUARDED_JSON)}
+    blobs[GUARDED_ONNX] = model.SerializeToString()
+    blobs[GUARDED_JSON] = (json.dumps(spec, indent=1) + "\n").encode()
+    manifest = {k: v for k, v in files.manifest.items() if k not in ("files", "schema_version", "created_at")}
+    return write_bundle(out if out is not None else path, blobs, manifest)

@@ -30,6 +30,7 @@ from pathguard.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMi
 from pathguard.service.repository import ModelManager
 from pathguard.service.routes import events, health, oip, page, repository, v1
 from pathguard.service.routes import metrics as metrics_routes
+from pathguard.service.served import torch_installed
 from pathguard.service.settings import Settings
 from pathguard.service.sink import EventSink
 from pathguard.service.state import ServiceState, require_api_key
@@ -176,11 +177,11 @@ def check_pin(settings: Settings, loaded_sha256: str | None = None) -> None:
 
 
 async def _start(state: ServiceState) -> None:
-
-    import torch
-
     s = state.settings
-    torch.set_num_threads(default_torch_threads(s))
+    if torch_installed():  # a server without torch serves stored guarded graphs only
+        import torch
+
+        torch.set_num_threads(default_torch_threads(s))
     check = None
     if s.model_repository is None:  # PATHGUARD_BUNDLE: a repository of one, with its optional pin
         check_pin(s)

@@ -296,11 +296,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pathguard.models.bundle import BundleError, load_bundle
     from pathguard.models.components.graph import NotInGraphError
     from pathguard.models.export import write_guarded, write_triton
+    from pathguard.models.guarded import store_in_bundle
 
-    if not (args.guarded or args.triton):
-        print("pathguard export: give --guarded FILE and/or --triton DIR", file=sys.stderr)
+    if not (args.guarded or args.triton or args.in_bundle):
+        print("pathguard export: give --guarded FILE, --triton DIR and/or --in-bundle", file=sys.stderr)
         return 2
     try:
+        if args.in_bundle:  # first: the exports below then read the bundle with its stored graph
+            sha = store_in_bundle(args.bundle)
+            print(f"stored the guarded graph in {args.bundle} (guarded.onnx, guarded.json); bundle sha256 {sha}")
+            if not (args.guarded or args.triton):
+                return 0
         bundle = load_bundle(args.bundle)
         if args.guarded:
             write_guarded(bundle, args.guarded, seed=args.seed, components=args.components)
@@ -330,6 +336,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle")
     p.add_argument("--guarded", metavar="FILE", help="write the guarded graph to FILE (.onnx)")
     p.add_argument("--triton", metavar="DIR", help="write a Triton model repository entry DIR/<name>/")
+    p.add_argument(
+        "--in-bundle",
+        action="store_true",
+        help="store the guarded graph in the bundle (guarded.onnx, guarded.json; the bundle's sha256 changes): a "
+        "server without torch serves it",
+    )
     p.add_argument("--name", help="the Triton model's name (default: the bundle's)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (default 64)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in Triton (0: its default)")
@@ -593,6 +605,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         engine=args.engine,
+        server_python=args.server_python,
     )
     report = run_bench(cfg)
     command = "pathguard bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathguard bench"
@@ -613,11 +626,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checks",
         nargs="+",
-        choices=["parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict"],
+        choices=["parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict", "stored"],
         default=["parallel", "serial"],
         help="check modes, each on its own server: on the Python pipeline parallel, serial, graph (NIC inside the "
         "onnx graph); on the guarded graph (PATHGUARD_DETECT_GRAPH=on) guarded (every component reported), "
-        "guarded-graph, guarded-verdict (PATHGUARD_REPORTED_COMPONENTS=graph / verdict)",
+        "guarded-graph, guarded-verdict (PATHGUARD_REPORTED_COMPONENTS=graph / verdict); stored: the bundle's stored "
+        "guarded graph (PATHGUARD_DETECT_GRAPH=stored; `pathguard export BUNDLE --in-bundle`)",
+    )
+    p.add_argument(
+        "--server-python",
+        help="the Python that runs the servers, e.g. a virtualenv's installed without torch (default: this one)",
     )
     p.add_argument("--images", type=int, default=1000, help="distinct test images cycled through")
     p.add_argument("--warmup", type=int, default=100)
@@ -769,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the builder's extra (pathguard[build]): what building, evaluating and the Python pipeline import, serving a stored
+# guarded graph does not
+BUILD_MODULES = frozenset({"torch", "sklearn", "scipy", "numba", "onnx", "safetensors", "tqdm"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. An error the user can fix (missing data, a bad folder or bundle, a bad setting) is one
     line on stderr and exit status 2; ``--debug`` shows its traceback instead. Anything else is a defect and
@@ -779,6 +802,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _warning_line(args.command, warnings.showwarning)
         try:
             result: int = args.func(args)
+        except ModuleNotFoundError as exc:
+            if args.debug or (exc.name or "").split(".")[0] not in BUILD_MODULES:
+                raise
+            print(
+                f"pathguard {args.command}: error: this needs {exc.name}, one of the builder's dependencies, which is "
+                "not installed; install them with: pip install 'pathguard[build]' (serving a bundle with a stored "
+                "guarded graph needs none of them)",
+                file=sys.stderr,
+            )
+            return 2
         except Exception as exc:
             if args.debug or not _is_user_error(exc):
                 raise

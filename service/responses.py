@@ -175,8 +175,9 @@ class ModelInfo(BaseModel):
     )
     detection: str = Field(
         default="pipeline",
-        description="'graph': detection runs on the guarded graph (PATHGUARD_DETECT_GRAPH); 'pipeline': the Python "
-        "pipeline.",
+        description="'graph': detection runs on the guarded graph built at load (PATHGUARD_DETECT_GRAPH); 'stored': on "
+        "the guarded graph stored in the bundle, with nothing beside it (PATHGUARD_DETECT_GRAPH=stored, or a server "
+        "without torch); 'pipeline': the Python pipeline.",
     )
     detection_note: str | None = Field(
         default=None,
@@ -188,7 +189,8 @@ class ModelInfo(BaseModel):
     )
     skipped_components: list[str] = Field(
         default_factory=list,
-        description="Components left out of responses (PATHGUARD_REPORTED_COMPONENTS=graph).",
+        description="Components left out of responses (PATHGUARD_REPORTED_COMPONENTS; with the stored graph, those "
+        "with no in-graph form).",
     )
     onnx_split_error: str | None = Field(
         default=None,

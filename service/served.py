@@ -10,33 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pathguard.models.bundle import load_bundle
-from pathguard.models.components.graph import NotInGraphError
+from pathguard.models.bundle.stored import has_stored_graph, load_stored, store_command
 from pathguard.models.errors import BundleError
-from pathguard.models.guarded import graph_components, in_graph
 from pathguard.service.cache import DetectionStore, Entry
 from pathguard.service.errors import NotReady
 from pathguard.service.inputs import InputSpec
 from pathguard.service.metrics import Metrics, ModelMetrics
-from pathguard.service.runtime import (
-    ClassifierEngine,
-    DetectionRuntime,
-    GuardedEngine,
-    MicroBatcher,
-    OnnxEngine,
-    TorchEngine,
-)
+from pathguard.service.runtime import MicroBatcher, StoredRuntime
 from pathguard.service.settings import Settings
+
+if TYPE_CHECKING:
+    from pathguard.service.runtime import ClassifierEngine, GuardedEngine
 
 __all__ = ["ModelStats", "ModelStore", "ServedModel", "open_model"]
 
@@ -217,9 +212,57 @@ class ServedModel:
             self.stats.add(_STAT_NAMES.get(stage, stage), ms / 1000.0 * images, images)
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here (a server installed without it serves stored guarded graphs only)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a finder that refuses it
+        return False
+
+
+def _serves_stored(settings: Settings, path: Path) -> bool:
+    """Whether the model at ``path`` is served from its stored guarded graph: PATHGUARD_DETECT_GRAPH=stored, or no
+    torch here. Raises :class:`BundleError` when the settings cannot be served that way."""
+    s = settings
+    if s.detect_graph != "stored" and torch_installed():
+        return False
+    why = "PATHGUARD_DETECT_GRAPH=stored" if s.detect_graph == "stored" else "this server has no torch installed"
+    if s.engine == "torch":
+        raise BundleError(f"{path}: {why}: the stored guarded graph runs in onnxruntime, not PATHGUARD_ENGINE=torch")
+    if s.nic_members == "random":
+        raise BundleError(f"{path}: {why}: NIC's drawn members (PATHGUARD_NIC_MEMBERS=random) are not in the graph")
+    if not has_stored_graph(path):
+        raise BundleError(
+            f"{path}: {why}, so detection is served from the guarded graph stored in the bundle, and this bundle "
+            f"has none; store it with: {store_command(path)}"
+        )
+    return True
+
+
+def _open_stored(settings: Settings, path: Path, on_drop: Callable[[int], None]) -> tuple[Any, StoredRuntime]:
+    s = settings
+    bundle = load_stored(path, target_fpr=s.target_fpr)
+    runtime = StoredRuntime(
+        bundle,
+        seed=s.noise_seed,
+        threads=s.engine_threads,
+        inter_op_threads=s.graph_inter_op_threads,
+        providers=s.onnx_providers,
+        shadow_backlog=s.shadow_backlog,
+        on_drop=on_drop,
+    )
+    skipped = f"; not in it, not reported: {', '.join(runtime.skip)}" if runtime.skip else ""
+    log.info("model %s: detection served from the stored guarded graph (%s%s)", bundle.name,
+             ", ".join(runtime.graph.components), skipped)  # fmt: skip
+    return bundle, runtime
+
+
 def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine | None, str | None]:
     """The guarded graph's engine when detection is served from it (PATHGUARD_DETECT_GRAPH), else None and why
     not. Raises :class:`BundleError` when it is required ('on') and cannot be."""
+    from pathguard.models.components.graph import NotInGraphError
+    from pathguard.service.runtime import GuardedEngine
+
     s = settings
     if s.detect_graph == "off":
         return None, "PATHGUARD_DETECT_GRAPH=off"
@@ -254,6 +297,8 @@ def _graph(settings: Settings, bundle: Any, path: Path) -> tuple[GuardedEngine |
 def _beside(bundle: Any) -> list[str]:
     """The components scored beside the guarded graph: those with no in-graph form, and those whose form outside the
     graph is the faster one (Effective Path's compiled walk)."""
+    from pathguard.models.guarded import in_graph
+
     return [k for k, c in bundle.pipeline.components.items() if c.beside_graph or not in_graph(c)]
 
 
@@ -265,6 +310,8 @@ def _scope(settings: Settings) -> str:
 def _skipped(settings: Settings, bundle: Any) -> list[str]:
     """The components left out of graph-served responses (PATHGUARD_REPORTED_COMPONENTS): 'graph', those with no
     in-graph form; 'verdict', all but the verdict's."""
+    from pathguard.models.guarded import graph_components
+
     if settings.reported_components == "all":
         return []
     inside = set(graph_components(bundle, _scope(settings)))
@@ -272,6 +319,8 @@ def _skipped(settings: Settings, bundle: Any) -> list[str]:
 
 
 def _engine(settings: Settings, bundle: Any, graph: bool = False) -> ClassifierEngine:
+    from pathguard.service.runtime import OnnxEngine, TorchEngine
+
     if settings.engine == "torch":
         return TorchEngine(bundle.classifier)
     if graph:  # detection runs on the guarded graph: this engine only classifies
@@ -306,6 +355,20 @@ def open_model(
     thread). ``check(bundle)`` may refuse the loaded bundle (the sha256 pin) by raising. ``version`` None: the
     manifest's version. Raises whatever verification, loading or warm-up raised; nothing is left running then."""
     s = settings
+    model_metrics = metrics.for_model(name)
+    if _serves_stored(s, path):
+        stored_bundle, stored = _open_stored(s, path, model_metrics.shadow_dropped.inc)
+        try:
+            if check is not None:
+                check(stored_bundle)
+            _warm_up(stored, stored_bundle, s)
+        except BaseException:
+            stored.close()
+            raise
+        return _served(name, version, path, stored_bundle, stored, s, model_metrics, spawn)
+    from pathguard.models.bundle import load_bundle
+    from pathguard.service.runtime import DetectionRuntime
+
     bundle = load_bundle(path, target_fpr=s.target_fpr, seed=s.noise_seed)
     if check is not None:
         check(bundle)
@@ -314,7 +377,6 @@ def open_model(
             bundle.pipeline.randomize_nic_members()
         except ValueError as exc:
             raise BundleError(f"{path}: PATHGUARD_NIC_MEMBERS=random: {exc}") from None
-    model_metrics = metrics.for_model(name)
     graph, why = _graph(s, bundle, path)
     runtime = DetectionRuntime(
         _engine(s, bundle, graph is not None),
@@ -331,21 +393,38 @@ def open_model(
         log.info("model %s: detection served from the guarded graph (%s in it; beside it: %s)", bundle.name,
                  ", ".join(graph.components), ", ".join(runtime.beside) or "nothing")  # fmt: skip
     try:
-        c, h, w = (int(v) for v in bundle.input_shape)
-        runtime.warm_up((c, h, w), [1], s.warmup_rounds)
-        runtime.warm_up((c, h, w), [s.max_batch_size], min(s.warmup_rounds, 1))
+        _warm_up(runtime, bundle, s)
     except BaseException:
         runtime.close()
         raise
-    spec = InputSpec(c, h, w, max_pixels=s.max_image_pixels, policy=s.input_policy)
+    return _served(name, version, path, bundle, runtime, s, model_metrics, spawn)
+
+
+def _warm_up(runtime: Any, bundle: Any, settings: Settings) -> None:
+    shape = tuple(int(v) for v in bundle.input_shape)
+    runtime.warm_up(shape, [1], settings.warmup_rounds)
+    runtime.warm_up(shape, [settings.max_batch_size], min(settings.warmup_rounds, 1))
+
+
+def _served(
+    name: str,
+    version: str | None,
+    path: Path,
+    bundle: Any,
+    runtime: Any,
+    settings: Settings,
+    model_metrics: ModelMetrics,
+    spawn: Callable[[Coroutine[Any, Any, Any]], None],
+) -> ServedModel:
+    c, h, w = (int(v) for v in bundle.input_shape)
     return ServedModel(
         name=name,
         version=version if version is not None else str(bundle.version),
         path=path,
         bundle=bundle,
         runtime=runtime,
-        spec=spec,
-        settings=s,
+        spec=InputSpec(c, h, w, max_pixels=settings.max_image_pixels, policy=settings.input_policy),
+        settings=settings,
         metrics=model_metrics,
         stats=ModelStats(),
         spawn=spawn,

@@ -194,7 +194,7 @@ class Settings(BaseSettings):
         "build has it (the onnxruntime-gpu package), else the CPU. Providers this build lacks are left out with a "
         "warning; the CPU provider is always the last fallback. The detectors' own work stays on the CPU.",
     )
-    detect_graph: Literal["auto", "on", "off"] = Field(
+    detect_graph: Literal["auto", "on", "off", "stored"] = Field(
         default="auto",
         description="Serve detection from the guarded graph (the classifier, its consistency copies and every "
         "component with an in-graph form in ONE onnxruntime run per batch, built in memory at load from the bundle; "
@@ -204,7 +204,11 @@ class Settings(BaseSettings):
         "pipeline "
         "(the reason is logged and shown by /v1/model); 'on': the same, but a model that cannot is refused at load; "
         "'off': always the Python pipeline. Scores agree with the pipeline's to float32 rounding (the graph's "
-        "forward pass and softmax are onnxruntime's); the noise is drawn as the pipeline draws it.",
+        "forward pass and softmax are onnxruntime's); the noise is drawn as the pipeline draws it. 'stored': the "
+        "graph stored in the bundle (`pathguard export BUNDLE --in-bundle`), every component in it, noise drawn "
+        "with numpy, nothing in Python beside it; components with no in-graph form are not reported. A server "
+        "without torch installed always serves the stored graph (and refuses a bundle without one, naming the "
+        "command that stores it).",
     )
     reported_components: Literal["all", "graph", "verdict"] = Field(
         default="all",

@@ -4,6 +4,9 @@ The builder that writes bundles lives in :mod:`pathguard.models.builder` (it nee
 in supervised mode, the evaluation attacks); nothing here imports it.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pathguard.models.bundle.format import (
     BENIGN_RANGES,
     MAHALANOBIS_FILE,
@@ -17,10 +20,30 @@ from pathguard.models.bundle.format import (
     verify_bundle,
     write_bundle,
 )
-from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
-from pathguard.models.bundle.pipeline import DetectionPipeline, DetectionResult
-from pathguard.models.components import DEFAULT_FUSION
+from pathguard.models.bundle.result import DetectionResult
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
+
+if TYPE_CHECKING:
+    from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
+    from pathguard.models.bundle.pipeline import DetectionPipeline
+    from pathguard.models.components import DEFAULT_FUSION
+
+# The loaded pipeline needs torch; the file format, the results and the stored guarded graph's loader do not. They
+# are imported on first use, so a server with no torch installed reads bundles through this package too.
+_LAZY = {
+    "Bundle": "pathguard.models.bundle.loading",
+    "load_bundle": "pathguard.models.bundle.loading",
+    "load_classifier": "pathguard.models.bundle.loading",
+    "DetectionPipeline": "pathguard.models.bundle.pipeline",
+    "DEFAULT_FUSION": "pathguard.models.components",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BENIGN_RANGES",

@@ -34,6 +34,7 @@ __all__ = [
     "BundleCompatibilityError",
     "BundleError",
     "BundleIntegrityError",
+    "ManifestFacts",
     "VerifiedFiles",
     "bundle_sha256",
     "check_bundle_target",
@@ -110,12 +111,42 @@ def _check_compatibility(root: Path, manifest: dict[str, Any]) -> None:
         raise BundleCompatibilityError(f"bundle {root} needs pathguard >= {need}, installed is {have}")
     opset = req.get("onnx_opset")
     if opset is not None:
-        import onnx.defs
-
+        try:
+            import onnx.defs
+        except ImportError:  # a server without the builder's extras: onnxruntime refuses the graph if it cannot run it
+            return
         if onnx.defs.onnx_opset_version() < int(opset):
             raise BundleCompatibilityError(
                 f"bundle {root} needs ONNX opset {opset}; installed onnx supports {onnx.defs.onnx_opset_version()}"
             )
+
+
+class ManifestFacts:
+    """What a loaded bundle says of itself, read from its verified ``manifest``: name, version, dataset, classes and
+    input shape."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.manifest["dataset"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest["input"]["shape"]
+        return (int(c), int(h), int(w))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathguard.models.bundle.format import MANIFEST, VerifiedFiles, read_verified
+from pathguard.models.bundle.format import MANIFEST, ManifestFacts, VerifiedFiles, read_verified
 from pathguard.models.bundle.pipeline import DetectionPipeline
 from pathguard.models.components import ALWAYS_BUILT, LEGACY_FUSION, Component, build_order, component_class
 from pathguard.models.components.effective_path import EffectivePathComponent
@@ -21,7 +21,7 @@ __all__ = ["Bundle", "built_components", "fused_components", "load_bundle", "loa
 
 
 @dataclass
-class Bundle:
+class Bundle(ManifestFacts):
     """A verified, loaded bundle (see PRODUCT.md 'Bundle')."""
 
     path: Path
@@ -31,27 +31,6 @@ class Bundle:
     onnx_bytes: bytes
     pipeline: DetectionPipeline
     benign_ranges: ClassSimilarityRanges | None = None  # bundles built since per-class ranges exist
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["name"])
-
-    @property
-    def version(self) -> str:
-        return str(self.manifest["version"])
-
-    @property
-    def dataset(self) -> str:
-        return str(self.manifest["dataset"])
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.manifest["input"]["shape"]
-        return (int(c), int(h), int(w))
 
     @property
     def tap_names(self) -> list[str]:

@@ -22,18 +22,18 @@ the same noise alone or in any batch; else from fresh entropy per request.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pathguard.models.components import Component, Observation, row_of
+from pathguard.models.bundle.result import EP, MAHALANOBIS, NIC, SUPERVISED, DetectionResult
+from pathguard.models.bundle.stored import input_seeds
+from pathguard.models.components import Component, Observation
 from pathguard.models.components.base import GIVEN_RAW
 from pathguard.models.components.consistency import PROBE, has_copies, probe_inputs
 from pathguard.models.components.effective_path import EffectivePathComponent, EPPartial
@@ -43,11 +43,9 @@ from pathguard.models.components.supervised import SupervisedComponent, feature_
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.models.verdict import FusedVerdict, violation_probability
-from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
+from pathguard.models.verdict.supervised import SupervisedDetector
 
 __all__ = ["DetectionPipeline", "DetectionResult", "EPPartial", "LayerPartial", "ProbeStart"]
-
-EP, NIC, NIC_VI, MAHALANOBIS, SUPERVISED = "effective_path", "nic", "nic_vi", "mahalanobis", "supervised"
 
 
 _STARTED = "consistency/started"  # the observation's key of a probe begun by ``start_probe``
@@ -60,80 +58,6 @@ class ProbeStart:
 
     generators: list[torch.Generator]
     future: Future[tuple[dict[str, torch.Tensor], float]]
-
-
-@dataclass
-class DetectionResult:
-    """Detection results for a batch of N inputs (numpy arrays; see PRODUCT.md for the JSON shape)."""
-
-    probabilities: np.ndarray  # (N, K)
-    predicted: np.ndarray  # (N,)
-    confidence: np.ndarray  # (N,)
-    fields: dict[str, dict[str, Any]]  # component -> its response fields (arrays with the batch first)
-    raw: dict[str, np.ndarray]  # component -> (N,) raw score
-    score: np.ndarray  # (N,) fused, in [0, 1]
-    p_value: np.ndarray  # (N,)
-    adversarial: np.ndarray  # (N,) bool
-    threshold: float
-    target_fpr: float
-    timings_s: dict[str, float] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.predicted)
-
-    # the parts older callers read by name
-    @property
-    def ep_layers(self) -> list[str]:
-        return list(self.fields[EP]["layers"])
-
-    @property
-    def rank1_similarity(self) -> np.ndarray:
-        return np.asarray(self.fields[EP]["rank1_similarity"])
-
-    @property
-    def rank2_similarity(self) -> np.ndarray:
-        return np.asarray(self.fields[EP]["rank2_similarity"])
-
-    @property
-    def ep_score(self) -> np.ndarray:
-        return np.asarray(self.fields[EP]["score"])
-
-    @property
-    def value_violation(self) -> dict[str, np.ndarray]:
-        return dict(self.fields[NIC]["value_violation"])
-
-    @property
-    def provenance_violation(self) -> dict[str, np.ndarray]:
-        return dict(self.fields[NIC]["provenance_violation"])
-
-    @property
-    def nic_score(self) -> np.ndarray:
-        return np.asarray(self.fields[NIC]["score"])
-
-    @property
-    def supervised(self) -> SupervisedAssessment | None:
-        """The supervised detector's results (bundles built with supervised attacks only)."""
-        f = self.fields.get(SUPERVISED)
-        if not f:
-            return None
-        return SupervisedAssessment(f["detector"], f["score"], f["p_value"], f["adversarial"], self.raw[SUPERVISED])
-
-    def row(self, i: int) -> dict[str, Any]:
-        """Input ``i``'s part of the /v1/detect response: every component's fields (``effective_path``, ``nic``,
-        ..., and for supervised bundles ``supervised``) and the ``verdict``."""
-
-        def r(v: float) -> float:
-            return round(float(v), 6)
-
-        out = {name: row_of(f, i) for name, f in self.fields.items() if f}
-        out["verdict"] = {
-            "adversarial": bool(self.adversarial[i]),
-            "score": r(self.score[i]),
-            "threshold": r(self.threshold),
-            "p_value": r(self.p_value[i]),
-            "target_fpr": float(self.target_fpr),
-        }
-        return out
 
 
 class DetectionPipeline:
@@ -273,14 +197,7 @@ class DetectionPipeline:
 
     def _generators(self, x: torch.Tensor) -> list[torch.Generator]:
         """One generator per input: seeded from ``seed`` and the input's pixels, or from fresh entropy."""
-        if self.seed is None:
-            return [torch.Generator().manual_seed(secrets.randbits(63)) for _ in range(len(x))]
-        key = str(self.seed).encode()
-        out = []
-        for xi in x.detach().float().contiguous().numpy():
-            digest = hashlib.blake2b(xi.tobytes(), digest_size=8, key=key).digest()
-            out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
-        return out
+        return [torch.Generator().manual_seed(s) for s in input_seeds(x.detach().float().numpy(), self.seed)]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

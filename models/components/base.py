@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from pathguard.models.bundle.result import row_of
 from pathguard.models.networks import TappedSequential
 
 if TYPE_CHECKING:
@@ -145,6 +146,14 @@ class Component(ABC):
         from pathguard.models.components.graph import NotInGraphError
 
         raise NotInGraphError(f"component {self.name!r} has no in-graph form yet")
+
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        """:meth:`fields` in the graph ``g``, after :meth:`graph` wrote this component: the same keys, each an (N,)
+        float tensor's name, a constant (a list), a :class:`~pathguard.models.components.graph.Rows` (an (N, L)
+        tensor), a :class:`~pathguard.models.components.graph.Columns` or a nested dict. ``violation``: the (N,)
+        tensor of ``1 - p``. The stored guarded graph outputs them: a server without torch answers in the same
+        shape."""
+        return {"score": violation}
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         """Its part of the /v1/detect response for the batch: arrays whose first axis is the batch (indexed per
@@ -378,26 +387,3 @@ def read_npz(blob: bytes) -> dict[str, np.ndarray]:
 
 def json_blob(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
-
-
-def row_of(fields: Mapping[str, Any], i: int) -> dict[str, Any]:
-    """Input ``i``'s response fields: arrays indexed by ``i`` (a row of an (N, L) array becomes a list) and rounded
-    to 6 decimals, dicts recursed into, anything else copied."""
-    out: dict[str, Any] = {}
-    for k, v in fields.items():
-        if isinstance(v, np.ndarray):
-            item = v[i]
-            out[k] = [_r(e) for e in item] if np.ndim(item) else _r(item)
-        elif isinstance(v, Mapping):
-            out[k] = row_of(v, i)
-        elif isinstance(v, list | tuple):
-            out[k] = list(v)
-        else:
-            out[k] = v
-    return out
-
-
-def _r(v: Any) -> float | bool | int:
-    if isinstance(v, np.bool_ | bool):
-        return bool(v)
-    return round(float(v), 6)

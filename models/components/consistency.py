@@ -192,6 +192,9 @@ class MarginComponent(ConsistencyComponent):
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"margin": self.margin(obs.logits), "score": violation}
 
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        return {"margin": g.op("Neg", self.graph(g)), "score": violation}
+
 
 # -------------------------------------------------------------------------------------------------- noise response
 
@@ -260,6 +263,9 @@ class _NoiseComponent(ConsistencyComponent):
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {self.statistic: served_raw(obs, self), "score": violation}
+
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        return {self.statistic: self.graph(g), "score": violation}
 
 
 class NoiseFlipComponent(_NoiseComponent):
@@ -476,6 +482,9 @@ class SqueezeComponent(ConsistencyComponent):
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"softmax_l1": served_raw(obs, self), "score": violation}
+
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        return {"softmax_l1": self.graph(g), "score": violation}
 
 
 def logit_margin(logits: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathguard.models.components.base import (
     one_torch_thread,
     read_npz,
 )
-from pathguard.models.components.graph import GraphContext, NotInGraphError
+from pathguard.models.components.graph import GraphContext, NotInGraphError, Rows
 from pathguard.models.effective_path import (
     BenignEPScore,
     ClassPaths,
@@ -164,6 +164,10 @@ class EffectivePathComponent(Component):
 
         return g.get(self.name, write)
 
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        self.graph(g)
+        return similarity_fields(g, "effective_path/ep_features", list(self.layers), violation)
+
     def warm_up(self) -> None:
         self.extractor.warm_up()  # compile the small-batch kernels now (numba JIT), not on the first request
 
@@ -205,6 +209,21 @@ class EffectivePathComponent(Component):
             "rank2_similarity": ep.sims[2],
             "score": violation,
         }
+
+
+def similarity_fields(g: GraphContext, features: str, layers: list[str], violation: str) -> dict[str, Any]:
+    """Effective Path's response fields in the graph from its (N, 2L) ``features`` tensor (rank-1 | rank-2)."""
+    n = len(layers)
+
+    def part(start: int, stop: int) -> str:
+        return g.op("Slice", features, *(g.const([v], np.int64) for v in (start, stop, 1)))
+
+    return {
+        "layers": layers,
+        "rank1_similarity": Rows(part(0, n), n),
+        "rank2_similarity": Rows(part(n, 2 * n), n),
+        "score": violation,
+    }
 
 
 def ep_features(passes: Any, job: Any) -> tuple[np.ndarray, np.ndarray]:

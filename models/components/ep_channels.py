@@ -22,6 +22,7 @@ from pathguard.models.components.base import (
     npz_blob,
     read_npz,
 )
+from pathguard.models.components.effective_path import similarity_fields
 from pathguard.models.components.graph import GraphContext
 from pathguard.models.effective_path import BenignEPScore
 from pathguard.models.effective_path.channels import ChannelProfiles, ChannelWalk, DenseChannelWalk
@@ -101,6 +102,10 @@ class ChannelEPComponent(Component):
     def graph(self, g: GraphContext) -> str:
         model = onnx.load_from_string(self.dense.to_onnx(g.opset))
         return g.get(self.name, lambda: g.embed(model, "ep_channels/", [g.x]) + "ep_score")
+
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        self.graph(g)
+        return similarity_fields(g, "ep_channels/ep_features", list(self.layers), violation)
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         feats = self.analysis(obs)[0]

@@ -11,17 +11,36 @@ components sharing an analysis (the three noise statistics) compute it once.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["MIN_OPSET", "GraphContext", "NotInGraphError", "OnnxGraph"]
+__all__ = ["MIN_OPSET", "Columns", "GraphContext", "NotInGraphError", "OnnxGraph", "Rows"]
 
 T = TypeVar("T")
 
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum's axes as an input, GreaterOrEqual
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A response field of :meth:`~pathguard.models.components.Component.graph_fields` that is an (N, L) tensor
+    reported as one (N,) column per label (``{label: value}`` per image, as NIC's per-layer violations)."""
+
+    tensor: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A response field of :meth:`~pathguard.models.components.Component.graph_fields` that is an (N, ``width``)
+    tensor reported as a list per image (as Effective Path's per-layer similarities)."""
+
+    tensor: str
+    width: int
 
 
 class NotInGraphError(NotImplementedError):

@@ -126,6 +126,9 @@ class GaussianComponent(Component):
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {"layers": list(self.gaussian.layers), "score": violation}
 
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        return {"layers": list(self.gaussian.layers), "score": violation}
+
 
 def _pooled_graph(g: GraphContext, act: str, spatial: bool, pool: str) -> str:
     """:func:`~pathguard.models.mahalanobis.detector.pooled` of a float64 activation in the graph."""

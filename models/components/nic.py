@@ -29,7 +29,7 @@ from pathguard.models.components.base import (
     one_torch_thread,
     read_npz,
 )
-from pathguard.models.components.graph import GraphContext
+from pathguard.models.components.graph import Columns, GraphContext
 from pathguard.models.networks import TappedSequential
 from pathguard.models.nic import INPUT, SOFTMAX, NICDetector, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
@@ -226,6 +226,20 @@ class NICComponent(Component):
     def graph(self, g: GraphContext) -> str:
         return nic_graph(g, self)["final"]
 
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        value, prov, final = self.nic.calibration()
+        names = nic_graph(g, self)
+        _, _, provenance, _ = nic_output_names(0)
+
+        def violation_of(calib: np.ndarray, scores: str) -> str:
+            return g.op("Sub", g.scalar(1.0), g.p_value(calib, scores))
+
+        return {
+            "value_violation": Columns(violation_of(value, names["value"]), tuple(self.value_layers)),
+            "provenance_violation": Columns(violation_of(prov, provenance), tuple(self.pairs)),
+            "score": violation_of(final, names["final"]),  # NIC's own calibration on split A
+        }
+
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         a = self.analysis(obs)
         return {
@@ -292,6 +306,9 @@ class NICValueComponent(Component):
         two = g.op("Min", g.op("Mul", g.scalar(2.0), g.op("Min", upper, lower)), g.scalar(1.0))
         p = g.op("Clip", two, g.scalar(floor), g.scalar(1.0))
         return g.op("Neg", g.reduce("ReduceSum", g.op("Log", p), [1]))
+
+    def graph_fields(self, g: GraphContext, violation: str) -> dict[str, Any]:
+        return {}
 
     def fields(self, obs: Observation, violation: np.ndarray) -> dict[str, Any]:
         return {}  # reported through NIC's value violations

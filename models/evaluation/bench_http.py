@@ -32,7 +32,7 @@ from pathguard.models.data import load_dataset
 
 __all__ = ["MODES", "BenchConfig", "render_markdown", "run_bench"]
 
-MODES = ("parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict")
+MODES = ("parallel", "serial", "graph", "guarded", "guarded-graph", "guarded-verdict", "stored")
 STAGES = (
     "decode", "queue", "classify", "checks", "checks_wait", "nic", "effective_path", "mahalanobis", "consistency",
     "total",
@@ -57,13 +57,17 @@ class BenchConfig:
         ``PATHGUARD_NIC_IN_GRAPH``), all three on the Python pipeline (``PATHGUARD_DETECT_GRAPH=off``);
         ``guarded`` (detection on the guarded graph, ``PATHGUARD_DETECT_GRAPH=on``, every component reported),
         ``guarded-graph`` and ``guarded-verdict`` (the same, reporting the graph's or the verdict's components only,
-        ``PATHGUARD_REPORTED_COMPONENTS``).
+        ``PATHGUARD_REPORTED_COMPONENTS``); ``stored`` (the bundle's stored guarded graph, nothing beside it,
+        ``PATHGUARD_DETECT_GRAPH=stored``).
     images : int
         Distinct test images cycled through.
     warmup : int
         Untimed requests per route before measuring.
     engine : str
         Classifier engine of the served bundle ('onnx' or 'torch').
+    server_python : str, optional
+        The interpreter that runs the servers (e.g. that of a virtualenv without torch, serving stored graphs);
+        default: this one.
     """
 
     bundles: Sequence[Path]
@@ -75,6 +79,7 @@ class BenchConfig:
     rounds: int = 4
     engine: str = "onnx"
     extra_env: dict[str, str] = field(default_factory=dict)
+    server_python: str | None = None
 
 
 @dataclass
@@ -125,7 +130,9 @@ def _encode_images(dataset: str, n: int) -> list[bytes]:
 class _Server:
     """A ``pathguard serve`` subprocess."""
 
-    def __init__(self, bundle: Path, mode: str, engine: str, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, bundle: Path, mode: str, engine: str, extra_env: dict[str, str], python: str | None = None
+    ) -> None:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_") or k.endswith("_DIR")}
         env.update(
@@ -133,14 +140,17 @@ class _Server:
             PATHGUARD_PORT=str(self.port),
             PATHGUARD_PARALLEL_CHECKS=str(mode != "serial").lower(),
             PATHGUARD_NIC_IN_GRAPH=str(mode == "graph").lower(),
-            PATHGUARD_DETECT_GRAPH="on" if mode.startswith("guarded") else "off",
+            PATHGUARD_DETECT_GRAPH="stored" if mode == "stored" else "on" if mode.startswith("guarded") else "off",
             PATHGUARD_REPORTED_COMPONENTS=mode.split("-", 1)[1] if "-" in mode else "all",
             PATHGUARD_CACHE="false",
             PATHGUARD_ENGINE=engine,
             **extra_env,
         )
-        cmd = [sys.executable, "-m", "pathguard.service.cli", "serve", "--log-level", "warning"]
+        self.python = python or sys.executable
+        cmd = [self.python, "-m", "pathguard.service.cli", "serve", "--log-level", "warning"]
+        self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+        self.ready_s = float("nan")
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         end = time.monotonic() + timeout
@@ -151,11 +161,21 @@ class _Server:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
                 conn.request("GET", "/v2/health/ready")
                 if conn.getresponse().status == 200:
+                    self.ready_s = time.perf_counter() - self.started
                     return
             except OSError:
                 pass
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory now, in MB (NaN where /proc is not there)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+        return float("nan") if kb is None else kb / 1000.0
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -206,8 +226,12 @@ def _median_timings(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in rows if k in r), 3) for k in keys}
 
 
-def _measure_server(cfg: BenchConfig, bundle: Path, mode: str, images: list[bytes]) -> list[Measurement]:
-    server = _Server(bundle, mode, cfg.engine, cfg.extra_env)
+def _measure_server(
+    cfg: BenchConfig, bundle: Path, mode: str, images: list[bytes], servers: list[dict[str, Any]]
+) -> list[Measurement]:
+    """Measure one server; its start-up (process start to ready: imports, verification, load, warm-up) and its
+    resident memory after the measurements go to ``servers``."""
+    server = _Server(bundle, mode, cfg.engine, cfg.extra_env, cfg.server_python)
     try:
         server.wait_ready()
         for route in ("/v1/predict", "/v1/detect"):
@@ -223,6 +247,10 @@ def _measure_server(cfg: BenchConfig, bundle: Path, mode: str, images: list[byte
                     acc[route] = (prev[0] + lat, prev[1] + wall, prev[2] + srv)
             for route, (lat, wall, srv) in acc.items():
                 out.append(Measurement(bundle.name, mode, route, conc, lat, wall, _median_timings(srv)))
+        servers.append({
+            "bundle": bundle.name, "checks": mode, "python": server.python, "torch": _has_torch(server.python),
+            "ready_s": round(server.ready_s, 2), "rss_mb": round(server.rss_mb(), 1),
+        })  # fmt: skip
         return out
     finally:
         server.stop()
@@ -260,12 +288,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown check mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     rows = []
+    servers: list[dict[str, Any]] = []
     load_before = _load_average()
     for bundle in cfg.bundles:
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
         images = _encode_images(str(manifest["dataset"]), cfg.images)
         for mode in cfg.modes:
-            rows += [m.row() for m in _measure_server(cfg, Path(bundle), mode, images)]
+            rows += [m.row() for m in _measure_server(cfg, Path(bundle), mode, images, servers)]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -275,7 +304,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "load_average": {"before": load_before, "after": _load_average()},
         "rows": rows,
         "ratios": _ratios(rows),
+        "servers": servers,
     }
+
+
+def _has_torch(python: str) -> bool:
+    """Whether torch is importable by the interpreter ``python``."""
+    code = "import importlib.util as u; print(u.find_spec('torch') is not None)"
+    found = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)  # noqa: S603
+    return found.stdout.strip() == "True"
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -326,6 +363,20 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             f"| {q['bundle']} | {q['checks']} | {q['concurrency']} | {q['p50_ratio']:.2f} | "
             f"{q.get('throughput_ratio', float('nan')):.2f} |"
         )
+    if report.get("servers"):
+        lines += [
+            "",
+            "Servers: start-up (process start to ready: imports, bundle verification and load, warm-up) and resident "
+            "memory after the measurements:",
+            "",
+            "| bundle | checks | torch installed | ready s | RSS MB |",
+            "|---|---|---|---|---|",
+        ]
+        for s in report["servers"]:
+            lines.append(
+                f"| {s['bundle']} | {s['checks']} | {'yes' if s['torch'] else 'no'} | {s['ready_s']:.2f} | "
+                f"{s['rss_mb']:.0f} |"
+            )
     lines += [
         "",
         "Server-side stages (median `timings_ms` of the responses; `classify`, `checks` and its parts are per "

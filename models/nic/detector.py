@@ -415,6 +415,11 @@ class NICDetector:
         """(n, L) clean calibration VI scores, each column sorted ascending."""
         return self._member(member).sorted_calib()[0]
 
+    def calibration(self, member: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The clean calibration scores behind the violation probabilities, sorted ascending per column: VI (n, L),
+        PI (n, L-1) and final (n,)."""
+        return self._member(member).sorted_calib()
+
     @property
     def calibration_size(self) -> int:
         """Number of clean calibration inputs behind the violation probabilities."""

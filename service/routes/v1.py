@@ -17,6 +17,7 @@ from pathguard.service.responses import (
     PredictResponse,
     batch_response,
 )
+from pathguard.service.runtime import StoredRuntime
 from pathguard.service.schemas import ErrorBody
 from pathguard.service.served import ServedModel
 from pathguard.service.state import get_state, request_id, requested_model, require_api_key
@@ -102,6 +103,13 @@ _MODEL_PARAM = {
 }
 
 
+def _detection(runtime: Any) -> str:
+    """``/v1/model``'s ``detection``: where detection runs."""
+    if isinstance(runtime, StoredRuntime):
+        return "stored"
+    return "graph" if runtime.graph is not None else "pipeline"
+
+
 def _served(request: Request) -> ServedModel:
     return get_state(request).model(requested_model(request))
 
@@ -128,7 +136,7 @@ async def model(request: Request) -> ModelResponse:
         "supervised": _supervised_info(p.supervised),
         "benign_similarity": _benign_similarity(served),
         "onnx_split_error": served.runtime.engine.split_error,
-        "detection": "graph" if served.runtime.graph is not None else "pipeline",
+        "detection": _detection(served.runtime),
         "detection_note": served.runtime.graph_note,
         "graph_components": list(served.runtime.graph.components) if served.runtime.graph is not None else [],
         "skipped_components": list(served.runtime.skip),

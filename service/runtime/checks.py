@@ -26,7 +26,6 @@ the background thread.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ import torch
 from pathguard.models.nic import INPUT, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.service.runtime.engines import ClassifierEngine, GuardedEngine, softmax
+from pathguard.service.runtime.results import Classified, Detected, ShadowBacklog, ShadowStarted
 
 __all__ = ["Classified", "Detected", "DetectionRuntime", "Pipeline", "ShadowStarted"]
 
@@ -99,40 +99,7 @@ class _Forward:
     probe: Any = None  # the consistency copies' pass, begun before the forward pass (None: the bundle has none)
 
 
-@dataclass
-class Classified:
-    """Classification of a batch: probabilities (N, K) and the forward-pass wall time."""
-
-    probabilities: np.ndarray
-    classify_s: float
-
-
-@dataclass
-class Detected:
-    """Detection of a batch: the pipeline's result (batch of N) and wall times.
-
-    ``checks_s`` is the time from the end of the forward pass to the verdict, i.e. what the layer checks add.
-    With NIC computed in the engine's graph, ``classify_s`` includes NIC's work and ``checks_s`` the rest.
-    ``wait_s`` is the part of ``checks_s`` spent waiting for per-layer checks still running on worker threads.
-    """
-
-    result: Any
-    probabilities: np.ndarray
-    classify_s: float
-    checks_s: float
-    wait_s: float = 0.0
-
-
-@dataclass
-class ShadowStarted:
-    """Shadow mode: the classification now, the detection later (a concurrent future of :class:`Detected`), or
-    ``detection=None`` when the shadow backlog was full and this batch's verdicts were dropped."""
-
-    classified: Classified
-    detection: Future[Detected] | None
-
-
-class DetectionRuntime:
+class DetectionRuntime(ShadowBacklog):
     """Classifier engine + detection pipeline + worker threads for the per-layer checks.
 
     Shadow mode finishes detections on one background thread. At most ``shadow_backlog`` batches may wait for it
@@ -163,20 +130,15 @@ class DetectionRuntime:
         self.pipeline = pipeline
         self.parallel = parallel
         self.checked = set(pipeline.checked_taps)
-        self.shadow_backlog = shadow_backlog
-        self.on_drop = on_drop
+        super().__init__(shadow_backlog, on_drop)
         self._workers = ThreadPoolExecutor(worker_threads, thread_name_prefix="pathguard-check")
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="pathguard-shadow")
-        self._shadow_lock = threading.Lock()
-        self._shadow_pending = 0  # batches handed to the finisher and not yet finished
-        self._shadow_full = False
         # Effective Path needs the logits and runs in ``pipeline.finish`` on the calling thread. A dedicated EP thread
         # beside NIC's checks was measured slower (MNIST batch 1: 14.5 vs 11.5 ms): both are chains of tiny torch ops
         # that hold the GIL between ops, so running them side by side only adds GIL hand-offs.
 
     def close(self) -> None:
         self._workers.shutdown(wait=True, cancel_futures=True)
-        self._finisher.shutdown(wait=True, cancel_futures=True)
+        super().close()
 
     def classify(self, x: np.ndarray) -> Classified:
         """Forward pass only. ``x``: float32 (N, C, H, W) in [0, 1]."""
@@ -314,35 +276,6 @@ class DetectionRuntime:
             return self._detect_graph(x, classified.probabilities, forward)
 
         return ShadowStarted(classified, self._in_background(rest))
-
-    def _in_background(self, rest: Callable[[], Detected]) -> Future[Detected]:
-        """Finish a shadow detection admitted by :meth:`_admit_shadow` on the background thread, freeing its place in
-        the backlog when done."""
-
-        def run() -> Detected:
-            try:
-                return rest()
-            finally:
-                with self._shadow_lock:
-                    self._shadow_pending -= 1
-
-        return self._finisher.submit(run)
-
-    def _dropped(self, images: int) -> None:
-        if self.on_drop is not None:
-            self.on_drop(images)
-
-    def _admit_shadow(self) -> bool:
-        """Reserve a place in the shadow backlog; False (logged once per episode) when it is full."""
-        with self._shadow_lock:
-            if self._shadow_pending >= self.shadow_backlog:
-                if not self._shadow_full:
-                    log.warning("shadow backlog full (%d batches); dropping shadow verdicts", self.shadow_backlog)
-                self._shadow_full = True
-                return False
-            self._shadow_pending += 1
-            self._shadow_full = False
-            return True
 
     def warm_up(self, shape: tuple[int, int, int], batch_sizes: Sequence[int], rounds: int) -> None:
         """Run classification and detection on blank inputs so the first real request pays no setup cost."""

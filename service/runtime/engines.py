@@ -21,10 +21,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from pathguard.models.bundle.result import softmax
 from pathguard.models.guarded import guarded_model, noise_feed, noise_inputs
 from pathguard.models.networks import TappedSequential, tap_points
 from pathguard.models.nic import NICDetector
 from pathguard.models.nic.onnx_export import GraphNICScores, nic_output_names, with_nic_outputs
+from pathguard.service.runtime.sessions import CPU, resolve_providers, session_options
 
 __all__ = [
     "ClassifierEngine",
@@ -57,29 +59,6 @@ class ClassifierEngine(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def forward_with_nic(self, x: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], GraphNICScores]: ...
-
-
-CPU = "CPUExecutionProvider"
-_AUTO = ("CUDAExecutionProvider", CPU)
-
-
-def resolve_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
-    """The onnxruntime execution providers to ask for: ``requested`` in order (``["auto"]``: CUDA, then CPU), less
-    those this onnxruntime build lacks (logged), with the CPU provider always last as the fallback."""
-    have = list(ort.get_available_providers() if available is None else available)
-    wanted = list(_AUTO) if list(requested) == ["auto"] else list(requested)
-    missing = [p for p in wanted if p not in have]
-    if missing and list(requested) != ["auto"]:
-        log.warning("onnxruntime here has no %s (it has %s); using the others", ", ".join(missing), ", ".join(have))
-    chosen = [p for p in wanted if p in have and p != CPU]
-    return [*chosen, CPU]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (N, K) logits, float32."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class TorchEngine:
@@ -176,14 +155,7 @@ class OnnxEngine:
 
     @staticmethod
     def _nic_options(threads: int, inter_op_threads: int) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = inter_op_threads
-        parallel = inter_op_threads > 1
-        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return options
+        return session_options(threads, inter_op_threads)
 
     def _split(self, model: onnx.ModelProto, cuts: list[str]) -> list[_Stage]:
         whole = [_Stage(self.input_name, ["logits", *self.tap_names], self._full)]

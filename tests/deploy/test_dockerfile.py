@@ -28,9 +28,10 @@ from tests.deploy.manifests import (
 )
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-EVAL_ONLY = {Requirement(r).name for r in PYPROJECT["project"]["optional-dependencies"]["eval"]} - {
-    Requirement(r).name for r in PYPROJECT["project"]["dependencies"]
-}
+SERVING = {Requirement(r).name for r in PYPROJECT["project"]["dependencies"]}
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+EVAL_ONLY = {Requirement(r).name for r in EXTRAS["eval"]} - SERVING - {"pathguard"}
+BUILD_ONLY = {Requirement(r).name for r in EXTRAS["build"]} - SERVING
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,11 @@ def _runs(stage: Stage) -> str:
     return "\n".join(i.args for i in stage.all("RUN"))
 
 
-def test_multi_stage_build_copies_only_the_virtualenv(stages, final):
-    assert len(stages) >= 2
-    names = [s.name for s in stages]
-    assert all(names), f"every stage is named: {names}"
-    assert len(set(names)) == len(names)
+def test_multi_stage_build_copies_only_the_serving_virtualenv_and_the_bundle(stages, final):
+    assert [s.name for s in stages] == ["build", "serve", "runtime"]
     from_copies = [copy_parts(i) for i in final.all("COPY") if copy_parts(i)[0].get("from")]
-    assert from_copies == [({"from": "build"}, ["/opt/venv"], "/opt/venv")]
+    bundle = final.env()["PATHGUARD_BUNDLE"]
+    assert from_copies == [({"from": "serve"}, ["/opt/venv"], "/opt/venv"), ({"from": "build"}, [bundle], bundle)]
     # the runtime stage installs nothing itself: no pip, no compilers
     assert "pip install" not in _runs(final)
     assert all(s.base.startswith("python:3.11-slim") for s in stages), [s.base for s in stages]
@@ -71,7 +70,7 @@ def test_cpu_torch_from_the_cpu_index_with_the_project_pin(stages):
     assert {"TORCH_SOURCE", "PIP_OPTIONS"} <= {i.args for i in build.all("ARG")}, "the build stage sees both"
     makefile_pin = re.search(r"pip install --quiet torch==(\S+)", (ROOT / "Makefile").read_text())
     assert makefile_pin and makefile_pin.group(1) == version, "the image and `make install` use the same torch"
-    (torch_req,) = [Requirement(r) for r in PYPROJECT["project"]["dependencies"] if r.startswith("torch")]
+    (torch_req,) = [Requirement(r) for r in EXTRAS["build"] if r.startswith("torch")]
     assert torch_req.specifier.contains(Version(version)), "pyproject's torch range must accept the pinned build"
     # the pin is kept for every later install and the build fails if a CUDA build slipped in
     assert f'echo "torch=={version}" > /opt/constraints.txt' in _runs(build)
@@ -82,16 +81,23 @@ def test_cpu_torch_from_the_cpu_index_with_the_project_pin(stages):
     assert torch_line < deps_line, "CPU torch before the dependencies, or pip pulls a CUDA build"
 
 
-def test_only_serving_dependencies_are_installed(stages):
-    runs = "\n".join(_runs(s) for s in stages)
-    installs = re.findall(r"pip install ([^&\n]+)", runs)
-    assert installs, "no pip install found"
-    for args in installs:
-        assert "[" not in args, f"no extras in the image: pip install {args}"
-        for name in EVAL_ONLY | {"torchattacks", "torchvision"}:
-            assert name not in args
-    assert "['project']['dependencies']" in runs, "requirements come from [project].dependencies only"
-    assert "pip install $PIP_OPTIONS --no-deps ." in runs
+def test_only_serving_dependencies_are_in_the_serving_virtualenv(stages):
+    build, serve, _ = stages
+    assert "torch" in BUILD_ONLY and "torch" not in SERVING, "torch is the builder's, not the server's"
+    for stage in (build, serve):
+        installs = re.findall(r"pip install ([^&\n]+)", _runs(stage))
+        assert installs, f"no pip install found in {stage.name}"
+        for args in installs:
+            assert "[" not in args, f"no extras by name (they would pull the eval extra): pip install {args}"
+            for name in EVAL_ONLY | {"torchattacks", "torchvision"}:
+                assert name not in args
+        assert "pip install $PIP_OPTIONS --no-deps ." in _runs(stage)
+    # the builder: the serving dependencies and the build extra; the server: [project].dependencies only, no torch
+    assert "['dependencies'] + p['optional-dependencies']['build']" in _runs(build)
+    serve_runs = _runs(serve)
+    assert "['project']['dependencies']))" in serve_runs and "optional-dependencies" not in serve_runs
+    assert "torch" not in serve_runs.replace("find_spec('torch') is None", "").replace("torch in the serving", "")
+    assert "find_spec('torch') is None" in serve_runs, "the build fails if torch reached the serving virtualenv"
     assert EVAL_ONLY, "the eval extra must hold packages the service does not need"
 
 
@@ -127,11 +133,14 @@ def test_non_root_numeric_user(final):
     assert final.all("VOLUME")[0].exec_form() == [spool_dir]
 
 
-def test_default_bundle_baked_in_and_verified(final):
+def test_default_bundle_baked_in_with_its_stored_graph_and_verified(stages, final):
     env = final.env()
     default = Settings.model_fields["bundle"].default
-    copies = {copy_parts(i)[1][0]: copy_parts(i)[2] for i in final.all("COPY") if not copy_parts(i)[0]}
-    assert copies.get(default.as_posix()) == env["PATHGUARD_BUNDLE"], "the settings' default bundle is baked in"
+    build = stages[0]
+    copies = {copy_parts(i)[1][0]: copy_parts(i)[2] for i in build.all("COPY") if not copy_parts(i)[0]}
+    assert copies.get(default.as_posix()) == env["PATHGUARD_BUNDLE"], "the settings' default bundle is copied"
+    stores = [i.exec_form() for i in build.all("RUN") if "--in-bundle" in i.args]
+    assert stores == [["pathguard", "export", env["PATHGUARD_BUNDLE"], "--in-bundle"]], "its guarded graph stored"
     assert env["PATHGUARD_BUNDLE"].endswith("/" + default.as_posix())
     verify = [i.exec_form() for i in final.all("RUN") if "verify" in i.args]
     assert verify == [["pathguard", "verify", env["PATHGUARD_BUNDLE"]]], "a tampered bundle fails the build"

@@ -46,6 +46,8 @@ def test_the_image_builds_runs_and_answers():
         "built ",
         "ready in",
         "/v1/detect: label 7",
+        "/v1/model: detection from the stored graph",
+        "no torch in the image",
         "OIP infer:",
         "runs as uid 10001",
         "health check: healthy",

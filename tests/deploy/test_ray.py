@@ -33,7 +33,7 @@ def job() -> dict:
 
 
 def _ray_requirement() -> Requirement:
-    (req,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["cluster"]]
+    (req,) = [r for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"]["cluster"]) if r.name == "ray"]
     assert req.name == "ray" and "default" in req.extras
     return req
 

@@ -185,12 +185,12 @@ def test_shadow_mode_records_the_graphs_verdict(make_client, images):
 def test_a_graph_that_cannot_be_built_falls_back_under_auto(make_client, monkeypatch):
     """Whatever stops the guarded graph from being built (here onnxruntime refusing it) leaves 'auto' on the
     pipeline, saying why, and refuses the model under 'on'."""
-    import pathguard.service.served as served
+    import pathguard.service.runtime.engines as engines
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("onnxruntime: this graph has an operator it cannot run")
 
-    monkeypatch.setattr(served, "GuardedEngine", refuse)
+    monkeypatch.setattr(engines, "GuardedEngine", refuse)
     info = make_client(bundle=RESIDUAL, cache=False).get("/v1/model").json()
     assert info["detection"] == "pipeline" and "operator it cannot run" in info["detection_note"]
     with pytest.raises(RepositoryError, match="operator it cannot run"):

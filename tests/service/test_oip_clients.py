@@ -107,7 +107,8 @@ def test_tritonclient_grpc(server, images):
 
 def test_a_large_malformed_body_is_refused_fast_while_health_stays_fast(server):
     """4 MB of numbers whose declared shape cannot match, sent again and again from another thread: each is
-    refused before parsing, and health requests made meanwhile stay fast (the event loop is never blocked)."""
+    refused before parsing, and health requests made meanwhile stay fast (the event loop is never blocked): nine in
+    ten within 0.2 s, none over 2 s."""
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                    "data": [0.5] * 1_000_000}]}).encode()[: 4 * 1024 * 1024 - 1]  # fmt: skip
     statuses: list[int] = []
@@ -137,7 +138,8 @@ def test_a_large_malformed_body_is_refused_fast_while_health_stays_fast(server):
         sender.join(timeout=60)
     assert len(statuses) >= 3 and set(statuses) == {413}
     assert max(refusals) < 2.0
-    assert len(health) >= 20 and max(health) < 0.2
+    # a blocked event loop would hold most of them behind a refusal; one scheduler hiccup on a busy host may not
+    assert len(health) >= 20 and sorted(health)[int(0.9 * len(health))] < 0.2 and max(health) < 2.0
 
 
 def test_decode_input_checks_sizes_before_data():
