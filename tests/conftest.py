@@ -67,3 +67,13 @@ def supervised_bundle(tmp_path_factory):
     )
     build_bundle("mnist", MNIST_CLASSIFIER, out, cfg)
     return out
+
+
+def nested_keys(row: dict, prefix: str = "") -> set[str]:
+    """Every key of a nested dict (an answer's fields), dotted by its path: what two answers of the same shape share."""
+    out = set()
+    for k, v in row.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= nested_keys(v, f"{prefix}{k}.")
+    return out

@@ -156,3 +156,24 @@ def test_symlink_inside_the_bundle_is_allowed(small_bundle):
     (out / "alias.json").symlink_to("a.json")
     _list_in_manifest(out, "alias.json", files["a.json"])
     assert read_verified(out).json("alias.json") == {"x": 1}
+
+
+def test_a_bundle_the_filesystem_cannot_rename_is_replaced_by_copying(small_bundle, monkeypatch):
+    """overlayfs (a folder of a container image's lower layer) refuses to rename the old bundle with EXDEV: it is
+    copied aside and removed instead, and the new bundle takes its place, with nothing left behind."""
+    import errno
+    from pathlib import Path
+
+    out, _, files = small_bundle
+    rename = Path.replace
+
+    def no_cross_device(self: Path, target: Path) -> Path:
+        if self == out:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "replace", no_cross_device)
+    digest = write_bundle(out, {**files, "d.txt": b"new\n"}, {"name": "tiny", "version": "2"})
+    assert verify_bundle(out)["version"] == "2" and bundle_sha256(out) == digest
+    assert (out / "d.txt").read_bytes() == b"new\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]

@@ -20,7 +20,7 @@ from pathguard.models.bundle.stored import (
 )
 from pathguard.models.data import interleaved_order, load_dataset
 from pathguard.models.guarded import store_in_bundle
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, nested_keys
 
 MNIST = ARTIFACTS / "mnist-lenet5"
 RESIDUAL = ARTIFACTS / "cifar10-resnet20"
@@ -31,15 +31,6 @@ def stored(tmp_path_factory):
     """A copy of the committed MNIST bundle with its guarded graph stored, and the sha256 the store returned."""
     out = tmp_path_factory.mktemp("stored") / "mnist-lenet5"
     return out, store_in_bundle(MNIST, out)
-
-
-def _keys(row: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in row.items():
-        out.add(prefix + k)
-        if isinstance(v, dict):
-            out |= _keys(v, f"{prefix}{k}.")
-    return out
 
 
 def test_storing_adds_the_graph_and_keeps_every_file(stored):
@@ -79,7 +70,7 @@ def test_the_stored_graph_answers_like_the_pipeline(stored, mnist_test):
     assert got.threshold == ref.threshold and got.target_fpr == ref.target_fpr
     for i in range(len(x)):
         a, b = got.row(i), ref.row(i)
-        assert _keys(a) == _keys(b)
+        assert nested_keys(a) == nested_keys(b)
         assert a["effective_path"] == b["effective_path"] | {"score": a["effective_path"]["score"]}
         assert a["effective_path"]["score"] == pytest.approx(b["effective_path"]["score"], abs=1e-6)
         assert a["nic"]["provenance_violation"] == pytest.approx(b["nic"]["provenance_violation"], abs=2e-3)

@@ -4,8 +4,7 @@ The builder that writes bundles lives in :mod:`pathguard.models.builder` (it nee
 in supervised mode, the evaluation attacks); nothing here imports it.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pathguard.models.bundle.format import (
     BENIGN_RANGES,
@@ -22,6 +21,7 @@ from pathguard.models.bundle.format import (
 )
 from pathguard.models.bundle.result import DetectionResult
 from pathguard.models.errors import BundleCompatibilityError, BundleError, BundleIntegrityError
+from pathguard.models.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
@@ -30,19 +30,16 @@ if TYPE_CHECKING:
 
 # The loaded pipeline needs torch; the file format, the results and the stored guarded graph's loader do not. They
 # are imported on first use, so a server with no torch installed reads bundles through this package too.
-_LAZY = {
-    "Bundle": "pathguard.models.bundle.loading",
-    "load_bundle": "pathguard.models.bundle.loading",
-    "load_classifier": "pathguard.models.bundle.loading",
-    "DetectionPipeline": "pathguard.models.bundle.pipeline",
-    "DEFAULT_FUSION": "pathguard.models.components",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "Bundle": "pathguard.models.bundle.loading",
+        "load_bundle": "pathguard.models.bundle.loading",
+        "load_classifier": "pathguard.models.bundle.loading",
+        "DetectionPipeline": "pathguard.models.bundle.pipeline",
+        "DEFAULT_FUSION": "pathguard.models.components",
+    },
+)
 
 
 __all__ = [

@@ -11,6 +11,7 @@ optional supervised ensembles are plain arrays too, see :mod:`pathguard.models.v
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -274,14 +275,29 @@ def write_bundle(out_dir: str | Path, files: dict[str, bytes], manifest: dict[st
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            out.replace(old / "bundle")
+            _move_aside(out, old / "bundle")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not (old / "bundle").exists():
+            shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return _sha256(raw)
+
+
+def _move_aside(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; where the filesystem cannot rename that folder (overlayfs without ``redirect_dir``
+    refuses a folder of a lower layer with EXDEV, e.g. one a container image's earlier layer wrote), copy it there
+    and remove it."""
+    try:
+        src.replace(dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(src, dst, symlinks=True)
+        shutil.rmtree(src)
 
 
 def is_bundle(path: str | Path) -> bool:

@@ -323,18 +323,8 @@ class DetectionPipeline:
                 else np.full(len(obs), np.nan)
             )
             fields[name] = c.fields(obs, violation)
-        return DetectionResult(
-            probabilities=probs,
-            predicted=probs.argmax(1),
-            confidence=probs.max(1),
-            fields=fields,
-            raw=raw,
-            score=fused,
-            p_value=self.verdict.p_values(fused),
-            adversarial=fused > self.threshold,
-            threshold=self.threshold,
-            target_fpr=self.target_fpr,
-            timings_s=dict(obs.timings_s),
+        return DetectionResult.of(
+            probs, fields, raw, fused, self.verdict.p_values(fused), self.threshold, self.target_fpr, obs.timings_s
         )
 
     @torch.no_grad()

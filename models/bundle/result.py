@@ -37,6 +37,34 @@ class DetectionResult:
     def __len__(self) -> int:
         return len(self.predicted)
 
+    @classmethod
+    def of(
+        cls,
+        probabilities: np.ndarray,
+        fields: dict[str, dict[str, Any]],
+        raw: dict[str, np.ndarray],
+        score: np.ndarray,
+        p_value: np.ndarray,
+        threshold: float,
+        target_fpr: float,
+        timings_s: dict[str, float] | None = None,
+    ) -> DetectionResult:
+        """A batch's result from its softmax and fused scores: the prediction and its confidence from the softmax,
+        the verdict ``score > threshold``."""
+        return cls(
+            probabilities=probabilities,
+            predicted=probabilities.argmax(1),
+            confidence=probabilities.max(1),
+            fields=fields,
+            raw=raw,
+            score=score,
+            p_value=p_value,
+            adversarial=score > threshold,
+            threshold=threshold,
+            target_fpr=target_fpr,
+            timings_s=dict(timings_s or {}),
+        )
+
     # the parts older callers read by name
     @property
     def ep_layers(self) -> list[str]:

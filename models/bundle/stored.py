@@ -218,19 +218,8 @@ class StoredDetector:
                for c in info.components}  # fmt: skip
         fields = {c: _fields(self._layout[c], outs) if c in self._layout else {} for c in info.components}
         score = np.asarray(outs["verdict_score"], dtype=np.float64)
-        return DetectionResult(
-            probabilities=probs,
-            predicted=probs.argmax(1),
-            confidence=probs.max(1),
-            fields=fields,
-            raw=raw,
-            score=score,
-            p_value=empirical_p_values(info.fused_calibration, score, assume_sorted=True),
-            adversarial=score > info.threshold,
-            threshold=info.threshold,
-            target_fpr=info.target_fpr,
-            timings_s={},  # one run: no stage of its own
-        )
+        p_value = empirical_p_values(info.fused_calibration, score, assume_sorted=True)
+        return DetectionResult.of(probs, fields, raw, score, p_value, info.threshold, info.target_fpr)
 
 
 def _outputs_of(layout: Mapping[str, Any]) -> set[str]:

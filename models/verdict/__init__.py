@@ -2,9 +2,9 @@
 verdict, and the scorer of the optional supervised detector (fitting it lives with the builder) with its tree
 ensembles as plain arrays (`trees.py`)."""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pathguard.models.lazy import lazy_attributes
 from pathguard.models.verdict.calibration import (
     columnwise_p_values,
     empirical_p_values,
@@ -17,13 +17,10 @@ from pathguard.models.verdict.fusion import FusedVerdict, fisher_score
 if TYPE_CHECKING:
     from pathguard.models.verdict.supervised import SupervisedAssessment, SupervisedDetector
 
-_SUPERVISED = ("SupervisedAssessment", "SupervisedDetector")  # its feature extraction needs torch: on first use
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUPERVISED:
-        return getattr(importlib.import_module("pathguard.models.verdict.supervised"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the supervised detector's feature extraction needs torch: imported on first use
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(("SupervisedAssessment", "SupervisedDetector"), "pathguard.models.verdict.supervised")
+)
 
 
 __all__ = [

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,10 @@ class ShadowStarted:
     detection: Future[Detected] | None
 
 
-class ShadowBacklog:
-    """Shadow mode's background finisher: one thread, at most ``shadow_backlog`` batches waiting for it (the one
-    being finished included); a batch arriving beyond that has its verdicts dropped (``on_drop(n_images)``), so a
-    slow finisher cannot grow memory without bound."""
+class ShadowBacklog(ABC):
+    """What the runtimes share: :meth:`warm_up`, and shadow mode's background finisher: one thread, at most
+    ``shadow_backlog`` batches waiting for it (the one being finished included); a batch arriving beyond that has its
+    verdicts dropped (``on_drop(n_images)``), so a slow finisher cannot grow memory without bound."""
 
     def __init__(self, shadow_backlog: int = 64, on_drop: Callable[[int], None] | None = None) -> None:
         self.shadow_backlog = shadow_backlog
@@ -66,6 +67,20 @@ class ShadowBacklog:
 
     def close(self) -> None:
         self._finisher.shutdown(wait=True, cancel_futures=True)
+
+    @abstractmethod
+    def classify(self, x: np.ndarray) -> Classified: ...
+
+    @abstractmethod
+    def detect(self, x: np.ndarray) -> Detected: ...
+
+    def warm_up(self, shape: tuple[int, int, int], batch_sizes: Sequence[int], rounds: int) -> None:
+        """Run classification and detection on blank inputs so the first real request pays no setup cost."""
+        for n in batch_sizes:
+            x = np.zeros((n, *shape), dtype=np.float32)
+            for _ in range(rounds):
+                self.classify(x)
+                self.detect(x)
 
     def _in_background(self, rest: Callable[[], Detected]) -> Future[Detected]:
         """Finish a shadow detection admitted by :meth:`_admit_shadow` on the background thread, freeing its place in

@@ -85,11 +85,3 @@ class StoredRuntime(ShadowBacklog):
             self._dropped(len(x))
             return ShadowStarted(classified, None)
         return ShadowStarted(classified, self._in_background(lambda: self.detect(x, classified.probabilities)))
-
-    def warm_up(self, shape: tuple[int, int, int], batch_sizes: Sequence[int], rounds: int) -> None:
-        """Run classification and detection on blank inputs so the first real request pays no setup cost."""
-        for n in batch_sizes:
-            x = np.zeros((n, *shape), dtype=np.float32)
-            for _ in range(rounds):
-                self.classify(x)
-                self.detect(x)

@@ -12,7 +12,7 @@ import pytest
 
 from pathguard.models.guarded import store_in_bundle
 from pathguard.service.repository import RepositoryError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, nested_keys
 from tests.service.conftest import MNIST_BUNDLE, png_bytes
 
 PNG = {"content-type": "image/png"}
@@ -59,15 +59,6 @@ def _client_without_torch(bundle, tmp_path, png: bytes) -> subprocess.CompletedP
     return _without_torch("-c", _CLIENT, str(bundle), spool, base64.b64encode(png).decode())
 
 
-def _keys(row: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in row.items():
-        out.add(prefix + k)
-        if isinstance(v, dict):
-            out |= _keys(v, f"{prefix}{k}.")
-    return out
-
-
 def test_a_server_without_torch_answers_from_the_stored_graph(stored_bundle, tmp_path, mnist_test, make_client):
     """No builder dependency is imported; the answers have the shape of a server with torch, and the Effective Path
     walk's similarities are the same numbers."""
@@ -86,9 +77,9 @@ def test_a_server_without_torch_answers_from_the_stored_graph(stored_bundle, tmp
 
     with_torch = make_client(bundle=stored_bundle, detect_graph="auto")
     ref = with_torch.post("/v1/detect", content=png, headers=PNG).json()
-    assert _keys(detect) - {"timings_ms.checks_wait"} <= _keys(ref)
+    assert nested_keys(detect) - {"timings_ms.checks_wait"} <= nested_keys(ref)
     drop = {"id", "timings_ms", "cached"}
-    assert _keys({k: v for k, v in detect.items() if k not in drop}) == _keys(
+    assert nested_keys({k: v for k, v in detect.items() if k not in drop}) == nested_keys(
         {k: v for k, v in ref.items() if k not in drop}
     )
     assert detect["effective_path"]["rank1_similarity"] == ref["effective_path"]["rank1_similarity"]
