@@ -166,8 +166,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
         else:
             classifier = args.model or args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
             report = build_bundle(args.dataset, classifier, args.out, cfg, executor)
+    if not args.no_stored_graph:
+        report["stored_graph"] = _store_graph(Path(args.out))
+        report["sha256"] = report["stored_graph"].get("bundle_sha256", report["sha256"])  # the bundle as left
     print(json.dumps(report, indent=2, default=float))
     return 0
+
+
+def _store_graph(out: Path) -> dict[str, Any]:
+    """Store the new bundle's guarded graph in it (a server without torch serves it); a bundle whose verdict fuses a
+    component with no in-graph form keeps none, and the build says why."""
+    from pathguard.models.components.graph import NotInGraphError
+    from pathguard.models.guarded import store_in_bundle
+
+    try:
+        sha = store_in_bundle(out)
+    except NotInGraphError as exc:
+        print(f"pathguard build: note: no stored guarded graph (a server needs torch for this bundle): {exc}",
+              file=sys.stderr)  # fmt: skip
+        return {"stored": False, "why": str(exc)}
+    return {"stored": True, "bundle_sha256": sha}
 
 
 def _out_refusal(out: Path, force: bool) -> str | None:
@@ -208,6 +226,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--force", action="store_true", help="replace an existing bundle at --out (atomically, once the build is done)"
+    )
+    p.add_argument(
+        "--no-stored-graph",
+        action="store_true",
+        help="do not store the guarded graph in the bundle (by default it is, so a server without torch serves it; "
+        "`pathguard export BUNDLE --in-bundle` stores it later)",
     )
     p.add_argument("--name", help="bundle name (default: the --out folder name)")
     p.add_argument("--version", default="1")

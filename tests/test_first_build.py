@@ -16,6 +16,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pathguard.models.bundle import bundle_sha256
+from pathguard.models.bundle.stored import has_stored_graph, load_stored
 from pathguard.models.errors import DatasetError
 from pathguard.models.nic import MIN_IMAGES, NICDetector, NICSizes, NICSizeWarning, size_to_data
 from pathguard.service.app import create_app
@@ -45,7 +47,11 @@ def test_the_readme_command_builds_verifies_and_serves_150_images_per_class(firs
     out = first_folder["root"] / "bundle"
     holdout = _folder(first_folder["root"] / "holdout", 50, 1)
     assert _readme_build(first_folder, first_folder["train"], holdout, out) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, report = captured.err, json.loads(captured.out)
+    # stored in the bundle: a server without torch serves it too
+    assert report["stored_graph"]["stored"] and report["sha256"] == bundle_sha256(out)
+    assert has_stored_graph(out) and "effective_path" in load_stored(out).components
     warning = [line for line in err.splitlines() if "warning: NIC scaled to 450 training images" in line]
     assert len(warning) == 1, err
     assert "instead of 2000" in warning[0] and "Cost:" in warning[0] and "5000 or more" in warning[0]
