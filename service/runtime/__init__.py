@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pathguard.models.bundle.result import softmax
 from pathguard.models.lazy import lazy_attributes
 from pathguard.service.runtime.batcher import BatchSlice, MicroBatcher
-from pathguard.service.runtime.results import Classified, Detected, ShadowBacklog, ShadowStarted
+from pathguard.service.runtime.results import BaseRuntime, Classified, Detected, ShadowStarted
 from pathguard.service.runtime.stored import StoredRuntime
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __getattr__ = lazy_attributes(
 
 
 __all__ = [
+    "BaseRuntime",
     "BatchSlice",
     "Classified",
     "ClassifierEngine",
@@ -34,7 +35,6 @@ __all__ = [
     "GuardedEngine",
     "MicroBatcher",
     "OnnxEngine",
-    "ShadowBacklog",
     "ShadowStarted",
     "StoredRuntime",
     "TorchEngine",

@@ -38,7 +38,7 @@ import torch
 from pathguard.models.nic import INPUT, layer_activation
 from pathguard.models.nic.onnx_export import GraphNICScores
 from pathguard.service.runtime.engines import ClassifierEngine, GuardedEngine, softmax
-from pathguard.service.runtime.results import Classified, Detected, ShadowBacklog, ShadowStarted
+from pathguard.service.runtime.results import BaseRuntime, Classified, Detected, ShadowStarted
 
 __all__ = ["Classified", "Detected", "DetectionRuntime", "Pipeline", "ShadowStarted"]
 
@@ -99,7 +99,7 @@ class _Forward:
     probe: Any = None  # the consistency copies' pass, begun before the forward pass (None: the bundle has none)
 
 
-class DetectionRuntime(ShadowBacklog):
+class DetectionRuntime(BaseRuntime):
     """Classifier engine + detection pipeline + worker threads for the per-layer checks.
 
     Shadow mode finishes detections on one background thread. At most ``shadow_backlog`` batches may wait for it

@@ -1,5 +1,5 @@
-"""What the runtimes return (:class:`Classified`, :class:`Detected`, :class:`ShadowStarted`) and the shadow backlog
-they share (:class:`ShadowBacklog`). No torch: the runtime of a stored guarded graph
+"""What the runtimes return (:class:`Classified`, :class:`Detected`, :class:`ShadowStarted`) and what they share
+(:class:`BaseRuntime`: warm-up and the shadow backlog). No torch: the runtime of a stored guarded graph
 (:mod:`pathguard.service.runtime.stored`) uses them too."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Classified", "Detected", "ShadowBacklog", "ShadowStarted"]
+__all__ = ["BaseRuntime", "Classified", "Detected", "ShadowStarted"]
 
 log = logging.getLogger("pathguard.service")
 
@@ -52,7 +52,7 @@ class ShadowStarted:
     detection: Future[Detected] | None
 
 
-class ShadowBacklog(ABC):
+class BaseRuntime(ABC):
     """What the runtimes share: :meth:`warm_up`, and shadow mode's background finisher: one thread, at most
     ``shadow_backlog`` batches waiting for it (the one being finished included); a batch arriving beyond that has its
     verdicts dropped (``on_drop(n_images)``), so a slow finisher cannot grow memory without bound."""

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from pathguard.models.bundle.result import softmax
 from pathguard.models.bundle.stored import StoredBundle, StoredDetector
-from pathguard.service.runtime.results import Classified, Detected, ShadowBacklog, ShadowStarted
+from pathguard.service.runtime.results import BaseRuntime, Classified, Detected, ShadowStarted
 from pathguard.service.runtime.sessions import CPU, resolve_providers, session_options
 
 __all__ = ["StoredClassifier", "StoredRuntime"]
@@ -43,7 +43,7 @@ class StoredClassifier:
         return out
 
 
-class StoredRuntime(ShadowBacklog):
+class StoredRuntime(BaseRuntime):
     """Classifier + stored guarded graph (see the module docstring). ``seed``: the noise copies' seed (None: fresh
     per input)."""
 
