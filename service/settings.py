@@ -206,9 +206,11 @@ class Settings(BaseSettings):
         "'off': always the Python pipeline. Scores agree with the pipeline's to float32 rounding (the graph's "
         "forward pass and softmax are onnxruntime's); the noise is drawn as the pipeline draws it. 'stored': the "
         "graph stored in the bundle (`pathguard export BUNDLE --in-bundle`), every component in it, noise drawn "
-        "with numpy, nothing in Python beside it; components with no in-graph form are not reported. A server "
-        "without torch installed always serves the stored graph (and refuses a bundle without one, naming the "
-        "command that stores it).",
+        "with numpy, nothing in Python beside it; components with no in-graph form are not reported. 'auto' "
+        "serves a bundle's stored graph when it holds every component the answers report "
+        "(PATHGUARD_REPORTED_COMPONENTS), and the engine is onnx and NIC's members fixed. A server without torch "
+        "installed always serves the stored graph (and refuses a bundle without one, naming the command that "
+        "stores it).",
     )
     reported_components: Literal["all", "graph", "verdict"] = Field(
         default="all",

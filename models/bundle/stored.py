@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +46,7 @@ __all__ = [
     "input_seeds",
     "load_stored",
     "store_command",
+    "stored_graph_spec",
 ]
 
 GUARDED_ONNX, GUARDED_JSON = "guarded.onnx", "guarded.json"
@@ -63,6 +64,18 @@ def has_stored_graph(path: str | Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return GUARDED_ONNX in files and GUARDED_JSON in files
+
+
+def stored_graph_spec(path: str | Path) -> dict[str, Any] | None:
+    """``guarded.json`` of the bundle at ``path`` as it lies on disk (not verified: to choose how to serve it; the
+    load verifies every file), or None when the bundle has no stored graph or it cannot be read."""
+    if not has_stored_graph(path):
+        return None
+    try:
+        spec = json.loads((Path(path) / GUARDED_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) and {"components", "all_components"} <= set(spec) else None
 
 
 def input_seeds(x: np.ndarray, seed: int | None) -> list[int]:
@@ -207,16 +220,20 @@ class StoredDetector:
             for name, copies in self._noise
         }
 
-    def detect(self, x: np.ndarray, probabilities: np.ndarray | None = None) -> DetectionResult:
-        """Score the batch ``x`` (N, C, H, W) float32 in [0, 1]."""
+    def detect(
+        self, x: np.ndarray, probabilities: np.ndarray | None = None, skip: Collection[str] = ()
+    ) -> DetectionResult:
+        """Score the batch ``x`` (N, C, H, W) float32 in [0, 1]. Components in ``skip`` are not reported (raw score
+        NaN, no fields), as those the graph does not hold."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         feed = {"input": x, **self.noise(x)}
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
         probs = softmax(outs["logits"]) if probabilities is None else probabilities
         n, info = len(x), self.bundle.info
-        raw = {c: np.asarray(outs[f"raw_{c}"], dtype=np.float64) if c in self.components else np.full(n, np.nan)
+        shown = [c for c in self.components if c not in skip]
+        raw = {c: np.asarray(outs[f"raw_{c}"], dtype=np.float64) if c in shown else np.full(n, np.nan)
                for c in info.components}  # fmt: skip
-        fields = {c: _fields(self._layout[c], outs) if c in self._layout else {} for c in info.components}
+        fields = {c: _fields(self._layout[c], outs) if c in shown else {} for c in info.components}
         score = np.asarray(outs["verdict_score"], dtype=np.float64)
         p_value = empirical_p_values(info.fused_calibration, score, assume_sorted=True)
         return DetectionResult.of(probs, fields, raw, score, p_value, info.threshold, info.target_fpr)

@@ -44,12 +44,14 @@ class StoredClassifier:
 
 
 class StoredRuntime(BaseRuntime):
-    """Classifier + stored guarded graph (see the module docstring). ``seed``: the noise copies' seed (None: fresh
-    per input)."""
+    """Classifier + stored guarded graph (see the module docstring). ``reported``: PATHGUARD_REPORTED_COMPONENTS
+    (``verdict``: the verdict's components only; ``all`` and ``graph``: every one in the graph). ``seed``: the noise
+    copies' seed (None: fresh per input)."""
 
     def __init__(
         self,
         bundle: StoredBundle,
+        reported: str = "all",
         seed: int | None = None,
         threads: int = 1,
         inter_op_threads: int = 1,
@@ -63,7 +65,11 @@ class StoredRuntime(BaseRuntime):
             bundle, seed, session_options(threads, inter_op_threads), resolve_providers(providers)
         )
         self.pipeline = bundle.info
-        self.skip = list(self.graph.skipped)  # components with no in-graph form: not reported
+        # not reported: the components with no in-graph form and, by PATHGUARD_REPORTED_COMPONENTS, the rest
+        verdict = set(bundle.graph["verdict"]["components"])
+        self.skip = [
+            c for c in bundle.info.components if c in self.graph.skipped or (reported == "verdict" and c not in verdict)
+        ]
         self.beside: list[str] = []
         self.graph_note: str | None = None
 
@@ -76,7 +82,7 @@ class StoredRuntime(BaseRuntime):
         """One run of the stored graph: ``classify_s`` is all of it (the forward passes and every component in one
         onnxruntime run), ``checks_s`` zero."""
         t0 = time.perf_counter()
-        result = self.graph.detect(x, probabilities)
+        result = self.graph.detect(x, probabilities, self.skip)
         return Detected(result, result.probabilities, time.perf_counter() - t0, 0.0)
 
     def detect_shadow(self, x: np.ndarray) -> ShadowStarted:

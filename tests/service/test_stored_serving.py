@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
+from pathguard.models.data import load_dataset
 from pathguard.models.guarded import store_in_bundle
 from pathguard.service.repository import RepositoryError
-from tests.conftest import ROOT, nested_keys
+from tests.conftest import ARTIFACTS, ROOT, nested_keys
 from tests.service.conftest import MNIST_BUNDLE, png_bytes
+
+RESIDUAL = ARTIFACTS / "cifar10-resnet20"
 
 PNG = {"content-type": "image/png"}
 
@@ -75,7 +78,7 @@ def test_a_server_without_torch_answers_from_the_stored_graph(stored_bundle, tmp
     assert out["predict"]["prediction"]["label"] == "7"
     assert out["infer"]["status"] == 200 and "is_adversarial" in out["infer"]["outputs"]
 
-    with_torch = make_client(bundle=stored_bundle, detect_graph="auto")
+    with_torch = make_client(bundle=stored_bundle, detect_graph="on")  # the graph built at load, the walk beside
     ref = with_torch.post("/v1/detect", content=png, headers=PNG).json()
     assert nested_keys(detect) - {"timings_ms.checks_wait"} <= nested_keys(ref)
     drop = {"id", "timings_ms", "cached"}
@@ -135,3 +138,24 @@ def test_the_stored_runtime_answers_batches_like_single_images(stored_bundle, mn
             assert alone.row(0) == batch.row(i)
     finally:
         runtime.close()
+
+
+def test_auto_prefers_the_stored_graph_where_it_holds_what_the_answers_report(stored_bundle, tmp_path, make_client):
+    """With torch: the MNIST stored graph holds every component, so ``auto`` serves it; the residual one lacks the
+    Effective Path walk, so ``auto`` builds the graph at load (the walk beside it) unless the answers leave the walk
+    out (PATHGUARD_REPORTED_COMPONENTS)."""
+    assert make_client(bundle=stored_bundle).get("/v1/model").json()["detection"] == "stored"
+    residual = tmp_path / "cifar10-resnet20"
+    store_in_bundle(RESIDUAL, residual)
+    full = make_client(bundle=residual, cache=False).get("/v1/model").json()
+    assert full["detection"] == "graph" and full["skipped_components"] == []
+    lean = make_client(bundle=residual, cache=False, reported_components="graph").get("/v1/model").json()
+    assert lean["detection"] == "stored" and lean["skipped_components"] == ["effective_path"]
+    verdict = json.loads((residual / "guarded.json").read_text())["verdict"]["components"]
+    only = make_client(bundle=residual, cache=False, reported_components="verdict")
+    info = only.get("/v1/model").json()
+    assert info["detection"] == "stored" and set(info["skipped_components"]).isdisjoint(verdict)
+    assert set(info["skipped_components"]) | set(verdict) == set(full["graph_components"]) | {"effective_path"}
+    test = load_dataset("cifar10", "test")
+    body = only.post("/v1/detect", content=png_bytes(test.x[0], "RGB"), headers=PNG).json()
+    assert all(body.get(c) is None for c in info["skipped_components"]) and body["verdict"]["score"] >= 0.0
