@@ -51,7 +51,7 @@ def test_the_readme_command_builds_verifies_and_serves_150_images_per_class(firs
     err, report = captured.err, json.loads(captured.out)
     # stored in the bundle: a server without torch serves it too
     assert report["stored_graph"]["stored"] and report["sha256"] == bundle_sha256(out)
-    assert has_stored_graph(out) and "effective_path" in load_stored(out).components
+    assert has_stored_graph(out) and "effective_path" in load_stored(out).graph_components
     warning = [line for line in err.splitlines() if "warning: NIC scaled to 450 training images" in line]
     assert len(warning) == 1, err
     assert "instead of 2000" in warning[0] and "Cost:" in warning[0] and "5000 or more" in warning[0]

@@ -122,7 +122,7 @@ def test_a_component_with_no_in_graph_form_is_left_out_and_not_reported(tmp_path
     test = load_dataset("cifar10", "test")
     x = test.x[interleaved_order(test.y)[:10]].astype(np.float32)
     bundle = load_stored(out)
-    assert "effective_path" not in bundle.components and "effective_path" in bundle.info.components
+    assert "effective_path" not in bundle.graph_components and "effective_path" in bundle.info.components
     got = StoredDetector(bundle, seed=1).detect(x)
     ref = load_bundle(out, seed=1).pipeline.detect(x)
     assert np.isnan(got.raw["effective_path"]).all() and "effective_path" not in got.row(0)

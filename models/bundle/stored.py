@@ -122,8 +122,8 @@ class StoredBundle(ManifestFacts):
     files: list[str] = field(default_factory=list)
 
     @property
-    def components(self) -> list[str]:
-        """The components in the stored graph."""
+    def graph_components(self) -> list[str]:
+        """The components in the stored graph (``info.components``: every component of the bundle)."""
         return list(self.graph["components"])
 
 
@@ -197,7 +197,7 @@ class StoredDetector:
         self.bundle, self.seed = bundle, seed
         self.session = ort.InferenceSession(bundle.guarded_bytes, options, providers=list(providers))
         self.providers = self.session.get_providers()
-        self.components = bundle.components
+        self.components = bundle.graph_components
         self.skipped = [k for k in bundle.info.components if k not in self.components]
         # the noise inputs, (copies, N, C, H, W) each, in the order the pipeline draws its copies
         self._noise = [(i.name, int(i.shape[0])) for i in self.session.get_inputs() if i.name != "input"]
