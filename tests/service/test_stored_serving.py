@@ -21,14 +21,23 @@ RESIDUAL = ARTIFACTS / "cifar10-resnet20"
 PNG = {"content-type": "image/png"}
 
 # A server's life without torch, as a client sees it: the model's description, a detection, a prediction, an Open
-# Inference Protocol call; then what was imported.
+# Inference Protocol call over HTTP and over gRPC; then what was imported.
 _CLIENT = """
 import base64, json, sys
 from fastapi.testclient import TestClient
 from pathguard.service.app import create_app
 from pathguard.service.settings import Settings
 
-settings = Settings(bundle=sys.argv[1], spool_path=sys.argv[2], warmup_rounds=1, redis_url=None, noise_seed=0)
+import socket
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+grpc_port = sock.getsockname()[1]
+sock.close()
+settings = Settings(bundle=sys.argv[1], spool_path=sys.argv[2], warmup_rounds=1, redis_url=None, noise_seed=0,
+                    grpc_port=grpc_port)
 png = base64.b64decode(sys.argv[3])
 out = {}
 with TestClient(create_app(settings)) as c:
@@ -38,6 +47,11 @@ with TestClient(create_app(settings)) as c:
     body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
     r = c.post("/v2/models/mnist-lenet5/infer", json=body)
     out["infer"] = {"status": r.status_code, "outputs": sorted(o["name"] for o in r.json()["outputs"])}
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    answer = client.infer("mnist-lenet5", [tensor]).get_response()
+    out["grpc"] = sorted(o.name for o in answer.outputs)
 out["modules"] = sorted({m.split(".")[0] for m in sys.modules})
 print("RESULT " + json.dumps(out))
 """
@@ -77,6 +91,7 @@ def test_a_server_without_torch_answers_from_the_stored_graph(stored_bundle, tmp
     assert detect["prediction"]["label"] == "7" and detect["verdict"]["adversarial"] is False
     assert out["predict"]["prediction"]["label"] == "7"
     assert out["infer"]["status"] == 200 and "is_adversarial" in out["infer"]["outputs"]
+    assert out["grpc"] == out["infer"]["outputs"]  # the same answer over gRPC
 
     with_torch = make_client(bundle=stored_bundle, detect_graph="on")  # the graph built at load, the walk beside
     ref = with_torch.post("/v1/detect", content=png, headers=PNG).json()
