@@ -23,7 +23,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -119,7 +119,6 @@ class StoredBundle(ManifestFacts):
     graph: dict[str, Any]  # guarded.json
     info: StoredInfo
     benign_ranges: Any = None  # tail, count_, median_, bound_ (bundles with per-class ranges)
-    files: list[str] = field(default_factory=list)
 
     @property
     def graph_components(self) -> list[str]:
@@ -178,7 +177,6 @@ def load_stored(path: str | Path, target_fpr: float | None = None) -> StoredBund
         graph=graph,
         info=info,
         benign_ranges=ranges,
-        files=sorted(files.blobs),
     )
 
 
