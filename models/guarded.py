@@ -169,7 +169,8 @@ def guarded_model(
         Also output every in-graph component's response fields
         (:meth:`~pathguard.models.components.Component.graph_fields`, outputs ``field/<component>/<key>``, their
         layout in the ``pathguard.fields`` property) and, in ``pathguard.serving``, what a server reports of the
-        bundle besides: the graph a server without torch answers from (:mod:`pathguard.models.bundle.stored`).
+        bundle besides: the graph a server without torch answers from (:mod:`pathguard.models.bundle.stored`;
+        :func:`store_in_bundle` moves both properties into ``guarded.json``).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {list(NOISE_MODES)}, got {noise!r}")
@@ -439,6 +440,9 @@ def store_in_bundle(path: str | Path, out: str | Path | None = None) -> str:
         "fields": json.loads(props["fields"]),
         "serving": json.loads(props["serving"]),
     }
+    moved = [p for p in model.metadata_props if p.key in ("pathguard.fields", "pathguard.serving")]
+    for prop in moved:  # kept once, in guarded.json (the fused calibration alone is tens of kB)
+        model.metadata_props.remove(prop)
     blobs = {k: v for k, v in files.blobs.items() if k not in (GUARDED_ONNX, GUARDED_JSON)}
     blobs[GUARDED_ONNX] = model.SerializeToString()
     blobs[GUARDED_JSON] = (json.dumps(spec, indent=1) + "\n").encode()
