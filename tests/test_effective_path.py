@@ -44,6 +44,28 @@ def ref_select(values: list[float], y: float, theta: float) -> list[int]:
     return kept
 
 
+class Absolute(float):
+    """A ``theta`` for the loop reference that also carries absolute thresholds (layer -> phi): the weighted layers
+    named there select by the absolute rule, everything else by the cumulative rule at ``theta``."""
+
+    thresholds: dict[str, float]
+
+    def __new__(cls, theta: float, thresholds: dict[str, float]) -> Absolute:
+        obj = super().__new__(cls, theta)
+        obj.thresholds = thresholds
+        return obj
+
+
+def ref_weighted_select(name: str, values: list[float], y: float, theta: float) -> list[int]:
+    """A weighted layer's selection: the absolute rule (oriented values at least phi, ascending) for a layer with a
+    threshold, else :func:`ref_select`."""
+    phi = getattr(theta, "thresholds", {}).get(name)
+    if phi is None:
+        return ref_select(values, y, theta)
+    sign = -1.0 if y < 0 else 1.0
+    return [j for j, v in enumerate(values) if sign * v >= phi]
+
+
 def _fold(conv, bn):
     w, b = conv.weight.detach(), conv.bias
     b = torch.zeros(w.shape[0]) if b is None else b.detach()
@@ -111,7 +133,7 @@ def _ref_conv(name, m, bn, x, sel, theta, found):
                     vals.append(float(prod))
                     pos.append((ci * h_in + hh) * w_in + ww)
         y = sum(vals) + float(b[o])
-        for k in ref_select(vals, y, theta):
+        for k in ref_weighted_select(name, vals, y, theta):
             found.setdefault(name, set()).add(p * cg * kh_n * kw_n + cols[k])
             nxt.add(pos[k])
     return nxt
@@ -125,7 +147,7 @@ def _ref_linear(name, m, bn, x, sel, theta, found):
     for o in sorted(sel):
         vals = (xs * w[o]).tolist()
         y = sum(vals) + float(b[o])
-        for i in ref_select(vals, y, theta):
+        for i in ref_weighted_select(name, vals, y, theta):
             found.setdefault(name, set()).add(o * fan_in + i)
             nxt.add(i)
     return nxt

@@ -134,9 +134,11 @@ class BuildConfig:
 
     def component_params(self) -> dict[str, dict[str, Any]]:
         """Build parameters per component: ``components``, with ``nic`` and ``mahalanobis`` from their own fields
-        and Effective Path's from ``theta``, ``ep_last_k`` and ``n_ep_fit``."""
+        and Effective Path's ``theta``, ``last_k`` and ``n_fit`` from ``theta``, ``ep_last_k`` and ``n_ep_fit``
+        (its other parameters, e.g. ``selection``, from ``components``)."""
         out = {k: dict(v) for k, v in self.components.items()}
-        out["effective_path"] = {"theta": self.theta, "last_k": self.ep_last_k, "n_fit": self.n_ep_fit}
+        ep = {"theta": self.theta, "last_k": self.ep_last_k, "n_fit": self.n_ep_fit}
+        out["effective_path"] = {**out.get("effective_path", {}), **ep}
         out["nic"] = {**out.get("nic", {}), **self.nic}
         if self.mahalanobis:
             out["mahalanobis"] = {**out.get("mahalanobis", {}), **self.mahalanobis}

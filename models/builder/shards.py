@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pathguard.models.bundle.format import MAHALANOBIS_FILE
+from pathguard.models.bundle.format import EP_THRESHOLDS, MAHALANOBIS_FILE
 from pathguard.models.components.base import one_torch_thread
 from pathguard.models.data import ImageFolder, Split, dataset_info, load_dataset
 from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
@@ -248,7 +248,12 @@ def context(job: Job) -> Context:
         f = job.fitted
         _CONTEXTS[job.key] = Context(
             model,
-            EffectivePathExtractor(model, theta=job.theta, last_k=job.last_k),
+            EffectivePathExtractor(
+                model,
+                theta=job.theta,
+                last_k=job.last_k,
+                thresholds=json.loads(f[EP_THRESHOLDS]) if EP_THRESHOLDS in f else None,
+            ),
             ClassPaths.from_arrays(_npz(f["class_paths.npz"])) if "class_paths.npz" in f else None,
             NICDetector.from_arrays(_npz(f["nic.npz"]), json.loads(f["nic.json"])) if "nic.npz" in f else None,
             ClassGaussian.from_arrays(_npz(f[MAHALANOBIS_FILE])) if MAHALANOBIS_FILE in f else None,

@@ -29,6 +29,7 @@ from pathguard.models.errors import BundleCompatibilityError, BundleError, Bundl
 
 __all__ = [
     "BENIGN_RANGES",
+    "EP_THRESHOLDS",
     "MAHALANOBIS_FILE",
     "MANIFEST",
     "SCHEMA_VERSION",
@@ -51,6 +52,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 BENIGN_RANGES = "benign_similarity.npz"  # optional: per-class benign similarity ranges (reporting only)
 MAHALANOBIS_FILE = "mahalanobis.npz"  # bundles whose verdict fuses the class-conditional Gaussians
+EP_THRESHOLDS = "ep_thresholds.json"  # Effective Path with the absolute rule: its per-layer thresholds
 _PACKAGES = ("pathguard", "torch", "numpy", "scikit-learn", "onnx", "onnxruntime", "safetensors")
 
 

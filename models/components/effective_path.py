@@ -3,6 +3,7 @@ Effective Path score over them (Qiu et al., CVPR 2019)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,12 +14,14 @@ import onnx
 import torch
 from torch import nn
 
+from pathguard.models.bundle.format import EP_THRESHOLDS
 from pathguard.models.components.base import (
     BuildContext,
     Component,
     FileReader,
     Observation,
     Relaxation,
+    json_blob,
     npz_blob,
     one_torch_thread,
     read_npz,
@@ -31,6 +34,7 @@ from pathguard.models.effective_path import (
     EffectivePathExtractor,
     PathCounts,
 )
+from pathguard.models.effective_path.extractor import profile_thresholds
 from pathguard.models.effective_path.ingraph import GraphEffectivePath, GraphWalk
 from pathguard.models.effective_path.relaxed import relaxed_similarity
 from pathguard.models.errors import DatasetError
@@ -39,6 +43,8 @@ from pathguard.models.networks import TappedSequential, tap_points
 __all__ = ["EPPartial", "EffectivePathComponent", "ep_features"]
 
 CLASS_PATHS, EP_SCORE, RANGES = "class_paths.npz", "ep_score.npz", "benign_similarity.npz"
+THRESHOLDS = EP_THRESHOLDS  # the absolute rule's per-layer thresholds (``selection`` "absolute" only)
+SELECTIONS = ("cumulative", "absolute")
 _GRAPH_OPSET = 16  # ScatterElements with reduction="add"
 
 
@@ -54,13 +60,17 @@ class EPPartial:
 class EffectivePathComponent(Component):
     """Class-path similarity of the image's effective path, scored by :class:`BenignEPScore`.
 
-    Build parameters: ``theta`` (selection threshold), ``last_k`` (only the last k weighted layers) and ``n_fit``
-    (fit-split images aggregated into class paths; ``None`` = all).
+    Build parameters: ``theta`` (selection threshold), ``last_k`` (only the last k weighted layers), ``n_fit``
+    (fit-split images aggregated into class paths; ``None`` = all) and ``selection``: ``"cumulative"`` (the paper's
+    rule, default) or ``"absolute"`` (Ptolemy's sort-free rule: per layer, the synapses whose contribution is at
+    least a threshold profiled on ``n_profile`` benign fit images, default 1000, as the ``quantile`` of the
+    cumulative rule's cuts, default 0.5; :func:`~pathguard.models.effective_path.extractor.profile_thresholds`).
+    The class paths are then aggregated with the same rule.
     """
 
     name = "effective_path"
     files = (CLASS_PATHS, EP_SCORE)
-    params = ("theta", "last_k", "n_fit")
+    params = ("theta", "last_k", "n_fit", "selection", "n_profile", "quantile")
 
     def __init__(
         self,
@@ -81,6 +91,15 @@ class EffectivePathComponent(Component):
         """Class paths over the fit split, then the benign score and per-class ranges on ``ep_fit``."""
         t = time.perf_counter()
         extractor = EffectivePathExtractor(ctx.model, theta=params.get("theta", 0.5), last_k=params.get("last_k"))
+        if params.get("selection", "cumulative") == "absolute":
+            x, _ = ctx.sample(int(params.get("n_profile", 1000)))
+            thresholds = profile_thresholds(extractor, x, float(params.get("quantile", 0.5)))
+            extractor = EffectivePathExtractor(
+                ctx.model, theta=extractor.theta, last_k=extractor.last_k, thresholds=thresholds
+            )
+            assert ctx.job is not None
+            ctx.job = ctx.job.with_fitted(**{THRESHOLDS: json_blob(thresholds)})  # the workers walk with them
+            ctx.report["ep_profile"] = {"images": len(x), "quantile": float(params.get("quantile", 0.5))}
         fit_idx = ctx.passes.parts["fit"][1]
         counts: PathCounts | None = None
         fit_images = 0
@@ -98,17 +117,31 @@ class EffectivePathComponent(Component):
         ctx.report["ep_fit"] = len(features)
         return cls(extractor, class_paths, ep_score, ranges)
 
+    @classmethod
+    def check(cls, model: TappedSequential, params: Mapping[str, Any]) -> None:
+        selection = params.get("selection", "cumulative")
+        if selection not in SELECTIONS:
+            raise ValueError(f"effective_path selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if not 0.0 <= float(params.get("quantile", 0.5)) <= 1.0:
+            raise ValueError(f"effective_path quantile must be in [0, 1], got {params['quantile']}")
+        if int(params.get("n_profile", 1000)) < 1:
+            raise ValueError(f"effective_path n_profile must be positive, got {params['n_profile']}")
+
     def to_files(self) -> dict[str, bytes]:
         out = {CLASS_PATHS: npz_blob(self.class_paths.to_arrays()), EP_SCORE: npz_blob(self.ep_score.to_arrays())}
         if self.ranges is not None:
             out[RANGES] = npz_blob(self.ranges.to_arrays())
+        if self.extractor.thresholds:
+            out[THRESHOLDS] = json_blob(self.extractor.thresholds)
         return out
 
     @classmethod
     def from_files(
         cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
     ) -> EffectivePathComponent:
-        extractor = EffectivePathExtractor(model, theta=entry.get("theta", 0.5), last_k=entry.get("last_k"))
+        extractor = EffectivePathExtractor(
+            model, theta=entry.get("theta", 0.5), last_k=entry.get("last_k"), thresholds=read_thresholds(read)
+        )
         try:
             ranges = ClassSimilarityRanges.from_arrays(read_npz(read(RANGES)))
         except KeyError:  # bundles built before the per-class ranges
@@ -117,7 +150,8 @@ class EffectivePathComponent(Component):
         return cls(extractor, class_paths, BenignEPScore.from_arrays(read_npz(read(EP_SCORE))), ranges)
 
     def manifest(self) -> dict[str, Any]:
-        return {"theta": self.extractor.theta, "last_k": self.extractor.last_k, "layers": self.layers}
+        ex = self.extractor
+        return {"theta": ex.theta, "last_k": ex.last_k, "selection": ex.selection, "layers": self.layers}
 
     # ------------------------------------------------------------------ in the graph
     #: Served beside the guarded graph: on CPU its compiled walk (numba, on a worker thread while the graph runs) is
@@ -134,7 +168,7 @@ class EffectivePathComponent(Component):
             try:
                 if ex.input_shape is None:
                     raise NotImplementedError("the walk's input shape is unknown")
-                self._walk = GraphWalk(ex.model, ex.input_shape, ex.theta, ex.last_k, taps)
+                self._walk = GraphWalk(ex.model, ex.input_shape, ex.theta, ex.last_k, taps, thresholds=ex.thresholds)
             except NotImplementedError as exc:
                 self._walk = exc
         if isinstance(self._walk, NotImplementedError):
@@ -209,6 +243,15 @@ class EffectivePathComponent(Component):
             "rank2_similarity": ep.sims[2],
             "score": violation,
         }
+
+
+def read_thresholds(read: FileReader) -> dict[str, float] | None:
+    """The absolute rule's thresholds stored beside the class paths; None for a cumulative bundle."""
+    try:
+        blob = read(THRESHOLDS)
+    except KeyError:
+        return None
+    return {str(k): float(v) for k, v in json.loads(blob).items()}
 
 
 def similarity_fields(g: GraphContext, features: str, layers: list[str], violation: str) -> dict[str, Any]:

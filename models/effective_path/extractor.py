@@ -44,7 +44,7 @@ from pathguard.models.effective_path.selection import cat_ids
 from pathguard.models.effective_path.steps import Ctx, ResidualStep, run_backward
 from pathguard.models.networks import tap_points
 
-__all__ = ["EffectivePathExtractor", "extract_effective_paths"]
+__all__ = ["EffectivePathExtractor", "extract_effective_paths", "profile_thresholds"]
 
 
 class EffectivePathExtractor:
@@ -69,6 +69,10 @@ class EffectivePathExtractor:
         torch walk (:attr:`fast_path_reason` says why).
     fast_max_batch : int
         Largest batch the compiled walk takes; larger batches use the batched torch walk.
+    thresholds : mapping of str to float, optional
+        Weighted layer -> absolute threshold ``phi > 0``: those layers keep every synapse whose oriented
+        contribution is at least ``phi`` (the sort-free absolute rule, profiled offline by
+        :func:`profile_thresholds`) instead of the cumulative ``theta`` rule; the others keep the cumulative rule.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class EffectivePathExtractor:
         input_shape: tuple[int, ...] | None = None,
         fast_path: bool = True,
         fast_max_batch: int = 8,
+        thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta must be in (0, 1], got {theta}")
@@ -97,6 +102,16 @@ class EffectivePathExtractor:
         self._plan: Plan | None = None
         self._fast: FastWalk | None = None
         self._taps = tap_points(model) if isinstance(model, nn.Sequential) else {}
+        self.thresholds: dict[str, float] = {}
+        for name, phi in (thresholds or {}).items():
+            if not (np.isfinite(phi) and phi > 0):
+                raise ValueError(f"the absolute threshold of layer {name!r} must be a positive number, got {phi}")
+            self.thresholds[str(name)] = float(phi)
+
+    @property
+    def selection(self) -> str:
+        """``"absolute"`` when a layer has an absolute threshold, else ``"cumulative"``."""
+        return "absolute" if self.thresholds else "cumulative"
 
     # ---- geometry -------------------------------------------------------------------------------
 
@@ -107,6 +122,9 @@ class EffectivePathExtractor:
                 raise ValueError("input shape unknown: pass input_shape or extract from an input first")
             with torch.no_grad():
                 self._plan = Compiler().compile(self.model, tuple(shape))
+            unknown = sorted(set(self.thresholds) - {info.name for info in self._plan.layers})
+            if unknown:
+                raise ValueError(f"absolute thresholds for layers the network does not have: {unknown}")
             self._fast, self.fast_path_reason = None, None
             try:
                 self._fast = FastWalk(self._plan)
@@ -201,7 +219,7 @@ class EffectivePathExtractor:
     ) -> PathBatch:
         plan = self._get_plan(tuple(x.shape[1:]))
         n, layers = x.shape[0], self.layers
-        ctx = Ctx(n=n, theta=self.theta, first=len(plan.layers) - len(layers), ranks=len(ranks))
+        ctx = Ctx(n, self.theta, len(plan.layers) - len(layers), len(ranks), self.thresholds)
         out = self._forward(plan, x, taps or {}, ctx, need_output=logits is None)
         logits = out if logits is None else logits
         ranks = [int(r) for r in ranks]
@@ -288,6 +306,43 @@ class EffectivePathExtractor:
                 ids[r][name] = found[lo:hi]
                 offsets[r][name] = bounds[k * n : (k + 1) * n + 1] - lo
         return PathBatch(logits, classes, list(self.layers), ids, offsets, self.theta)
+
+    @torch.inference_mode()
+    def cumulative_cuts(self, x: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+        """Per covered layer, the cumulative rule's cut (the smallest kept oriented contribution) of every neuron
+        the rank-1 walks of ``x`` (N, C, H, W) reach with it, whatever :attr:`thresholds` say."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        cuts: dict[str, list[torch.Tensor]] = {}
+        for s in range(0, x.shape[0], self.batch_size):
+            xb = x[s : s + self.batch_size]
+            plan = self._get_plan(tuple(xb.shape[1:]))
+            ctx = Ctx(len(xb), self.theta, len(plan.layers) - len(self.layers), cuts=cuts)
+            logits = self._forward(plan, xb, {}, ctx)
+            seed = torch.zeros(logits.shape, dtype=torch.bool)
+            seed[torch.arange(len(xb)), torch.sort(logits, dim=1, descending=True, stable=True).indices[:, 0]] = True
+            run_backward(plan.steps, seed, ctx)
+        empty = np.zeros(0, np.float32)
+        return {name: torch.cat(cuts[name]).numpy() if name in cuts else empty for name in self.layers}
+
+
+def profile_thresholds(
+    extractor: EffectivePathExtractor, x: torch.Tensor | np.ndarray, quantile: float = 0.5
+) -> dict[str, float]:
+    """Absolute thresholds for the covered layers, profiled on benign images ``x``: per layer, the ``quantile`` of
+    the cumulative rule's cuts over every neuron the images' rank-1 walks reach (Ptolemy's offline profiling).
+
+    A layer none of the walks reaches with a positive cut gets no threshold (it keeps the cumulative rule); a
+    ValueError when no layer does.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    out: dict[str, float] = {}
+    for name, cuts in extractor.cumulative_cuts(x).items():
+        if len(cuts):
+            out[name] = float(np.quantile(cuts.astype(np.float64), quantile))
+    if not out:
+        raise ValueError(f"the {len(x)} profiling images' walks reach no neuron to profile a threshold from")
+    return out
 
 
 def extract_effective_paths(

@@ -112,6 +112,19 @@ def _select(
 
 
 @_compiled
+def _select_above(c: np.ndarray, k: int, y: float, phi: float, out: np.ndarray) -> int:  # pragma: no cover
+    """The absolute rule on ``c[:k]`` of a neuron with output ``y``: the positions whose oriented value is at least
+    ``phi``, ascending, written to ``out``; returns how many (possibly none)."""
+    sign = -1.0 if y < 0 else 1.0
+    m = 0
+    for j in range(k):
+        if sign * c[j] >= phi:
+            out[m] = j
+            m += 1
+    return m
+
+
+@_compiled
 def _select_rest(c: np.ndarray, k: int, sign: float, target: float, out: np.ndarray) -> int:  # pragma: no cover
     """The prefix of a neuron that needs more than :data:`_TOP` values, exactly, without sorting the whole row.
 
@@ -218,9 +231,17 @@ def _emit(
 
 @_compiled
 def _linear_back(
-    x: np.ndarray, w: np.ndarray, bias: np.ndarray, mask: np.ndarray, n: int, theta: float, in_mask: np.ndarray
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray,
+    mask: np.ndarray,
+    n: int,
+    theta: float,
+    phi: float,
+    in_mask: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
-    """Linear layer: ``x`` (N, I), ``w`` (O, I), ``mask`` (B, O) -> ``in_mask`` (B, I) set; (ids, bounds)."""
+    """Linear layer: ``x`` (N, I), ``w`` (O, I), ``mask`` (B, O) -> ``in_mask`` (B, I) set; (ids, bounds). ``phi``
+    > 0: the absolute rule at that threshold instead of the cumulative one at ``theta``."""
     i_n = w.shape[1]
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     start, length = np.zeros(u_n, np.int64), np.zeros(u_n, np.int64)
@@ -236,7 +257,10 @@ def _linear_back(
         for j in range(i_n):
             y += c[j]
         o = pos[u]
-        m = _select(c, i_n, y, y + bias[o], theta, kept, top_v, top_i)
+        if phi > 0:
+            m = _select_above(c, i_n, y + bias[o], phi, kept)
+        else:
+            m = _select(c, i_n, y, y + bias[o], theta, kept, top_v, top_i)
         start[u], length[u] = t, m
         for q in range(m):
             cols[t] = kept[q]
@@ -254,11 +278,12 @@ def _conv_back(
     mask: np.ndarray,
     n: int,
     theta: float,
+    phi: float,
     in_mask: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Conv2d: ``x`` (N, C*H*W), ``w`` (O, Cg*KH*KW), ``table`` (OH*OW, Cg*KH*KW) int32 within-group flat input
     index of every window column (-1: padding, never a candidate), ``mask`` (B, O*OH*OW) -> ``in_mask`` (B, C*H*W)
-    set; (ids, bounds)."""
+    set; (ids, bounds). ``phi`` as :func:`_linear_back`."""
     o_n, fan_in = w.shape
     points = table.shape[0]
     group_size, opg = x.shape[1] // groups, o_n // groups
@@ -282,7 +307,10 @@ def _conv_back(
             y += c[k]
             col_of[k], pos_of[k] = j, base + q
             k += 1
-        m = _select(c, k, y, y + bias[o], theta, kept, top_v, top_i)
+        if phi > 0:
+            m = _select_above(c, k, y + bias[o], phi, kept)
+        else:
+            m = _select(c, k, y, y + bias[o], theta, kept, top_v, top_i)
         start[u], length[u] = t, m
         for q in range(m):
             cols[t], src[t] = col_of[kept[q]], pos_of[kept[q]]
@@ -399,6 +427,11 @@ def _f32(t: object) -> np.ndarray:
     return arr
 
 
+def _phi(ctx: Ctx, name: str) -> float:
+    """The layer's absolute threshold, 0.0 for the cumulative rule (the kernels' convention)."""
+    return float(ctx.thresholds.get(name, 0.0))
+
+
 class _Node:
     def __init__(self, step: Step) -> None:
         self.step = step
@@ -423,7 +456,7 @@ class _Linear(_Node):
     def back(self, mask: np.ndarray, ctx: Ctx, found: Found) -> np.ndarray | None:
         x = _f32(ctx.acts[self.uid]).reshape(ctx.n, -1)  # (N, I)
         in_mask = np.zeros((mask.shape[0], self.in_size), np.uint8)
-        found[self.name] = _linear_back(x, self.w, self.bias, mask, ctx.n, ctx.theta, in_mask)
+        found[self.name] = _linear_back(x, self.w, self.bias, mask, ctx.n, ctx.theta, _phi(ctx, self.name), in_mask)
         return in_mask
 
 
@@ -457,7 +490,9 @@ class _Conv(_Node):
     def back(self, mask: np.ndarray, ctx: Ctx, found: Found) -> np.ndarray | None:
         x = _f32(ctx.acts[self.uid]).reshape(ctx.n, -1)  # (N, C*H*W)
         in_mask = np.zeros((mask.shape[0], self.in_size), np.uint8)
-        found[self.name] = _conv_back(x, self.w, self.bias, self.table, self.groups, mask, ctx.n, ctx.theta, in_mask)
+        found[self.name] = _conv_back(
+            x, self.w, self.bias, self.table, self.groups, mask, ctx.n, ctx.theta, _phi(ctx, self.name), in_mask
+        )
         return in_mask
 
 
@@ -564,9 +599,9 @@ def warm_up() -> None:
     u8, f32 = np.uint8, np.float32
     x4, x2 = np.ones((1, 1, 2, 2), f32), np.ones((1, 4), f32)
     mask4, mask1 = np.ones((1, 4), u8), np.ones((1, 1), u8)
-    _linear_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), mask1, 1, 0.5, np.zeros((1, 4), u8))
+    _linear_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), mask1, 1, 0.5, 0.0, np.zeros((1, 4), u8))
     table = np.arange(4, dtype=np.int32).reshape(1, 4)
-    _conv_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), table, 1, mask1, 1, 0.5, np.zeros((1, 4), u8))
+    _conv_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), table, 1, mask1, 1, 0.5, 0.0, np.zeros((1, 4), u8))
     _maxpool_back(x4, np.array([2, 2, 1, 1], np.int64), mask1, np.zeros((1, 4), u8))
     _maxpool_index_back(np.zeros((1, 1), np.int64), 4, mask1, np.zeros((1, 4), u8))
     _avgpool_back(x4, np.array([2, 2, 2, 2, 0, 0, 1, 1], np.int64), mask1, 1, 0.5, np.zeros((1, 4), u8))

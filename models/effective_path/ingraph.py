@@ -244,6 +244,9 @@ class GraphWalk:
         input).
     budget : int, optional
         Largest number of covered synapses accepted (default :data:`SYNAPSE_BUDGET`).
+    thresholds : mapping of str to float, optional
+        The extractor's absolute thresholds (layer -> phi): those layers keep the oriented contributions at least
+        phi, one comparison instead of the ranking.
 
     Raises
     ------
@@ -259,10 +262,12 @@ class GraphWalk:
         last_k: int | None = None,
         taps: Mapping[int, str] | None = None,
         budget: int | None = None,
+        thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta must be in (0, 1], got {theta}")
         self.theta = float(theta)
+        self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
         with torch.no_grad():
             self.plan: Plan = Compiler().compile(model.eval(), tuple(input_shape))
         n_layers = len(self.plan.layers)
@@ -406,9 +411,13 @@ class GraphWalk:
         o, pos = torch.div(rest, points, rounding_mode="floor"), rest % points
         c = rows.index_select(0, image * points + pos) * step.weight.index_select(0, o)  # (P, F)
         c, total = orient_rows(c, c.sum(-1) + step.bias.index_select(0, o))
+        phi = self.thresholds.get(step.name)
         if isinstance(step, LinearStep):
-            sel = dense_rule(c, total, self.theta)
+            sel = dense_rule(c, total, self.theta) if phi is None else (c >= phi).to(c.dtype)
             cols = torch.arange(fan_in).unsqueeze(0) + torch.zeros_like(o).unsqueeze(1)  # (P, I): the input read
+        elif phi is not None:  # a padded candidate holds 0 < phi
+            sel = (c >= phi).to(c.dtype)
+            cols = step.in_index.index_select(0, pos)
         else:
             valid, single = self._validity(win, win.c)
             sel = dense_rule(

@@ -9,7 +9,7 @@ import torch
 
 from pathguard.models.effective_path.paths import DEFAULT_THETA
 
-__all__ = ["cat_ids", "orient", "select_pairs", "select_synapses"]
+__all__ = ["cat_ids", "orient", "row_cuts", "select_above", "select_pairs", "select_synapses"]
 
 _SMALL_BLOCK = 1 << 15  # up to this many contributions, rows are sorted at once
 _SHORT_ROW = 256  # rows up to this length use _max_steps first
@@ -112,6 +112,26 @@ def select_pairs(
         out_c.append(pc)
     key = torch.sort(cat_ids(out_r) * k + cat_ids(out_c)).values
     return key // k, key % k
+
+
+def select_above(c: torch.Tensor, phi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The absolute rule (Ptolemy's backward absolute selection): the (row, column) pairs of oriented contributions
+    ``c`` (R, K) at least ``phi`` (> 0), sorted by row then column. No sort, no row sum: a row whose contributions
+    all lie below ``phi`` selects nothing (padded positions hold 0 and are never selected)."""
+    rows, cols = (c >= phi).nonzero().unbind(1)
+    return rows, cols
+
+
+def row_cuts(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The cut of every row that selected a positive contribution: its smallest selected oriented contribution.
+
+    ``c`` (R, K) oriented contributions and the selected (row, column) pairs of :func:`select_pairs`; rows whose
+    selection holds no positive value (the single largest of an all-negative row) are left out."""
+    vals = c[rows, cols]
+    pos = vals > 0
+    rows, vals = rows[pos], vals[pos]
+    cut = torch.full((c.shape[0],), math.inf, dtype=c.dtype).scatter_reduce(0, rows, vals, "amin")
+    return cut[torch.isfinite(cut)]
 
 
 def _prefix_pairs(c: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ turns the selected neurons of its output into selected synapses and neurons of i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathguard.models.effective_path.paths import LayerInfo
-from pathguard.models.effective_path.selection import cat_ids, orient, select_pairs
+from pathguard.models.effective_path.selection import cat_ids, orient, row_cuts, select_above, select_pairs
 from pathguard.models.networks.padding import PaddedMaxPool2d, Pads4, explicit_pads, window_pads
 
 __all__ = [
@@ -35,12 +35,20 @@ _CHUNK_ELEMENTS = 1 << 22
 
 @dataclass
 class Ctx:
-    """State of one batched extraction: ``n`` images, ``ranks`` stacked as rows ``r * n + i``."""
+    """State of one batched extraction: ``n`` images, ``ranks`` stacked as rows ``r * n + i``.
+
+    ``thresholds`` (weighted layer -> phi > 0) selects those layers' synapses by the absolute rule
+    (:func:`~pathguard.models.effective_path.selection.select_above`) instead of the cumulative one; ``cuts``, when
+    set, collects per weighted layer the cumulative rule's cut of every row it processed (profiling, see
+    :func:`~pathguard.models.effective_path.extractor.profile_thresholds`).
+    """
 
     n: int
     theta: float
     first: int  # index (forward order) of the first covered weighted layer
     ranks: int = 1
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    cuts: dict[str, list[torch.Tensor]] | None = None
     acts: dict[int, object] = field(default_factory=dict)
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -165,10 +173,16 @@ class WeightedStep(Step):
         b, p = _unique_rows(mask, ctx)
         o = p // self.info.out_points
         pair_rows, pair_cols = [], []
+        phi = ctx.thresholds.get(self.name)
         for sl in _chunks(b.numel(), self.info.fan_in):
             c, nvalid, valid_rows = self.contributions(src, b[sl], p[sl])
             total = orient(c, None, self.bias.index_select(0, o[sl]))
-            rr, col = select_pairs(c, total, ctx.theta, nvalid, valid_rows)
+            if phi is not None:
+                rr, col = select_above(c, phi)
+            else:
+                rr, col = select_pairs(c, total, ctx.theta, nvalid, valid_rows)
+                if ctx.cuts is not None:
+                    ctx.cuts.setdefault(self.name, []).append(row_cuts(c, rr, col))
             pair_rows.append(rr + sl.start)
             pair_cols.append(col)
         rows, cols = cat_ids(pair_rows), cat_ids(pair_cols)
