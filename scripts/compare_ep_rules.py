@@ -146,11 +146,13 @@ def main() -> int:
             )
             timed.warm_up()
 
-            def served(x: np.ndarray, t: EffectivePathExtractor = timed, s: BenignEPScore = score) -> None:
+            def served(
+                x: np.ndarray, t: EffectivePathExtractor = timed, s: BenignEPScore = score, c: ClassPaths = cp
+            ) -> None:
                 xt = torch.from_numpy(x)
                 with torch.no_grad():
                     logits, taps = model.forward_with_taps(xt)
-                sims = cp.similarity(t.extract_from_taps(xt, logits, taps, ranks=(1, 2)))
+                sims = c.similarity(t.extract_from_taps(xt, logits, taps, ranks=(1, 2)))
                 s.score(np.concatenate([sims[1], sims[2]], axis=1))
 
             def forward(x: np.ndarray) -> None:
