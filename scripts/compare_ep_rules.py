@@ -8,6 +8,8 @@ paths on the first ``--n-fit`` images, the benign score on the next ``--n-score`
   sees the same data; the bundle's own component, fitted on its whole fit split, is scored beside it);
 - ``absolute q``: the sort-free absolute rule, each layer's threshold the ``q`` quantile of the cumulative rule's cuts
   on the first ``--n-profile`` fit images (:func:`pathguard.models.effective_path.extractor.profile_thresholds`);
+- ``relative q``: the sort-free relative rule, each layer's threshold the ``q`` quantile of the cumulative rule's
+  cuts as fractions of their neurons' sums, on the same images;
 - each of them on the last ``k`` layers only (``--last-k``, early termination: the walk stops ``k`` layers down).
 
 Scored on the attacks cached by ``scripts/heldout_attacks.py`` (the first images of ``calib_b``; successful adversarial
@@ -17,7 +19,9 @@ examples only) against the next ``--n-clean`` ``calib_b`` images as clean negati
   on attacked images (``--n-jaccard`` of each);
 - detection: AUC and detection rate at 5% FPR (threshold on the clean negatives) per attack, and their means;
 - cost: in-process p50 per image at batch 1, one thread, from the forward pass's taps (the served path): the
-  compiled walk of ranks 1 and 2, the class-path similarity and the benign score.
+  compiled walk of ranks 1 and 2, the class-path similarity and the benign score; and the same in the graph (the
+  form's :class:`~pathguard.models.effective_path.ingraph.GraphEffectivePath` in onnxruntime, one thread), for the
+  forms within the in-graph walk's synapse budget.
 
 The rule that picks a bundle's default form, fixed before any attack is scored: among the forms whose mean AUC is
 within 0.01 of the cumulative form's on all layers, the one with the highest mean AUC per millisecond; when none is
@@ -25,6 +29,8 @@ within 0.01, the cumulative form on all layers stays, and the page states the tr
 
     scripts/compare_ep_rules.py --bundle artifacts/mnist-lenet5 --attacks DIR \\
         --out docs/reports/validation/mnist-lenet5-ep-rules.json
+
+The tables of the validation page come from the JSON (``--tables JSON`` prints them again without recomputing).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from compare_ep_forms import jaccard, p50_ms, rates
 
@@ -44,6 +51,8 @@ from pathguard.models.bundle.splits import training_split_indices
 from pathguard.models.data import load_dataset
 from pathguard.models.effective_path import BenignEPScore, ClassPaths, EffectivePathExtractor
 from pathguard.models.effective_path.extractor import profile_thresholds
+from pathguard.models.effective_path.ingraph import GraphEffectivePath, GraphWalk
+from pathguard.models.networks import tap_points
 
 WITHIN = 0.01  # the rule's AUC tolerance against the cumulative form
 
@@ -65,11 +74,65 @@ def rank1_sets(ex: EffectivePathExtractor, x: np.ndarray) -> dict[str, list[set[
 def columns(layers: list[str], k: int | None) -> np.ndarray:
     """Feature columns (rank 1, then rank 2) of the last ``k`` layers."""
     n = len(layers)
-    keep = np.arange(n if k is None else n - k, n)
+    keep = np.arange(0 if k is None else n - k, n)
     return np.r_[keep, keep + n]
 
 
+def graph_ms(model, shape, theta, k, ex, cp, score, xs: np.ndarray) -> tuple[float | None, str | None]:
+    """(p50 ms per image of the form's in-graph walk, similarity and score in onnxruntime, or None; why not)."""
+    try:
+        walk = GraphWalk(model, shape, theta, k, tap_points(model), thresholds=ex.thresholds, relative=ex.relative)
+    except NotImplementedError as exc:
+        return None, str(exc)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(GraphEffectivePath(walk, cp, score).to_onnx(), opts, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        logits, taps = model.forward_with_taps(torch.from_numpy(xs))
+    start = torch.from_numpy(xs) if walk.start_tap is None else taps[walk.start_tap]
+    feeds = [{"input": start[i : i + 1].numpy(), "logits": logits[i : i + 1].numpy()} for i in range(len(xs))]
+    position = iter(range(10**9))
+    return p50_ms(lambda _: sess.run(None, feeds[next(position) % len(feeds)]), xs), None
+
+
+def tables(report: dict) -> str:
+    """The validation page's tables (markdown) from a report."""
+    forms = report["forms"]
+    attacks = list(next(iter(forms.values()))["attacks"])
+    lines = [
+        "| form | layers | mean AUC | mean DR@5% | compiled walk ms | in-graph ms | mean AUC per ms (compiled) "
+        "| Jaccard with cumulative, clean | Jaccard, attacked |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, f in forms.items():
+        jac = f["jaccard"]
+        clean = np.mean(list(jac["clean"].values()))
+        attacked = np.mean([np.mean(list(v.values())) for k, v in jac.items() if k != "clean"])
+        graph = "over budget" if f["in_graph_ms_batch1"] is None else f"{f['in_graph_ms_batch1']:.2f}"
+        layers = "all" if f["last_k"] is None else f"last {f['last_k']}"
+        mark = "**" if key == report["chosen"] else ""
+        lines.append(
+            f"| {mark}{f['form']}{mark} | {layers} | {f['mean_auc']:.3f} | {100 * f['mean_dr']:.1f}% "
+            f"| {f['walk_ms_batch1']:.2f} | {graph} | {f['auc_per_ms']:.2f} | {clean:.2f} | {attacked:.2f} |"
+        )
+    lines += ["", "| form | layers | " + " | ".join(f"{a} (n {report['data']['attacks'][a]})" for a in attacks) + " |"]
+    lines.append("|---|---|" + "---|" * len(attacks))
+    own = report["bundle_component"]
+    cells = " | ".join(f"{own[a]['auc']:.3f} / {100 * own[a]['dr_at_fpr_0.05']:.0f}%" for a in attacks)
+    lines.append(f"| the bundle's own component (its whole fit split) | all | {cells} |")
+    for f in forms.values():
+        cells = " | ".join(
+            f"{f['attacks'][a]['auc']:.3f} / {100 * f['attacks'][a]['dr_at_fpr_0.05']:.0f}%" for a in attacks
+        )
+        layers = "all" if f["last_k"] is None else f"last {f['last_k']}"
+        lines.append(f"| {f['form']} | {layers} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--tables":
+        print(tables(json.loads(Path(sys.argv[2]).read_text())), end="")
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--attacks", type=Path, required=True, help="scripts/heldout_attacks.py's folder")
@@ -80,7 +143,8 @@ def main() -> int:
     p.add_argument("--n-clean", type=int, default=1600)
     p.add_argument("--n-jaccard", type=int, default=100)
     p.add_argument("--n-latency", type=int, default=100)
-    p.add_argument("--quantiles", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--quantiles", type=float, nargs="*", default=[0.25, 0.5], help="absolute rule's profiles")
+    p.add_argument("--relative-quantiles", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     p.add_argument("--last-k", type=int, nargs="*", default=[], help="early-termination depths besides all layers")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -103,11 +167,13 @@ def main() -> int:
             advs[label] = x_adv.astype(np.float32)
     sets = {"clean": x_clean} | advs
 
-    forms: dict[str, dict[str, float] | None] = {"cumulative": None}
+    forms: dict[str, tuple[dict[str, float] | None, bool]] = {"cumulative": (None, False)}
     t0 = time.perf_counter()
     cumulative = EffectivePathExtractor(model, theta=theta)
     for q in args.quantiles:
-        forms[f"absolute {q:g}"] = profile_thresholds(cumulative, fit_x[: args.n_profile], q)
+        forms[f"absolute {q:g}"] = profile_thresholds(cumulative, fit_x[: args.n_profile], q), False
+    for q in args.relative_quantiles:
+        forms[f"relative {q:g}"] = profile_thresholds(cumulative, fit_x[: args.n_profile], q, True), True
     profile_s = time.perf_counter() - t0
     report: dict = {
         "bundle": {"name": bundle.name, "sha256": bundle.sha256, "theta": theta, "layers": list(ep.layers)},
@@ -124,9 +190,9 @@ def main() -> int:
 
     jac_sets = {name: x[: args.n_jaccard] for name, x in sets.items()}
     reference_sets = {name: rank1_sets(cumulative, x) for name, x in jac_sets.items()}
-    for form, thresholds in forms.items():
+    for form, (thresholds, relative) in forms.items():
         t0 = time.perf_counter()
-        ex = EffectivePathExtractor(model, theta=theta, thresholds=thresholds)
+        ex = EffectivePathExtractor(model, theta=theta, thresholds=thresholds, relative=relative)
         cp = ClassPaths(num_classes).fit(ex, fit_x[head], fit_y[head])
         fit_s = time.perf_counter() - t0
         feats = {name: features(cp, ex, x) for name, x in sets.items()}
@@ -142,7 +208,11 @@ def main() -> int:
             per_attack = {a: rates(raw["clean"], raw[a]) for a in advs}
             covered = ex.layers if k is None else ex.layers[-k:]
             timed = EffectivePathExtractor(
-                model, theta=theta, last_k=k, thresholds={n: v for n, v in (thresholds or {}).items() if n in covered}
+                model,
+                theta=theta,
+                last_k=k,
+                thresholds={n: v for n, v in (thresholds or {}).items() if n in covered},
+                relative=relative,
             )
             timed.warm_up()
 
@@ -161,28 +231,33 @@ def main() -> int:
 
             xs = x_clean[: args.n_latency]
             ms = p50_ms(served, xs) - p50_ms(forward, xs)
+            in_graph, why = graph_ms(model, bundle.input_shape, theta, k, timed, cp, score, xs)
             mean_auc = float(np.mean([r["auc"] for r in per_attack.values()]))
             key = form if k is None else f"{form}, last {k}"
             report["forms"][key] = {
                 "form": form,
                 "last_k": k,
                 "thresholds": thresholds,
+                "relative": relative,
                 "attacks": per_attack,
                 "mean_auc": mean_auc,
                 "mean_dr": float(np.mean([r["dr_at_fpr_0.05"] for r in per_attack.values()])),
                 "walk_ms_batch1": ms,
                 "auc_per_ms": mean_auc / ms,
+                "in_graph_ms_batch1": in_graph,
+                "in_graph_refused": why,
                 "jaccard": {name: {layer: v for layer, v in agree.items() if layer in covered}
                             for name, agree in agreement.items()},
                 "class_paths_s": round(fit_s, 1),
             }  # fmt: skip
-            print(f"{key}: mean AUC {mean_auc:.3f}, {ms:.2f} ms", flush=True)
+            print(f"{key}: mean AUC {mean_auc:.3f}, {ms:.2f} ms, in graph {in_graph} ms", flush=True)
 
     best = report["forms"]["cumulative"]["mean_auc"]
     eligible = {k: v for k, v in report["forms"].items() if v["mean_auc"] >= best - WITHIN}
     report["chosen"] = max(eligible, key=lambda k: eligible[k]["auc_per_ms"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(tables(report), end="")
     print("chosen:", report["chosen"])
     return 0
 

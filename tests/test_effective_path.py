@@ -44,26 +44,29 @@ def ref_select(values: list[float], y: float, theta: float) -> list[int]:
     return kept
 
 
-class Absolute(float):
-    """A ``theta`` for the loop reference that also carries absolute thresholds (layer -> phi): the weighted layers
-    named there select by the absolute rule, everything else by the cumulative rule at ``theta``."""
+class SortFree(float):
+    """A ``theta`` for the loop reference that also carries sort-free thresholds (layer -> phi): the weighted layers
+    named there select by the absolute rule (``relative``: the relative rule), everything else by the cumulative
+    rule at ``theta``."""
 
     thresholds: dict[str, float]
+    relative: bool
 
-    def __new__(cls, theta: float, thresholds: dict[str, float]) -> Absolute:
+    def __new__(cls, theta: float, thresholds: dict[str, float], relative: bool = False) -> SortFree:
         obj = super().__new__(cls, theta)
-        obj.thresholds = thresholds
+        obj.thresholds, obj.relative = thresholds, relative
         return obj
 
 
 def ref_weighted_select(name: str, values: list[float], y: float, theta: float) -> list[int]:
-    """A weighted layer's selection: the absolute rule (oriented values at least phi, ascending) for a layer with a
-    threshold, else :func:`ref_select`."""
+    """A weighted layer's selection: for a layer with a threshold, the oriented values that are positive and at
+    least phi (relative: phi times their sum), ascending; else :func:`ref_select`."""
     phi = getattr(theta, "thresholds", {}).get(name)
     if phi is None:
         return ref_select(values, y, theta)
-    sign = -1.0 if y < 0 else 1.0
-    return [j for j, v in enumerate(values) if sign * v >= phi]
+    oriented = [-v for v in values] if y < 0 else list(values)
+    cut = phi * sum(oriented) if getattr(theta, "relative", False) else phi
+    return [j for j, v in enumerate(oriented) if v > 0 and v >= cut]
 
 
 def _fold(conv, bn):

@@ -32,6 +32,7 @@ from pathguard.models.bundle.format import EP_THRESHOLDS, MAHALANOBIS_FILE
 from pathguard.models.components.base import one_torch_thread
 from pathguard.models.data import ImageFolder, Split, dataset_info, load_dataset
 from pathguard.models.effective_path import ClassPaths, EffectivePathExtractor
+from pathguard.models.effective_path.extractor import read_thresholds_document
 from pathguard.models.errors import DatasetError
 from pathguard.models.mahalanobis import ClassGaussian
 from pathguard.models.networks import TappedSequential, classifier_from_files
@@ -246,14 +247,12 @@ def context(job: Job) -> Context:
             _CONTEXTS.pop(next(iter(_CONTEXTS)))
         model = classifier_from_files(job.classifier["classifier.json"], job.classifier.__getitem__)
         f = job.fitted
+        thresholds, relative = (
+            read_thresholds_document(json.loads(f[EP_THRESHOLDS])) if EP_THRESHOLDS in f else (None, False)
+        )
         _CONTEXTS[job.key] = Context(
             model,
-            EffectivePathExtractor(
-                model,
-                theta=job.theta,
-                last_k=job.last_k,
-                thresholds=json.loads(f[EP_THRESHOLDS]) if EP_THRESHOLDS in f else None,
-            ),
+            EffectivePathExtractor(model, theta=job.theta, last_k=job.last_k, thresholds=thresholds, relative=relative),
             ClassPaths.from_arrays(_npz(f["class_paths.npz"])) if "class_paths.npz" in f else None,
             NICDetector.from_arrays(_npz(f["nic.npz"]), json.loads(f["nic.json"])) if "nic.npz" in f else None,
             ClassGaussian.from_arrays(_npz(f[MAHALANOBIS_FILE])) if MAHALANOBIS_FILE in f else None,

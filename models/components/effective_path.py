@@ -34,7 +34,11 @@ from pathguard.models.effective_path import (
     EffectivePathExtractor,
     PathCounts,
 )
-from pathguard.models.effective_path.extractor import profile_thresholds
+from pathguard.models.effective_path.extractor import (
+    profile_thresholds,
+    read_thresholds_document,
+    thresholds_document,
+)
 from pathguard.models.effective_path.ingraph import GraphEffectivePath, GraphWalk
 from pathguard.models.effective_path.relaxed import relaxed_similarity
 from pathguard.models.errors import DatasetError
@@ -43,8 +47,8 @@ from pathguard.models.networks import TappedSequential, tap_points
 __all__ = ["EPPartial", "EffectivePathComponent", "ep_features"]
 
 CLASS_PATHS, EP_SCORE, RANGES = "class_paths.npz", "ep_score.npz", "benign_similarity.npz"
-THRESHOLDS = EP_THRESHOLDS  # the absolute rule's per-layer thresholds (``selection`` "absolute" only)
-SELECTIONS = ("cumulative", "absolute")
+THRESHOLDS = EP_THRESHOLDS  # a sort-free rule's per-layer thresholds (``selection`` "absolute" or "relative")
+SELECTIONS = ("cumulative", "absolute", "relative")
 _GRAPH_OPSET = 16  # ScatterElements with reduction="add"
 
 
@@ -62,10 +66,11 @@ class EffectivePathComponent(Component):
 
     Build parameters: ``theta`` (selection threshold), ``last_k`` (only the last k weighted layers), ``n_fit``
     (fit-split images aggregated into class paths; ``None`` = all) and ``selection``: ``"cumulative"`` (the paper's
-    rule, default) or ``"absolute"`` (Ptolemy's sort-free rule: per layer, the synapses whose contribution is at
-    least a threshold profiled on ``n_profile`` benign fit images, default 1000, as the ``quantile`` of the
-    cumulative rule's cuts, default 0.5; :func:`~pathguard.models.effective_path.extractor.profile_thresholds`).
-    The class paths are then aggregated with the same rule.
+    rule, default), ``"absolute"`` or ``"relative"`` (sort-free rules after Ptolemy: per layer, the synapses whose
+    contribution is at least a threshold, or at least that fraction of the neuron's sum, profiled on ``n_profile``
+    benign fit images, default 1000, as the ``quantile`` of the cumulative rule's cuts, default 0.5;
+    :func:`~pathguard.models.effective_path.extractor.profile_thresholds`). The class paths are then aggregated
+    with the same rule.
     """
 
     name = "effective_path"
@@ -91,14 +96,16 @@ class EffectivePathComponent(Component):
         """Class paths over the fit split, then the benign score and per-class ranges on ``ep_fit``."""
         t = time.perf_counter()
         extractor = EffectivePathExtractor(ctx.model, theta=params.get("theta", 0.5), last_k=params.get("last_k"))
-        if params.get("selection", "cumulative") == "absolute":
+        selection = params.get("selection", "cumulative")
+        if selection != "cumulative":
+            relative = selection == "relative"
             x, _ = ctx.sample(int(params.get("n_profile", 1000)))
-            thresholds = profile_thresholds(extractor, x, float(params.get("quantile", 0.5)))
+            thresholds = profile_thresholds(extractor, x, float(params.get("quantile", 0.5)), relative)
             extractor = EffectivePathExtractor(
-                ctx.model, theta=extractor.theta, last_k=extractor.last_k, thresholds=thresholds
+                ctx.model, theta=extractor.theta, last_k=extractor.last_k, thresholds=thresholds, relative=relative
             )
-            assert ctx.job is not None
-            ctx.job = ctx.job.with_fitted(**{THRESHOLDS: json_blob(thresholds)})  # the workers walk with them
+            assert ctx.job is not None  # the workers walk with them:
+            ctx.job = ctx.job.with_fitted(**{THRESHOLDS: json_blob(thresholds_document(extractor))})
             ctx.report["ep_profile"] = {"images": len(x), "quantile": float(params.get("quantile", 0.5))}
         fit_idx = ctx.passes.parts["fit"][1]
         counts: PathCounts | None = None
@@ -132,15 +139,16 @@ class EffectivePathComponent(Component):
         if self.ranges is not None:
             out[RANGES] = npz_blob(self.ranges.to_arrays())
         if self.extractor.thresholds:
-            out[THRESHOLDS] = json_blob(self.extractor.thresholds)
+            out[THRESHOLDS] = json_blob(thresholds_document(self.extractor))
         return out
 
     @classmethod
     def from_files(
         cls, read: FileReader, model: TappedSequential, built: Mapping[str, Component], entry: Mapping[str, Any]
     ) -> EffectivePathComponent:
+        thresholds, relative = read_thresholds(read)
         extractor = EffectivePathExtractor(
-            model, theta=entry.get("theta", 0.5), last_k=entry.get("last_k"), thresholds=read_thresholds(read)
+            model, theta=entry.get("theta", 0.5), last_k=entry.get("last_k"), thresholds=thresholds, relative=relative
         )
         try:
             ranges = ClassSimilarityRanges.from_arrays(read_npz(read(RANGES)))
@@ -168,7 +176,9 @@ class EffectivePathComponent(Component):
             try:
                 if ex.input_shape is None:
                     raise NotImplementedError("the walk's input shape is unknown")
-                self._walk = GraphWalk(ex.model, ex.input_shape, ex.theta, ex.last_k, taps, thresholds=ex.thresholds)
+                self._walk = GraphWalk(
+                    ex.model, ex.input_shape, ex.theta, ex.last_k, taps, thresholds=ex.thresholds, relative=ex.relative
+                )
             except NotImplementedError as exc:
                 self._walk = exc
         if isinstance(self._walk, NotImplementedError):
@@ -245,13 +255,14 @@ class EffectivePathComponent(Component):
         }
 
 
-def read_thresholds(read: FileReader) -> dict[str, float] | None:
-    """The absolute rule's thresholds stored beside the class paths; None for a cumulative bundle."""
+def read_thresholds(read: FileReader) -> tuple[dict[str, float] | None, bool]:
+    """(thresholds, relative) of a sort-free rule stored beside the class paths; (None, False) for the cumulative
+    rule."""
     try:
         blob = read(THRESHOLDS)
     except KeyError:
-        return None
-    return {str(k): float(v) for k, v in json.loads(blob).items()}
+        return None, False
+    return read_thresholds_document(json.loads(blob))
 
 
 def similarity_fields(g: GraphContext, features: str, layers: list[str], violation: str) -> dict[str, Any]:

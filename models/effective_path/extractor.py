@@ -44,7 +44,13 @@ from pathguard.models.effective_path.selection import cat_ids
 from pathguard.models.effective_path.steps import Ctx, ResidualStep, run_backward
 from pathguard.models.networks import tap_points
 
-__all__ = ["EffectivePathExtractor", "extract_effective_paths", "profile_thresholds"]
+__all__ = [
+    "EffectivePathExtractor",
+    "extract_effective_paths",
+    "profile_thresholds",
+    "read_thresholds_document",
+    "thresholds_document",
+]
 
 
 class EffectivePathExtractor:
@@ -70,9 +76,12 @@ class EffectivePathExtractor:
     fast_max_batch : int
         Largest batch the compiled walk takes; larger batches use the batched torch walk.
     thresholds : mapping of str to float, optional
-        Weighted layer -> absolute threshold ``phi > 0``: those layers keep every synapse whose oriented
-        contribution is at least ``phi`` (the sort-free absolute rule, profiled offline by
-        :func:`profile_thresholds`) instead of the cumulative ``theta`` rule; the others keep the cumulative rule.
+        Weighted layer -> threshold ``phi > 0``: those layers keep every synapse whose oriented contribution is
+        positive and at least ``phi`` (the absolute rule) or at least ``phi`` times the neuron's oriented sum of
+        contributions (``relative``), sort-free rules profiled offline by :func:`profile_thresholds`, instead of the
+        cumulative ``theta`` rule; the others keep the cumulative rule.
+    relative : bool
+        Whether ``thresholds`` are relative (fractions of each neuron's sum) rather than absolute.
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class EffectivePathExtractor:
         fast_path: bool = True,
         fast_max_batch: int = 8,
         thresholds: Mapping[str, float] | None = None,
+        relative: bool = False,
     ) -> None:
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta must be in (0, 1], got {theta}")
@@ -105,13 +115,16 @@ class EffectivePathExtractor:
         self.thresholds: dict[str, float] = {}
         for name, phi in (thresholds or {}).items():
             if not (np.isfinite(phi) and phi > 0):
-                raise ValueError(f"the absolute threshold of layer {name!r} must be a positive number, got {phi}")
+                raise ValueError(f"the threshold of layer {name!r} must be a positive number, got {phi}")
             self.thresholds[str(name)] = float(phi)
+        self.relative = bool(relative)
 
     @property
     def selection(self) -> str:
-        """``"absolute"`` when a layer has an absolute threshold, else ``"cumulative"``."""
-        return "absolute" if self.thresholds else "cumulative"
+        """``"relative"`` or ``"absolute"`` when a layer has a threshold, else ``"cumulative"``."""
+        if not self.thresholds:
+            return "cumulative"
+        return "relative" if self.relative else "absolute"
 
     # ---- geometry -------------------------------------------------------------------------------
 
@@ -124,7 +137,7 @@ class EffectivePathExtractor:
                 self._plan = Compiler().compile(self.model, tuple(shape))
             unknown = sorted(set(self.thresholds) - {info.name for info in self._plan.layers})
             if unknown:
-                raise ValueError(f"absolute thresholds for layers the network does not have: {unknown}")
+                raise ValueError(f"thresholds for layers the network does not have: {unknown}")
             self._fast, self.fast_path_reason = None, None
             try:
                 self._fast = FastWalk(self._plan)
@@ -219,7 +232,7 @@ class EffectivePathExtractor:
     ) -> PathBatch:
         plan = self._get_plan(tuple(x.shape[1:]))
         n, layers = x.shape[0], self.layers
-        ctx = Ctx(n, self.theta, len(plan.layers) - len(layers), len(ranks), self.thresholds)
+        ctx = Ctx(n, self.theta, len(plan.layers) - len(layers), len(ranks), self.thresholds, self.relative)
         out = self._forward(plan, x, taps or {}, ctx, need_output=logits is None)
         logits = out if logits is None else logits
         ranks = [int(r) for r in ranks]
@@ -308,15 +321,16 @@ class EffectivePathExtractor:
         return PathBatch(logits, classes, list(self.layers), ids, offsets, self.theta)
 
     @torch.inference_mode()
-    def cumulative_cuts(self, x: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        """Per covered layer, the cumulative rule's cut (the smallest kept oriented contribution) of every neuron
-        the rank-1 walks of ``x`` (N, C, H, W) reach with it, whatever :attr:`thresholds` say."""
+    def cumulative_cuts(self, x: torch.Tensor | np.ndarray, relative: bool = False) -> dict[str, np.ndarray]:
+        """Per covered layer, the cumulative rule's cut (the smallest kept oriented contribution; ``relative``: as a
+        fraction of the neuron's oriented sum, neurons with a positive sum only) of every neuron the rank-1 walks of
+        ``x`` (N, C, H, W) reach with it, whatever :attr:`thresholds` say."""
         x = torch.as_tensor(x, dtype=torch.float32)
         cuts: dict[str, list[torch.Tensor]] = {}
         for s in range(0, x.shape[0], self.batch_size):
             xb = x[s : s + self.batch_size]
             plan = self._get_plan(tuple(xb.shape[1:]))
-            ctx = Ctx(len(xb), self.theta, len(plan.layers) - len(self.layers), cuts=cuts)
+            ctx = Ctx(len(xb), self.theta, len(plan.layers) - len(self.layers), relative=relative, cuts=cuts)
             logits = self._forward(plan, xb, {}, ctx)
             seed = torch.zeros(logits.shape, dtype=torch.bool)
             seed[torch.arange(len(xb)), torch.sort(logits, dim=1, descending=True, stable=True).indices[:, 0]] = True
@@ -326,10 +340,11 @@ class EffectivePathExtractor:
 
 
 def profile_thresholds(
-    extractor: EffectivePathExtractor, x: torch.Tensor | np.ndarray, quantile: float = 0.5
+    extractor: EffectivePathExtractor, x: torch.Tensor | np.ndarray, quantile: float = 0.5, relative: bool = False
 ) -> dict[str, float]:
-    """Absolute thresholds for the covered layers, profiled on benign images ``x``: per layer, the ``quantile`` of
-    the cumulative rule's cuts over every neuron the images' rank-1 walks reach (Ptolemy's offline profiling).
+    """Thresholds for the covered layers, profiled on benign images ``x``: per layer, the ``quantile`` of the
+    cumulative rule's cuts (``relative``: relative cuts) over every neuron the images' rank-1 walks reach (Ptolemy's
+    offline profiling).
 
     A layer none of the walks reaches with a positive cut gets no threshold (it keeps the cumulative rule); a
     ValueError when no layer does.
@@ -337,12 +352,25 @@ def profile_thresholds(
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     out: dict[str, float] = {}
-    for name, cuts in extractor.cumulative_cuts(x).items():
+    for name, cuts in extractor.cumulative_cuts(x, relative).items():
         if len(cuts):
             out[name] = float(np.quantile(cuts.astype(np.float64), quantile))
     if not out:
         raise ValueError(f"the {len(x)} profiling images' walks reach no neuron to profile a threshold from")
     return out
+
+
+def thresholds_document(extractor: EffectivePathExtractor) -> dict[str, object]:
+    """What a bundle stores of a sort-free extractor (``ep_thresholds.json``): its rule and per-layer thresholds."""
+    return {"rule": extractor.selection, "thresholds": dict(extractor.thresholds)}
+
+
+def read_thresholds_document(doc: Mapping[str, object]) -> tuple[dict[str, float], bool]:
+    """(thresholds, relative) of a stored :func:`thresholds_document`; ValueError for anything else."""
+    rule, thresholds = doc.get("rule"), doc.get("thresholds")
+    if rule not in ("absolute", "relative") or not isinstance(thresholds, Mapping) or not thresholds:
+        raise ValueError(f"not an Effective Path thresholds document: rule {rule!r}")
+    return {str(k): float(v) for k, v in thresholds.items()}, rule == "relative"
 
 
 def extract_effective_paths(

@@ -112,13 +112,18 @@ def _select(
 
 
 @_compiled
-def _select_above(c: np.ndarray, k: int, y: float, phi: float, out: np.ndarray) -> int:  # pragma: no cover
-    """The absolute rule on ``c[:k]`` of a neuron with output ``y``: the positions whose oriented value is at least
-    ``phi``, ascending, written to ``out``; returns how many (possibly none)."""
+def _select_above(
+    c: np.ndarray, k: int, c_sum: float, y: float, phi: float, relative: bool, out: np.ndarray
+) -> int:  # pragma: no cover
+    """The sort-free rules on ``c[:k]`` (sum ``c_sum``) of a neuron with output ``y``: the positions whose oriented
+    value is positive and at least the cut (``phi``; relative: ``phi`` times the oriented sum), ascending, written to
+    ``out``; returns how many (possibly none)."""
     sign = -1.0 if y < 0 else 1.0
+    cut = phi * sign * c_sum if relative else phi
     m = 0
     for j in range(k):
-        if sign * c[j] >= phi:
+        v = sign * c[j]
+        if v > 0 and v >= cut:
             out[m] = j
             m += 1
     return m
@@ -238,10 +243,12 @@ def _linear_back(
     n: int,
     theta: float,
     phi: float,
+    relative: bool,
     in_mask: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Linear layer: ``x`` (N, I), ``w`` (O, I), ``mask`` (B, O) -> ``in_mask`` (B, I) set; (ids, bounds). ``phi``
-    > 0: the absolute rule at that threshold instead of the cumulative one at ``theta``."""
+    > 0: the sort-free rule at that threshold (absolute, or ``relative``) instead of the cumulative one at
+    ``theta``."""
     i_n = w.shape[1]
     u_n, img, pos, uid, sel, row_start = _gather(mask, n)
     start, length = np.zeros(u_n, np.int64), np.zeros(u_n, np.int64)
@@ -258,7 +265,7 @@ def _linear_back(
             y += c[j]
         o = pos[u]
         if phi > 0:
-            m = _select_above(c, i_n, y + bias[o], phi, kept)
+            m = _select_above(c, i_n, y, y + bias[o], phi, relative, kept)
         else:
             m = _select(c, i_n, y, y + bias[o], theta, kept, top_v, top_i)
         start[u], length[u] = t, m
@@ -279,11 +286,12 @@ def _conv_back(
     n: int,
     theta: float,
     phi: float,
+    relative: bool,
     in_mask: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Conv2d: ``x`` (N, C*H*W), ``w`` (O, Cg*KH*KW), ``table`` (OH*OW, Cg*KH*KW) int32 within-group flat input
     index of every window column (-1: padding, never a candidate), ``mask`` (B, O*OH*OW) -> ``in_mask`` (B, C*H*W)
-    set; (ids, bounds). ``phi`` as :func:`_linear_back`."""
+    set; (ids, bounds). ``phi`` and ``relative`` as :func:`_linear_back`."""
     o_n, fan_in = w.shape
     points = table.shape[0]
     group_size, opg = x.shape[1] // groups, o_n // groups
@@ -308,7 +316,7 @@ def _conv_back(
             col_of[k], pos_of[k] = j, base + q
             k += 1
         if phi > 0:
-            m = _select_above(c, k, y + bias[o], phi, kept)
+            m = _select_above(c, k, y, y + bias[o], phi, relative, kept)
         else:
             m = _select(c, k, y, y + bias[o], theta, kept, top_v, top_i)
         start[u], length[u] = t, m
@@ -456,7 +464,9 @@ class _Linear(_Node):
     def back(self, mask: np.ndarray, ctx: Ctx, found: Found) -> np.ndarray | None:
         x = _f32(ctx.acts[self.uid]).reshape(ctx.n, -1)  # (N, I)
         in_mask = np.zeros((mask.shape[0], self.in_size), np.uint8)
-        found[self.name] = _linear_back(x, self.w, self.bias, mask, ctx.n, ctx.theta, _phi(ctx, self.name), in_mask)
+        found[self.name] = _linear_back(
+            x, self.w, self.bias, mask, ctx.n, ctx.theta, _phi(ctx, self.name), ctx.relative, in_mask
+        )
         return in_mask
 
 
@@ -491,7 +501,17 @@ class _Conv(_Node):
         x = _f32(ctx.acts[self.uid]).reshape(ctx.n, -1)  # (N, C*H*W)
         in_mask = np.zeros((mask.shape[0], self.in_size), np.uint8)
         found[self.name] = _conv_back(
-            x, self.w, self.bias, self.table, self.groups, mask, ctx.n, ctx.theta, _phi(ctx, self.name), in_mask
+            x,
+            self.w,
+            self.bias,
+            self.table,
+            self.groups,
+            mask,
+            ctx.n,
+            ctx.theta,
+            _phi(ctx, self.name),
+            ctx.relative,
+            in_mask,
         )
         return in_mask
 
@@ -599,9 +619,9 @@ def warm_up() -> None:
     u8, f32 = np.uint8, np.float32
     x4, x2 = np.ones((1, 1, 2, 2), f32), np.ones((1, 4), f32)
     mask4, mask1 = np.ones((1, 4), u8), np.ones((1, 1), u8)
-    _linear_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), mask1, 1, 0.5, 0.0, np.zeros((1, 4), u8))
+    _linear_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), mask1, 1, 0.5, 0.0, False, np.zeros((1, 4), u8))
     table = np.arange(4, dtype=np.int32).reshape(1, 4)
-    _conv_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), table, 1, mask1, 1, 0.5, 0.0, np.zeros((1, 4), u8))
+    _conv_back(x2, np.ones((1, 4), f32), np.zeros(1, f32), table, 1, mask1, 1, 0.5, 0.0, False, np.zeros((1, 4), u8))
     _maxpool_back(x4, np.array([2, 2, 1, 1], np.int64), mask1, np.zeros((1, 4), u8))
     _maxpool_index_back(np.zeros((1, 1), np.int64), 4, mask1, np.zeros((1, 4), u8))
     _avgpool_back(x4, np.array([2, 2, 2, 2, 0, 0, 1, 1], np.int64), mask1, 1, 0.5, np.zeros((1, 4), u8))

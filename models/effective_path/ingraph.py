@@ -245,8 +245,10 @@ class GraphWalk:
     budget : int, optional
         Largest number of covered synapses accepted (default :data:`SYNAPSE_BUDGET`).
     thresholds : mapping of str to float, optional
-        The extractor's absolute thresholds (layer -> phi): those layers keep the oriented contributions at least
-        phi, one comparison instead of the ranking.
+        The extractor's sort-free thresholds (layer -> phi): those layers keep the positive oriented contributions
+        at least phi (``relative``: phi times the neuron's oriented sum), one comparison instead of the ranking.
+    relative : bool
+        Whether the thresholds are relative.
 
     Raises
     ------
@@ -263,11 +265,13 @@ class GraphWalk:
         taps: Mapping[int, str] | None = None,
         budget: int | None = None,
         thresholds: Mapping[str, float] | None = None,
+        relative: bool = False,
     ) -> None:
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta must be in (0, 1], got {theta}")
         self.theta = float(theta)
         self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
+        self.relative = bool(relative)
         with torch.no_grad():
             self.plan: Plan = Compiler().compile(model.eval(), tuple(input_shape))
         n_layers = len(self.plan.layers)
@@ -412,11 +416,13 @@ class GraphWalk:
         c = rows.index_select(0, image * points + pos) * step.weight.index_select(0, o)  # (P, F)
         c, total = orient_rows(c, c.sum(-1) + step.bias.index_select(0, o))
         phi = self.thresholds.get(step.name)
+        if phi is not None:  # a padded candidate holds 0: never kept
+            cut = phi * total.unsqueeze(-1) if self.relative else torch.tensor(phi, dtype=c.dtype)
+            sel = ((c >= cut) & (c > 0)).to(c.dtype)
         if isinstance(step, LinearStep):
-            sel = dense_rule(c, total, self.theta) if phi is None else (c >= phi).to(c.dtype)
+            sel = dense_rule(c, total, self.theta) if phi is None else sel
             cols = torch.arange(fan_in).unsqueeze(0) + torch.zeros_like(o).unsqueeze(1)  # (P, I): the input read
-        elif phi is not None:  # a padded candidate holds 0 < phi
-            sel = (c >= phi).to(c.dtype)
+        elif phi is not None:
             cols = step.in_index.index_select(0, pos)
         else:
             valid, single = self._validity(win, win.c)

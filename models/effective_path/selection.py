@@ -114,22 +114,33 @@ def select_pairs(
     return key // k, key % k
 
 
-def select_above(c: torch.Tensor, phi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The absolute rule (Ptolemy's backward absolute selection): the (row, column) pairs of oriented contributions
-    ``c`` (R, K) at least ``phi`` (> 0), sorted by row then column. No sort, no row sum: a row whose contributions
-    all lie below ``phi`` selects nothing (padded positions hold 0 and are never selected)."""
-    rows, cols = (c >= phi).nonzero().unbind(1)
+def select_above(c: torch.Tensor, phi: float, total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sort-free rules (Ptolemy's backward selection with a threshold profiled offline): the (row, column) pairs
+    of oriented contributions ``c`` (R, K) that are positive and at least the row's cut, sorted by row then column.
+
+    The cut is ``phi`` (the absolute rule) or, with the rows' oriented sums ``total`` (R,), ``phi * total`` (the
+    relative rule). A row whose contributions all lie below its cut selects nothing; padded positions hold 0 and
+    are never selected."""
+    cut = torch.tensor(phi, dtype=c.dtype) if total is None else phi * total.unsqueeze(1)
+    rows, cols = ((c >= cut) & (c > 0)).nonzero().unbind(1)
     return rows, cols
 
 
-def row_cuts(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The cut of every row that selected a positive contribution: its smallest selected oriented contribution.
+def row_cuts(
+    c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The cut of every row that selected a positive contribution: its smallest selected oriented contribution
+    (divided by the row's oriented sum ``total`` (R,) when given: the relative cut, rows with a positive sum only).
 
     ``c`` (R, K) oriented contributions and the selected (row, column) pairs of :func:`select_pairs`; rows whose
     selection holds no positive value (the single largest of an all-negative row) are left out."""
     vals = c[rows, cols]
     pos = vals > 0
+    if total is not None:
+        pos &= total[rows] > 0
     rows, vals = rows[pos], vals[pos]
+    if total is not None:
+        vals = vals / total[rows]
     cut = torch.full((c.shape[0],), math.inf, dtype=c.dtype).scatter_reduce(0, rows, vals, "amin")
     return cut[torch.isfinite(cut)]
 

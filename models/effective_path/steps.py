@@ -37,9 +37,10 @@ _CHUNK_ELEMENTS = 1 << 22
 class Ctx:
     """State of one batched extraction: ``n`` images, ``ranks`` stacked as rows ``r * n + i``.
 
-    ``thresholds`` (weighted layer -> phi > 0) selects those layers' synapses by the absolute rule
-    (:func:`~pathguard.models.effective_path.selection.select_above`) instead of the cumulative one; ``cuts``, when
-    set, collects per weighted layer the cumulative rule's cut of every row it processed (profiling, see
+    ``thresholds`` (weighted layer -> phi > 0) selects those layers' synapses by a sort-free rule
+    (:func:`~pathguard.models.effective_path.selection.select_above`: the absolute one, or the relative one when
+    ``relative``) instead of the cumulative one; ``cuts``, when set, collects per weighted layer the cumulative
+    rule's cut of every row it processed (relative to the row's sum when ``relative``; profiling, see
     :func:`~pathguard.models.effective_path.extractor.profile_thresholds`).
     """
 
@@ -48,6 +49,7 @@ class Ctx:
     first: int  # index (forward order) of the first covered weighted layer
     ranks: int = 1
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    relative: bool = False
     cuts: dict[str, list[torch.Tensor]] | None = None
     acts: dict[int, object] = field(default_factory=dict)
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -178,11 +180,11 @@ class WeightedStep(Step):
             c, nvalid, valid_rows = self.contributions(src, b[sl], p[sl])
             total = orient(c, None, self.bias.index_select(0, o[sl]))
             if phi is not None:
-                rr, col = select_above(c, phi)
+                rr, col = select_above(c, phi, total if ctx.relative else None)
             else:
                 rr, col = select_pairs(c, total, ctx.theta, nvalid, valid_rows)
                 if ctx.cuts is not None:
-                    ctx.cuts.setdefault(self.name, []).append(row_cuts(c, rr, col))
+                    ctx.cuts.setdefault(self.name, []).append(row_cuts(c, rr, col, total if ctx.relative else None))
             pair_rows.append(rr + sl.start)
             pair_cols.append(col)
         rows, cols = cat_ids(pair_rows), cat_ids(pair_cols)
