@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from compare_ep_forms import jaccard, p50_ms, rates
+from compare_ep_forms import jaccard, rates
 
 from pathguard.models.bundle import load_bundle
 from pathguard.models.bundle.splits import training_split_indices
@@ -79,10 +79,13 @@ def columns(layers: list[str], k: int | None) -> np.ndarray:
     return np.r_[keep, keep + n]
 
 
-def graph_ms(model, shape, theta, k, ex, cp, score, xs: np.ndarray) -> tuple[float | None, str | None]:
-    """(p50 ms per image of the form's in-graph walk, similarity and score in onnxruntime, or None; why not)."""
+def graph_ms(model, shape, ex, cp, score, xs: np.ndarray) -> tuple[float | None, str | None]:
+    """(p50 ms per image of the extractor's form as the in-graph walk, similarity and score in onnxruntime, or None;
+    why not)."""
     try:
-        walk = GraphWalk(model, shape, theta, k, tap_points(model), thresholds=ex.thresholds, relative=ex.relative)
+        walk = GraphWalk(
+            model, shape, ex.theta, ex.last_k, tap_points(model), thresholds=ex.thresholds, relative=ex.relative
+        )
     except NotImplementedError as exc:
         return None, str(exc)
     opts = ort.SessionOptions()
@@ -92,8 +95,13 @@ def graph_ms(model, shape, theta, k, ex, cp, score, xs: np.ndarray) -> tuple[flo
         logits, taps = model.forward_with_taps(torch.from_numpy(xs))
     start = torch.from_numpy(xs) if walk.start_tap is None else taps[walk.start_tap]
     feeds = [{"input": start[i : i + 1].numpy(), "logits": logits[i : i + 1].numpy()} for i in range(len(xs))]
-    position = iter(range(10**9))
-    return p50_ms(lambda _: sess.run(None, feeds[next(position) % len(feeds)]), xs), None
+    sess.run(None, feeds[0])  # warm-up, not counted
+    times = []
+    for feed in feeds:
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3), None
 
 
 def walk_ms(model, ex: EffectivePathExtractor, cp: ClassPaths, score: BenignEPScore | None, xs: np.ndarray) -> dict:
@@ -284,7 +292,7 @@ def main() -> int:
 
             xs = x_clean[: args.n_latency]
             ms = walk_ms(model, timed, cp, score, xs)["p50"]
-            in_graph, why = graph_ms(model, bundle.input_shape, theta, k, timed, cp, score, xs)
+            in_graph, why = graph_ms(model, bundle.input_shape, timed, cp, score, xs)
             mean_auc = float(np.mean([r["auc"] for r in per_attack.values()]))
             key = form if k is None else f"{form}, last {k}"
             report["forms"][key] = {

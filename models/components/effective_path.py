@@ -47,7 +47,6 @@ from pathguard.models.networks import TappedSequential, tap_points
 __all__ = ["EPPartial", "EffectivePathComponent", "ep_features"]
 
 CLASS_PATHS, EP_SCORE, RANGES = "class_paths.npz", "ep_score.npz", "benign_similarity.npz"
-THRESHOLDS = EP_THRESHOLDS  # a sort-free rule's per-layer thresholds (``selection`` "absolute" or "relative")
 SELECTIONS = ("cumulative", "absolute", "relative")
 _GRAPH_OPSET = 16  # ScatterElements with reduction="add"
 
@@ -105,7 +104,7 @@ class EffectivePathComponent(Component):
                 ctx.model, theta=extractor.theta, last_k=extractor.last_k, thresholds=thresholds, relative=relative
             )
             assert ctx.job is not None  # the workers walk with them:
-            ctx.job = ctx.job.with_fitted(**{THRESHOLDS: json_blob(thresholds_document(extractor))})
+            ctx.job = ctx.job.with_fitted(**{EP_THRESHOLDS: json_blob(thresholds_document(extractor))})
             ctx.report["ep_profile"] = {"images": len(x), "quantile": float(params.get("quantile", 0.5))}
         fit_idx = ctx.passes.parts["fit"][1]
         counts: PathCounts | None = None
@@ -139,7 +138,7 @@ class EffectivePathComponent(Component):
         if self.ranges is not None:
             out[RANGES] = npz_blob(self.ranges.to_arrays())
         if self.extractor.thresholds:
-            out[THRESHOLDS] = json_blob(thresholds_document(self.extractor))
+            out[EP_THRESHOLDS] = json_blob(thresholds_document(self.extractor))
         return out
 
     @classmethod
@@ -259,7 +258,7 @@ def read_thresholds(read: FileReader) -> tuple[dict[str, float] | None, bool]:
     """(thresholds, relative) of a sort-free rule stored beside the class paths; (None, False) for the cumulative
     rule."""
     try:
-        blob = read(THRESHOLDS)
+        blob = read(EP_THRESHOLDS)
     except KeyError:
         return None, False
     return read_thresholds_document(json.loads(blob))
