@@ -383,7 +383,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pathguard.models.bundle import load_bundle
+    from pathguard.models.bundle import load_bundle, verdict_sha256
     from pathguard.models.data import load_dataset
 
     bundle = load_bundle(args.bundle, target_fpr=args.target_fpr, seed=0)  # noise seeded: figures reproduce
@@ -400,6 +400,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     out = {
         "bundle": bundle.name,
         "bundle_sha256": bundle.sha256,
+        "verdict_sha256": verdict_sha256(bundle.path),
         "split": args.split,
         "n": n,
         "accuracy": correct / n,

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pathguard.models.bundle import bundle_sha256
+from pathguard.models.bundle import bundle_sha256, verdict_sha256
 from pathguard.service.cli import main
 from tests.conftest import ARTIFACTS, ROOT
 
@@ -53,9 +53,12 @@ _BUDGET_NAMES = {"Linf 2/255": "linf_2", "Linf 4/255": "linf_4", "Linf 8/255": "
 
 @pytest.mark.parametrize(("bundle", "label"), [("cifar10-resnet20", "residual CIFAR-10"), ("mnist-lenet5", "MNIST")])
 def test_the_threat_models_figures_are_the_adaptive_reports(bundle, label):
-    """README's threat-model table quotes the committed adaptive reports of the committed bundles."""
+    """README's threat-model table quotes the committed adaptive reports of the committed bundles' verdicts: the
+    report names the verdict id it was taken on (a rebuild that leaves the verdict alone keeps it)."""
     report = json.loads((REPORTS / f"{bundle}-adaptive" / "report.json").read_text())
-    assert report["bundle"]["sha256"] == bundle_sha256(ARTIFACTS / bundle)
+    assert report["bundle"]["verdict_sha256"] == verdict_sha256(ARTIFACTS / bundle), (
+        f"the adaptive report was taken on another verdict than artifacts/{bundle}'s: rerun it (docs/reports/README.md)"
+    )
     assert report["images"]["n"] >= 100
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Threat model") : readme.index("What that means:")]

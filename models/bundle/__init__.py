@@ -24,7 +24,7 @@ from pathguard.models.errors import BundleCompatibilityError, BundleError, Bundl
 from pathguard.models.lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier
+    from pathguard.models.bundle.loading import Bundle, load_bundle, load_classifier, verdict_sha256
     from pathguard.models.bundle.pipeline import DetectionPipeline
     from pathguard.models.components import DEFAULT_FUSION
 
@@ -36,6 +36,7 @@ __getattr__ = lazy_attributes(
         "Bundle": "pathguard.models.bundle.loading",
         "load_bundle": "pathguard.models.bundle.loading",
         "load_classifier": "pathguard.models.bundle.loading",
+        "verdict_sha256": "pathguard.models.bundle.loading",
         "DetectionPipeline": "pathguard.models.bundle.pipeline",
         "DEFAULT_FUSION": "pathguard.models.components",
     },
@@ -61,6 +62,7 @@ __all__ = [
     "load_classifier",
     "npz_bytes",
     "read_verified",
+    "verdict_sha256",
     "verify_bundle",
     "write_bundle",
 ]

@@ -3,6 +3,8 @@ bytes whose sha256 matched the manifest."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,19 @@ from pathguard.models.components import ALWAYS_BUILT, LEGACY_FUSION, Component, 
 from pathguard.models.components.effective_path import EffectivePathComponent
 from pathguard.models.effective_path import ClassSimilarityRanges
 from pathguard.models.errors import BundleIntegrityError, ClassifierLoadError
-from pathguard.models.networks import TappedSequential, classifier_from_files
+from pathguard.models.networks import CLASSIFIER_FILES, ONNX_SOURCE, TappedSequential, classifier_from_files
 from pathguard.models.verdict import FusedVerdict
 from pathguard.models.verdict.supervised import SUPERVISED_JOBLIB, pickled_ensemble_error
 
-__all__ = ["Bundle", "built_components", "fused_components", "load_bundle", "load_classifier", "load_components"]
+__all__ = [
+    "Bundle",
+    "built_components",
+    "fused_components",
+    "load_bundle",
+    "load_classifier",
+    "load_components",
+    "verdict_sha256",
+]
 
 
 @dataclass
@@ -71,6 +81,50 @@ def load_bundle(path: str | Path, target_fpr: float | None = None, seed: int | N
 def fused_components(manifest: dict[str, Any]) -> list[str]:
     """The verdict's components as the manifest names them (bundles that name none fuse EP and NIC)."""
     return list(manifest["verdict"].get("components", LEGACY_FUSION))
+
+
+def verdict_sha256(path: str | Path) -> str:
+    """The verdict's id: sha256 of everything the verdict's decisions depend on, read from the verified bundle at
+    ``path``.
+
+    It covers the classifier's files, the input contract and classes, the manifest's ``verdict`` (rule,
+    components, threshold, operating point), each fused component and every component it requires (their manifest
+    entries and files), and the calibration arrays the verdict reads (``calib_a/<component>`` of the fused ones
+    and ``calib_b/fused``). Two bundles with the same verdict id score and flag every input alike. A rebuilt
+    reported-only component (Effective Path when the verdict does not fuse it), a stored guarded graph or a new
+    build date change the bundle's sha256 but not this id. Reports of the verdict alone (the adaptive attacks)
+    name it beside the bundle's sha256.
+    """
+    files = read_verified(path)
+    m = files.manifest
+    listed = m["files"]
+
+    def digests(names: Any) -> dict[str, str]:
+        return {n: listed[n]["sha256"] for n in names if n in listed}
+
+    fused = fused_components(m)
+    entries = m.get("components", {})
+    parts: dict[str, Any] = {}
+    for name in build_order(fused):
+        published = m.get(name)
+        parts[name] = {
+            "entry": entries.get(name),
+            "published": published if isinstance(published, dict) else None,
+            "files": digests(component_class(name).files),
+        }
+    calib = files.npz("calibration.npz")
+    keys = [f"calib_a/{n}" for n in fused if f"calib_a/{n}" in calib] + ["calib_b/fused"]
+    arrays = {k: hashlib.sha256(f"{calib[k].dtype}{calib[k].shape}".encode() + calib[k].tobytes()).hexdigest()
+              for k in keys}  # fmt: skip
+    identity = {
+        "classifier": digests((*CLASSIFIER_FILES, ONNX_SOURCE)),
+        "input": m.get("input"),
+        "classes": m.get("classes"),
+        "verdict": m["verdict"],
+        "components": parts,
+        "calibration": arrays,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def built_components(manifest: dict[str, Any]) -> list[str]:

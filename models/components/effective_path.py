@@ -73,7 +73,7 @@ class EffectivePathComponent(Component):
     """
 
     name = "effective_path"
-    files = (CLASS_PATHS, EP_SCORE)
+    files = (CLASS_PATHS, EP_SCORE, EP_THRESHOLDS)  # the thresholds: with a sort-free rule only
     params = ("theta", "last_k", "n_fit", "selection", "n_profile", "quantile")
 
     def __init__(

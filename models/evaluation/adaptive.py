@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathguard.models.bundle import Bundle, load_bundle
+from pathguard.models.bundle import Bundle, load_bundle, verdict_sha256
 from pathguard.models.bundle.pipeline import DetectionPipeline
 from pathguard.models.components import Observation
 from pathguard.models.components.base import NotDifferentiableError, Relaxation
@@ -568,7 +568,8 @@ def _evaluate_on(
     keep = np.flatnonzero(~clean.misclassified & ~clean.flagged)[: st.n]
     x, y = pool_x[keep], pool_y[keep]
     report: dict[str, Any] = {
-        "bundle": {"name": bundle.name, "sha256": bundle.sha256, "dataset": bundle.dataset},
+        "bundle": {"name": bundle.name, "sha256": bundle.sha256, "verdict_sha256": verdict_sha256(bundle.path),
+                   "dataset": bundle.dataset},
         "images": {"n": len(x), "order": "class-interleaved" if pool_index is not None else "as given",
                    "test_indices": (keep if pool_index is None else pool_index[keep]).tolist(),
                    "per_class": np.bincount(y.astype(np.int64), minlength=n_classes).tolist(),
@@ -684,13 +685,22 @@ def _num(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
+def _verdict_id(b: Mapping[str, Any]) -> str:
+    if "verdict_sha256" not in b:  # reports written before the verdict id
+        return ""
+    return (
+        f", verdict sha256 `{b['verdict_sha256']}` (the classifier, the fused components and their calibration: "
+        "what these figures depend on; a bundle with the same verdict id flags every input alike)"
+    )
+
+
 def render_adaptive_markdown(r: Mapping[str, Any]) -> str:
     """The adaptive report's tables as Markdown."""
     b, v, im = r["bundle"], r["verdict"], r["images"]
     lines = [
         f"# Adaptive attacks: `{b['name']}`",
         "",
-        f"Bundle sha256 `{b['sha256']}` ({b['dataset']}). Verdict `{v['rule']}` over "
+        f"Bundle sha256 `{b['sha256']}` ({b['dataset']}){_verdict_id(b)}. Verdict `{v['rule']}` over "
         f"{', '.join(f'`{c}`' for c in v['components'])}, threshold {v['threshold']:.6f} (target FPR "
         f"{_pct(v['target_fpr'])}). Images: the first {im['n']} test images ({im.get('order', 'as given')} order; "
         f"per class {im.get('per_class', '-')}) the served pipeline classifies "
