@@ -173,6 +173,49 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from pathguard.models.builder import refit_bundle
+
+    try:
+        params = json.loads(args.components)
+    except ValueError as exc:
+        print(f"error: --components is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(params, dict) or not params or not all(isinstance(v, dict) for v in params.values()):
+        print('error: --components maps each component to refit to its parameters, e.g. '
+              '\'{"effective_path": {"last_k": 3}}\'', file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        report = refit_bundle(args.bundle, params, args.out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.bundle)
+    if report.pop("had_stored_graph") and not args.no_stored_graph:
+        report["stored_graph"] = _store_graph(out)
+        report["sha256"] = report["stored_graph"].get("bundle_sha256", report["sha256"])
+    print(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def _add_refit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refit",
+        help="fit again, with new parameters, components the verdict does not read (Effective Path when not fused); "
+        "the verdict and its calibration are kept byte for byte",
+    )
+    p.add_argument("bundle", help="a bundle of a bundled dataset (its splits are read again)")
+    p.add_argument(
+        "--components",
+        required=True,
+        help="JSON: component -> changed build parameters, merged over the bundle's, e.g. '{\"effective_path\": "
+        '{"last_k": 3, "selection": "absolute", "quantile": 0.1}}\'',
+    )
+    p.add_argument("--out", help="write the refitted bundle here (default: replace the bundle)")
+    p.add_argument("--no-stored-graph", action="store_true", help="do not store the guarded graph again")
+    p.set_defaults(func=_cmd_refit)
+
+
 def _store_graph(out: Path) -> dict[str, Any]:
     """Store the new bundle's guarded graph in it (a server without torch serves it); a bundle whose verdict fuses a
     component with no in-graph form keeps none, and the build says why."""
@@ -531,6 +574,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_download,
     _add_build,
+    _add_refit,
     _add_verify,
     _add_score,
     _add_export,

@@ -66,10 +66,14 @@ def test_the_committed_residual_bundle_is_an_imported_resnet_that_detects():
     assert 0.0 <= row["verdict"]["score"] <= 1.0
     # the verdict chosen on attacks of held-out training images (validation/cifar10-resnet20-consistency.md):
     # the harmonic mean of the noise flip share and logit drop (sigma 0.05 from flip rate 0.1), the logit
-    # margin and feature squeezing; Effective Path on every weighted layer and NIC are built and reported beside it
+    # margin and feature squeezing; Effective Path and NIC are built and reported beside it, Effective Path in the
+    # form chosen on the same attacks (validation/cifar10-resnet20-ep-rules.md): the absolute rule at the 0.1
+    # quantile on the last three weighted layers
     verdict = bundle.manifest["verdict"]
     assert verdict["components"] == ["noise_flip", "noise_drop", "margin", "squeeze"] and verdict["rule"] == "harmonic"
-    assert len(bundle.manifest["effective_path"]["layers"]) == 22
+    ep = bundle.manifest["effective_path"]
+    assert ep["selection"] == "absolute" and ep["last_k"] == 3 and len(ep["layers"]) == 3
+    assert json.loads(files.bytes("ep_thresholds.json"))["rule"] == "absolute"
     assert {"effective_path", "nic"} <= set(bundle.manifest["components"])
     for name in ("noise_flip", "noise_drop"):
         assert json.loads(files.bytes(f"{name}.json")) == {"sigma": 0.05, "copies": 8}

@@ -61,7 +61,7 @@ def test_the_guarded_graph_gives_the_pipelines_verdict_on_the_same_noise(residua
     np.testing.assert_allclose(out["probabilities"], res.probabilities, atol=1e-5)
     assert (out["predicted"] == res.predicted).all()
     in_graph = [k[4:] for k in out if k.startswith("raw_")]
-    assert set(in_graph) == {*pipe.verdict.components, "nic", "nic_vi"}  # all but Effective Path
+    assert set(in_graph) == {*pipe.verdict.components, "nic", "nic_vi", "effective_path"}
     for comp in in_graph:
         scale = max(1.0, float(np.abs(raw[comp]).max()))
         if comp == "nic_vi":  # a sum over ~20 per-layer p-values: one of them may move a calibration step

@@ -1,5 +1,5 @@
 """Figures the docs quote come from committed files of the committed bundles: the 10,000-image clean FPRs of
-README's bundle table are `pathguard score --json` outputs beside each report, taken on the bundle as committed."""
+README's bundle table are `pathguard score --json` outputs beside each report, taken on the verdict as committed."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def test_score_json_writes_the_figures_with_the_bundle_id(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written == printed
     assert written["bundle_sha256"] == bundle_sha256(ARTIFACTS / "mnist-lenet5")
+    assert written["verdict_sha256"] == verdict_sha256(ARTIFACTS / "mnist-lenet5")
     assert written["n"] == 300 and written["split"] == "test" and written["target_fpr"] == 0.05
     assert 0.0 <= written["flagged_rate"] <= 0.15 and written["accuracy"] > 0.97
 
@@ -32,8 +33,10 @@ def test_readme_clean_fprs_are_the_committed_score_files_of_the_committed_bundle
     path = REPORTS / bundle / "clean-fpr.json"
     assert path.is_file(), f"run `pathguard score artifacts/{bundle} --json {path.relative_to(ROOT)}`"
     figures = json.loads(path.read_text())
-    assert figures["bundle_sha256"] == bundle_sha256(ARTIFACTS / bundle), (
-        f"{path.relative_to(ROOT)} was taken on another build of artifacts/{bundle}: rerun "
+    # the flagged rate and accuracy are the verdict's: pinned to the verdict id (a refit of a reported component or
+    # a stored graph keeps them; the file names the bundle build it was taken on too)
+    assert figures["verdict_sha256"] == verdict_sha256(ARTIFACTS / bundle), (
+        f"{path.relative_to(ROOT)} was taken on another verdict than artifacts/{bundle}'s: rerun "
         f"`pathguard score artifacts/{bundle} --json {path.relative_to(ROOT)}` and update the quoted figures"
     )
     assert figures["n"] == 10000 and figures["split"] == "test"

@@ -19,6 +19,7 @@ from pathguard.models.bundle.stored import (
     load_stored,
 )
 from pathguard.models.data import interleaved_order, load_dataset
+from pathguard.models.effective_path import ingraph
 from pathguard.models.guarded import store_in_bundle
 from tests.conftest import ARTIFACTS, nested_keys
 
@@ -114,9 +115,11 @@ def test_a_tampered_stored_graph_is_refused(stored, tmp_path):
         load_stored(copy)
 
 
-def test_a_component_with_no_in_graph_form_is_left_out_and_not_reported(tmp_path):
-    """The residual bundle's Effective Path walk is over the graph's synapse budget: the stored graph holds every
-    other component and the verdict (which does not fuse the walk); the walk is not reported."""
+def test_a_component_with_no_in_graph_form_is_left_out_and_not_reported(tmp_path, monkeypatch):
+    """An Effective Path walk over the graph's synapse budget (the residual bundle's 4.7 million synapses against a
+    budget lowered to 1 million): the stored graph holds every other component and the verdict (which does not fuse
+    the walk); the walk is not reported."""
+    monkeypatch.setattr(ingraph, "SYNAPSE_BUDGET", 1_000_000)
     out = tmp_path / "residual"
     store_in_bundle(RESIDUAL, out)
     test = load_dataset("cifar10", "test")

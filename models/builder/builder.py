@@ -47,7 +47,9 @@ from pathguard.models.bundle import (
     read_verified,
     write_bundle,
 )
+from pathguard.models.bundle.loading import built_components, fused_components, load_components
 from pathguard.models.bundle.splits import calibration_split_indices, training_split_indices
+from pathguard.models.bundle.stored import GUARDED_JSON, GUARDED_ONNX
 from pathguard.models.components import ALWAYS_BUILT, BuildContext, Component, build_order, component_class
 from pathguard.models.components.effective_path import ep_features
 from pathguard.models.data import ImageFolder
@@ -64,7 +66,14 @@ from pathguard.models.networks import (
 )
 from pathguard.models.verdict import FusedVerdict
 
-__all__ = ["add_benign_ranges", "build_bundle", "build_bundle_from_onnx", "build_bundle_from_torch", "model_files"]
+__all__ = [
+    "add_benign_ranges",
+    "build_bundle",
+    "build_bundle_from_onnx",
+    "build_bundle_from_torch",
+    "model_files",
+    "refit_bundle",
+]
 
 OPSET = 17
 _DATASET_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -89,6 +98,126 @@ def add_benign_ranges(bundle_dir: str | Path) -> str:
     ranges = ClassSimilarityRanges().fit(features, predicted, len(m["classes"]))
     blobs = dict(files.blobs) | {BENIGN_RANGES: npz_bytes(ranges.to_arrays())}
     return write_bundle(bundle_dir, blobs, {k: v for k, v in m.items() if k not in ("files", "schema_version")})
+
+
+def refit_bundle(
+    bundle_dir: str | Path,
+    params: dict[str, dict[str, Any]],
+    out_dir: str | Path | None = None,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
+    """Fit again, with new parameters, components of a bundle that its verdict does not read; returns a build report.
+
+    ``params`` maps each component to refit to its changed build parameters, merged over those the bundle was
+    built with (Effective Path's ``theta``, ``last_k`` and ``n_fit`` included). The components are fitted as a build
+    fits them, on the same splits of the bundled dataset's training set (the manifest's seed and sizes), and
+    calibrated on split A. Everything else is kept byte for byte: the classifier, the other components, the verdict,
+    its threshold and every calibration array it reads, so the bundle's verdict id
+    (:func:`~pathguard.models.bundle.verdict_sha256`) and the reports that name it still hold. The manifest records
+    the refit (``build.refit``: the bundle it came from, the components, the seconds) and the new build config.
+    Written to ``out_dir`` (default: the bundle itself, replaced atomically). A stored guarded graph is dropped (it
+    holds the old components; the report's ``had_stored_graph`` says so, and ``pathguard refit`` stores it again).
+
+    Refused (ValueError, nothing written): a component the bundle does not hold; one the verdict fuses or needs
+    (rebuild the bundle to change the verdict); one another kept component needs (the supervised detector needs
+    Effective Path and NIC); a bundle of a user's image folder (its images are not in the bundle; rebuild it).
+    """
+    t = time.perf_counter()
+    files = read_verified(bundle_dir)
+    m = files.manifest
+    held = built_components(m)
+    wanted = list(params)
+    verdict_reads = set(build_order(fused_components(m)))
+    for name in wanted:
+        if name not in held:
+            raise ValueError(f"bundle {bundle_dir} holds no component {name!r}; it holds {', '.join(held)}")
+        if name in verdict_reads:
+            raise ValueError(
+                f"the verdict of {bundle_dir} reads {name!r}: refitting it would change the verdict; rebuild the "
+                "bundle (pathguard build) instead"
+            )
+    for other in held:
+        needs = set(build_order([other])) - {other}
+        if other not in wanted and needs & set(wanted):
+            raise ValueError(f"component {other!r} needs {sorted(needs & set(wanted))}: refit it too, or rebuild")
+    if m.get("dataset") not in _DATASET_SHAPES:
+        raise ValueError(
+            f"bundle {bundle_dir} was built on a folder of images ({m.get('dataset')!r}), which it does not hold: "
+            "rebuild it with pathguard build"
+        )
+    try:
+        old = BuildConfig(**m["build"]["config"])
+    except (KeyError, TypeError) as exc:
+        msg = f"bundle {bundle_dir} does not record the build config a refit needs ({exc}): rebuild it"
+        raise ValueError(msg) from None
+    cfg = _with_params(old, params)
+    model = load_classifier(bundle_dir)
+    source = DatasetSource(m["dataset"])
+    idx = training_split_indices(len(source), cfg.n_calib, cfg.seed, cfg.n_train)
+    passes = _Passes(executor or LocalExecutor(), {k: (source, v) for k, v in idx.items()}, set())
+    classifier = {n: files.bytes(n) for n in (*CLASSIFIER_FILES, ONNX_SOURCE) if files.has(n)}
+    kept = {k: c for k, c in load_components(files, model).items() if k not in wanted}
+    names = [n for n in build_order(wanted) if n in wanted]
+    # kept components the refitted ones read, and those every pipeline holds (the calibration pass runs one)
+    needed = ({n for w in names for n in build_order([w])} | set(ALWAYS_BUILT)) - set(wanted)
+    job = Job.make(classifier, cfg.theta, cfg.ep_last_k)
+    job = job.with_fitted(**{k: v for n in needed for k, v in kept[n].to_files().items()})
+    timings: dict[str, float] = {"load": time.perf_counter() - t}
+    ctx = BuildContext(
+        model, len(m["classes"]), cfg.seed, _Sampler(passes, job), built={n: kept[n] for n in needed}, passes=passes,
+        job=job, timings=timings, dataset=m["dataset"], progress=lambda msg: tqdm.write(msg), run_attack=_run_attack,
+    )  # fmt: skip
+    params_of = cfg.component_params()
+    for name in names:
+        component_class(name).check(model, params_of.get(name, {}))
+    refitted = {n: c for n, c in _build_components(ctx, names, params_of).items() if n in wanted}
+    ctx.sample.release()  # type: ignore[attr-defined]
+    t = time.perf_counter()
+    job = ctx.job if ctx.job is not None else job
+    job = job.with_components(tuple(build_order([*sorted(needed), *names])))
+    done = [r for r in passes.ordered(components_pass, job, "calib_a", "calibration calib_a") if r.images]
+    calib = files.npz("calibration.npz") | {
+        f"calib_a/{n}": np.sort(np.concatenate([r.value[n] for r in done])) for n in refitted
+    }
+    timings["calibration"] = time.perf_counter() - t
+
+    fitted = {k: v for c in refitted.values() for k, v in c.to_files().items()}
+    # the refitted components' old files go (one the new form lacks too), and a stored guarded graph, which holds them
+    owned = {f for n in wanted for f in component_class(n).files} | set(fitted) | {GUARDED_ONNX, GUARDED_JSON}
+    blobs = {k: v for k, v in files.blobs.items() if k not in owned} | fitted
+    blobs["calibration.npz"] = npz_bytes(calib)
+    entries = {n: c.manifest() for n, c in refitted.items()}
+    manifest = {k: v for k, v in m.items() if k not in ("files", "schema_version", "created_at")}
+    manifest["components"] = {
+        n: ({"family": refitted[n].family, **entries[n]} if n in refitted else e)
+        for n, e in m.get("components", {}).items()
+    }
+    for name, entry in entries.items():  # the published sections a component's loader reads first
+        if isinstance(m.get(name), dict):
+            manifest[name] = entry
+    if "effective_path" in entries:
+        manifest["ep_layer_count"] = len(entries["effective_path"]["layers"])
+    refit = {"from": files.sha256, "components": names, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    manifest["build"] = {**m["build"], "config": asdict(cfg), "refit": refit}
+    digest = write_bundle(out_dir if out_dir is not None else bundle_dir, blobs, manifest)
+    return {"bundle": str(out_dir or bundle_dir), "sha256": digest, "refit": refit,
+            "had_stored_graph": files.has(GUARDED_ONNX)}  # fmt: skip
+
+
+def _with_params(cfg: BuildConfig, params: dict[str, dict[str, Any]]) -> BuildConfig:
+    """``cfg`` with each component's ``params`` merged over its build parameters (where the config keeps them)."""
+    new = asdict(cfg)
+    for name, p in params.items():
+        p = dict(p)
+        if name == "effective_path":
+            for key, field_name in (("theta", "theta"), ("last_k", "ep_last_k"), ("n_fit", "n_ep_fit")):
+                if key in p:
+                    new[field_name] = p.pop(key)
+        if name in ("nic", "mahalanobis"):
+            new[name] = {**new[name], **p}
+        elif p:
+            new["components"] = {**new["components"], name: {**new["components"].get(name, {}), **p}}
+    return BuildConfig(**new)
 
 
 def _manifest(model: TappedSequential, dataset: str, classes: tuple[str, ...], cfg: BuildConfig) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def test_skipped_components_are_not_computed(residual, images):
     """Left out (PATHGUARD_REPORTED_COMPONENTS): no raw score, no part of the row, the same verdict."""
     x, _ = images
     pipe = residual.pipeline
-    full = DetectionRuntime(OnnxEngine(residual.onnx_bytes, []), pipe, 1, False, graph=GuardedEngine(residual))
+    graph = GuardedEngine(residual, beside=["effective_path"])  # as served: the compiled walk beside the graph
+    full = DetectionRuntime(OnnxEngine(residual.onnx_bytes, []), pipe, 1, False, graph=graph)
     lean = DetectionRuntime(
         OnnxEngine(residual.onnx_bytes, []),
         pipe,

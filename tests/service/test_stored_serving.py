@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pathguard.models.data import load_dataset
+from pathguard.models.effective_path import ingraph
 from pathguard.models.guarded import store_in_bundle
 from pathguard.service.repository import RepositoryError
 from tests.conftest import ARTIFACTS, ROOT, nested_keys
@@ -155,13 +156,22 @@ def test_the_stored_runtime_answers_batches_like_single_images(stored_bundle, mn
         runtime.close()
 
 
-def test_auto_prefers_the_stored_graph_where_it_holds_what_the_answers_report(stored_bundle, tmp_path, make_client):
-    """With torch: the MNIST stored graph holds every component, so ``auto`` serves it; the residual one lacks the
-    Effective Path walk, so ``auto`` builds the graph at load (the walk beside it) unless the answers leave the walk
-    out (PATHGUARD_REPORTED_COMPONENTS)."""
+def test_auto_prefers_the_stored_graph_where_it_holds_what_the_answers_report(
+    stored_bundle, tmp_path, make_client, monkeypatch
+):
+    """With torch: a stored graph that holds every component is served by ``auto`` (MNIST; the residual bundle, its
+    Effective Path walk in it). One that lacks the walk (stored under a synapse budget too small for it) makes
+    ``auto`` build the graph at load (the walk beside it) unless the answers leave the walk out
+    (PATHGUARD_REPORTED_COMPONENTS)."""
     assert make_client(bundle=stored_bundle).get("/v1/model").json()["detection"] == "stored"
+    whole = tmp_path / "whole" / "cifar10-resnet20"
+    store_in_bundle(RESIDUAL, whole)
+    info = make_client(bundle=whole, cache=False).get("/v1/model").json()
+    assert info["detection"] == "stored" and "effective_path" in info["graph_components"]
     residual = tmp_path / "cifar10-resnet20"
-    store_in_bundle(RESIDUAL, residual)
+    with monkeypatch.context() as patch:
+        patch.setattr(ingraph, "SYNAPSE_BUDGET", 1_000_000)
+        store_in_bundle(RESIDUAL, residual)
     full = make_client(bundle=residual, cache=False).get("/v1/model").json()
     assert full["detection"] == "graph" and full["skipped_components"] == []
     lean = make_client(bundle=residual, cache=False, reported_components="graph").get("/v1/model").json()
