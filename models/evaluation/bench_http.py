@@ -287,6 +287,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     unknown = set(cfg.modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown check mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    names = [Path(b).name for b in cfg.bundles]
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # the rows and ratios are labelled by the bundle's folder name
+        raise ValueError(f"two bundles in folders named {same}: give each its own folder name")
     rows = []
     servers: list[dict[str, Any]] = []
     load_before = _load_average()

@@ -198,3 +198,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert done.returncode != 0 and done.returncode != 2
     assert "Traceback (most recent call last)" in done.stderr
     assert "BundleError: bundle folder" in done.stderr
+
+
+def test_bench_refuses_two_bundles_it_would_label_alike(tmp_path):
+    """Rows and ratios are labelled by the bundle's folder name: two folders of one name are refused before any
+    server starts."""
+    from pathguard.models.evaluation.bench_http import BenchConfig, run_bench
+
+    a, b = tmp_path / "a" / "mnist-lenet5", tmp_path / "b" / "mnist-lenet5"
+    with pytest.raises(ValueError, match=r"folders named \['mnist-lenet5'\]"):
+        run_bench(BenchConfig(bundles=[a, b], modes=("guarded",)))
