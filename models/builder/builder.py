@@ -173,8 +173,8 @@ def refit_bundle(
     refitted = {n: c for n, c in _build_components(ctx, names, params_of).items() if n in wanted}
     ctx.sample.release()  # type: ignore[attr-defined]
     t = time.perf_counter()
-    job = ctx.job if ctx.job is not None else job
-    job = job.with_components(tuple(build_order([*sorted(needed), *names])))
+    assert ctx.job is not None  # the refitted components' files, as the workers saw them
+    job = ctx.job.with_components(tuple(build_order([*sorted(needed), *names])))
     done = [r for r in passes.ordered(components_pass, job, "calib_a", "calibration calib_a") if r.images]
     calib = files.npz("calibration.npz") | {
         f"calib_a/{n}": np.sort(np.concatenate([r.value[n] for r in done])) for n in refitted

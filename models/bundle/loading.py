@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def verdict_sha256(path: str | Path) -> str:
     m = files.manifest
     listed = m["files"]
 
-    def digests(names: Any) -> dict[str, str]:
+    def digests(names: Iterable[str]) -> dict[str, str]:
         return {n: listed[n]["sha256"] for n in names if n in listed}
 
     fused = fused_components(m)
