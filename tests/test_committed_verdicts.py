@@ -5,7 +5,8 @@ each dataset. The CIFAR-10 CNN's entry was computed once with the code of commit
 restructuring into the pathguard namespace), on the same bundle files (only the manifest has changed since: the
 per-class ranges were added). The MNIST entry was retaken when that bundle was rebuilt on the retrained LeNet-5 with
 the consistency components (noise seed 0), right after the component registry replaced the pipeline's hand-written
-components, whose verdicts on the CNN bundle it reproduces.
+components, whose verdicts on the CNN bundle it reproduces; and again when its Effective Path took the relative rule
+(the same predictions and flags on these images, other scores).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def test_committed_bundle_verdicts_are_unchanged(name):
     assert r.adversarial.tolist() == before["adversarial"]
     for key in ("score", "ep_score", "nic_score"):
         np.testing.assert_allclose(getattr(r, key), before[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+def test_the_committed_mnist_bundle_fuses_effective_path_in_its_chosen_form():
+    """The MNIST bundle's verdict (validation/mnist-lenet5.md) fuses Effective Path in the form chosen on held-out
+    attacks (validation/mnist-lenet5-ep-rules.md): the relative rule at the 0.1 quantile, every weighted layer."""
+    bundle = load_bundle(ARTIFACTS / "mnist-lenet5")
+    verdict = bundle.manifest["verdict"]
+    assert verdict["components"] == ["effective_path", "nic", "nic_vi", "noise_drop", "squeeze"]
+    assert verdict["rule"] == "fisher"
+    ep = bundle.manifest["effective_path"]
+    assert ep["selection"] == "relative" and ep["last_k"] is None and len(ep["layers"]) == 5
+    built = bundle.manifest["build"]["config"]["components"]["effective_path"]
+    assert built == {"selection": "relative", "quantile": 0.1}
 
 
 RESIDUAL = ARTIFACTS / "cifar10-resnet20"
