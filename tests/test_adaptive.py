@@ -160,7 +160,11 @@ def test_the_bundle_surrogates_equal_the_served_scores_and_carry_gradients(bundl
     pipe = bundle.pipeline
     x = torch.from_numpy(images[0])
     res, raw = pipe.detect_with_components(x)
-    tolerance = {"effective_path": 0.2, "nic": 1e-9, "nic_vi": 5.0, "noise_drop": 1e-9, "squeeze": 1e-9}
+    # without straight through: the smoothing's distance from the served value. The relative rule (the bundle's
+    # Effective Path) keeps many contributions just above its cut, so its soft selection is not close in value
+    # (raw scores 0.6-2.1 against 0.0-0.4 served); the attacks take its gradient only, with the served value forward
+    assert pipe.components["effective_path"].extractor.relative
+    tolerance = {"effective_path": None, "nic": 1e-9, "nic_vi": 5.0, "noise_drop": 1e-9, "squeeze": 1e-9}
     for relax in (HARD, SMOOTH, Relaxation(draws=None, straight_through=False)):
         sur = VerdictSurrogate(pipe, relax)
         xg = x.clone().requires_grad_(True)
@@ -169,7 +173,9 @@ def test_the_bundle_surrogates_equal_the_served_scores_and_carry_gradients(bundl
         for name in pipe.verdict.components:
             s = pipe.components[name].surrogate(obs, relax)
             tol = tolerance[name] if not relax.straight_through else 1e-9
-            assert np.allclose(s.detach().numpy(), raw[name], rtol=1e-9, atol=tol), name
+            assert torch.isfinite(s).all(), name
+            if tol is not None:
+                assert np.allclose(s.detach().numpy(), raw[name], rtol=1e-9, atol=tol), name
             if relax.bandwidth > 0:
                 (g,) = torch.autograd.grad(s.sum(), xg, retain_graph=True)
                 assert torch.isfinite(g).all() and g.abs().sum() > 0, name

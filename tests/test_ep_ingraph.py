@@ -76,11 +76,21 @@ def test_the_in_graph_walk_selects_the_exact_synapses_on_every_step_kind(theta):
 
 @pytest.mark.parametrize("name,dataset", [("mnist-lenet5", "mnist"), ("cifar10-cnn", "cifar10")])
 def test_the_in_graph_walk_selects_the_exact_synapses_of_the_committed_bundles(name, dataset, request):
-    """The LeNet-5 walk over all five layers from the input; the CNN's over its last three from the flatten tap."""
+    """The LeNet-5 walk over all five layers from the input, by the relative rule; the CNN's over its last three from
+    the flatten tap, by the cumulative rule."""
     test = request.getfixturevalue(f"{'mnist' if dataset == 'mnist' else 'cifar'}_test")
     ep = load_bundle(ARTIFACTS / name).pipeline.components["effective_path"]
     ex = ep.extractor
-    walk = GraphWalk(ex.model, ex.input_shape, ex.theta, ex.last_k, tap_points(ex.model))
+    assert ex.relative == (name == "mnist-lenet5")
+    walk = GraphWalk(
+        ex.model,
+        ex.input_shape,
+        ex.theta,
+        ex.last_k,
+        tap_points(ex.model),
+        thresholds=ex.thresholds,
+        relative=ex.relative,
+    )
     assert walk.start_tap == (None if name == "mnist-lenet5" else "flatten")
     x = torch.from_numpy(test.x[interleaved_order(test.y)[:20]])
     with torch.no_grad():
