@@ -167,7 +167,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             classifier = args.model or args.classifier or DEFAULT_CLASSIFIER_DIRS[args.dataset]
             report = build_bundle(args.dataset, classifier, args.out, cfg, executor)
     if not args.no_stored_graph:
-        report["stored_graph"] = _store_graph(Path(args.out))
+        report["stored_graph"] = _store_graph(Path(args.out), "build")
         report["sha256"] = report["stored_graph"].get("bundle_sha256", report["sha256"])  # the bundle as left
     print(json.dumps(report, indent=2, default=float))
     return 0
@@ -192,7 +192,7 @@ def _cmd_refit(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out or args.bundle)
     if report.pop("had_stored_graph") and not args.no_stored_graph:
-        report["stored_graph"] = _store_graph(out)
+        report["stored_graph"] = _store_graph(out, "refit")
         report["sha256"] = report["stored_graph"].get("bundle_sha256", report["sha256"])
     print(json.dumps(report, indent=2, default=float))
     return 0
@@ -216,16 +216,16 @@ def _add_refit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_refit)
 
 
-def _store_graph(out: Path) -> dict[str, Any]:
+def _store_graph(out: Path, command: str) -> dict[str, Any]:
     """Store the new bundle's guarded graph in it (a server without torch serves it); a bundle whose verdict fuses a
-    component with no in-graph form keeps none, and the build says why."""
+    component with no in-graph form keeps none, and ``command`` (build or refit) says why."""
     from pathguard.models.components.graph import NotInGraphError
     from pathguard.models.guarded import store_in_bundle
 
     try:
         sha = store_in_bundle(out)
     except NotInGraphError as exc:
-        print(f"pathguard build: note: no stored guarded graph (a server needs torch for this bundle): {exc}",
+        print(f"pathguard {command}: note: no stored guarded graph (a server needs torch for this bundle): {exc}",
               file=sys.stderr)  # fmt: skip
         return {"stored": False, "why": str(exc)}
     return {"stored": True, "bundle_sha256": sha}
